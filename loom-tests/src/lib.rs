@@ -1,0 +1,1 @@
+//! Loom models of agent-budget; see tests/.

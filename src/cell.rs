@@ -1,0 +1,207 @@
+//! One agent's state for the lock-free manager: a packed 128-bit usage word
+//! updated by compare-and-swap, and an atomically swapped limit snapshot.
+//!
+//! # The word
+//!
+//! ```text
+//!  127                     84 83                52 51                      0
+//! +-------------------------+--------------------+-------------------------+
+//! |  window start (44 bits) |  calls (32 bits)   |    tokens (52 bits)     |
+//! +-------------------------+--------------------+-------------------------+
+//! ```
+//!
+//! Tokens, calls and the window they belong to live in one word so that
+//! every transition of [`crate::window`] (admit both resources, roll the
+//! window over, refund into one named window) is a single compare-and-swap:
+//! there is never a moment where tokens are taken but calls are not, and
+//! nothing to roll back.
+//!
+//! # Orderings
+//!
+//! The word is the whole of the agent's usage: no other memory is published
+//! through it and nothing is read on the strength of having seen it. Its
+//! loads and compare-and-swaps are therefore `Relaxed`. Exclusion comes
+//! from the atomicity of the read-modify-write on one location (all of
+//! them are totally ordered in its modification order, each reading the
+//! latest value), and a reader ordered after a writer by some other
+//! happens-before edge (a join, a channel) sees that write or a later one
+//! by read-write coherence. The cell itself is published to other threads
+//! by the agent map's insertion, and the limit by arc-swap; each carries
+//! its own release/acquire pairing.
+
+use crate::sync::{AtomicU128, Ordering, Snapshot};
+use crate::types::BudgetLimit;
+use crate::window::{Policy, Tick, Window, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS};
+
+const CALLS_SHIFT: u32 = TOKEN_BITS;
+const START_SHIFT: u32 = TOKEN_BITS + CALL_BITS;
+const TOKEN_MASK: u128 = MAX_TOKENS as u128;
+const CALL_MASK: u128 = MAX_CALLS as u128;
+
+/// Packs a window into the word. The window module keeps every field
+/// within its width; the masks only make a broken invariant visible in
+/// tests (by a wrong value) instead of corrupting the neighbouring field.
+pub(crate) fn pack(window: Window) -> u128 {
+    debug_assert!(window.tokens <= MAX_TOKENS && window.calls <= MAX_CALLS);
+    debug_assert!(window.start <= Tick::MAX);
+    (u128::from(window.tokens) & TOKEN_MASK)
+        | ((u128::from(window.calls) & CALL_MASK) << CALLS_SHIFT)
+        | (u128::from(window.start.0) << START_SHIFT)
+}
+
+/// Unpacks the word. The casts truncate exactly the bits each mask keeps.
+pub(crate) fn unpack(word: u128) -> Window {
+    Window {
+        tokens: (word & TOKEN_MASK) as u64,
+        calls: ((word >> CALLS_SHIFT) & CALL_MASK) as u64,
+        start: Tick((word >> START_SHIFT) as u64),
+    }
+}
+
+/// A limit as configured, with the policy derived from it once.
+#[derive(Debug)]
+pub(crate) struct Limit {
+    pub(crate) configured: BudgetLimit,
+    pub(crate) policy: Policy,
+}
+
+impl Limit {
+    pub(crate) fn new(configured: BudgetLimit) -> Self {
+        let policy = Policy::from_limit(&configured);
+        Limit { configured, policy }
+    }
+}
+
+/// The state of one agent in the lock-free manager.
+pub(crate) struct AgentCell {
+    usage: AtomicU128,
+    limit: Snapshot<Limit>,
+    /// Distinguishes this cell from one made for the same agent after a
+    /// `remove_budget`, so a reservation never settles into its successor.
+    generation: u64,
+}
+
+impl AgentCell {
+    pub(crate) fn new(limit: BudgetLimit, window: Window, generation: u64) -> Self {
+        AgentCell {
+            usage: AtomicU128::new(pack(window)),
+            limit: Snapshot::new(Limit::new(limit)),
+            generation,
+        }
+    }
+
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    pub(crate) fn limit(&self) -> impl std::ops::Deref<Target = Limit> {
+        self.limit.load()
+    }
+
+    pub(crate) fn set_limit(&self, limit: BudgetLimit) {
+        self.limit.store(Limit::new(limit));
+    }
+
+    pub(crate) fn load(&self) -> Window {
+        // Relaxed: see "Orderings" above; the word publishes nothing else.
+        unpack(self.usage.load(Ordering::Relaxed))
+    }
+
+    /// Applies `transition` until its result is stored without interference.
+    ///
+    /// `transition` sees the current window and returns the next one with
+    /// a verdict for the caller; returns the windows before and after, and
+    /// the verdict of the attempt that was stored. A transition that changes
+    /// nothing is not written back: the load was its linearization point,
+    /// and a hot agent's cache line stays shared between readers.
+    pub(crate) fn update<R>(
+        &self,
+        mut transition: impl FnMut(Window) -> (Window, R),
+    ) -> (Window, Window, R) {
+        // Relaxed throughout: see "Orderings" above.
+        let mut current = self.usage.load(Ordering::Relaxed);
+        loop {
+            let before = unpack(current);
+            let (after, verdict) = transition(before);
+            if after == before {
+                return (before, after, verdict);
+            }
+            match self.usage.compare_exchange_weak(
+                current,
+                pack(after),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return (before, after, verdict),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+#[cfg(all(test, not(agent_budget_loom)))]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn pack_and_unpack_are_inverse_over_the_full_ranges(
+            tokens in 0..=MAX_TOKENS,
+            calls in 0..=MAX_CALLS,
+            start in 0..=Tick::MAX.0,
+        ) {
+            let window = Window { tokens, calls, start: Tick(start) };
+            prop_assert_eq!(unpack(pack(window)), window);
+        }
+    }
+
+    #[test]
+    fn the_extremes_do_not_bleed_into_neighbours() {
+        let full = Window {
+            tokens: MAX_TOKENS,
+            calls: MAX_CALLS,
+            start: Tick::MAX,
+        };
+        assert_eq!(pack(full), u128::MAX);
+        for window in [
+            Window {
+                tokens: MAX_TOKENS,
+                calls: 0,
+                start: Tick(0),
+            },
+            Window {
+                tokens: 0,
+                calls: MAX_CALLS,
+                start: Tick(0),
+            },
+            Window {
+                tokens: 0,
+                calls: 0,
+                start: Tick::MAX,
+            },
+        ] {
+            assert_eq!(unpack(pack(window)), window);
+        }
+    }
+
+    #[test]
+    fn update_stores_the_transition_and_returns_its_verdict() {
+        let cell = AgentCell::new(
+            BudgetLimit {
+                agent_id: uuid::Uuid::nil(),
+                token_budget: 10,
+                calls_budget: 1,
+                window_secs: 1,
+            },
+            Window::fresh(Tick::ORIGIN),
+            7,
+        );
+        let (before, after, verdict) = cell.update(|w| (w, "unchanged"));
+        assert_eq!((before, after, verdict), (before, before, "unchanged"));
+        let (before, after, verdict) = cell.update(|w| (Window { tokens: 4, ..w }, 9));
+        assert_eq!((before.tokens, after.tokens, verdict), (0, 4, 9));
+        assert_eq!(cell.load().tokens, 4);
+        assert_eq!(cell.generation(), 7);
+    }
+}

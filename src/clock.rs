@@ -1,0 +1,31 @@
+//! The managers' view of time: one monotonic reading per operation.
+
+use crate::persist::Moment;
+use crate::sync::{ClockSource, Stopwatch};
+use crate::window::Now;
+
+/// A monotonic clock whose zero is the moment the manager was created.
+pub(crate) struct Clock {
+    stopwatch: Stopwatch,
+}
+
+impl Clock {
+    pub(crate) fn new(source: ClockSource) -> Self {
+        Clock {
+            stopwatch: Stopwatch::start(source),
+        }
+    }
+
+    /// The one clock read of an operation.
+    pub(crate) fn now(&self) -> Now {
+        Now::from_nanos(self.stopwatch.nanos())
+    }
+
+    /// Now on both the monotonic and the wall clock, for persistence.
+    pub(crate) fn moment(&self) -> Moment {
+        Moment {
+            now: self.now(),
+            wall: chrono::Utc::now(),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! The one interface both managers implement.
+
+use std::path::Path;
+
+use crate::error::{BudgetExceeded, PersistError};
+use crate::reservation::Reservation;
+use crate::sync::ClockSource;
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
+
+/// The budget manager's API, implemented by [`BudgetManager`] and
+/// [`LockedBudgetManager`], so tests and benchmarks can be written once for
+/// both. The methods are documented on [`BudgetManager`].
+///
+/// [`BudgetManager`]: crate::BudgetManager
+/// [`LockedBudgetManager`]: crate::LockedBudgetManager
+pub trait BudgetLimiter: Send + Sync {
+    /// An empty manager on `clock`.
+    fn with_clock(clock: ClockSource) -> Self
+    where
+        Self: Sized;
+    /// Sets or replaces an agent's budget.
+    fn set_budget(&self, limit: BudgetLimit);
+    /// Forgets an agent's budget and usage.
+    fn remove_budget(&self, agent_id: &AgentId);
+    /// Takes tokens and calls together, or neither.
+    fn acquire(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<Reservation<'_>, BudgetExceeded>;
+    /// Takes tokens (the seed's API).
+    fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded>;
+    /// Gives tokens back to the current window (the seed's API).
+    fn release(&self, agent_id: &AgentId, tokens: u64);
+    /// Counts one call (the seed's API).
+    fn track_call(&self, agent_id: &AgentId) -> Result<(), BudgetExceeded>;
+    /// What is left in the current window.
+    fn remaining(&self, agent_id: &AgentId) -> BudgetInfo;
+    /// Whether the agent has both tokens and calls left.
+    fn can_schedule(&self, agent_id: &AgentId) -> bool;
+    /// Starts a fresh window now.
+    fn reset_window(&self, agent_id: &AgentId);
+    /// Limits and usage of one agent.
+    fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo>;
+    /// Limits and usage of every agent.
+    fn all_full_info(&self) -> Vec<FullBudgetInfo>;
+    /// Writes the state to a JSON file, atomically.
+    fn persist(&self, path: &Path) -> Result<(), PersistError>;
+    /// Replaces the state by a JSON file's.
+    fn restore(&self, path: &Path) -> Result<(), PersistError>;
+}

@@ -1,0 +1,284 @@
+//! [`LockedBudgetManager`]: the seed's design, kept as a reference.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::RwLock;
+
+use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info};
+use crate::cell::Limit;
+use crate::clock::Clock;
+use crate::error::{BudgetExceeded, Operation, PersistError};
+use crate::persist::{self, AgentState};
+use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
+use crate::sync::{default_clock, ClockSource};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
+use crate::window::{Refund, Window};
+
+/// One agent's usage, and which incarnation of the agent it belongs to.
+struct Slot {
+    window: Window,
+    generation: u64,
+}
+
+/// The seed's design: limits and usage in two `RwLock<HashMap>`s, and one
+/// global write lock for every `reserve`, `track_call` and `acquire`.
+///
+/// It answers exactly as [`BudgetManager`](crate::BudgetManager) does (both
+/// take every decision from the same window logic, including the seed's
+/// defects fixed), which makes it the reference for differential tests and
+/// the baseline for benchmarks. Two deliberate departures from the seed's
+/// locking, both to keep it linearizable: `set_budget` holds both locks, as
+/// `remove_budget` already did, and an agent whose usage vanished between
+/// the two lookups is treated as removed instead of being recreated.
+pub struct LockedBudgetManager {
+    budgets: RwLock<HashMap<AgentId, Limit>>,
+    usage: RwLock<HashMap<AgentId, Slot>>,
+    clock: Clock,
+    generations: AtomicU64,
+}
+
+impl Default for LockedBudgetManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for LockedBudgetManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LockedBudgetManager")
+            .field("agents", &self.budgets.read().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl LockedBudgetManager {
+    /// An empty manager on the real monotonic clock.
+    pub fn new() -> Self {
+        Self::with_clock(default_clock())
+    }
+
+    /// An empty manager on `clock`.
+    pub fn with_clock(clock: ClockSource) -> Self {
+        LockedBudgetManager {
+            budgets: RwLock::new(HashMap::new()),
+            usage: RwLock::new(HashMap::new()),
+            clock: Clock::new(clock),
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    fn next_generation(&self) -> u64 {
+        // Relaxed: only uniqueness is needed, which the RMW gives.
+        self.generations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sets an agent's budget; see [`BudgetManager::set_budget`](crate::BudgetManager::set_budget).
+    pub fn set_budget(&self, limit: BudgetLimit) {
+        let agent_id = limit.agent_id;
+        let mut budgets = self.budgets.write();
+        let mut usage = self.usage.write();
+        budgets.insert(agent_id, Limit::new(limit));
+        if !usage.contains_key(&agent_id) {
+            let slot = Slot {
+                window: Window::fresh(self.clock.now().start_tick()),
+                generation: self.next_generation(),
+            };
+            usage.insert(agent_id, slot);
+        }
+    }
+
+    /// Forgets an agent's budget and usage.
+    pub fn remove_budget(&self, agent_id: &AgentId) {
+        let mut budgets = self.budgets.write();
+        let mut usage = self.usage.write();
+        budgets.remove(agent_id);
+        usage.remove(agent_id);
+    }
+
+    /// Takes tokens and calls together; see [`BudgetManager::acquire`](crate::BudgetManager::acquire).
+    pub fn acquire(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<Reservation<'_>, BudgetExceeded> {
+        let (window, generation) = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        Ok(Reservation::new(
+            self,
+            Ticket {
+                agent_id: *agent_id,
+                tokens,
+                calls,
+                generation,
+                window_start: window.start,
+            },
+        ))
+    }
+
+    /// Takes tokens; see [`BudgetManager::reserve`](crate::BudgetManager::reserve).
+    pub fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded> {
+        self.admit(agent_id, tokens, 0, Operation::Reserve)
+            .map(drop)
+    }
+
+    /// Counts a call; see [`BudgetManager::track_call`](crate::BudgetManager::track_call).
+    pub fn track_call(&self, agent_id: &AgentId) -> Result<(), BudgetExceeded> {
+        self.admit(agent_id, 0, 1, Operation::TrackCall).map(drop)
+    }
+
+    /// Gives tokens back; see [`BudgetManager::release`](crate::BudgetManager::release).
+    pub fn release(&self, agent_id: &AgentId, tokens: u64) {
+        let Some(policy) = self.budgets.read().get(agent_id).map(|l| l.policy) else {
+            return;
+        };
+        let mut usage = self.usage.write();
+        if let Some(slot) = usage.get_mut(agent_id) {
+            slot.window = slot.window.release(&policy, self.clock.now(), tokens);
+        }
+    }
+
+    fn admit(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+        operation: Operation,
+    ) -> Result<(Window, u64), BudgetExceeded> {
+        let no_budget = || BudgetExceeded::no_budget(*agent_id, operation);
+        let policy = self
+            .budgets
+            .read()
+            .get(agent_id)
+            .map(|l| l.policy)
+            .ok_or_else(no_budget)?;
+        let mut usage = self.usage.write();
+        let slot = usage.get_mut(agent_id).ok_or_else(no_budget)?;
+        let now = self.clock.now();
+        let (next, verdict) = slot.window.admit(&policy, now, tokens, calls);
+        slot.window = next;
+        match verdict {
+            Ok(()) => Ok((next, slot.generation)),
+            Err(shortfall) => Err(BudgetExceeded::from_shortfall(
+                *agent_id, operation, shortfall,
+            )),
+        }
+    }
+
+    fn with_agent<R>(&self, agent_id: &AgentId, f: impl FnOnce(&Limit, Window) -> R) -> Option<R> {
+        let budgets = self.budgets.read();
+        let limit = budgets.get(agent_id)?;
+        let window = self.usage.read().get(agent_id)?.window;
+        Some(f(limit, window))
+    }
+
+    /// What is left; see [`BudgetManager::remaining`](crate::BudgetManager::remaining).
+    pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
+        let now = self.clock.now();
+        self.with_agent(agent_id, |limit, window| budget_info(limit, window, now))
+            .unwrap_or_else(unknown_agent_info)
+    }
+
+    /// Whether the agent has both tokens and calls left.
+    pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
+        !self.remaining(agent_id).is_exhausted
+    }
+
+    /// Starts a fresh window now.
+    pub fn reset_window(&self, agent_id: &AgentId) {
+        let mut usage = self.usage.write();
+        if let Some(slot) = usage.get_mut(agent_id) {
+            slot.window = slot.window.reset(self.clock.now());
+        }
+    }
+
+    /// Limits and usage; see [`BudgetManager::full_info`](crate::BudgetManager::full_info).
+    pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
+        let now = self.clock.now();
+        self.with_agent(agent_id, |limit, window| {
+            full_budget_info(*agent_id, limit, window, now)
+        })
+    }
+
+    /// [`full_info`](Self::full_info) of every agent, in no particular order.
+    pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
+        let now = self.clock.now();
+        let budgets = self.budgets.read();
+        let usage = self.usage.read();
+        budgets
+            .iter()
+            .filter_map(|(id, limit)| {
+                let window = usage.get(id)?.window;
+                Some(full_budget_info(*id, limit, window, now))
+            })
+            .collect()
+    }
+
+    /// Writes the state to `path`; see [`BudgetManager::persist`](crate::BudgetManager::persist).
+    pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
+        let at = self.clock.moment();
+        let agents: Vec<_> = {
+            let budgets = self.budgets.read();
+            let usage = self.usage.read();
+            budgets
+                .iter()
+                .filter_map(|(id, limit)| {
+                    let window = usage.get(id)?.window;
+                    let limit = limit.configured.clone();
+                    Some((*id, AgentState { limit, window }))
+                })
+                .collect()
+        };
+        persist::write(path, &agents, at)
+    }
+
+    /// Replaces the state by `path`'s; see [`BudgetManager::restore`](crate::BudgetManager::restore).
+    pub fn restore(&self, path: &Path) -> Result<(), PersistError> {
+        let Some(agents) = persist::read(path, self.clock.moment())? else {
+            return Ok(());
+        };
+        let mut budgets = self.budgets.write();
+        let mut usage = self.usage.write();
+        budgets.clear();
+        usage.clear();
+        for (id, state) in agents {
+            budgets.insert(id, Limit::new(state.limit));
+            let slot = Slot {
+                window: state.window,
+                generation: self.next_generation(),
+            };
+            usage.insert(id, slot);
+        }
+        Ok(())
+    }
+}
+
+impl Ledger for LockedBudgetManager {
+    fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
+        let Some(policy) = self.budgets.read().get(&ticket.agent_id).map(|l| l.policy) else {
+            return Settlement::AgentRemoved;
+        };
+        let mut usage = self.usage.write();
+        let Some(slot) = usage.get_mut(&ticket.agent_id) else {
+            return Settlement::AgentRemoved;
+        };
+        if slot.generation != ticket.generation {
+            return Settlement::AgentRemoved;
+        }
+        let reserved = (ticket.tokens, ticket.calls);
+        let now = self.clock.now();
+        match slot
+            .window
+            .settle(&policy, now, ticket.window_start, reserved, used)
+        {
+            Refund::Applied(next) => {
+                let before = std::mem::replace(&mut slot.window, next);
+                Settlement::applied(before, next)
+            }
+            Refund::WindowEnded => Settlement::WindowEnded,
+        }
+    }
+}
+
+forward_budget_limiter!(LockedBudgetManager);

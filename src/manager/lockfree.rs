@@ -1,0 +1,284 @@
+//! [`BudgetManager`]: agents in a concurrent map, usage in packed atomics.
+
+use std::path::Path;
+
+use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info};
+use crate::cell::AgentCell;
+use crate::clock::Clock;
+use crate::error::{BudgetExceeded, Operation, PersistError};
+use crate::persist::{self, AgentState};
+use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
+use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Ordering};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
+use crate::window::{Refund, Window};
+
+/// Tracks token and call budgets per agent, in fixed windows, without locks.
+///
+/// Every operation on one agent is a map lookup, one clock read and (for
+/// writes) a compare-and-swap loop on that agent's 128-bit usage word; no
+/// lock is taken and nothing is allocated on the admitted paths of
+/// [`acquire`](Self::acquire), [`reserve`](Self::reserve),
+/// [`track_call`](Self::track_call), [`release`](Self::release),
+/// [`remaining`](Self::remaining) and [`can_schedule`](Self::can_schedule).
+/// (A refusal allocates the error's message.) Share it through an `Arc`.
+///
+/// ```
+/// use agent_budget::{BudgetLimit, BudgetManager};
+///
+/// let budgets = BudgetManager::new();
+/// let agent = uuid::Uuid::new_v4();
+/// budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 1_000, calls_budget: 10, window_secs: 60 });
+///
+/// let reservation = budgets.acquire(&agent, 600, 1)?;
+/// // ... forward the request, learn it used 250 tokens ...
+/// reservation.settle(250);
+/// assert_eq!(budgets.remaining(&agent).tokens_remaining, 750);
+/// # Ok::<(), agent_budget::BudgetExceeded>(())
+/// ```
+pub struct BudgetManager {
+    agents: AgentMap<AgentCell>,
+    clock: Clock,
+    generations: AtomicU64,
+}
+
+impl Default for BudgetManager {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for BudgetManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetManager").finish_non_exhaustive()
+    }
+}
+
+impl BudgetManager {
+    /// An empty manager on the real monotonic clock.
+    ///
+    /// quanta calibrates its clock here (once per process), not on the first
+    /// operation.
+    pub fn new() -> Self {
+        Self::with_clock(default_clock())
+    }
+
+    /// An empty manager on `clock`; tests pass `quanta::Clock::mock()` and
+    /// move time by hand.
+    pub fn with_clock(clock: ClockSource) -> Self {
+        BudgetManager {
+            agents: AgentMap::new(),
+            clock: Clock::new(clock),
+            generations: AtomicU64::new(0),
+        }
+    }
+
+    fn next_generation(&self) -> u64 {
+        // Relaxed: only uniqueness is needed, which the RMW gives.
+        self.generations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Sets an agent's budget. A new agent's first window starts now; a
+    /// known agent keeps its usage and window, judged from now on against
+    /// the new limit.
+    pub fn set_budget(&self, limit: BudgetLimit) {
+        let now = self.clock.now();
+        let for_new = limit.clone();
+        self.agents.update_or_insert(
+            limit.agent_id,
+            |cell| cell.set_limit(limit),
+            || {
+                AgentCell::new(
+                    for_new,
+                    Window::fresh(now.start_tick()),
+                    self.next_generation(),
+                )
+            },
+        );
+    }
+
+    /// Forgets an agent's budget and usage. Its reservations settle to
+    /// [`Settlement::AgentRemoved`], even if its budget is set again.
+    pub fn remove_budget(&self, agent_id: &AgentId) {
+        self.agents.remove(agent_id);
+    }
+
+    /// Takes `tokens` and `calls` together, or neither, and returns a
+    /// [`Reservation`] to settle once the real usage is known.
+    ///
+    /// This is the operation new code should use: see the crate docs for
+    /// the gateway flow. Zero of a resource always fits.
+    pub fn acquire(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<Reservation<'_>, BudgetExceeded> {
+        let (window, generation) = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        Ok(Reservation::new(
+            self,
+            Ticket {
+                agent_id: *agent_id,
+                tokens,
+                calls,
+                generation,
+                window_start: window.start,
+            },
+        ))
+    }
+
+    /// Takes `tokens` if they fit in the current window (the seed's API;
+    /// prefer [`acquire`](Self::acquire)).
+    ///
+    /// Starts a new window first if the current one has expired.
+    pub fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded> {
+        self.admit(agent_id, tokens, 0, Operation::Reserve)
+            .map(drop)
+    }
+
+    /// Counts one call if it fits in the current window (the seed's API;
+    /// prefer [`acquire`](Self::acquire)).
+    pub fn track_call(&self, agent_id: &AgentId) -> Result<(), BudgetExceeded> {
+        self.admit(agent_id, 0, 1, Operation::TrackCall).map(drop)
+    }
+
+    /// Gives `tokens` back to the current window, never below zero (the
+    /// seed's API). It trusts the caller's amount and cannot tell which
+    /// window the tokens were spent in; a [`Reservation`] can.
+    pub fn release(&self, agent_id: &AgentId, tokens: u64) {
+        let now = self.clock.now();
+        self.agents.get(agent_id, |cell| {
+            let limit = cell.limit();
+            cell.update(|w| (w.release(&limit.policy, now, tokens), ()));
+        });
+    }
+
+    fn admit(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+        operation: Operation,
+    ) -> Result<(Window, u64), BudgetExceeded> {
+        let now = self.clock.now();
+        self.agents
+            .get(agent_id, |cell| {
+                let limit = cell.limit();
+                let (_, after, verdict) =
+                    cell.update(|w| w.admit(&limit.policy, now, tokens, calls));
+                match verdict {
+                    Ok(()) => Ok((after, cell.generation())),
+                    Err(shortfall) => Err(BudgetExceeded::from_shortfall(
+                        *agent_id, operation, shortfall,
+                    )),
+                }
+            })
+            .unwrap_or_else(|| Err(BudgetExceeded::no_budget(*agent_id, operation)))
+    }
+
+    /// What is left in the agent's current window. A window that has
+    /// expired reads as the fresh one the next write will start; an unknown
+    /// agent reads as exhausted.
+    pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
+        let now = self.clock.now();
+        self.agents
+            .get(agent_id, |cell| {
+                budget_info(&cell.limit(), cell.load(), now)
+            })
+            .unwrap_or_else(unknown_agent_info)
+    }
+
+    /// Whether the agent has both tokens and calls left.
+    pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
+        !self.remaining(agent_id).is_exhausted
+    }
+
+    /// Starts a fresh window for the agent now, with nothing used.
+    pub fn reset_window(&self, agent_id: &AgentId) {
+        let now = self.clock.now();
+        self.agents.get(agent_id, |cell| {
+            cell.update(|w| (w.reset(now), ()));
+        });
+    }
+
+    /// The agent's limits and usage, or `None` if it has no budget.
+    pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
+        let now = self.clock.now();
+        self.agents.get(agent_id, |cell| {
+            full_budget_info(*agent_id, &cell.limit(), cell.load(), now)
+        })
+    }
+
+    /// [`full_info`](Self::full_info) of every agent, in no particular order.
+    pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
+        let now = self.clock.now();
+        let mut all = Vec::new();
+        self.agents.for_each(|id, cell| {
+            all.push(full_budget_info(*id, &cell.limit(), cell.load(), now));
+        });
+        all
+    }
+
+    /// Writes every budget and its usage to `path` as JSON (the seed's
+    /// layout), atomically: a crash leaves the old file or the new one.
+    ///
+    /// Each agent is read atomically; agents changed during the call may be
+    /// written as they were before or after the change.
+    pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
+        let at = self.clock.moment();
+        let mut agents = Vec::new();
+        self.agents.for_each(|id, cell| {
+            let state = AgentState {
+                limit: cell.limit().configured.clone(),
+                window: cell.load(),
+            };
+            agents.push((*id, state));
+        });
+        persist::write(path, &agents, at)
+    }
+
+    /// Replaces every budget and its usage by those in `path`. A missing
+    /// file changes nothing; a file that cannot be read or trusted changes
+    /// nothing and is an error. Windows keep the part that was left.
+    ///
+    /// Meant for start-up: operations running concurrently may see a mix of
+    /// the old and the restored agents while it runs.
+    pub fn restore(&self, path: &Path) -> Result<(), PersistError> {
+        let Some(agents) = persist::read(path, self.clock.moment())? else {
+            return Ok(());
+        };
+        self.agents
+            .replace_all(agents.into_iter().map(|(id, state)| {
+                let cell = AgentCell::new(state.limit, state.window, self.next_generation());
+                (id, cell)
+            }));
+        Ok(())
+    }
+}
+
+impl Ledger for BudgetManager {
+    fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
+        let now = self.clock.now();
+        self.agents
+            .get(&ticket.agent_id, |cell| {
+                if cell.generation() != ticket.generation {
+                    return Settlement::AgentRemoved;
+                }
+                let limit = cell.limit();
+                let reserved = (ticket.tokens, ticket.calls);
+                let (before, after, refund) = cell.update(|w| {
+                    let refund = w.settle(&limit.policy, now, ticket.window_start, reserved, used);
+                    match refund {
+                        Refund::Applied(next) => (next, refund),
+                        Refund::WindowEnded => (w, refund),
+                    }
+                });
+                match refund {
+                    Refund::Applied(_) => Settlement::applied(before, after),
+                    Refund::WindowEnded => Settlement::WindowEnded,
+                }
+            })
+            .unwrap_or(Settlement::AgentRemoved)
+    }
+}
+
+forward_budget_limiter!(BudgetManager);

@@ -1,0 +1,121 @@
+//! The two managers, and what they report in common.
+//!
+//! Both store a [`Window`] and a [`Limit`] per agent and leave every
+//! decision to [`crate::window`]; they differ only in storage: lock-free
+//! cells in a concurrent map, or the seed's two locked maps.
+
+pub(crate) mod locked;
+pub(crate) mod lockfree;
+
+use crate::cell::Limit;
+use crate::types::{AgentId, BudgetInfo, FullBudgetInfo};
+use crate::window::{Now, Window};
+
+const MILLIS_PER_SEC: u64 = 1_000;
+
+/// What an agent without a budget reads as.
+pub(crate) fn unknown_agent_info() -> BudgetInfo {
+    BudgetInfo {
+        tokens_remaining: 0,
+        calls_remaining: 0,
+        window_remaining_secs: 0,
+        is_exhausted: true,
+    }
+}
+
+/// `remaining` for a known agent. Reads the window as the next operation
+/// would find it, so reads and writes share one expiry rule.
+pub(crate) fn budget_info(limit: &Limit, stored: Window, now: Now) -> BudgetInfo {
+    let full = full_budget_info(AgentId::nil(), limit, stored, now);
+    BudgetInfo {
+        tokens_remaining: full.tokens_remaining,
+        calls_remaining: full.calls_remaining,
+        window_remaining_secs: full.window_remaining_secs,
+        is_exhausted: full.is_exhausted,
+    }
+}
+
+/// `full_info` for a known agent.
+pub(crate) fn full_budget_info(
+    agent_id: AgentId,
+    limit: &Limit,
+    stored: Window,
+    now: Now,
+) -> FullBudgetInfo {
+    let policy = &limit.policy;
+    let window = stored.current(policy, now);
+    let (tokens_remaining, calls_remaining) = window.remaining(policy);
+    FullBudgetInfo {
+        agent_id,
+        token_limit: limit.configured.token_budget,
+        tokens_used: window.tokens,
+        tokens_remaining,
+        calls_limit: limit.configured.calls_budget,
+        calls_used: window.calls,
+        calls_remaining,
+        window_secs: limit.configured.window_secs,
+        window_remaining_secs: window.millis_left(policy, now) / MILLIS_PER_SEC,
+        is_exhausted: tokens_remaining == 0 || calls_remaining == 0,
+    }
+}
+
+/// Implements [`crate::BudgetLimiter`] by forwarding to the inherent
+/// methods, which carry the documentation callers of the seed will read.
+macro_rules! forward_budget_limiter {
+    ($manager:ty) => {
+        impl $crate::BudgetLimiter for $manager {
+            fn with_clock(clock: $crate::ClockSource) -> Self {
+                <$manager>::with_clock(clock)
+            }
+            fn set_budget(&self, limit: $crate::BudgetLimit) {
+                <$manager>::set_budget(self, limit)
+            }
+            fn remove_budget(&self, agent_id: &$crate::AgentId) {
+                <$manager>::remove_budget(self, agent_id)
+            }
+            fn acquire(
+                &self,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+            ) -> Result<$crate::Reservation<'_>, $crate::BudgetExceeded> {
+                <$manager>::acquire(self, agent_id, tokens, calls)
+            }
+            fn reserve(
+                &self,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+            ) -> Result<(), $crate::BudgetExceeded> {
+                <$manager>::reserve(self, agent_id, tokens)
+            }
+            fn release(&self, agent_id: &$crate::AgentId, tokens: u64) {
+                <$manager>::release(self, agent_id, tokens)
+            }
+            fn track_call(&self, agent_id: &$crate::AgentId) -> Result<(), $crate::BudgetExceeded> {
+                <$manager>::track_call(self, agent_id)
+            }
+            fn remaining(&self, agent_id: &$crate::AgentId) -> $crate::BudgetInfo {
+                <$manager>::remaining(self, agent_id)
+            }
+            fn can_schedule(&self, agent_id: &$crate::AgentId) -> bool {
+                <$manager>::can_schedule(self, agent_id)
+            }
+            fn reset_window(&self, agent_id: &$crate::AgentId) {
+                <$manager>::reset_window(self, agent_id)
+            }
+            fn full_info(&self, agent_id: &$crate::AgentId) -> Option<$crate::FullBudgetInfo> {
+                <$manager>::full_info(self, agent_id)
+            }
+            fn all_full_info(&self) -> Vec<$crate::FullBudgetInfo> {
+                <$manager>::all_full_info(self)
+            }
+            fn persist(&self, path: &std::path::Path) -> Result<(), $crate::PersistError> {
+                <$manager>::persist(self, path)
+            }
+            fn restore(&self, path: &std::path::Path) -> Result<(), $crate::PersistError> {
+                <$manager>::restore(self, path)
+            }
+        }
+    };
+}
+pub(crate) use forward_budget_limiter;

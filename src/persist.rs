@@ -1,0 +1,220 @@
+//! The seed's JSON layout, and crash-safe writing of it.
+//!
+//! ```json
+//! {
+//!   "budgets": { "<uuid>": { "agent_id": "<uuid>", "token_budget": 1000,
+//!                            "calls_budget": 10, "window_secs": 60 } },
+//!   "usage":   { "<uuid>": { "tokens_used": 250, "calls_used": 3,
+//!                            "window_start": "2026-11-28T16:13:57.123Z" } }
+//! }
+//! ```
+//!
+//! Windows live on a monotonic clock in memory and on the wall clock on
+//! disk. Both conversions go through the age of the window ("started this
+//! long ago"), so a window restored in another process keeps the part of
+//! it that was left. A start in the future (a wall clock set back between
+//! persist and restore) is taken as now rather than trusted, so no window
+//! can be stretched without bound by a bad file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::PersistError;
+use crate::types::{AgentId, BudgetLimit, Usage};
+use crate::window::{Now, Tick, Window, MAX_CALLS, MAX_TOKENS};
+
+/// One agent's state, as the managers hand it over and take it back.
+pub(crate) struct AgentState {
+    pub(crate) limit: BudgetLimit,
+    pub(crate) window: Window,
+}
+
+#[derive(Serialize)]
+struct PersistedRef<'a> {
+    budgets: BTreeMap<AgentId, &'a BudgetLimit>,
+    usage: BTreeMap<AgentId, Usage>,
+}
+
+#[derive(Deserialize)]
+struct Persisted {
+    budgets: HashMap<AgentId, BudgetLimit>,
+    usage: HashMap<AgentId, Usage>,
+}
+
+/// The moment a conversion is made, on both clocks at once.
+#[derive(Clone, Copy)]
+pub(crate) struct Moment {
+    pub(crate) now: Now,
+    pub(crate) wall: DateTime<Utc>,
+}
+
+impl Moment {
+    fn wall_time_of(&self, start: Tick) -> DateTime<Utc> {
+        let now = self.now.tick();
+        let (ago, ahead) = (now.millis_since(start), start.millis_since(now));
+        let shift = TimeDelta::milliseconds(ahead as i64 - ago as i64);
+        self.wall
+            .checked_add_signed(shift)
+            .unwrap_or(DateTime::<Utc>::MIN_UTC)
+    }
+
+    fn tick_of(&self, wall_start: DateTime<Utc>) -> Tick {
+        let age = self
+            .wall
+            .signed_duration_since(wall_start)
+            .num_milliseconds();
+        if age <= 0 {
+            return self.now.start_tick();
+        }
+        Tick(self.now.tick().0.saturating_sub(age as u64))
+    }
+}
+
+/// Writes `agents` to `path`: to a temporary file in the same folder, synced,
+/// then renamed over `path`, then the folder synced. A crash leaves either
+/// the old file or the new one; a failure leaves no temporary file.
+pub(crate) fn write(
+    path: &Path,
+    agents: &[(AgentId, AgentState)],
+    at: Moment,
+) -> Result<(), PersistError> {
+    let data = PersistedRef {
+        budgets: agents.iter().map(|(id, s)| (*id, &s.limit)).collect(),
+        usage: agents
+            .iter()
+            .map(|(id, s)| {
+                let usage = Usage {
+                    tokens_used: s.window.tokens,
+                    calls_used: s.window.calls,
+                    window_start: at.wall_time_of(s.window.start),
+                };
+                (*id, usage)
+            })
+            .collect(),
+    };
+    let write_error = |source| PersistError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let json = serde_json::to_vec_pretty(&data).map_err(|e| write_error(e.into()))?;
+    let folder = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&folder).map_err(write_error)?;
+    let mut file = tempfile::Builder::new()
+        .prefix(".agent-budget-")
+        .suffix(".tmp")
+        .tempfile_in(&folder)
+        .map_err(write_error)?;
+    file.write_all(&json).map_err(write_error)?;
+    file.as_file().sync_all().map_err(write_error)?;
+    file.persist(path).map_err(|e| write_error(e.error))?;
+    sync_folder(&folder).map_err(write_error)
+}
+
+/// Makes the rename itself durable. Only Unix can open a folder to sync it.
+fn sync_folder(folder: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    std::fs::File::open(folder)?.sync_all()?;
+    #[cfg(not(unix))]
+    let _ = folder;
+    Ok(())
+}
+
+/// Reads `path`. `Ok(None)` if there is no such file; an error, and nothing
+/// else, if it cannot be read, parsed or trusted.
+pub(crate) fn read(
+    path: &Path,
+    at: Moment,
+) -> Result<Option<Vec<(AgentId, AgentState)>>, PersistError> {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(PersistError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let data: Persisted =
+        serde_json::from_slice(&bytes).map_err(|source| PersistError::Malformed {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let mut usage = data.usage;
+    let mut agents = Vec::with_capacity(data.budgets.len());
+    for (id, limit) in data.budgets {
+        if limit.agent_id != id {
+            return Err(PersistError::Inconsistent {
+                path: path.to_path_buf(),
+                reason: format!("budget filed under {id} is for agent {}", limit.agent_id),
+            });
+        }
+        // Usage past what a window can count is clamped: the agent stays
+        // exhausted, which is what such a file means.
+        let window = match usage.remove(&id) {
+            Some(u) => Window {
+                tokens: u.tokens_used.min(MAX_TOKENS),
+                calls: u.calls_used.min(MAX_CALLS),
+                start: at.tick_of(u.window_start),
+            },
+            None => Window::fresh(at.now.start_tick()),
+        };
+        agents.push((id, AgentState { limit, window }));
+    }
+    // Usage left in `usage` belongs to agents without a budget. An unknown
+    // agent is refused whatever its usage, so it is dropped, not kept to
+    // resurface if a budget is set later.
+    Ok(Some(agents))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn moment(now_ms: u64) -> Moment {
+        Moment {
+            now: Now::from_nanos(now_ms * 1_000_000),
+            wall: DateTime::parse_from_rfc3339("2026-11-28T12:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        }
+    }
+
+    #[test]
+    fn a_window_keeps_its_age_across_the_two_clocks() {
+        let at = moment(5_000);
+        let start = Tick(Tick::ORIGIN.0 + 2_000);
+        let wall = at.wall_time_of(start);
+        assert_eq!(wall.to_rfc3339(), "2026-11-28T11:59:57+00:00");
+        // Restored in a process whose clock is elsewhere: same age.
+        let later = moment(90_000);
+        assert_eq!(later.tick_of(wall), Tick(Tick::ORIGIN.0 + 87_000));
+    }
+
+    #[test]
+    fn a_start_ahead_of_the_clock_round_trips_and_a_future_wall_time_is_now() {
+        let at = moment(0);
+        let ahead = Tick(Tick::ORIGIN.0 + 3);
+        let wall = at.wall_time_of(ahead);
+        assert_eq!(at.tick_of(wall), at.now.start_tick());
+        let far_future = DateTime::parse_from_rfc3339("2999-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(at.tick_of(far_future), at.now.start_tick());
+    }
+
+    #[test]
+    fn a_window_older_than_the_timeline_saturates_instead_of_wrapping() {
+        let at = moment(0);
+        let ancient = DateTime::<Utc>::MIN_UTC;
+        assert_eq!(at.tick_of(ancient), Tick(0));
+        assert!(at.wall_time_of(Tick(0)) < at.wall);
+    }
+}

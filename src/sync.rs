@@ -1,0 +1,279 @@
+//! The one door through which the per-agent cell reaches shared memory.
+//!
+//! Every atomic, `Arc`, limit snapshot, clock read and agent-map access of
+//! the lock-free manager goes through this module, so that building with
+//! `--cfg agent_budget_loom` swaps them all for types the `loom` model
+//! checker can see, and loom checks the code that ships. In that build:
+//!
+//! | here                | normal build                 | loom build                               |
+//! |---------------------|------------------------------|------------------------------------------|
+//! | [`AtomicU128`]      | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
+//! | [`Snapshot`]        | `arc_swap::ArcSwap`          | a loom `RwLock<Arc<T>>`                  |
+//! | [`ClockSource`]     | `quanta::Clock`              | a loom `AtomicU64` of nanoseconds        |
+//! | [`AgentMap`]        | `papaya::HashMap` (aHash)    | a loom `RwLock<HashMap>`                 |
+//!
+//! What the model therefore does and does not cover is written down in the
+//! crate docs, under "Model checking".
+
+pub use imp::*;
+
+#[cfg(not(agent_budget_loom))]
+mod imp {
+    pub(crate) use portable_atomic::AtomicU128;
+    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+
+    use crate::types::AgentId;
+
+    /// The clock the managers read: quanta's, calibrated at construction.
+    pub type ClockSource = quanta::Clock;
+
+    /// Reads nanoseconds elapsed since the moment it was made.
+    pub(crate) struct Stopwatch {
+        clock: ClockSource,
+        origin: u64,
+    }
+
+    impl Stopwatch {
+        pub(crate) fn start(clock: ClockSource) -> Self {
+            let origin = clock.raw();
+            Stopwatch { clock, origin }
+        }
+
+        /// `delta_as_nanos` returns zero for a raw reading below the origin,
+        /// which quanta's TSC source can produce across cores.
+        pub(crate) fn nanos(&self) -> u64 {
+            self.clock.delta_as_nanos(self.origin, self.clock.raw())
+        }
+    }
+
+    pub(crate) fn default_clock() -> ClockSource {
+        // Calibrates the TSC (once per process) here, not on a hot path.
+        quanta::Clock::new()
+    }
+
+    /// An atomically replaceable `Arc<T>`, read without locks.
+    pub(crate) struct Snapshot<T>(arc_swap::ArcSwap<T>);
+
+    impl<T> Snapshot<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Snapshot(arc_swap::ArcSwap::from_pointee(value))
+        }
+
+        /// A cheap, short-lived view: arc-swap's thread-local debt slot,
+        /// not a reference-count increment, so readers of a hot agent do not
+        /// contend on the `Arc`'s counter.
+        pub(crate) fn load(&self) -> SnapshotGuard<T> {
+            SnapshotGuard(self.0.load())
+        }
+
+        pub(crate) fn store(&self, value: T) {
+            self.0.store(std::sync::Arc::new(value));
+        }
+    }
+
+    /// A loaded snapshot; derefs to the value.
+    pub(crate) struct SnapshotGuard<T>(arc_swap::Guard<std::sync::Arc<T>>);
+
+    impl<T> std::ops::Deref for SnapshotGuard<T> {
+        type Target = T;
+
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    /// The concurrent map from agent to cell.
+    ///
+    /// aHash with a random per-process key: agent ids may come from clients,
+    /// so the hasher must resist chosen collisions, and aHash does so at a
+    /// fraction of SipHash's cost for a 16-byte key.
+    pub(crate) struct AgentMap<V>(papaya::HashMap<AgentId, V, ahash::RandomState>);
+
+    impl<V: Send + Sync> AgentMap<V> {
+        pub(crate) fn new() -> Self {
+            AgentMap(papaya::HashMap::with_hasher(ahash::RandomState::new()))
+        }
+
+        pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
+            self.0.pin().get(id).map(f)
+        }
+
+        /// Calls `update` on the present value, or inserts `make()`.
+        /// Exactly one of the two takes effect.
+        pub(crate) fn update_or_insert(
+            &self,
+            id: AgentId,
+            update: impl FnOnce(&V),
+            make: impl FnOnce() -> V,
+        ) {
+            let map = self.0.pin();
+            match map.get(&id) {
+                Some(present) => update(present),
+                None => {
+                    if let Err(present) = map.try_insert_with(id, make) {
+                        update(present);
+                    }
+                }
+            }
+        }
+
+        pub(crate) fn remove(&self, id: &AgentId) -> bool {
+            self.0.pin().remove(id).is_some()
+        }
+
+        pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
+            for (id, value) in self.0.pin().iter() {
+                f(id, value);
+            }
+        }
+
+        pub(crate) fn replace_all(&self, entries: impl IntoIterator<Item = (AgentId, V)>) {
+            let map = self.0.pin();
+            map.clear();
+            for (id, value) in entries {
+                map.insert(id, value);
+            }
+        }
+    }
+}
+
+#[cfg(agent_budget_loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
+    use loom::sync::{Arc, Mutex, RwLock};
+    use std::collections::HashMap;
+
+    use crate::types::AgentId;
+
+    /// loom has no 128-bit atomic. A mutex makes each operation one
+    /// loom-visible step, which is what a native `cmpxchg16b` is.
+    pub(crate) struct AtomicU128(Mutex<u128>);
+
+    impl AtomicU128 {
+        pub(crate) fn new(value: u128) -> Self {
+            AtomicU128(Mutex::new(value))
+        }
+
+        pub(crate) fn load(&self, _: Ordering) -> u128 {
+            *self.0.lock().unwrap()
+        }
+
+        pub(crate) fn compare_exchange_weak(
+            &self,
+            current: u128,
+            new: u128,
+            _: Ordering,
+            _: Ordering,
+        ) -> Result<u128, u128> {
+            let mut value = self.0.lock().unwrap();
+            if *value == current {
+                *value = new;
+                Ok(current)
+            } else {
+                Err(*value)
+            }
+        }
+    }
+
+    /// A mock clock the model's threads advance: nanoseconds in a loom
+    /// atomic, so a clock read is a step loom can interleave.
+    #[derive(Clone)]
+    pub struct ClockSource(Arc<AtomicU64>);
+
+    impl ClockSource {
+        /// A clock at zero.
+        pub fn mock() -> Self {
+            ClockSource(Arc::new(AtomicU64::new(0)))
+        }
+
+        /// Moves the clock forward.
+        pub fn advance(&self, by: std::time::Duration) {
+            let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
+            // Relaxed: the clock value is all that is shared; a reader that
+            // misses the advance reads an earlier time, as a real one may.
+            self.0.fetch_add(nanos, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) struct Stopwatch {
+        clock: ClockSource,
+        origin: u64,
+    }
+
+    impl Stopwatch {
+        pub(crate) fn start(clock: ClockSource) -> Self {
+            let origin = clock.0.load(Ordering::Relaxed);
+            Stopwatch { clock, origin }
+        }
+
+        pub(crate) fn nanos(&self) -> u64 {
+            self.clock
+                .0
+                .load(Ordering::Relaxed)
+                .saturating_sub(self.origin)
+        }
+    }
+
+    pub(crate) fn default_clock() -> ClockSource {
+        ClockSource::mock()
+    }
+
+    pub(crate) struct Snapshot<T>(RwLock<Arc<T>>);
+
+    impl<T> Snapshot<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Snapshot(RwLock::new(Arc::new(value)))
+        }
+
+        pub(crate) fn load(&self) -> Arc<T> {
+            self.0.read().unwrap().clone()
+        }
+
+        pub(crate) fn store(&self, value: T) {
+            *self.0.write().unwrap() = Arc::new(value);
+        }
+    }
+
+    pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, V>>);
+
+    impl<V> AgentMap<V> {
+        pub(crate) fn new() -> Self {
+            AgentMap(RwLock::new(HashMap::new()))
+        }
+
+        pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
+            self.0.read().unwrap().get(id).map(f)
+        }
+
+        pub(crate) fn update_or_insert(
+            &self,
+            id: AgentId,
+            update: impl FnOnce(&V),
+            make: impl FnOnce() -> V,
+        ) {
+            let mut map = self.0.write().unwrap();
+            match map.get(&id) {
+                Some(present) => update(present),
+                None => {
+                    map.insert(id, make());
+                }
+            }
+        }
+
+        pub(crate) fn remove(&self, id: &AgentId) -> bool {
+            self.0.write().unwrap().remove(id).is_some()
+        }
+
+        pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
+            for (id, value) in self.0.read().unwrap().iter() {
+                f(id, value);
+            }
+        }
+
+        pub(crate) fn replace_all(&self, entries: impl IntoIterator<Item = (AgentId, V)>) {
+            let mut map = self.0.write().unwrap();
+            map.clear();
+            map.extend(entries);
+        }
+    }
+}

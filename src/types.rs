@@ -1,0 +1,91 @@
+//! The public data types, with the seed's names and fields.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Identifies an agent. Any UUID will do; ids may come from clients, so
+/// the maps keyed by them use a hasher with a random per-process key.
+pub type AgentId = uuid::Uuid;
+
+/// The budget of one agent: how much it may spend per window.
+///
+/// Budgets up to [`MAX_TOKENS`](crate::MAX_TOKENS) tokens and
+/// [`MAX_CALLS`](crate::MAX_CALLS) calls per window are enforced exactly;
+/// larger ones are enforced as those maxima. A window of `0` seconds is
+/// treated as one millisecond; a window too long to represent never ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BudgetLimit {
+    /// The agent this budget applies to.
+    pub agent_id: AgentId,
+    /// Maximum tokens admitted per window.
+    pub token_budget: u64,
+    /// Maximum calls admitted per window.
+    pub calls_budget: u64,
+    /// Length of a window, in seconds.
+    pub window_secs: u64,
+}
+
+/// The usage of one agent, as it is persisted.
+///
+/// This is the persistence format only; managers keep usage in their own
+/// representation and convert at [`persist`](crate::BudgetManager::persist)
+/// and [`restore`](crate::BudgetManager::restore).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens used in the window.
+    pub tokens_used: u64,
+    /// Calls made in the window.
+    pub calls_used: u64,
+    /// When the window started (RFC 3339, UTC, in JSON).
+    pub window_start: DateTime<Utc>,
+}
+
+/// What is left of an agent's budget in its current window.
+///
+/// An agent without a budget reads as all zeros and exhausted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetInfo {
+    /// Tokens left in the current window.
+    pub tokens_remaining: u64,
+    /// Calls left in the current window.
+    pub calls_remaining: u64,
+    /// Whole seconds until the current window ends.
+    pub window_remaining_secs: u64,
+    /// Whether tokens or calls are used up.
+    pub is_exhausted: bool,
+}
+
+/// An agent's limits and usage together, for dashboards.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FullBudgetInfo {
+    /// The agent this describes.
+    pub agent_id: AgentId,
+    /// Tokens admitted per window, as configured.
+    pub token_limit: u64,
+    /// Tokens used in the current window. A settled
+    /// [`Reservation`](crate::Reservation) may have pushed it past the limit.
+    pub tokens_used: u64,
+    /// Tokens left in the current window.
+    pub tokens_remaining: u64,
+    /// Calls admitted per window, as configured.
+    pub calls_limit: u64,
+    /// Calls made in the current window.
+    pub calls_used: u64,
+    /// Calls left in the current window.
+    pub calls_remaining: u64,
+    /// Length of a window, in seconds.
+    pub window_secs: u64,
+    /// Whole seconds until the current window ends.
+    pub window_remaining_secs: u64,
+    /// Whether tokens or calls are used up.
+    pub is_exhausted: bool,
+}
+
+/// Which budget refused a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BudgetKind {
+    /// The token budget (also reported by `reserve` for an unknown agent).
+    Token,
+    /// The call budget (also reported by `track_call` for an unknown agent).
+    Call,
+}
