@@ -85,7 +85,6 @@ impl<'m> Reservation<'m> {
 
 /// What settling or cancelling a [`Reservation`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[must_use]
 pub enum Settlement {
     /// The reservation's window is still current; the difference was
     /// booked there.
