@@ -1,11 +1,73 @@
 //! Token and call budgets per agent, enforced without locks.
 //!
-//! DOCS-PLACEHOLDER
+//! A [`BudgetManager`] gives each agent a budget of tokens and calls per
+//! fixed window, and admits or refuses requests against it from any number
+//! of threads at once. Each agent's usage lives in one 128-bit word updated
+//! by compare-and-swap, so a scheduler's threads never queue behind a lock
+//! and a gateway's tail latency is not a preempted lock holder's.
+//!
+//! # The gateway flow
+//!
+//! A gateway in front of an LLM learns a request's real token count only
+//! when the response is back. It reserves an estimate and one call before
+//! forwarding, then settles what was really used:
+//!
+//! ```
+//! use agent_budget::{BudgetLimit, BudgetManager, Settlement};
+//!
+//! let budgets = BudgetManager::new();
+//! let agent = uuid::Uuid::new_v4();
+//! budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 10_000, calls_budget: 100, window_secs: 60 });
+//!
+//! // 1. Estimate: prompt tokens plus the completion's `max_tokens`.
+//! let (prompt_tokens, max_tokens) = (1_200, 800);
+//! // 2. Acquire tokens and one call together, or neither. A refusal says
+//! //    when to come back (`retry_after`; `None` if it can never fit):
+//! //    a gateway answers 429 with it.
+//! let reservation = budgets.acquire(&agent, prompt_tokens + max_tokens, 1)?;
+//! // 3. Forward the request (elided); the response reports the real usage.
+//! let used = 1_200 + 345;
+//! // 4. Settle: the unused 455 tokens go back to the window they came from.
+//! let outcome = reservation.settle(used);
+//! assert_eq!(outcome, Settlement::Applied { refunded_tokens: 455, charged_tokens: 0, refunded_calls: 0 });
+//! assert_eq!(budgets.remaining(&agent).tokens_remaining, 10_000 - 1_545);
+//! # Ok::<(), agent_budget::BudgetExceeded>(())
+//! ```
+//!
+//! If the response used more than was reserved, `settle` charges the extra
+//! even past the limit (the tokens were spent) and the agent is refused until
+//! its window ends. A refund never reaches a later window: once the window a
+//! reservation was taken in has ended, `settle` and `cancel` change nothing
+//! and return [`Settlement::WindowEnded`]. A reservation dropped without
+//! either stays fully charged.
+//!
+//! # The seed's API
+//!
+//! [`BudgetManager`] keeps the API of the locked design it replaces:
+//! [`reserve`](BudgetManager::reserve), [`track_call`](BudgetManager::track_call)
+//! and [`release`](BudgetManager::release) work as they did, with its defects
+//! fixed (see [`docs::semantics`]). New code should use
+//! [`acquire`](BudgetManager::acquire): `release` trusts any amount from any
+//! caller and refunds into whatever window is current.
+//!
+//! [`LockedBudgetManager`] is that locked design, kept as the reference for
+//! differential tests and the baseline for benchmarks; [`BudgetLimiter`] is
+//! the trait both implement.
+//!
+//! # Further reading
+//!
+//! - [`docs::semantics`]: windows, time, ranges, persistence, and the seed's
+//!   defects and how they are fixed.
+//! - [`docs::implementation`]: the bit layout, the orderings, what is
+//!   lock-free on which targets, and why each dependency is there.
+//! - [`docs::model_checking`]: the loom models, and what they do and do not
+//!   cover.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 mod cell;
 mod clock;
+pub mod docs;
 mod error;
 mod limiter;
 mod manager;

@@ -13,7 +13,12 @@ const AGENTS: usize = 3;
 
 #[derive(Clone, Debug)]
 enum Op {
-    SetBudget { agent: usize, tokens: u64, calls: u64, window_secs: u64 },
+    SetBudget {
+        agent: usize,
+        tokens: u64,
+        calls: u64,
+        window_secs: u64,
+    },
     Remove(usize),
     Reserve(usize, u64),
     Release(usize, u64),
@@ -67,7 +72,12 @@ fn run(ops: Vec<Op>) {
     let mut open: Vec<(Reservation<'_>, Reservation<'_>)> = Vec::new();
     for op in ops {
         match op {
-            Op::SetBudget { agent, tokens, calls, window_secs } => {
+            Op::SetBudget {
+                agent,
+                tokens,
+                calls,
+                window_secs,
+            } => {
                 let l = limit(agents[agent], tokens, calls, window_secs);
                 lock_free.set_budget(l.clone());
                 locked.set_budget(l);
@@ -77,17 +87,26 @@ fn run(ops: Vec<Op>) {
                 locked.remove_budget(&agents[a]);
             }
             Op::Reserve(a, n) => {
-                assert_eq!(lock_free.reserve(&agents[a], n), locked.reserve(&agents[a], n));
+                assert_eq!(
+                    lock_free.reserve(&agents[a], n),
+                    locked.reserve(&agents[a], n)
+                );
             }
             Op::Release(a, n) => {
                 lock_free.release(&agents[a], n);
                 locked.release(&agents[a], n);
             }
             Op::TrackCall(a) => {
-                assert_eq!(lock_free.track_call(&agents[a]), locked.track_call(&agents[a]));
+                assert_eq!(
+                    lock_free.track_call(&agents[a]),
+                    locked.track_call(&agents[a])
+                );
             }
             Op::Acquire(a, t, c) => {
-                match (lock_free.acquire(&agents[a], t, c), locked.acquire(&agents[a], t, c)) {
+                match (
+                    lock_free.acquire(&agents[a], t, c),
+                    locked.acquire(&agents[a], t, c),
+                ) {
                     (Ok(x), Ok(y)) => open.push((x, y)),
                     (Err(x), Err(y)) => assert_eq!(x, y),
                     (x, y) => panic!("acquire disagrees: {x:?} vs {y:?}"),
@@ -115,7 +134,10 @@ fn run(ops: Vec<Op>) {
                     v.sort_by_key(|i| i.agent_id);
                     v
                 };
-                assert_eq!(sorted(lock_free.all_full_info()), sorted(locked.all_full_info()));
+                assert_eq!(
+                    sorted(lock_free.all_full_info()),
+                    sorted(locked.all_full_info())
+                );
             }
             Op::Advance(by) => mock.increment(by),
         }
@@ -156,9 +178,12 @@ fn the_generated_sequences_reach_every_outcome() {
         let mut open = Vec::new();
         for op in ops {
             match op {
-                Op::SetBudget { agent, tokens, calls, window_secs } => {
-                    m.set_budget(limit(agents[agent], tokens, calls, window_secs))
-                }
+                Op::SetBudget {
+                    agent,
+                    tokens,
+                    calls,
+                    window_secs,
+                } => m.set_budget(limit(agents[agent], tokens, calls, window_secs)),
                 Op::Remove(a) => m.remove_budget(&agents[a]),
                 Op::Acquire(a, t, c) => match m.acquire(&agents[a], t, c) {
                     Ok(r) => {
@@ -179,7 +204,13 @@ fn the_generated_sequences_reach_every_outcome() {
             }
         }
     }
-    for (what, count) in [("admitted", admitted), ("refused", refused), ("applied", applied), ("ended", ended), ("removed", removed)] {
+    for (what, count) in [
+        ("admitted", admitted),
+        ("refused", refused),
+        ("applied", applied),
+        ("ended", ended),
+        ("removed", removed),
+    ] {
         assert!(count >= 20, "only {count} {what}");
     }
 }

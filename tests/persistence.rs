@@ -188,7 +188,10 @@ fn same_state(x: &agent_budget::FullBudgetInfo, y: &agent_budget::FullBudgetInfo
         ..i.clone()
     };
     assert_eq!(strip(x), strip(y));
-    assert!(x.window_remaining_secs.abs_diff(y.window_remaining_secs) <= 1, "{x:?} {y:?}");
+    assert!(
+        x.window_remaining_secs.abs_diff(y.window_remaining_secs) <= 1,
+        "{x:?} {y:?}"
+    );
 }
 
 #[test]
@@ -203,12 +206,18 @@ fn state_moves_between_the_managers_in_both_directions() {
 
     let (lock_free, _) = mocked::<BudgetManager>();
     lock_free.restore(&there).unwrap();
-    same_state(&lock_free.full_info(&a).unwrap(), &locked.full_info(&a).unwrap());
+    same_state(
+        &lock_free.full_info(&a).unwrap(),
+        &locked.full_info(&a).unwrap(),
+    );
     lock_free.track_call(&a).unwrap();
     lock_free.persist(&back).unwrap();
 
     let (again, _) = mocked::<LockedBudgetManager>();
     again.restore(&back).unwrap();
-    same_state(&again.full_info(&a).unwrap(), &lock_free.full_info(&a).unwrap());
+    same_state(
+        &again.full_info(&a).unwrap(),
+        &lock_free.full_info(&a).unwrap(),
+    );
     assert_eq!(again.full_info(&a).unwrap().calls_used, 1);
 }

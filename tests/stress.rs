@@ -227,7 +227,11 @@ fn cancels_racing_a_rollover_never_refund_into_the_new_window() {
         });
         let used = m.full_info(&a).unwrap().tokens_used;
         let (certain, uncertain) = (certain.into_inner(), uncertain.into_inner());
-        assert!(used >= certain * 10, "refunded into the new window: {used} < {}", certain * 10);
+        assert!(
+            used >= certain * 10,
+            "refunded into the new window: {used} < {}",
+            certain * 10
+        );
         assert!(used <= (certain + uncertain) * 10);
     }
 }

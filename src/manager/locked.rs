@@ -80,13 +80,10 @@ impl LockedBudgetManager {
         let mut budgets = self.budgets.write();
         let mut usage = self.usage.write();
         budgets.insert(agent_id, Limit::new(limit));
-        if !usage.contains_key(&agent_id) {
-            let slot = Slot {
-                window: Window::fresh(self.clock.now().start_tick()),
-                generation: self.next_generation(),
-            };
-            usage.insert(agent_id, slot);
-        }
+        usage.entry(agent_id).or_insert_with(|| Slot {
+            window: Window::fresh(self.clock.now().start_tick()),
+            generation: self.next_generation(),
+        });
     }
 
     /// Forgets an agent's budget and usage.
