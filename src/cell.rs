@@ -34,27 +34,56 @@ use crate::types::BudgetLimit;
 use crate::window::{Policy, Tick, Window, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS};
 
 const CALLS_SHIFT: u32 = TOKEN_BITS;
-const START_SHIFT: u32 = TOKEN_BITS + CALL_BITS;
+const HIGH_SHIFT: u32 = TOKEN_BITS + CALL_BITS;
 const TOKEN_MASK: u128 = MAX_TOKENS as u128;
 const CALL_MASK: u128 = MAX_CALLS as u128;
 
-/// Packs a window into the word. The window module keeps every field
-/// within its width; the masks only make a broken invariant visible in
+/// Packs three fields into the word's layout. The window module keeps every
+/// field within its width; the masks only make a broken invariant visible in
 /// tests (by a wrong value) instead of corrupting the neighbouring field.
-pub(crate) fn pack(window: Window) -> u128 {
-    debug_assert!(window.tokens <= MAX_TOKENS && window.calls <= MAX_CALLS);
-    debug_assert!(window.start <= Tick::MAX);
-    (u128::from(window.tokens) & TOKEN_MASK)
-        | ((u128::from(window.calls) & CALL_MASK) << CALLS_SHIFT)
-        | (u128::from(window.start.0) << START_SHIFT)
+fn pack_fields(tokens: u64, calls: u64, high: u64) -> u128 {
+    debug_assert!(tokens <= MAX_TOKENS && calls <= MAX_CALLS && high <= Tick::MAX.0);
+    (u128::from(tokens) & TOKEN_MASK)
+        | ((u128::from(calls) & CALL_MASK) << CALLS_SHIFT)
+        | (u128::from(high) << HIGH_SHIFT)
 }
 
-/// Unpacks the word. The casts truncate exactly the bits each mask keeps.
+/// Unpacks the three fields. The casts truncate exactly the bits each mask
+/// keeps.
+fn unpack_fields(word: u128) -> (u64, u64, u64) {
+    (
+        (word & TOKEN_MASK) as u64,
+        ((word >> CALLS_SHIFT) & CALL_MASK) as u64,
+        (word >> HIGH_SHIFT) as u64,
+    )
+}
+
+pub(crate) fn pack(window: Window) -> u128 {
+    pack_fields(window.tokens, window.calls, window.start.0)
+}
+
 pub(crate) fn unpack(word: u128) -> Window {
+    let (tokens, calls, start) = unpack_fields(word);
     Window {
-        tokens: (word & TOKEN_MASK) as u64,
-        calls: ((word >> CALLS_SHIFT) & CALL_MASK) as u64,
-        start: Tick((word >> START_SHIFT) as u64),
+        tokens,
+        calls,
+        start: Tick(start),
+    }
+}
+
+/// A policy packs into the same layout: tokens and calls in the same
+/// fields, the window length where the usage word has its start (both are
+/// at most 2^44 − 1 ms).
+fn pack_policy(policy: Policy) -> u128 {
+    pack_fields(policy.tokens, policy.calls, policy.window)
+}
+
+fn unpack_policy(word: u128) -> Policy {
+    let (tokens, calls, window) = unpack_fields(word);
+    Policy {
+        tokens,
+        calls,
+        window,
     }
 }
 
@@ -73,8 +102,13 @@ impl Limit {
 }
 
 /// The state of one agent in the lock-free manager.
+///
+/// The usage and the policy words sit side by side, so the hot paths touch
+/// one cache line for both; the configured limit, which only reads of the
+/// whole state need, sits behind an arc-swap snapshot.
 pub(crate) struct AgentCell {
     usage: AtomicU128,
+    policy: AtomicU128,
     limit: Snapshot<Limit>,
     /// Distinguishes this cell from one made for the same agent after a
     /// `remove_budget`, so a reservation never settles into its successor.
@@ -83,9 +117,11 @@ pub(crate) struct AgentCell {
 
 impl AgentCell {
     pub(crate) fn new(limit: BudgetLimit, window: Window, generation: u64) -> Self {
+        let limit = Limit::new(limit);
         AgentCell {
             usage: AtomicU128::new(pack(window)),
-            limit: Snapshot::new(Limit::new(limit)),
+            policy: AtomicU128::new(pack_policy(limit.policy)),
+            limit: Snapshot::new(limit),
             generation,
         }
     }
@@ -94,12 +130,28 @@ impl AgentCell {
         self.generation
     }
 
+    /// The configured limit with its policy, one consistent snapshot.
     pub(crate) fn limit(&self) -> impl std::ops::Deref<Target = Limit> {
         self.limit.load()
     }
 
+    /// The policy the hot paths enforce: one 16-byte load, no pointer to
+    /// follow.
+    pub(crate) fn policy(&self) -> Policy {
+        // Relaxed: the word is the whole policy and publishes nothing else.
+        unpack_policy(self.policy.load(Ordering::Relaxed))
+    }
+
+    /// Replaces the limit. The snapshot and the policy word change one
+    /// after the other, so an operation racing this call may be judged
+    /// against the old policy or the new one: the one documented exception
+    /// to linearizability, and never past the larger limit.
     pub(crate) fn set_limit(&self, limit: BudgetLimit) {
-        self.limit.store(Limit::new(limit));
+        let limit = Limit::new(limit);
+        let policy = pack_policy(limit.policy);
+        self.limit.store(limit);
+        // Relaxed: see `policy`.
+        self.policy.store(policy, Ordering::Relaxed);
     }
 
     pub(crate) fn load(&self) -> Window {
@@ -145,6 +197,16 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn policies_pack_and_unpack_over_the_full_ranges(
+            tokens in 0..=MAX_TOKENS,
+            calls in 0..=MAX_CALLS,
+            window in 1..=Policy::MAX_WINDOW,
+        ) {
+            let policy = Policy { tokens, calls, window };
+            prop_assert_eq!(unpack_policy(pack_policy(policy)), policy);
+        }
+
         #[test]
         fn pack_and_unpack_are_inverse_over_the_full_ranges(
             tokens in 0..=MAX_TOKENS,

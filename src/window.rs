@@ -103,12 +103,16 @@ pub(crate) struct Policy {
     pub(crate) tokens: u64,
     /// Calls admitted per window, at most [`MAX_CALLS`].
     pub(crate) calls: u64,
-    /// Window length in ticks, at least one; saturates at `u64::MAX`,
-    /// which never ends.
+    /// Window length in ticks, from one to [`Policy::MAX_WINDOW`].
     pub(crate) window: u64,
 }
 
 impl Policy {
+    /// The longest window: 2^44 − 1 ms, about 557 years, as long as the
+    /// whole timeline, so a window this long outlasts any process. Longer
+    /// windows are this long, and a policy fits in 128 bits like the usage.
+    pub(crate) const MAX_WINDOW: u64 = (1 << START_BITS) - 1;
+
     pub(crate) fn from_limit(limit: &BudgetLimit) -> Self {
         Policy {
             tokens: limit.token_budget.min(MAX_TOKENS),
@@ -116,7 +120,10 @@ impl Policy {
             // A zero-second window is the shortest one we can name: a
             // millisecond. (The seed reset usage before every operation;
             // here operations within one millisecond share the budget.)
-            window: limit.window_secs.saturating_mul(TICKS_PER_SEC).max(1),
+            window: limit
+                .window_secs
+                .saturating_mul(TICKS_PER_SEC)
+                .clamp(1, Self::MAX_WINDOW),
         }
     }
 }
@@ -456,15 +463,16 @@ mod tests {
         let p = policy(u64::MAX, u64::MAX, u64::MAX);
         assert_eq!(
             (p.tokens, p.calls, p.window),
-            (MAX_TOKENS, MAX_CALLS, u64::MAX)
+            (MAX_TOKENS, MAX_CALLS, Policy::MAX_WINDOW)
         );
         let w = Window::fresh(at(0).start_tick());
         let w = w.try_admit(&p, at(0), MAX_TOKENS, MAX_CALLS).unwrap();
         assert!(w.try_admit(&p, at(0), 1, 0).is_err());
         let err = w.try_admit(&p, at(0), u64::MAX, 0).unwrap_err();
         assert_eq!(err.retry_after_ms, None);
-        // A window of u64::MAX seconds never ends.
+        // A window of u64::MAX seconds never ends, even at the end of time.
         assert!(!w.is_expired(&p, at(u64::MAX)));
+        assert!(!Window::fresh(Tick(1)).is_expired(&p, at(u64::MAX)));
     }
 
     #[test]

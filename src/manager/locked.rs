@@ -173,8 +173,10 @@ impl LockedBudgetManager {
     /// What is left; see [`BudgetManager::remaining`](crate::BudgetManager::remaining).
     pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
         let now = self.clock.now();
-        self.with_agent(agent_id, |limit, window| budget_info(limit, window, now))
-            .unwrap_or_else(unknown_agent_info)
+        self.with_agent(agent_id, |limit, window| {
+            budget_info(&limit.policy, window, now)
+        })
+        .unwrap_or_else(unknown_agent_info)
     }
 
     /// Whether the agent has both tokens and calls left.

@@ -147,8 +147,8 @@ impl BudgetManager {
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
         let now = self.clock.now();
         self.agents.get(agent_id, |cell| {
-            let limit = cell.limit();
-            cell.update(|w| (w.release(&limit.policy, now, tokens), ()));
+            let policy = cell.policy();
+            cell.update(|w| (w.release(&policy, now, tokens), ()));
         });
     }
 
@@ -162,9 +162,8 @@ impl BudgetManager {
         let now = self.clock.now();
         self.agents
             .get(agent_id, |cell| {
-                let limit = cell.limit();
-                let (_, after, verdict) =
-                    cell.update(|w| w.admit(&limit.policy, now, tokens, calls));
+                let policy = cell.policy();
+                let (_, after, verdict) = cell.update(|w| w.admit(&policy, now, tokens, calls));
                 match verdict {
                     Ok(()) => Ok((after, cell.generation())),
                     Err(shortfall) => Err(BudgetExceeded::from_shortfall(
@@ -182,7 +181,7 @@ impl BudgetManager {
         let now = self.clock.now();
         self.agents
             .get(agent_id, |cell| {
-                budget_info(&cell.limit(), cell.load(), now)
+                budget_info(&cell.policy(), cell.load(), now)
             })
             .unwrap_or_else(unknown_agent_info)
     }
@@ -263,10 +262,10 @@ impl Ledger for BudgetManager {
                 if cell.generation() != ticket.generation {
                     return Settlement::AgentRemoved;
                 }
-                let limit = cell.limit();
+                let policy = cell.policy();
                 let reserved = (ticket.tokens, ticket.calls);
                 let (before, after, refund) = cell.update(|w| {
-                    let refund = w.settle(&limit.policy, now, ticket.window_start, reserved, used);
+                    let refund = w.settle(&policy, now, ticket.window_start, reserved, used);
                     match refund {
                         Refund::Applied(next) => (next, refund),
                         Refund::WindowEnded => (w, refund),

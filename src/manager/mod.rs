@@ -9,7 +9,7 @@ pub(crate) mod lockfree;
 
 use crate::cell::Limit;
 use crate::types::{AgentId, BudgetInfo, FullBudgetInfo};
-use crate::window::{Now, Window};
+use crate::window::{Now, Policy, Window};
 
 const MILLIS_PER_SEC: u64 = 1_000;
 
@@ -25,37 +25,38 @@ pub(crate) fn unknown_agent_info() -> BudgetInfo {
 
 /// `remaining` for a known agent. Reads the window as the next operation
 /// would find it, so reads and writes share one expiry rule.
-pub(crate) fn budget_info(limit: &Limit, stored: Window, now: Now) -> BudgetInfo {
-    let full = full_budget_info(AgentId::nil(), limit, stored, now);
+pub(crate) fn budget_info(policy: &Policy, stored: Window, now: Now) -> BudgetInfo {
+    let window = stored.current(policy, now);
+    let (tokens_remaining, calls_remaining) = window.remaining(policy);
     BudgetInfo {
-        tokens_remaining: full.tokens_remaining,
-        calls_remaining: full.calls_remaining,
-        window_remaining_secs: full.window_remaining_secs,
-        is_exhausted: full.is_exhausted,
+        tokens_remaining,
+        calls_remaining,
+        window_remaining_secs: window.millis_left(policy, now) / MILLIS_PER_SEC,
+        is_exhausted: tokens_remaining == 0 || calls_remaining == 0,
     }
 }
 
-/// `full_info` for a known agent.
+/// `full_info` for a known agent: [`budget_info`] with the configured
+/// limits and the usage beside it.
 pub(crate) fn full_budget_info(
     agent_id: AgentId,
     limit: &Limit,
     stored: Window,
     now: Now,
 ) -> FullBudgetInfo {
-    let policy = &limit.policy;
-    let window = stored.current(policy, now);
-    let (tokens_remaining, calls_remaining) = window.remaining(policy);
+    let info = budget_info(&limit.policy, stored, now);
+    let window = stored.current(&limit.policy, now);
     FullBudgetInfo {
         agent_id,
         token_limit: limit.configured.token_budget,
         tokens_used: window.tokens,
-        tokens_remaining,
+        tokens_remaining: info.tokens_remaining,
         calls_limit: limit.configured.calls_budget,
         calls_used: window.calls,
-        calls_remaining,
+        calls_remaining: info.calls_remaining,
         window_secs: limit.configured.window_secs,
-        window_remaining_secs: window.millis_left(policy, now) / MILLIS_PER_SEC,
-        is_exhausted: tokens_remaining == 0 || calls_remaining == 0,
+        window_remaining_secs: info.window_remaining_secs,
+        is_exhausted: info.is_exhausted,
     }
 }
 

@@ -1,0 +1,123 @@
+//! Setup shared by the benches: agent ids, managers filled with N agents,
+//! governor limiters holding the same keys, and uniform key draws.
+//!
+//! Every bench builds its fixtures here so that the managers and governor
+//! are measured on the same agents, budgets and key sequences.
+
+// Each bench target compiles this module and uses only part of it.
+#![allow(dead_code)]
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use agent_budget::{AgentId, BudgetLimit, BudgetLimiter, MAX_CALLS, MAX_TOKENS};
+use criterion::Criterion;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+/// The agent-set sizes the single-thread benches run at: one that fits in
+/// the caches and one that does not.
+pub const AGENT_COUNTS: [usize; 2] = [1_000, 100_000];
+
+/// Criterion settings short enough for a shared 2-core machine; the
+/// command line (`--warm-up-time`, `--measurement-time`, ...) overrides them.
+pub fn short_config() -> Criterion {
+    Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(2))
+}
+
+/// `n` distinct agent ids, the same in every run.
+pub fn agent_ids(n: usize) -> Vec<AgentId> {
+    let mut rng = SmallRng::seed_from_u64(0x5eed);
+    (0..n).map(|_| AgentId::from_u128(rng.random())).collect()
+}
+
+/// A budget that never runs out during a bench: the largest the manager
+/// enforces, in a window that never ends.
+pub fn unlimited(agent_id: AgentId) -> BudgetLimit {
+    BudgetLimit {
+        agent_id,
+        token_budget: MAX_TOKENS,
+        calls_budget: MAX_CALLS,
+        window_secs: u64::MAX,
+    }
+}
+
+/// A manager where every agent in `ids` has an [`unlimited`] budget, so
+/// every request is admitted.
+pub fn admitting<M: BudgetLimiter>(ids: &[AgentId]) -> M {
+    let manager = M::with_clock(quanta::Clock::new());
+    for &id in ids {
+        manager.set_budget(unlimited(id));
+    }
+    manager
+}
+
+/// A manager where every agent in `ids` has used up a one-token, one-call
+/// budget in a window that never ends, so every request takes the refusal
+/// path an agent that ran out takes (with a retry time, not the "can never
+/// fit" path of a request larger than the budget).
+pub fn refusing<M: BudgetLimiter>(ids: &[AgentId]) -> M {
+    let manager = M::with_clock(quanta::Clock::new());
+    for &id in ids {
+        manager.set_budget(BudgetLimit {
+            agent_id: id,
+            token_budget: 1,
+            calls_budget: 1,
+            window_secs: u64::MAX,
+        });
+        let reservation = manager
+            .acquire(&id, 1, 1)
+            .expect("a fresh budget admits its first request");
+        let _ = reservation.settle(1);
+    }
+    manager
+}
+
+/// governor's keyed limiter, the usual alternative, holding every key in
+/// `ids` with a quota no bench exhausts (10^9 cells per second).
+pub fn governor_admitting(ids: &[AgentId]) -> DefaultKeyedRateLimiter<AgentId> {
+    let quota = Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"));
+    let limiter = RateLimiter::keyed(quota);
+    for id in ids {
+        assert!(limiter.check_key(id).is_ok(), "a fresh key admits");
+    }
+    limiter
+}
+
+/// governor's keyed limiter with every key in `ids` out of its one cell
+/// per hour, so every check is refused.
+pub fn governor_refusing(ids: &[AgentId]) -> DefaultKeyedRateLimiter<AgentId> {
+    let limiter = RateLimiter::keyed(Quota::per_hour(NonZeroU32::MIN));
+    for id in ids {
+        assert!(limiter.check_key(id).is_ok(), "a fresh key admits");
+    }
+    limiter
+}
+
+/// Draws agent ids uniformly from a set, so a large set really misses the
+/// caches. Costs about a nanosecond a draw (the floor group measures it).
+pub struct Keys<'a> {
+    ids: &'a [AgentId],
+    rng: SmallRng,
+}
+
+impl<'a> Keys<'a> {
+    /// Draws from `ids`; different `seed`s give independent sequences (one
+    /// per thread).
+    pub fn new(ids: &'a [AgentId], seed: u64) -> Self {
+        assert!(!ids.is_empty(), "no agents to draw from");
+        Keys {
+            ids,
+            rng: SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// The next agent.
+    #[inline]
+    pub fn next_id(&mut self) -> &'a AgentId {
+        &self.ids[self.rng.random_range(0..self.ids.len())]
+    }
+}
