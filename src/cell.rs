@@ -29,8 +29,8 @@
 //! by the agent map's insertion, and the limit by arc-swap; each carries
 //! its own release/acquire pairing.
 
-use crate::sync::{AtomicU128, Ordering, Snapshot};
-use crate::types::BudgetLimit;
+use crate::sync::{AtomicU128, Keyed, Ordering, Snapshot};
+use crate::types::{AgentId, BudgetLimit};
 use crate::window::{Policy, Tick, Window, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS};
 
 const CALLS_SHIFT: u32 = TOKEN_BITS;
@@ -101,24 +101,37 @@ impl Limit {
     }
 }
 
-/// The state of one agent in the lock-free manager.
+/// The state of one agent in the lock-free manager: exactly one cache line.
 ///
-/// The usage and the policy words sit side by side, so the hot paths touch
-/// one cache line for both; the configured limit, which only reads of the
-/// whole state need, sits behind an arc-swap snapshot.
+/// The agent map stores the cell itself as its key (see `sync::AgentMap`),
+/// so the id a lookup compares, the usage word and the policy word it then
+/// reads all sit in the same 64 bytes; the configured limit, which only the
+/// reads of the whole state need, sits behind an arc-swap snapshot.
+#[repr(C, align(64))]
 pub(crate) struct AgentCell {
+    agent_id: AgentId,
     usage: AtomicU128,
     policy: AtomicU128,
-    limit: Snapshot<Limit>,
     /// Distinguishes this cell from one made for the same agent after a
     /// `remove_budget`, so a reservation never settles into its successor.
     generation: u64,
+    limit: Snapshot<Limit>,
+}
+
+#[cfg(not(agent_budget_loom))]
+const _: () = assert!(std::mem::size_of::<AgentCell>() == 64);
+
+impl Keyed for AgentCell {
+    fn key(&self) -> &AgentId {
+        &self.agent_id
+    }
 }
 
 impl AgentCell {
     pub(crate) fn new(limit: BudgetLimit, window: Window, generation: u64) -> Self {
         let limit = Limit::new(limit);
         AgentCell {
+            agent_id: limit.configured.agent_id,
             usage: AtomicU128::new(pack(window)),
             policy: AtomicU128::new(pack_policy(limit.policy)),
             limit: Snapshot::new(limit),

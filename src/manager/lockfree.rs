@@ -8,7 +8,7 @@ use crate::clock::Clock;
 use crate::error::{BudgetExceeded, Operation, PersistError};
 use crate::persist::{self, AgentState};
 use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
-use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Ordering};
+use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Ordering};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
 use crate::window::{Refund, Window};
 
@@ -87,11 +87,8 @@ impl BudgetManager {
             limit.agent_id,
             |cell| cell.set_limit(limit),
             || {
-                AgentCell::new(
-                    for_new,
-                    Window::fresh(now.start_tick()),
-                    self.next_generation(),
-                )
+                let window = Window::fresh(now.start_tick());
+                AgentCell::new(for_new.clone(), window, self.next_generation())
             },
         );
     }
@@ -211,8 +208,13 @@ impl BudgetManager {
     pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
         let now = self.clock.now();
         let mut all = Vec::new();
-        self.agents.for_each(|id, cell| {
-            all.push(full_budget_info(*id, &cell.limit(), cell.load(), now));
+        self.agents.for_each(|cell| {
+            all.push(full_budget_info(
+                *cell.key(),
+                &cell.limit(),
+                cell.load(),
+                now,
+            ));
         });
         all
     }
@@ -225,12 +227,12 @@ impl BudgetManager {
     pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
         let at = self.clock.moment();
         let mut agents = Vec::new();
-        self.agents.for_each(|id, cell| {
+        self.agents.for_each(|cell| {
             let state = AgentState {
                 limit: cell.limit().configured.clone(),
                 window: cell.load(),
             };
-            agents.push((*id, state));
+            agents.push((*cell.key(), state));
         });
         persist::write(path, &agents, at)
     }
@@ -245,11 +247,11 @@ impl BudgetManager {
         let Some(agents) = persist::read(path, self.clock.moment())? else {
             return Ok(());
         };
-        self.agents
-            .replace_all(agents.into_iter().map(|(id, state)| {
-                let cell = AgentCell::new(state.limit, state.window, self.next_generation());
-                (id, cell)
-            }));
+        self.agents.replace_all(
+            agents.into_iter().map(|(_, state)| {
+                AgentCell::new(state.limit, state.window, self.next_generation())
+            }),
+        );
         Ok(())
     }
 }
