@@ -15,6 +15,24 @@ pub(crate) struct Ticket {
     pub(crate) window_start: Tick,
 }
 
+impl Ticket {
+    /// The ticket of `tokens` and `calls` admitted for `agent_id` into the
+    /// window starting at `window_start` of incarnation `generation`.
+    pub(crate) fn new(
+        agent_id: AgentId,
+        (tokens, calls): (u64, u64),
+        (window_start, generation): (Tick, u64),
+    ) -> Self {
+        Ticket {
+            agent_id,
+            tokens,
+            calls,
+            generation,
+            window_start,
+        }
+    }
+}
+
 /// Implemented by each manager: books a settle or cancel.
 pub(crate) trait Ledger: Sync {
     /// Replaces the reservation's `(tokens, calls)` by `used` in its window.

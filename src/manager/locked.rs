@@ -14,7 +14,7 @@ use crate::persist::{self, AgentState};
 use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
 use crate::sync::{default_clock, ClockSource};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
-use crate::window::{Refund, Window};
+use crate::window::{Refund, Tick, Window};
 
 /// One agent's usage, and which incarnation of the agent it belongs to.
 struct Slot {
@@ -101,17 +101,9 @@ impl LockedBudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let (window, generation) = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
-        Ok(Reservation::new(
-            self,
-            Ticket {
-                agent_id: *agent_id,
-                tokens,
-                calls,
-                generation,
-                window_start: window.start,
-            },
-        ))
+        let taken_in = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        Ok(Reservation::new(self, ticket))
     }
 
     /// Takes tokens; see [`BudgetManager::reserve`](crate::BudgetManager::reserve).
@@ -142,7 +134,7 @@ impl LockedBudgetManager {
         tokens: u64,
         calls: u64,
         operation: Operation,
-    ) -> Result<(Window, u64), BudgetExceeded> {
+    ) -> Result<(Tick, u64), BudgetExceeded> {
         let no_budget = || BudgetExceeded::no_budget(*agent_id, operation);
         let policy = self
             .budgets
@@ -156,7 +148,7 @@ impl LockedBudgetManager {
         let (next, verdict) = slot.window.admit(&policy, now, tokens, calls);
         slot.window = next;
         match verdict {
-            Ok(()) => Ok((next, slot.generation)),
+            Ok(()) => Ok((next.start, slot.generation)),
             Err(shortfall) => Err(BudgetExceeded::from_shortfall(
                 *agent_id, operation, shortfall,
             )),
@@ -200,35 +192,30 @@ impl LockedBudgetManager {
         })
     }
 
-    /// [`full_info`](Self::full_info) of every agent, in no particular order.
-    pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
-        let now = self.clock.now();
+    /// Every agent's limit and window, under one read of each lock (the
+    /// seed re-took the budgets lock per agent while holding it).
+    fn all_agents<R>(&self, mut f: impl FnMut(AgentId, &Limit, Window) -> R) -> Vec<R> {
         let budgets = self.budgets.read();
         let usage = self.usage.read();
         budgets
             .iter()
-            .filter_map(|(id, limit)| {
-                let window = usage.get(id)?.window;
-                Some(full_budget_info(*id, limit, window, now))
-            })
+            .filter_map(|(id, limit)| Some(f(*id, limit, usage.get(id)?.window)))
             .collect()
+    }
+
+    /// [`full_info`](Self::full_info) of every agent, in no particular order.
+    pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
+        let now = self.clock.now();
+        self.all_agents(|id, limit, window| full_budget_info(id, limit, window, now))
     }
 
     /// Writes the state to `path`; see [`BudgetManager::persist`](crate::BudgetManager::persist).
     pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
         let at = self.clock.moment();
-        let agents: Vec<_> = {
-            let budgets = self.budgets.read();
-            let usage = self.usage.read();
-            budgets
-                .iter()
-                .filter_map(|(id, limit)| {
-                    let window = usage.get(id)?.window;
-                    let limit = limit.configured.clone();
-                    Some((*id, AgentState { limit, window }))
-                })
-                .collect()
-        };
+        let agents = self.all_agents(|id, limit, window| {
+            let limit = limit.configured.clone();
+            (id, AgentState { limit, window })
+        });
         persist::write(path, &agents, at)
     }
 

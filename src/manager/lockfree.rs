@@ -10,7 +10,7 @@ use crate::persist::{self, AgentState};
 use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
 use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Ordering};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
-use crate::window::{Refund, Window};
+use crate::window::{Refund, Tick, Window};
 
 /// Tracks token and call budgets per agent, in fixed windows, without locks.
 ///
@@ -110,17 +110,9 @@ impl BudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let (window, generation) = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
-        Ok(Reservation::new(
-            self,
-            Ticket {
-                agent_id: *agent_id,
-                tokens,
-                calls,
-                generation,
-                window_start: window.start,
-            },
-        ))
+        let taken_in = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        Ok(Reservation::new(self, ticket))
     }
 
     /// Takes `tokens` if they fit in the current window (the seed's API;
@@ -155,14 +147,14 @@ impl BudgetManager {
         tokens: u64,
         calls: u64,
         operation: Operation,
-    ) -> Result<(Window, u64), BudgetExceeded> {
+    ) -> Result<(Tick, u64), BudgetExceeded> {
         let now = self.clock.now();
         self.agents
             .get(agent_id, |cell| {
                 let policy = cell.policy();
                 let (_, after, verdict) = cell.update(|w| w.admit(&policy, now, tokens, calls));
                 match verdict {
-                    Ok(()) => Ok((after, cell.generation())),
+                    Ok(()) => Ok((after.start, cell.generation())),
                     Err(shortfall) => Err(BudgetExceeded::from_shortfall(
                         *agent_id, operation, shortfall,
                     )),
