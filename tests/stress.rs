@@ -104,27 +104,28 @@ for_both_managers! {
     fn thousands_of_agents_each_admit_exactly_their_budget<M>() {
         const AGENTS: usize = 2_000;
         const BUDGET: u64 = 20;
-        let m: M = real();
-        let agents: Vec<AgentId> = (0..AGENTS).map(|_| agent()).collect();
-        for a in &agents {
-            m.set_budget(limit(*a, BUDGET, u64::MAX, HOUR));
-        }
-        let threads = 4;
-        let admitted = together(threads, |t| {
-            let mut mine = 0;
-            // Each thread walks the agents from its own offset, more times
-            // than the budget needs.
-            for round in 0..=BUDGET as usize {
-                for i in 0..AGENTS {
-                    let a = &agents[(i * 7 + t * 500 + round) % AGENTS];
-                    mine += u64::from(m.reserve(a, 1).is_ok());
-                }
+        for threads in [2, 4, 8] {
+            let m: M = real();
+            let agents: Vec<AgentId> = (0..AGENTS).map(|_| agent()).collect();
+            for a in &agents {
+                m.set_budget(limit(*a, BUDGET, u64::MAX, HOUR));
             }
-            mine
-        });
-        assert_eq!(admitted, AGENTS as u64 * BUDGET);
-        for a in &agents {
-            assert_eq!(m.remaining(a).tokens_remaining, 0);
+            let admitted = together(threads, |t| {
+                let mut mine = 0;
+                // Each thread walks the agents from its own offset, more
+                // times than the budget needs.
+                for round in 0..=BUDGET as usize {
+                    for i in 0..AGENTS {
+                        let a = &agents[(i * 7 + t * 500 + round) % AGENTS];
+                        mine += u64::from(m.reserve(a, 1).is_ok());
+                    }
+                }
+                mine
+            });
+            assert_eq!(admitted, AGENTS as u64 * BUDGET, "{threads} threads");
+            for a in &agents {
+                assert_eq!(m.remaining(a).tokens_remaining, 0);
+            }
         }
     }
 }
