@@ -24,7 +24,7 @@ use criterion::{
     criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
 };
 
-use common::{agent_ids, Keys};
+use common::{agent_ids, Clocking, Keys};
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
@@ -66,8 +66,13 @@ fn run_threads<R>(
 }
 
 /// `reserve` on one manager at every thread count.
-fn manager_throughput<M: BudgetLimiter>(group: &mut Group<'_>, name: &str, ids: &[AgentId]) {
-    let manager: M = common::admitting(ids);
+fn manager_throughput<M: BudgetLimiter>(
+    group: &mut Group<'_>,
+    name: &str,
+    ids: &[AgentId],
+    clocking: Clocking,
+) {
+    let manager: M = common::admitting(ids, clocking);
     for threads in THREADS {
         group.bench_function(BenchmarkId::new(name, threads), |b| {
             b.iter_custom(|iters| run_threads(threads, iters, ids, |id| manager.reserve(id, 1)))
@@ -99,8 +104,9 @@ fn contention(c: &mut Criterion) {
         let ids = agent_ids(agents);
         let mut group = c.benchmark_group(format!("contention/{label}"));
         group.throughput(Throughput::Elements(1)).sample_size(10);
-        manager_throughput::<BudgetManager>(&mut group, "lock-free", &ids);
-        manager_throughput::<LockedBudgetManager>(&mut group, "locked", &ids);
+        manager_throughput::<BudgetManager>(&mut group, "lock-free", &ids, Clocking::Precise);
+        manager_throughput::<BudgetManager>(&mut group, "lock-free-coarse", &ids, Clocking::Coarse);
+        manager_throughput::<LockedBudgetManager>(&mut group, "locked", &ids, Clocking::Precise);
         governor_throughput(&mut group, &ids);
         group.finish();
     }

@@ -25,14 +25,19 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use portable_atomic::AtomicU128;
 
-use common::{agent_ids, Keys, AGENT_COUNTS};
+use common::{agent_ids, Clocking, Keys, AGENT_COUNTS};
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
 
 /// Every operation of one manager, on agents `ids`.
-fn manager_ops<M: BudgetLimiter>(group: &mut Group<'_>, name: &str, ids: &[AgentId]) {
-    let admitting: M = common::admitting(ids);
-    let refusing: M = common::refusing(ids);
+fn manager_ops<M: BudgetLimiter>(
+    group: &mut Group<'_>,
+    name: &str,
+    ids: &[AgentId],
+    clocking: Clocking,
+) {
+    let admitting: M = common::admitting(ids, clocking);
+    let refusing: M = common::refusing(ids, clocking);
     let mut keys = Keys::new(ids, 1);
     let n = ids.len();
 
@@ -81,8 +86,9 @@ fn single_thread(c: &mut Criterion) {
     let mut group = c.benchmark_group("single_thread");
     for n in AGENT_COUNTS {
         let ids = agent_ids(n);
-        manager_ops::<BudgetManager>(&mut group, "lock-free", &ids);
-        manager_ops::<LockedBudgetManager>(&mut group, "locked", &ids);
+        manager_ops::<BudgetManager>(&mut group, "lock-free", &ids, Clocking::Precise);
+        manager_ops::<BudgetManager>(&mut group, "lock-free-coarse", &ids, Clocking::Coarse);
+        manager_ops::<LockedBudgetManager>(&mut group, "locked", &ids, Clocking::Precise);
         governor_ops(&mut group, &ids);
     }
     group.finish();
@@ -93,6 +99,9 @@ fn floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("floor");
     let clock = quanta::Clock::new();
     group.bench_function("clock_now", |b| b.iter(|| clock.now()));
+    // What a coarse-clock manager reads instead: one atomic load.
+    let _coarse: BudgetManager = common::manager(Clocking::Coarse);
+    group.bench_function("clock_recent", |b| b.iter(|| clock.recent()));
     // What the managers actually read: the raw counter, scaled once.
     let origin = clock.raw();
     group.bench_function("clock_raw_delta", |b| {

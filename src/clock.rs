@@ -16,6 +16,19 @@ impl Clock {
         }
     }
 
+    /// A clock that reads quanta's recent time, kept current every
+    /// `interval` by quanta's upkeep thread: see
+    /// [`BudgetManager::with_coarse_clock`](crate::BudgetManager::with_coarse_clock).
+    #[cfg(not(agent_budget_loom))]
+    pub(crate) fn coarse(
+        source: ClockSource,
+        interval: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        Ok(Clock {
+            stopwatch: Stopwatch::start_recent(source, interval)?,
+        })
+    }
+
     /// The one clock read of an operation.
     pub(crate) fn now(&self) -> Now {
         Now::from_nanos(self.stopwatch.nanos())

@@ -18,6 +18,14 @@ pub trait BudgetLimiter: Send + Sync {
     fn with_clock(clock: ClockSource) -> Self
     where
         Self: Sized;
+    /// An empty manager on a coarse clock (quanta's recent time).
+    #[cfg(not(agent_budget_loom))]
+    fn with_coarse_clock(
+        clock: ClockSource,
+        interval: std::time::Duration,
+    ) -> std::io::Result<Self>
+    where
+        Self: Sized;
     /// Sets or replaces an agent's budget.
     fn set_budget(&self, limit: BudgetLimit);
     /// Forgets an agent's budget and usage.

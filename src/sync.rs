@@ -34,21 +34,69 @@ mod imp {
     pub type ClockSource = quanta::Clock;
 
     /// Reads nanoseconds elapsed since the moment it was made.
-    pub(crate) struct Stopwatch {
-        clock: ClockSource,
-        origin: u64,
+    pub(crate) enum Stopwatch {
+        /// A TSC read and its scaling on every call.
+        Precise { clock: ClockSource, origin: u64 },
+        /// quanta's "recent" time: one atomic load of a value the upkeep
+        /// thread refreshes every interval.
+        Recent {
+            clock: ClockSource,
+            origin: quanta::Instant,
+        },
     }
 
     impl Stopwatch {
         pub(crate) fn start(clock: ClockSource) -> Self {
             let origin = clock.raw();
-            Stopwatch { clock, origin }
+            Stopwatch::Precise { clock, origin }
         }
 
-        /// `delta_as_nanos` returns zero for a raw reading below the origin,
-        /// which quanta's TSC source can produce across cores.
+        /// Reads `clock.recent()`, after making sure quanta's process-wide
+        /// upkeep thread is running (started here at `interval` if no one
+        /// has started it). A mock clock's recent time is its value.
+        pub(crate) fn start_recent(
+            clock: ClockSource,
+            interval: std::time::Duration,
+        ) -> std::io::Result<Self> {
+            keep_recent_time_current(interval)?;
+            let origin = clock.recent();
+            Ok(Stopwatch::Recent { clock, origin })
+        }
+
+        /// Both readings saturate: `delta_as_nanos` and
+        /// `saturating_duration_since` give zero for a reading below the
+        /// origin, which quanta's TSC source can produce across cores.
         pub(crate) fn nanos(&self) -> u64 {
-            self.clock.delta_as_nanos(self.origin, self.clock.raw())
+            match self {
+                Stopwatch::Precise { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),
+                Stopwatch::Recent { clock, origin } => {
+                    let elapsed = clock.recent().saturating_duration_since(*origin);
+                    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+                }
+            }
+        }
+    }
+
+    /// The upkeep thread this crate started, kept for the life of the
+    /// process: dropping quanta's handle would stop the thread and freeze
+    /// every recent clock.
+    static UPKEEP: std::sync::Mutex<Option<quanta::Handle>> = std::sync::Mutex::new(None);
+
+    fn keep_recent_time_current(interval: std::time::Duration) -> std::io::Result<()> {
+        let mut upkeep = UPKEEP
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if upkeep.is_some() {
+            return Ok(());
+        }
+        match quanta::Upkeep::new(interval).start() {
+            Ok(handle) => {
+                *upkeep = Some(handle);
+                Ok(())
+            }
+            // Someone else runs it, at their interval.
+            Err(quanta::Error::UpkeepRunning) => Ok(()),
+            Err(quanta::Error::FailedToSpawnUpkeepThread(e)) => Err(e),
         }
     }
 

@@ -195,6 +195,39 @@ fn a_window_ends_on_the_real_clock() {
     assert_eq!(m.remaining(&a).tokens_remaining, 50);
 }
 
+for_both_managers! {
+    fn a_coarse_clock_keeps_the_window_semantics<M>() {
+        // A mock clock's recent time is its value, so this is exact.
+        let (clock, mock) = quanta::Clock::mock();
+        let m = M::with_coarse_clock(clock, std::time::Duration::from_millis(1)).unwrap();
+        let a = agent();
+        m.set_budget(limit(a, 100, 5, 10));
+        m.reserve(&a, 100).unwrap();
+        mock.increment(std::time::Duration::from_secs(4));
+        assert!(m.reserve(&a, 1).is_err());
+        assert_eq!(m.remaining(&a).window_remaining_secs, 6);
+        mock.increment(std::time::Duration::from_secs(6));
+        m.reserve(&a, 100).unwrap();
+    }
+}
+
+/// The second test on the real clock: the coarse clock really advances,
+/// driven by quanta's upkeep thread.
+#[test]
+fn a_window_ends_on_the_real_coarse_clock() {
+    let m = agent_budget::BudgetManager::with_coarse_clock(
+        quanta::Clock::new(),
+        std::time::Duration::from_millis(1),
+    )
+    .unwrap();
+    let a = agent();
+    m.set_budget(limit(a, 100, 5, 1));
+    m.reserve(&a, 100).unwrap();
+    assert!(m.reserve(&a, 1).is_err());
+    std::thread::sleep(std::time::Duration::from_millis(1_100));
+    m.reserve(&a, 50).unwrap();
+}
+
 #[test]
 fn the_managers_are_send_sync_and_static() {
     fn shareable<T: Send + Sync + 'static>() {}

@@ -45,10 +45,31 @@ pub fn unlimited(agent_id: AgentId) -> BudgetLimit {
     }
 }
 
+/// Which clock a manager reads.
+#[derive(Clone, Copy)]
+pub enum Clocking {
+    /// `quanta::Clock::raw` and its scaling, every operation.
+    Precise,
+    /// quanta's recent time, refreshed every millisecond by its upkeep
+    /// thread (`with_coarse_clock`).
+    Coarse,
+}
+
+/// An empty manager reading `clocking`.
+pub fn manager<M: BudgetLimiter>(clocking: Clocking) -> M {
+    match clocking {
+        Clocking::Precise => M::with_clock(quanta::Clock::new()),
+        Clocking::Coarse => {
+            M::with_coarse_clock(quanta::Clock::new(), std::time::Duration::from_millis(1))
+                .expect("the upkeep thread starts")
+        }
+    }
+}
+
 /// A manager where every agent in `ids` has an [`unlimited`] budget, so
 /// every request is admitted.
-pub fn admitting<M: BudgetLimiter>(ids: &[AgentId]) -> M {
-    let manager = M::with_clock(quanta::Clock::new());
+pub fn admitting<M: BudgetLimiter>(ids: &[AgentId], clocking: Clocking) -> M {
+    let manager: M = manager(clocking);
     for &id in ids {
         manager.set_budget(unlimited(id));
     }
@@ -59,8 +80,8 @@ pub fn admitting<M: BudgetLimiter>(ids: &[AgentId]) -> M {
 /// budget in a window that never ends, so every request takes the refusal
 /// path an agent that ran out takes (with a retry time, not the "can never
 /// fit" path of a request larger than the budget).
-pub fn refusing<M: BudgetLimiter>(ids: &[AgentId]) -> M {
-    let manager = M::with_clock(quanta::Clock::new());
+pub fn refusing<M: BudgetLimiter>(ids: &[AgentId], clocking: Clocking) -> M {
+    let manager: M = manager(clocking);
     for &id in ids {
         manager.set_budget(BudgetLimit {
             agent_id: id,

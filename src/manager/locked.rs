@@ -61,10 +61,24 @@ impl LockedBudgetManager {
 
     /// An empty manager on `clock`.
     pub fn with_clock(clock: ClockSource) -> Self {
+        Self::on(Clock::new(clock))
+    }
+
+    /// An empty manager on a coarse clock; see
+    /// [`BudgetManager::with_coarse_clock`](crate::BudgetManager::with_coarse_clock).
+    #[cfg(not(agent_budget_loom))]
+    pub fn with_coarse_clock(
+        clock: ClockSource,
+        interval: std::time::Duration,
+    ) -> std::io::Result<Self> {
+        Ok(Self::on(Clock::coarse(clock, interval)?))
+    }
+
+    fn on(clock: Clock) -> Self {
         LockedBudgetManager {
             budgets: RwLock::new(HashMap::new()),
             usage: RwLock::new(HashMap::new()),
-            clock: Clock::new(clock),
+            clock,
             generations: AtomicU64::new(0),
         }
     }

@@ -68,6 +68,13 @@ macro_rules! forward_budget_limiter {
             fn with_clock(clock: $crate::ClockSource) -> Self {
                 <$manager>::with_clock(clock)
             }
+            #[cfg(not(agent_budget_loom))]
+            fn with_coarse_clock(
+                clock: $crate::ClockSource,
+                interval: std::time::Duration,
+            ) -> std::io::Result<Self> {
+                <$manager>::with_coarse_clock(clock, interval)
+            }
             fn set_budget(&self, limit: $crate::BudgetLimit) {
                 <$manager>::set_budget(self, limit)
             }
