@@ -1,7 +1,8 @@
 //! One agent's state for the lock-free manager: a packed 128-bit usage word
-//! updated by compare-and-swap, and an atomically swapped limit snapshot.
+//! updated by compare-and-swap, a packed 128-bit policy word beside it, and
+//! the configured limit in an atomically swapped snapshot.
 //!
-//! # The word
+//! # The usage word
 //!
 //! ```text
 //!  127                     84 83                52 51                      0
@@ -16,11 +17,15 @@
 //! there is never a moment where tokens are taken but calls are not, and
 //! nothing to roll back.
 //!
+//! The policy word has the same layout, with the window's length where the
+//! usage word has its start.
+//!
 //! # Orderings
 //!
-//! The word is the whole of the agent's usage: no other memory is published
-//! through it and nothing is read on the strength of having seen it. Its
-//! loads and compare-and-swaps are therefore `Relaxed`. Exclusion comes
+//! The usage word is the whole of the agent's usage, and the policy word the
+//! whole of its policy: no other memory is published through either and
+//! nothing is read on the strength of having seen them. Their loads, stores
+//! and compare-and-swaps are therefore `Relaxed`. Exclusion comes
 //! from the atomicity of the read-modify-write on one location (all of
 //! them are totally ordered in its modification order, each reading the
 //! latest value), and a reader ordered after a writer by some other
@@ -158,7 +163,9 @@ impl AgentCell {
     /// Replaces the limit. The snapshot and the policy word change one
     /// after the other, so an operation racing this call may be judged
     /// against the old policy or the new one: the one documented exception
-    /// to linearizability, and never past the larger limit.
+    /// to linearizability, and never past the larger limit. Callers must
+    /// not run two `set_limit`s on one cell at once (the manager serializes
+    /// them), or the two copies could end up from different calls.
     pub(crate) fn set_limit(&self, limit: BudgetLimit) {
         let limit = Limit::new(limit);
         let policy = pack_policy(limit.policy);

@@ -26,6 +26,7 @@ pub(crate) trait Keyed {
 mod imp {
     pub(crate) use portable_atomic::AtomicU128;
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+    pub(crate) use std::sync::Mutex;
 
     use super::Keyed;
     use crate::types::AgentId;
@@ -243,7 +244,8 @@ mod imp {
 #[cfg(agent_budget_loom)]
 mod imp {
     pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
-    use loom::sync::{Arc, Mutex, RwLock};
+    pub(crate) use loom::sync::Mutex;
+    use loom::sync::{Arc, RwLock};
     use std::collections::HashMap;
 
     use super::Keyed;
@@ -353,12 +355,17 @@ mod imp {
             self.0.read().unwrap().get(id).map(f)
         }
 
+        /// Like papaya, lets updates of a present value run concurrently
+        /// (under the shared read lock), so races between them are modelled.
         pub(crate) fn update_or_insert(
             &self,
             id: AgentId,
             update: impl FnOnce(&V),
             make: impl Fn() -> V,
         ) {
+            if let Some(present) = self.0.read().unwrap().get(&id) {
+                return update(present);
+            }
             let mut map = self.0.write().unwrap();
             match map.get(&id) {
                 Some(present) => update(present),

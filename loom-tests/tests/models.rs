@@ -170,6 +170,28 @@ fn lowering_the_limit_racing_reserves_never_admits_past_the_larger() {
 }
 
 #[test]
+fn concurrent_set_budgets_leave_enforcement_and_report_in_step() {
+    explore("set_budget(1) vs set_budget(3)", || {
+        let (m, _) = manager(2, 10, 60);
+        let one = spawn(&m, |m| m.set_budget(limit(1, 10, 60)));
+        let three = spawn(&m, |m| m.set_budget(limit(3, 10, 60)));
+        one.join().unwrap();
+        three.join().unwrap();
+        // Whichever call won, the limit reported is the limit enforced.
+        let reported = m.full_info(&AGENT).unwrap().token_limit;
+        assert!(reported == 1 || reported == 3);
+        assert!(
+            m.reserve(&AGENT, reported).is_ok(),
+            "reported {reported}, enforced less"
+        );
+        assert!(
+            m.reserve(&AGENT, 1).is_err(),
+            "reported {reported}, enforced more"
+        );
+    });
+}
+
+#[test]
 fn reset_racing_reserves_reads_consistently() {
     explore("reset_window vs reserve x2", || {
         let (m, _) = manager(2, 10, 60);

@@ -8,7 +8,7 @@ use crate::clock::Clock;
 use crate::error::{BudgetExceeded, Operation, PersistError};
 use crate::persist::{self, AgentState};
 use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
-use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Ordering};
+use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Mutex, Ordering};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
 use crate::window::{Refund, Tick, Window};
 
@@ -16,7 +16,8 @@ use crate::window::{Refund, Tick, Window};
 ///
 /// Every operation on one agent is a map lookup, one clock read and (for
 /// writes) a compare-and-swap loop on that agent's 128-bit usage word; no
-/// lock is taken and nothing is allocated on the admitted paths of
+/// lock is taken (only `set_budget` calls serialize among themselves) and
+/// nothing is allocated on the admitted paths of
 /// [`acquire`](Self::acquire), [`reserve`](Self::reserve),
 /// [`track_call`](Self::track_call), [`release`](Self::release),
 /// [`remaining`](Self::remaining) and [`can_schedule`](Self::can_schedule).
@@ -39,6 +40,11 @@ pub struct BudgetManager {
     agents: AgentMap<AgentCell>,
     clock: Clock,
     generations: AtomicU64,
+    /// Serializes `set_budget`s: a cell keeps its limit twice (the packed
+    /// policy it enforces, the configured limit it reports), and two
+    /// unserialized writers could leave one's policy beside the other's
+    /// limit for good. Only `set_budget` takes it; requests never do.
+    limit_writes: Mutex<()>,
 }
 
 impl Default for BudgetManager {
@@ -95,6 +101,7 @@ impl BudgetManager {
             agents: AgentMap::new(),
             clock,
             generations: AtomicU64::new(0),
+            limit_writes: Mutex::new(()),
         }
     }
 
@@ -107,6 +114,11 @@ impl BudgetManager {
     /// known agent keeps its usage and window, judged from now on against
     /// the new limit.
     pub fn set_budget(&self, limit: BudgetLimit) {
+        // A poisoned lock guards no data; the writes it orders are atomic.
+        let _serial = self
+            .limit_writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = self.clock.now();
         let for_new = limit.clone();
         self.agents.update_or_insert(
