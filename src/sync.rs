@@ -344,35 +344,43 @@ mod imp {
         }
     }
 
-    pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, V>>);
+    /// Cells are shared through `Arc`s and used after the lock is released,
+    /// so, as with papaya, an operation may still be working on a cell that
+    /// a concurrent `remove` has just taken out of the map.
+    pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, Arc<V>>>);
 
     impl<V: Keyed> AgentMap<V> {
         pub(crate) fn new() -> Self {
             AgentMap(RwLock::new(HashMap::new()))
         }
 
+        fn find(&self, id: &AgentId) -> Option<Arc<V>> {
+            self.0.read().unwrap().get(id).cloned()
+        }
+
         pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
-            self.0.read().unwrap().get(id).map(f)
+            self.find(id).map(|value| f(&value))
         }
 
         /// Like papaya, lets updates of a present value run concurrently
-        /// (under the shared read lock), so races between them are modelled.
+        /// (outside the lock), so races between them are modelled.
         pub(crate) fn update_or_insert(
             &self,
             id: AgentId,
             update: impl FnOnce(&V),
             make: impl Fn() -> V,
         ) {
-            if let Some(present) = self.0.read().unwrap().get(&id) {
-                return update(present);
-            }
-            let mut map = self.0.write().unwrap();
-            match map.get(&id) {
-                Some(present) => update(present),
-                None => {
-                    map.insert(id, make());
+            let present = {
+                let mut map = self.0.write().unwrap();
+                match map.get(&id) {
+                    Some(present) => present.clone(),
+                    None => {
+                        map.insert(id, Arc::new(make()));
+                        return;
+                    }
                 }
-            }
+            };
+            update(&present);
         }
 
         pub(crate) fn remove(&self, id: &AgentId) -> bool {
@@ -380,15 +388,16 @@ mod imp {
         }
 
         pub(crate) fn for_each(&self, mut f: impl FnMut(&V)) {
-            for value in self.0.read().unwrap().values() {
-                f(value);
+            let values: Vec<Arc<V>> = self.0.read().unwrap().values().cloned().collect();
+            for value in values {
+                f(&value);
             }
         }
 
         pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = V>) {
             let mut map = self.0.write().unwrap();
             map.clear();
-            map.extend(values.into_iter().map(|v| (*v.key(), v)));
+            map.extend(values.into_iter().map(|v| (*v.key(), Arc::new(v))));
         }
     }
 }
