@@ -233,4 +233,7 @@ fn the_managers_are_send_sync_and_static() {
     fn shareable<T: Send + Sync + 'static>() {}
     shareable::<agent_budget::BudgetManager>();
     shareable::<agent_budget::LockedBudgetManager>();
+    // A gateway settles on whichever thread or task the response lands on.
+    fn sendable<T: Send + Sync>() {}
+    sendable::<agent_budget::Reservation<'static>>();
 }
