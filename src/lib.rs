@@ -85,3 +85,8 @@ pub use reservation::{Reservation, Settlement};
 pub use sync::ClockSource;
 pub use types::{AgentId, BudgetInfo, BudgetKind, BudgetLimit, FullBudgetInfo, Usage};
 pub use window::{MAX_CALLS, MAX_TOKENS};
+
+/// The README's examples, compiled and run as doc tests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
