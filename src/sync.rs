@@ -84,6 +84,13 @@ mod imp {
     static UPKEEP: std::sync::Mutex<Option<quanta::Handle>> = std::sync::Mutex::new(None);
 
     fn keep_recent_time_current(interval: std::time::Duration) -> std::io::Result<()> {
+        if interval.is_zero() {
+            // The upkeep thread would spin on a core without ever sleeping.
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "the coarse clock's upkeep interval must be longer than zero",
+            ));
+        }
         let mut upkeep = UPKEEP
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);

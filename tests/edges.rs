@@ -125,3 +125,13 @@ for_both_managers! {
         m.reserve(&a, 10).unwrap();
     }
 }
+
+for_both_managers! {
+    fn a_zero_upkeep_interval_is_refused_clearly<M>() {
+        let err = M::with_coarse_clock(quanta::Clock::new(), std::time::Duration::ZERO)
+            .err()
+            .expect("a zero interval would spin a core");
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("longer than zero"), "{err}");
+    }
+}

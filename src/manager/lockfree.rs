@@ -86,8 +86,8 @@ impl BudgetManager {
     /// Starts quanta's process-wide upkeep thread at `interval` unless one
     /// is running already (then its interval applies), and keeps it running
     /// for the life of the process. Pass `quanta::Clock::new()`, or a mock
-    /// clock in tests (its recent time is its value). Fails only if the
-    /// thread cannot be spawned.
+    /// clock in tests (its recent time is its value). Fails if `interval`
+    /// is zero (the thread would spin) or the thread cannot be spawned.
     #[cfg(not(agent_budget_loom))]
     pub fn with_coarse_clock(
         clock: ClockSource,
