@@ -75,7 +75,7 @@ impl BudgetManager {
     }
 
     /// An empty manager that reads a coarse clock: quanta's *recent* time,
-    /// one atomic load (about 1 ns) instead of a TSC read and its scaling
+    /// one atomic load (about 2 ns) instead of a TSC read and its scaling
     /// (about 20 ns on the benchmark machine, a fifth of a `reserve`).
     ///
     /// The price is resolution: time moves in steps of the upkeep interval,
