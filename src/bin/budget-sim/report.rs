@@ -14,7 +14,7 @@ const PERCENTILES: [(&str, f64); 3] = [("p50", 50.0), ("p99", 99.0), ("p99.9", 9
 fn setup(config: &SimConfig) -> String {
     format!(
         "{} agents, Zipf skew {}, {:.1} s per run, each agent {} tokens and {} calls \
-         per {} s window; {} cores",
+         per {} s window; {} cores; {} clock",
         config.agents,
         config.skew,
         config.duration.as_secs_f64(),
@@ -22,6 +22,11 @@ fn setup(config: &SimConfig) -> String {
         workload::CALLS_BUDGET,
         workload::WINDOW_SECS,
         crate::cli::cores(),
+        if config.coarse_clock {
+            "coarse"
+        } else {
+            "precise"
+        },
     )
 }
 
@@ -122,6 +127,7 @@ pub fn json(config: &SimConfig, results: &[RunResult]) -> Value {
             "calls_budget": workload::CALLS_BUDGET,
             "window_secs": workload::WINDOW_SECS,
             "cores": crate::cli::cores(),
+            "coarse_clock": config.coarse_clock,
         },
         "runs": runs,
         "lock_free_over_locked": ratios,
