@@ -129,3 +129,79 @@ pub enum PersistError {
         reason: String,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shortfall(resource: Resource, retry_after_ms: Option<u64>) -> Shortfall {
+        Shortfall {
+            resource,
+            requested: 40,
+            remaining: 30,
+            used: 70,
+            limit: 100,
+            retry_after_ms,
+        }
+    }
+
+    #[test]
+    fn the_seed_operations_keep_the_seed_messages() {
+        let id = AgentId::nil();
+        let e = BudgetExceeded::from_shortfall(
+            id,
+            Operation::Reserve,
+            shortfall(Resource::Tokens, Some(5)),
+        );
+        assert_eq!(
+            e.message,
+            "Token budget exceeded: requested 40 but only 30 remaining"
+        );
+        assert_eq!(
+            (e.kind, e.retry_after),
+            (BudgetKind::Token, Some(Duration::from_millis(5)))
+        );
+        let e = BudgetExceeded::from_shortfall(
+            id,
+            Operation::TrackCall,
+            shortfall(Resource::Calls, None),
+        );
+        assert_eq!(
+            e.message,
+            "Call budget exceeded: 70 calls used, limit is 100"
+        );
+        assert_eq!((e.kind, e.retry_after), (BudgetKind::Call, None));
+        let e = BudgetExceeded::no_budget(id, Operation::TrackCall);
+        assert_eq!(
+            (e.kind, e.to_string()),
+            (
+                BudgetKind::Call,
+                format!("No budget configured for agent {id}")
+            )
+        );
+    }
+
+    #[test]
+    fn acquire_messages_name_resource_amounts_and_when_to_retry() {
+        let id = AgentId::nil();
+        let e = BudgetExceeded::from_shortfall(
+            id,
+            Operation::Acquire,
+            shortfall(Resource::Calls, Some(1_500)),
+        );
+        assert_eq!(
+            e.to_string(),
+            format!("Call budget exceeded for agent {id}: requested 40 calls but only 30 remaining (window ends in 1.500s)")
+        );
+        let e = BudgetExceeded::from_shortfall(
+            id,
+            Operation::Acquire,
+            shortfall(Resource::Tokens, None),
+        );
+        assert!(
+            e.to_string()
+                .ends_with("(larger than the limit of 100, never admitted)"),
+            "{e}"
+        );
+    }
+}

@@ -131,3 +131,45 @@ impl Settlement {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::window::Window;
+
+    fn window(tokens: u64, calls: u64) -> Window {
+        Window {
+            tokens,
+            calls,
+            start: Tick(0),
+        }
+    }
+
+    #[test]
+    fn an_applied_settlement_reports_the_difference_it_made() {
+        assert_eq!(
+            Settlement::applied(window(80, 2), window(30, 2)),
+            Settlement::Applied {
+                refunded_tokens: 50,
+                charged_tokens: 0,
+                refunded_calls: 0
+            }
+        );
+        assert_eq!(
+            Settlement::applied(window(80, 2), window(95, 2)),
+            Settlement::Applied {
+                refunded_tokens: 0,
+                charged_tokens: 15,
+                refunded_calls: 0
+            }
+        );
+        assert_eq!(
+            Settlement::applied(window(80, 2), window(0, 1)),
+            Settlement::Applied {
+                refunded_tokens: 80,
+                charged_tokens: 0,
+                refunded_calls: 1
+            }
+        );
+    }
+}

@@ -165,7 +165,7 @@ mod imp {
 
     /// Hashes and compares a value by its agent id only, so the map can be
     /// searched with a bare `&AgentId` (through `Borrow`).
-    struct ById<V>(V);
+    pub(super) struct ById<V>(pub(super) V);
 
     impl<V: Keyed> std::hash::Hash for ById<V> {
         fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
@@ -406,5 +406,65 @@ mod imp {
             map.clear();
             map.extend(values.into_iter().map(|v| (*v.key(), Arc::new(v))));
         }
+    }
+}
+
+#[cfg(all(test, not(agent_budget_loom)))]
+mod tests {
+    use super::imp::ById;
+    use super::*;
+    use crate::types::AgentId;
+
+    struct Named(AgentId, &'static str);
+
+    impl Keyed for Named {
+        fn key(&self) -> &AgentId {
+            &self.0
+        }
+    }
+
+    #[test]
+    fn a_value_hashes_exactly_as_its_bare_id_so_lookups_find_it() {
+        let state = ahash::RandomState::new();
+        let id = AgentId::from_u128(7);
+        assert_eq!(state.hash_one(ById(Named(id, "x"))), state.hash_one(id));
+    }
+
+    #[test]
+    fn update_or_insert_does_exactly_one_of_the_two() {
+        let map = AgentMap::new();
+        let id = AgentId::from_u128(1);
+        let (mut updated, mut made) = (0, 0);
+        map.update_or_insert(id, |_| updated += 1, || Named(id, "first"));
+        made += usize::from(map.get(&id, |v| v.1 == "first").unwrap());
+        map.update_or_insert(id, |_| updated += 1, || Named(id, "second"));
+        assert_eq!((updated, made), (1, 1));
+        assert_eq!(map.get(&id, |v| v.1), Some("first"));
+        assert!(map.remove(&id));
+        assert!(!map.remove(&id));
+        assert_eq!(map.get(&id, |v| v.1), None);
+    }
+
+    #[test]
+    fn replace_all_leaves_exactly_the_new_values() {
+        let map = AgentMap::new();
+        let (a, b) = (AgentId::from_u128(1), AgentId::from_u128(2));
+        map.update_or_insert(a, |_| {}, || Named(a, "old"));
+        map.replace_all([Named(b, "new")]);
+        let mut seen = Vec::new();
+        map.for_each(|v| seen.push(v.1));
+        assert_eq!(seen, ["new"]);
+    }
+
+    #[test]
+    fn both_stopwatches_saturate_below_their_origin() {
+        let (clock, mock) = quanta::Clock::mock();
+        mock.increment(1_000u64);
+        let precise = Stopwatch::start(clock.clone());
+        let recent = Stopwatch::start_recent(clock, std::time::Duration::from_millis(1)).unwrap();
+        mock.increment(500u64);
+        assert_eq!((precise.nanos(), recent.nanos()), (500, 500));
+        mock.decrement(900u64);
+        assert_eq!((precise.nanos(), recent.nanos()), (0, 0));
     }
 }
