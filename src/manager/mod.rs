@@ -26,7 +26,11 @@ pub(crate) fn unknown_agent_info() -> BudgetInfo {
 /// `remaining` for a known agent. Reads the window as the next operation
 /// would find it, so reads and writes share one expiry rule.
 pub(crate) fn budget_info(policy: &Policy, stored: Window, now: Now) -> BudgetInfo {
-    let window = stored.current(policy, now);
+    info_of(policy, stored.current(policy, now), now)
+}
+
+/// [`BudgetInfo`] of the window an operation at `now` sees.
+fn info_of(policy: &Policy, window: Window, now: Now) -> BudgetInfo {
     let (tokens_remaining, calls_remaining) = window.remaining(policy);
     BudgetInfo {
         tokens_remaining,
@@ -44,8 +48,8 @@ pub(crate) fn full_budget_info(
     stored: Window,
     now: Now,
 ) -> FullBudgetInfo {
-    let info = budget_info(&limit.policy, stored, now);
     let window = stored.current(&limit.policy, now);
+    let info = info_of(&limit.policy, window, now);
     FullBudgetInfo {
         agent_id,
         token_limit: limit.configured.token_budget,
