@@ -1,7 +1,7 @@
 //! Reservations: take an estimate now, settle the real amount later.
 
 use crate::types::AgentId;
-use crate::window::Tick;
+use crate::window::{Refund, Tick, Window};
 
 /// Where a reservation was taken: one window of one incarnation of an agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,12 +122,16 @@ pub enum Settlement {
 }
 
 impl Settlement {
-    /// The outcome of replacing the window `before` by `after`.
-    pub(crate) fn applied(before: crate::window::Window, after: crate::window::Window) -> Self {
-        Settlement::Applied {
-            refunded_tokens: before.tokens.saturating_sub(after.tokens),
-            charged_tokens: after.tokens.saturating_sub(before.tokens),
-            refunded_calls: before.calls.saturating_sub(after.calls),
+    /// What a settle decided on the window `before` comes to: the
+    /// difference it made, or that the window had ended.
+    pub(crate) fn of(before: Window, refund: Refund) -> Self {
+        match refund {
+            Refund::Applied(after) => Settlement::Applied {
+                refunded_tokens: before.tokens.saturating_sub(after.tokens),
+                charged_tokens: after.tokens.saturating_sub(before.tokens),
+                refunded_calls: before.calls.saturating_sub(after.calls),
+            },
+            Refund::WindowEnded => Settlement::WindowEnded,
         }
     }
 }
@@ -135,7 +139,6 @@ impl Settlement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::window::Window;
 
     fn window(tokens: u64, calls: u64) -> Window {
         Window {
@@ -145,10 +148,22 @@ mod tests {
         }
     }
 
+    fn applied(before: Window, after: Window) -> Settlement {
+        Settlement::of(before, Refund::Applied(after))
+    }
+
+    #[test]
+    fn an_ended_window_settles_to_nothing() {
+        assert_eq!(
+            Settlement::of(window(80, 2), Refund::WindowEnded),
+            Settlement::WindowEnded
+        );
+    }
+
     #[test]
     fn an_applied_settlement_reports_the_difference_it_made() {
         assert_eq!(
-            Settlement::applied(window(80, 2), window(30, 2)),
+            applied(window(80, 2), window(30, 2)),
             Settlement::Applied {
                 refunded_tokens: 50,
                 charged_tokens: 0,
@@ -156,7 +171,7 @@ mod tests {
             }
         );
         assert_eq!(
-            Settlement::applied(window(80, 2), window(95, 2)),
+            applied(window(80, 2), window(95, 2)),
             Settlement::Applied {
                 refunded_tokens: 0,
                 charged_tokens: 15,
@@ -164,7 +179,7 @@ mod tests {
             }
         );
         assert_eq!(
-            Settlement::applied(window(80, 2), window(0, 1)),
+            applied(window(80, 2), window(0, 1)),
             Settlement::Applied {
                 refunded_tokens: 80,
                 charged_tokens: 0,

@@ -434,11 +434,15 @@ mod tests {
     fn update_or_insert_does_exactly_one_of_the_two() {
         let map = AgentMap::new();
         let id = AgentId::from_u128(1);
-        let (mut updated, mut made) = (0, 0);
-        map.update_or_insert(id, |_| updated += 1, || Named(id, "first"));
-        made += usize::from(map.get(&id, |v| v.1 == "first").unwrap());
-        map.update_or_insert(id, |_| updated += 1, || Named(id, "second"));
-        assert_eq!((updated, made), (1, 1));
+        let (updated, made) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        let make = |name| {
+            made.set(made.get() + 1);
+            Named(id, name)
+        };
+        map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("first"));
+        assert_eq!((updated.get(), made.get()), (0, 1));
+        map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("second"));
+        assert_eq!((updated.get(), made.get()), (1, 1));
         assert_eq!(map.get(&id, |v| v.1), Some("first"));
         assert!(map.remove(&id));
         assert!(!map.remove(&id));

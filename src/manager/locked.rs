@@ -268,16 +268,12 @@ impl Ledger for LockedBudgetManager {
         }
         let reserved = (ticket.tokens, ticket.calls);
         let now = self.clock.now();
-        match slot
-            .window
-            .settle(&policy, now, ticket.window_start, reserved, used)
-        {
-            Refund::Applied(next) => {
-                let before = std::mem::replace(&mut slot.window, next);
-                Settlement::applied(before, next)
-            }
-            Refund::WindowEnded => Settlement::WindowEnded,
+        let before = slot.window;
+        let refund = before.settle(&policy, now, ticket.window_start, reserved, used);
+        if let Refund::Applied(after) = refund {
+            slot.window = after;
         }
+        Settlement::of(before, refund)
     }
 }
 

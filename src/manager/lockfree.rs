@@ -296,17 +296,14 @@ impl Ledger for BudgetManager {
                 }
                 let policy = cell.policy();
                 let reserved = (ticket.tokens, ticket.calls);
-                let (before, after, refund) = cell.update(|w| {
+                let (before, _, refund) = cell.update(|w| {
                     let refund = w.settle(&policy, now, ticket.window_start, reserved, used);
                     match refund {
                         Refund::Applied(next) => (next, refund),
                         Refund::WindowEnded => (w, refund),
                     }
                 });
-                match refund {
-                    Refund::Applied(_) => Settlement::applied(before, after),
-                    Refund::WindowEnded => Settlement::WindowEnded,
-                }
+                Settlement::of(before, refund)
             })
             .unwrap_or(Settlement::AgentRemoved)
     }
