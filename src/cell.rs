@@ -186,11 +186,16 @@ impl AgentCell {
     /// the verdict of the attempt that was stored. A transition that changes
     /// nothing is not written back: the load was its linearization point,
     /// and a hot agent's cache line stays shared between readers.
+    ///
+    /// `order` is the compare-and-swap's: `Relaxed` (see "Orderings"
+    /// above) except for the transitions that give budget back, which
+    /// are `SeqCst` to pair with waiting futures (see `wait::Waiters::wake`).
     pub(crate) fn update<R>(
         &self,
+        order: Ordering,
         mut transition: impl FnMut(Window) -> (Window, R),
     ) -> (Window, Window, R) {
-        // Relaxed throughout: see "Orderings" above.
+        // Relaxed: the compare-and-swap below reads the latest value anyway.
         let mut current = self.usage.load(Ordering::Relaxed);
         loop {
             let before = unpack(current);
@@ -198,12 +203,10 @@ impl AgentCell {
             if after == before {
                 return (before, after, verdict);
             }
-            match self.usage.compare_exchange_weak(
-                current,
-                pack(after),
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
+            match self
+                .usage
+                .compare_exchange_weak(current, pack(after), order, Ordering::Relaxed)
+            {
                 Ok(_) => return (before, after, verdict),
                 Err(actual) => current = actual,
             }
@@ -279,9 +282,10 @@ mod tests {
             Window::fresh(Tick::ORIGIN),
             7,
         );
-        let (before, after, verdict) = cell.update(|w| (w, "unchanged"));
+        let (before, after, verdict) = cell.update(Ordering::Relaxed, |w| (w, "unchanged"));
         assert_eq!((before, after, verdict), (before, before, "unchanged"));
-        let (before, after, verdict) = cell.update(|w| (Window { tokens: 4, ..w }, 9));
+        let (before, after, verdict) =
+            cell.update(Ordering::SeqCst, |w| (Window { tokens: 4, ..w }, 9));
         assert_eq!((before.tokens, after.tokens, verdict), (0, 4, 9));
         assert_eq!(cell.load().tokens, 4);
         assert_eq!(cell.generation(), 7);

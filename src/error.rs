@@ -38,6 +38,32 @@ pub(crate) enum Operation {
     Acquire,
 }
 
+/// Why an admission was refused, before it is formatted for the caller:
+/// the hot paths and the waiting futures decide on this, and only the
+/// public boundary pays for a [`BudgetExceeded`] and its message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The agent has no budget, or not the incarnation that was expected.
+    NoBudget,
+    /// The agent's budget cannot take the request now.
+    Short {
+        shortfall: Shortfall,
+        /// The incarnation of the agent that refused.
+        generation: u64,
+    },
+}
+
+impl Refusal {
+    pub(crate) fn into_error(self, agent_id: AgentId, operation: Operation) -> BudgetExceeded {
+        match self {
+            Refusal::NoBudget => BudgetExceeded::no_budget(agent_id, operation),
+            Refusal::Short { shortfall, .. } => {
+                BudgetExceeded::from_shortfall(agent_id, operation, shortfall)
+            }
+        }
+    }
+}
+
 impl BudgetExceeded {
     pub(crate) fn no_budget(agent_id: AgentId, operation: Operation) -> Self {
         BudgetExceeded {

@@ -75,13 +75,15 @@ mod persist;
 mod reservation;
 mod sync;
 mod types;
+#[cfg(feature = "async")]
+mod wait;
 mod window;
 
 pub use error::{BudgetExceeded, PersistError};
 pub use limiter::BudgetLimiter;
 pub use manager::locked::LockedBudgetManager;
 pub use manager::lockfree::BudgetManager;
-pub use reservation::{Reservation, Settlement};
+pub use reservation::{OwnedReservation, Reservation, Settlement};
 pub use sync::ClockSource;
 pub use types::{AgentId, BudgetInfo, BudgetKind, BudgetLimit, FullBudgetInfo, Usage};
 pub use window::{MAX_CALLS, MAX_TOKENS};

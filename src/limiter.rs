@@ -1,9 +1,10 @@
 //! The one interface both managers implement.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{BudgetExceeded, PersistError};
-use crate::reservation::Reservation;
+use crate::reservation::{OwnedReservation, Reservation};
 use crate::sync::ClockSource;
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
 
@@ -37,6 +38,38 @@ pub trait BudgetLimiter: Send + Sync {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded>;
+    /// Takes tokens and calls together, or neither, holding an `Arc` of
+    /// the manager.
+    fn acquire_owned(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<OwnedReservation, BudgetExceeded>
+    where
+        Self: Sized;
+    /// Waits until tokens and calls fit, then takes them.
+    #[cfg(feature = "async")]
+    fn acquire_wait(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_;
+    /// Waits until tokens and calls fit, then takes them, holding an `Arc`
+    /// of the manager.
+    #[cfg(feature = "async")]
+    fn acquire_owned_wait(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
+    where
+        Self: Sized;
+    /// How many futures are waiting for budget.
+    #[cfg(feature = "async")]
+    fn waiting(&self) -> usize;
     /// Takes tokens (the seed's API).
     fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded>;
     /// Gives tokens back to the current window (the seed's API).

@@ -1,5 +1,7 @@
 //! Reservations: take an estimate now, settle the real amount later.
 
+use std::sync::Arc;
+
 use crate::types::AgentId;
 use crate::window::{Refund, Tick, Window};
 
@@ -31,12 +33,60 @@ impl Ticket {
             window_start,
         }
     }
+
+    fn fmt_fields(&self, mut f: std::fmt::DebugStruct<'_, '_>) -> std::fmt::Result {
+        f.field("agent_id", &self.agent_id)
+            .field("tokens", &self.tokens)
+            .field("calls", &self.calls)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Implemented by each manager: books a settle or cancel.
-pub(crate) trait Ledger: Sync {
+///
+/// `Send + Sync + 'static` so that an [`OwnedReservation`] can hold its
+/// manager as an `Arc<dyn Ledger>` and travel to any thread or task.
+pub(crate) trait Ledger: Send + Sync + 'static {
     /// Replaces the reservation's `(tokens, calls)` by `used` in its window.
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement;
+}
+
+/// The methods both kinds of reservation share. They differ only in how
+/// they hold the manager (a borrow, or an `Arc`); the ticket and the one
+/// ledger path that books it are the same.
+macro_rules! reservation_methods {
+    () => {
+        /// The agent the budget was taken from.
+        pub fn agent_id(&self) -> AgentId {
+            self.ticket.agent_id
+        }
+
+        /// Tokens taken.
+        pub fn tokens(&self) -> u64 {
+            self.ticket.tokens
+        }
+
+        /// Calls taken.
+        pub fn calls(&self) -> u64 {
+            self.ticket.calls
+        }
+
+        /// Books what was really used: `actual_tokens` replaces the reserved
+        /// tokens, and the calls stay charged (the calls were made).
+        ///
+        /// Less than reserved is refunded. More than reserved is charged even
+        /// past the limit, because those tokens were spent: the agent is then
+        /// refused until its window ends.
+        pub fn settle(self, actual_tokens: u64) -> Settlement {
+            let calls = self.ticket.calls;
+            self.ledger.settle(&self.ticket, (actual_tokens, calls))
+        }
+
+        /// Gives everything back, tokens and calls: the work never happened.
+        pub fn cancel(self) -> Settlement {
+            self.ledger.settle(&self.ticket, (0, 0))
+        }
+    };
 }
 
 /// Budget taken by [`acquire`](crate::BudgetManager::acquire), to be settled
@@ -48,6 +98,9 @@ pub(crate) trait Ledger: Sync {
 /// paid for happened. A refund or extra charge only ever applies to the
 /// window the reservation was taken in; once that window has ended, settling
 /// changes nothing and says so.
+///
+/// It borrows its manager; [`OwnedReservation`] is the same thing holding an
+/// `Arc` of it, for spawned tasks and response bodies.
 #[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
 pub struct Reservation<'m> {
     ledger: &'m dyn Ledger,
@@ -56,11 +109,7 @@ pub struct Reservation<'m> {
 
 impl std::fmt::Debug for Reservation<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Reservation")
-            .field("agent_id", &self.ticket.agent_id)
-            .field("tokens", &self.ticket.tokens)
-            .field("calls", &self.ticket.calls)
-            .finish_non_exhaustive()
+        self.ticket.fmt_fields(f.debug_struct("Reservation"))
     }
 }
 
@@ -69,36 +118,35 @@ impl<'m> Reservation<'m> {
         Reservation { ledger, ticket }
     }
 
-    /// The agent the budget was taken from.
-    pub fn agent_id(&self) -> AgentId {
-        self.ticket.agent_id
+    reservation_methods!();
+}
+
+/// A [`Reservation`] that owns a share of its manager: `Send`, `Sync` and
+/// `'static`, so it can move into a `tokio::spawn`ed task, live across an
+/// `.await`, or sit in a response body that settles when the stream ends.
+///
+/// Taken by [`acquire_owned`](crate::BudgetManager::acquire_owned) on an
+/// `Arc` of the manager, which it keeps alive. It has the same methods and
+/// the same semantics as [`Reservation`]: settle or cancel it once; dropped,
+/// it stays fully charged.
+#[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
+pub struct OwnedReservation {
+    ledger: Arc<dyn Ledger>,
+    ticket: Ticket,
+}
+
+impl std::fmt::Debug for OwnedReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.ticket.fmt_fields(f.debug_struct("OwnedReservation"))
+    }
+}
+
+impl OwnedReservation {
+    pub(crate) fn new(ledger: Arc<dyn Ledger>, ticket: Ticket) -> Self {
+        OwnedReservation { ledger, ticket }
     }
 
-    /// Tokens taken.
-    pub fn tokens(&self) -> u64 {
-        self.ticket.tokens
-    }
-
-    /// Calls taken.
-    pub fn calls(&self) -> u64 {
-        self.ticket.calls
-    }
-
-    /// Books what was really used: `actual_tokens` replaces the reserved
-    /// tokens, and the calls stay charged (the calls were made).
-    ///
-    /// Less than reserved is refunded. More than reserved is charged even
-    /// past the limit, because those tokens were spent: the agent is then
-    /// refused until its window ends.
-    pub fn settle(self, actual_tokens: u64) -> Settlement {
-        self.ledger
-            .settle(&self.ticket, (actual_tokens, self.ticket.calls))
-    }
-
-    /// Gives everything back, tokens and calls: the work never happened.
-    pub fn cancel(self) -> Settlement {
-        self.ledger.settle(&self.ticket, (0, 0))
-    }
+    reservation_methods!();
 }
 
 /// What settling or cancelling a [`Reservation`] did.
@@ -122,6 +170,12 @@ pub enum Settlement {
 }
 
 impl Settlement {
+    /// Whether it gave anything back (and so may let a waiter in).
+    pub(crate) fn refunded(&self) -> bool {
+        matches!(self, Settlement::Applied { refunded_tokens, refunded_calls, .. }
+            if *refunded_tokens > 0 || *refunded_calls > 0)
+    }
+
     /// What a settle decided on the window `before` comes to: the
     /// difference it made, or that the window had ended.
     pub(crate) fn of(before: Window, refund: Refund) -> Self {

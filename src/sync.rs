@@ -22,11 +22,22 @@ pub(crate) trait Keyed {
     fn key(&self) -> &crate::types::AgentId;
 }
 
+impl<T: Keyed> Keyed for std::sync::Arc<T> {
+    fn key(&self) -> &crate::types::AgentId {
+        (**self).key()
+    }
+}
+
 #[cfg(not(agent_budget_loom))]
 mod imp {
     pub(crate) use portable_atomic::AtomicU128;
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
     pub(crate) use std::sync::Mutex;
+    #[cfg(feature = "async")]
+    pub(crate) use std::sync::{
+        atomic::{fence, AtomicUsize},
+        MutexGuard,
+    };
 
     use super::Keyed;
     use crate::types::AgentId;
@@ -228,6 +239,34 @@ mod imp {
             }
         }
 
+        /// The value for `id`, inserting `make()` if there is none. `make`
+        /// may run and be thrown away if another thread inserts first.
+        #[cfg(feature = "async")]
+        pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V
+        where
+            V: Clone,
+        {
+            let map = self.0.pin();
+            loop {
+                if let Some((present, ())) = map.get_key_value(id) {
+                    return present.0.clone();
+                }
+                // Inserted, or someone else's is there now: read it above (or,
+                // if it is already removed again, insert once more).
+                let _ = map.try_insert(ById(make()), ());
+            }
+        }
+
+        /// Removes the value for `id` if `condition` holds for it.
+        #[cfg(feature = "async")]
+        pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
+            // Err: the value is there and `condition` does not hold.
+            let _ = self
+                .0
+                .pin()
+                .remove_if(id, |present, ()| condition(&present.0));
+        }
+
         pub(crate) fn remove(&self, id: &AgentId) -> bool {
             self.0.pin().remove(id).is_some()
         }
@@ -250,9 +289,9 @@ mod imp {
 
 #[cfg(agent_budget_loom)]
 mod imp {
-    pub(crate) use loom::sync::atomic::{AtomicU64, Ordering};
-    pub(crate) use loom::sync::Mutex;
+    pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
     use loom::sync::{Arc, RwLock};
+    pub(crate) use loom::sync::{Mutex, MutexGuard};
     use std::collections::HashMap;
 
     use super::Keyed;
@@ -388,6 +427,24 @@ mod imp {
                 }
             };
             update(&present);
+        }
+
+        #[cfg(feature = "async")]
+        pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V
+        where
+            V: Clone,
+        {
+            let mut map = self.0.write().unwrap();
+            let value = map.entry(*id).or_insert_with(|| Arc::new(make()));
+            V::clone(value)
+        }
+
+        #[cfg(feature = "async")]
+        pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
+            let mut map = self.0.write().unwrap();
+            if map.get(id).is_some_and(|present| condition(present)) {
+                map.remove(id);
+            }
         }
 
         pub(crate) fn remove(&self, id: &AgentId) -> bool {

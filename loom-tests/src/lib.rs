@@ -28,10 +28,24 @@ pub fn limit(tokens: u64, calls: u64, window_secs: u64) -> BudgetLimit {
 /// Runs `model` under loom and prints how many executions (interleavings,
 /// up to the preemption bound) it explored.
 pub fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {
+    run(name, loom::model::Builder::new(), model);
+}
+
+/// [`explore`] with at most `cap` preemptions, whatever
+/// `LOOM_MAX_PREEMPTIONS` says: for the models whose state space at the
+/// suite's bound would take too long for CI. Each use says what it costs
+/// at the higher bound.
+pub fn explore_capped(name: &str, cap: usize, model: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(builder.preemption_bound.map_or(cap, |b| b.min(cap)));
+    run(name, builder, model);
+}
+
+fn run(name: &str, builder: loom::model::Builder, model: impl Fn() + Sync + Send + 'static) {
     static EXECUTIONS: AtomicUsize = AtomicUsize::new(0);
     let before = EXECUTIONS.load(StdOrdering::Relaxed);
     let started = std::time::Instant::now();
-    loom::model(move || {
+    builder.check(move || {
         EXECUTIONS.fetch_add(1, StdOrdering::Relaxed);
         model();
     });

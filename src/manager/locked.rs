@@ -3,15 +3,18 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use parking_lot::RwLock;
 
-use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info};
+use super::{
+    budget_info, forward_budget_limiter, full_budget_info, headroom, unknown_agent_info, Events,
+};
 use crate::cell::Limit;
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, Operation, PersistError};
+use crate::error::{BudgetExceeded, Operation, PersistError, Refusal};
 use crate::persist::{self, AgentState};
-use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
+use crate::reservation::{Ledger, OwnedReservation, Reservation, Settlement, Ticket};
 use crate::sync::{default_clock, ClockSource};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
 use crate::window::{Refund, Tick, Window};
@@ -37,6 +40,7 @@ pub struct LockedBudgetManager {
     usage: RwLock<HashMap<AgentId, Slot>>,
     clock: Clock,
     generations: AtomicU64,
+    events: Events,
 }
 
 impl Default for LockedBudgetManager {
@@ -80,6 +84,7 @@ impl LockedBudgetManager {
             usage: RwLock::new(HashMap::new()),
             clock,
             generations: AtomicU64::new(0),
+            events: Events::default(),
         }
     }
 
@@ -91,21 +96,27 @@ impl LockedBudgetManager {
     /// Sets an agent's budget; see [`BudgetManager::set_budget`](crate::BudgetManager::set_budget).
     pub fn set_budget(&self, limit: BudgetLimit) {
         let agent_id = limit.agent_id;
-        let mut budgets = self.budgets.write();
-        let mut usage = self.usage.write();
-        budgets.insert(agent_id, Limit::new(limit));
-        usage.entry(agent_id).or_insert_with(|| Slot {
-            window: Window::fresh(self.clock.now().start_tick()),
-            generation: self.next_generation(),
-        });
+        {
+            let mut budgets = self.budgets.write();
+            let mut usage = self.usage.write();
+            budgets.insert(agent_id, Limit::new(limit));
+            usage.entry(agent_id).or_insert_with(|| Slot {
+                window: Window::fresh(self.clock.now().start_tick()),
+                generation: self.next_generation(),
+            });
+        }
+        self.events.limit_changed(&agent_id);
     }
 
     /// Forgets an agent's budget and usage.
     pub fn remove_budget(&self, agent_id: &AgentId) {
-        let mut budgets = self.budgets.write();
-        let mut usage = self.usage.write();
-        budgets.remove(agent_id);
-        usage.remove(agent_id);
+        {
+            let mut budgets = self.budgets.write();
+            let mut usage = self.usage.write();
+            budgets.remove(agent_id);
+            usage.remove(agent_id);
+        }
+        self.events.limit_changed(agent_id);
     }
 
     /// Takes tokens and calls together; see [`BudgetManager::acquire`](crate::BudgetManager::acquire).
@@ -115,20 +126,73 @@ impl LockedBudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let taken_in = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        let taken_in = self
+            .admit(agent_id, (tokens, calls), None)
+            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
         let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
         Ok(Reservation::new(self, ticket))
     }
 
+    /// Takes tokens and calls together, owned; see
+    /// [`BudgetManager::acquire_owned`](crate::BudgetManager::acquire_owned).
+    pub fn acquire_owned(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<OwnedReservation, BudgetExceeded> {
+        let taken_in = self
+            .admit(agent_id, (tokens, calls), None)
+            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        Ok(OwnedReservation::new(self.clone(), ticket))
+    }
+
+    /// Waits until the request fits; see
+    /// [`BudgetManager::acquire_wait`](crate::BudgetManager::acquire_wait).
+    #[cfg(feature = "async")]
+    pub fn acquire_wait(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_
+    {
+        crate::wait::acquire_wait(self, agent_id, tokens, calls)
+    }
+
+    /// Waits until the request fits, owned; see
+    /// [`BudgetManager::acquire_owned_wait`](crate::BudgetManager::acquire_owned_wait).
+    #[cfg(feature = "async")]
+    pub fn acquire_owned_wait(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
+    {
+        crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
+    }
+
+    /// How many futures wait for budget; see
+    /// [`BudgetManager::waiting`](crate::BudgetManager::waiting).
+    #[cfg(feature = "async")]
+    pub fn waiting(&self) -> usize {
+        self.events.waiters().len()
+    }
+
     /// Takes tokens; see [`BudgetManager::reserve`](crate::BudgetManager::reserve).
     pub fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded> {
-        self.admit(agent_id, tokens, 0, Operation::Reserve)
+        self.admit(agent_id, (tokens, 0), None)
             .map(drop)
+            .map_err(|r| r.into_error(*agent_id, Operation::Reserve))
     }
 
     /// Counts a call; see [`BudgetManager::track_call`](crate::BudgetManager::track_call).
     pub fn track_call(&self, agent_id: &AgentId) -> Result<(), BudgetExceeded> {
-        self.admit(agent_id, 0, 1, Operation::TrackCall).map(drop)
+        self.admit(agent_id, (0, 1), None)
+            .map(drop)
+            .map_err(|r| r.into_error(*agent_id, Operation::TrackCall))
     }
 
     /// Gives tokens back; see [`BudgetManager::release`](crate::BudgetManager::release).
@@ -136,37 +200,53 @@ impl LockedBudgetManager {
         let Some(policy) = self.budgets.read().get(agent_id).map(|l| l.policy) else {
             return;
         };
-        let mut usage = self.usage.write();
-        if let Some(slot) = usage.get_mut(agent_id) {
-            slot.window = slot.window.release(&policy, self.clock.now(), tokens);
+        let released = {
+            let mut usage = self.usage.write();
+            usage.get_mut(agent_id).is_some_and(|slot| {
+                let before = slot.window;
+                slot.window = before.release(&policy, self.clock.now(), tokens);
+                slot.window.tokens < before.tokens
+            })
+        };
+        if released {
+            self.events.refunded(agent_id, || self.headroom(agent_id));
         }
     }
 
     fn admit(
         &self,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
-        operation: Operation,
-    ) -> Result<(Tick, u64), BudgetExceeded> {
-        let no_budget = || BudgetExceeded::no_budget(*agent_id, operation);
+        (tokens, calls): (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<(Tick, u64), Refusal> {
         let policy = self
             .budgets
             .read()
             .get(agent_id)
             .map(|l| l.policy)
-            .ok_or_else(no_budget)?;
+            .ok_or(Refusal::NoBudget)?;
         let mut usage = self.usage.write();
-        let slot = usage.get_mut(agent_id).ok_or_else(no_budget)?;
+        let slot = usage.get_mut(agent_id).ok_or(Refusal::NoBudget)?;
+        if generation.is_some_and(|g| g != slot.generation) {
+            return Err(Refusal::NoBudget);
+        }
         let now = self.clock.now();
         let (next, verdict) = slot.window.admit(&policy, now, tokens, calls);
         slot.window = next;
         match verdict {
             Ok(()) => Ok((next.start, slot.generation)),
-            Err(shortfall) => Err(BudgetExceeded::from_shortfall(
-                *agent_id, operation, shortfall,
-            )),
+            Err(shortfall) => Err(Refusal::Short {
+                shortfall,
+                generation: slot.generation,
+            }),
         }
+    }
+
+    fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
+        let now = self.clock.now();
+        self.with_agent(agent_id, |limit, window| {
+            headroom(&limit.policy, window, now)
+        })
     }
 
     fn with_agent<R>(&self, agent_id: &AgentId, f: impl FnOnce(&Limit, Window) -> R) -> Option<R> {
@@ -192,9 +272,14 @@ impl LockedBudgetManager {
 
     /// Starts a fresh window now.
     pub fn reset_window(&self, agent_id: &AgentId) {
-        let mut usage = self.usage.write();
-        if let Some(slot) = usage.get_mut(agent_id) {
-            slot.window = slot.window.reset(self.clock.now());
+        let reset = {
+            let mut usage = self.usage.write();
+            usage.get_mut(agent_id).map(|slot| {
+                slot.window = slot.window.reset(self.clock.now());
+            })
+        };
+        if reset.is_some() {
+            self.events.refunded(agent_id, || self.headroom(agent_id));
         }
     }
 
@@ -238,24 +323,27 @@ impl LockedBudgetManager {
         let Some(agents) = persist::read(path, self.clock.moment())? else {
             return Ok(());
         };
-        let mut budgets = self.budgets.write();
-        let mut usage = self.usage.write();
-        budgets.clear();
-        usage.clear();
-        for (id, state) in agents {
-            budgets.insert(id, Limit::new(state.limit));
-            let slot = Slot {
-                window: state.window,
-                generation: self.next_generation(),
-            };
-            usage.insert(id, slot);
+        {
+            let mut budgets = self.budgets.write();
+            let mut usage = self.usage.write();
+            budgets.clear();
+            usage.clear();
+            for (id, state) in agents {
+                budgets.insert(id, Limit::new(state.limit));
+                let slot = Slot {
+                    window: state.window,
+                    generation: self.next_generation(),
+                };
+                usage.insert(id, slot);
+            }
         }
+        self.events.everything_changed();
         Ok(())
     }
 }
 
-impl Ledger for LockedBudgetManager {
-    fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
+impl LockedBudgetManager {
+    fn settle_locked(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
         let Some(policy) = self.budgets.read().get(&ticket.agent_id).map(|l| l.policy) else {
             return Settlement::AgentRemoved;
         };
@@ -274,6 +362,38 @@ impl Ledger for LockedBudgetManager {
             slot.window = after;
         }
         Settlement::of(before, refund)
+    }
+}
+
+impl Ledger for LockedBudgetManager {
+    fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
+        let settlement = self.settle_locked(ticket, used);
+        // After the lock is released: a woken waiter takes it at once.
+        if settlement.refunded() {
+            let agent_id = &ticket.agent_id;
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
+        settlement
+    }
+}
+
+#[cfg(feature = "async")]
+impl crate::wait::Waitable for LockedBudgetManager {
+    fn waiters(&self) -> &crate::wait::Waiters {
+        self.events.waiters()
+    }
+
+    fn try_admit(
+        &self,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<(Tick, u64), Refusal> {
+        self.admit(agent_id, request, generation)
+    }
+
+    fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
+        self.headroom(agent_id)
     }
 }
 

@@ -1,13 +1,16 @@
 //! [`BudgetManager`]: agents in a concurrent map, usage in packed atomics.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info};
+use super::{
+    budget_info, forward_budget_limiter, full_budget_info, headroom, unknown_agent_info, Events,
+};
 use crate::cell::AgentCell;
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, Operation, PersistError};
+use crate::error::{BudgetExceeded, Operation, PersistError, Refusal};
 use crate::persist::{self, AgentState};
-use crate::reservation::{Ledger, Reservation, Settlement, Ticket};
+use crate::reservation::{Ledger, OwnedReservation, Reservation, Settlement, Ticket};
 use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Mutex, Ordering};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
 use crate::window::{Refund, Tick, Window};
@@ -45,6 +48,8 @@ pub struct BudgetManager {
     /// unserialized writers could leave one's policy beside the other's
     /// limit for good. Only `set_budget` takes it; requests never do.
     limit_writes: Mutex<()>,
+    /// Who waits for budget on which agent (with the `async` feature).
+    events: Events,
 }
 
 impl Default for BudgetManager {
@@ -102,6 +107,7 @@ impl BudgetManager {
             clock,
             generations: AtomicU64::new(0),
             limit_writes: Mutex::new(()),
+            events: Events::default(),
         }
     }
 
@@ -120,21 +126,24 @@ impl BudgetManager {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = self.clock.now();
-        let for_new = limit.clone();
+        let (agent_id, for_new) = (limit.agent_id, limit.clone());
         self.agents.update_or_insert(
-            limit.agent_id,
+            agent_id,
             |cell| cell.set_limit(limit),
             || {
                 let window = Window::fresh(now.start_tick());
                 AgentCell::new(for_new.clone(), window, self.next_generation())
             },
         );
+        self.events.limit_changed(&agent_id);
     }
 
     /// Forgets an agent's budget and usage. Its reservations settle to
-    /// [`Settlement::AgentRemoved`], even if its budget is set again.
+    /// [`Settlement::AgentRemoved`], even if its budget is set again, and
+    /// its waiting futures end with a refusal.
     pub fn remove_budget(&self, agent_id: &AgentId) {
         self.agents.remove(agent_id);
+        self.events.limit_changed(agent_id);
     }
 
     /// Takes `tokens` and `calls` together, or neither, and returns a
@@ -148,9 +157,93 @@ impl BudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let taken_in = self.admit(agent_id, tokens, calls, Operation::Acquire)?;
+        let taken_in = self
+            .admit(agent_id, (tokens, calls), None)
+            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
         let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
         Ok(Reservation::new(self, ticket))
+    }
+
+    /// [`acquire`](Self::acquire), returning an [`OwnedReservation`] that
+    /// holds an `Arc` of the manager: it can move into a spawned task or a
+    /// response body, and settle there.
+    pub fn acquire_owned(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<OwnedReservation, BudgetExceeded> {
+        let taken_in = self
+            .admit(agent_id, (tokens, calls), None)
+            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        Ok(OwnedReservation::new(self.clone(), ticket))
+    }
+
+    /// Waits until `tokens` and `calls` fit, then takes them together, like
+    /// [`acquire`](Self::acquire).
+    ///
+    /// Resolves as soon as the request fits: woken by a settle or cancel
+    /// that refunds, a `release`, a `reset_window`, a `set_budget`, or the
+    /// window's end, and only by events on this agent. Resolves to an error
+    /// at once when waiting cannot help (no budget, or a request larger
+    /// than the limit), and when the agent's budget is removed while it
+    /// waits. Dropping the future at any point takes nothing and leaves
+    /// nothing behind. A deadline is the caller's: wrap it in
+    /// `tokio::time::timeout`. It must be polled inside a tokio runtime
+    /// with its time driver enabled (for the window-end timer).
+    ///
+    /// Fairness: see [waiting](crate::docs::semantics#waiting-for-budget).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// use std::time::Duration;
+    /// use agent_budget::{BudgetLimit, BudgetManager};
+    ///
+    /// let budgets = BudgetManager::new();
+    /// let agent = uuid::Uuid::new_v4();
+    /// budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 100, calls_budget: 10, window_secs: 60 });
+    /// let first = budgets.acquire(&agent, 100, 1).unwrap();
+    /// let (waited, _) = tokio::join!(
+    ///     tokio::time::timeout(Duration::from_secs(5), budgets.acquire_wait(&agent, 60, 1)),
+    ///     async { first.settle(30); }, // 70 tokens come back: the waiter is woken
+    /// );
+    /// let second = waited.expect("in time").expect("fits");
+    /// assert_eq!(second.tokens(), 60);
+    /// # }
+    /// ```
+    #[cfg(feature = "async")]
+    pub fn acquire_wait(
+        &self,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_
+    {
+        crate::wait::acquire_wait(self, agent_id, tokens, calls)
+    }
+
+    /// [`acquire_wait`](Self::acquire_wait) on an `Arc` of the manager: the
+    /// future is `'static`, so it can be spawned, and resolves to an
+    /// [`OwnedReservation`].
+    #[cfg(feature = "async")]
+    pub fn acquire_owned_wait(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
+    {
+        crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
+    }
+
+    /// How many [`acquire_wait`](Self::acquire_wait) and
+    /// [`acquire_owned_wait`](Self::acquire_owned_wait) futures are waiting
+    /// right now, over all agents (for a gauge).
+    #[cfg(feature = "async")]
+    pub fn waiting(&self) -> usize {
+        self.events.waiters().len()
     }
 
     /// Takes `tokens` if they fit in the current window (the seed's API;
@@ -158,14 +251,17 @@ impl BudgetManager {
     ///
     /// Starts a new window first if the current one has expired.
     pub fn reserve(&self, agent_id: &AgentId, tokens: u64) -> Result<(), BudgetExceeded> {
-        self.admit(agent_id, tokens, 0, Operation::Reserve)
+        self.admit(agent_id, (tokens, 0), None)
             .map(drop)
+            .map_err(|r| r.into_error(*agent_id, Operation::Reserve))
     }
 
     /// Counts one call if it fits in the current window (the seed's API;
     /// prefer [`acquire`](Self::acquire)).
     pub fn track_call(&self, agent_id: &AgentId) -> Result<(), BudgetExceeded> {
-        self.admit(agent_id, 0, 1, Operation::TrackCall).map(drop)
+        self.admit(agent_id, (0, 1), None)
+            .map(drop)
+            .map_err(|r| r.into_error(*agent_id, Operation::TrackCall))
     }
 
     /// Gives `tokens` back to the current window, never below zero (the
@@ -173,32 +269,53 @@ impl BudgetManager {
     /// window the tokens were spent in; a [`Reservation`] can.
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
         let now = self.clock.now();
-        self.agents.get(agent_id, |cell| {
+        let released = self.agents.get(agent_id, |cell| {
             let policy = cell.policy();
-            cell.update(|w| (w.release(&policy, now, tokens), ()));
+            // SeqCst: a refund, paired with waiters' registration (see
+            // `Waiters::wake`).
+            let (before, after, ()) =
+                cell.update(Ordering::SeqCst, |w| (w.release(&policy, now, tokens), ()));
+            after.tokens < before.tokens
         });
+        if released == Some(true) {
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
     }
 
+    /// Takes `request` (tokens, calls) from the agent's current window, if
+    /// the agent is incarnation `generation` (when one is given).
     fn admit(
         &self,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
-        operation: Operation,
-    ) -> Result<(Tick, u64), BudgetExceeded> {
+        (tokens, calls): (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<(Tick, u64), Refusal> {
         let now = self.clock.now();
         self.agents
             .get(agent_id, |cell| {
+                if generation.is_some_and(|g| g != cell.generation()) {
+                    return Err(Refusal::NoBudget);
+                }
                 let policy = cell.policy();
-                let (_, after, verdict) = cell.update(|w| w.admit(&policy, now, tokens, calls));
+                // Relaxed: taking budget publishes nothing and wakes no one.
+                let (_, after, verdict) =
+                    cell.update(Ordering::Relaxed, |w| w.admit(&policy, now, tokens, calls));
                 match verdict {
                     Ok(()) => Ok((after.start, cell.generation())),
-                    Err(shortfall) => Err(BudgetExceeded::from_shortfall(
-                        *agent_id, operation, shortfall,
-                    )),
+                    Err(shortfall) => Err(Refusal::Short {
+                        shortfall,
+                        generation: cell.generation(),
+                    }),
                 }
             })
-            .unwrap_or_else(|| Err(BudgetExceeded::no_budget(*agent_id, operation)))
+            .unwrap_or(Err(Refusal::NoBudget))
+    }
+
+    /// What the agent can admit right now, for the wake rule.
+    fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
+        let now = self.clock.now();
+        self.agents
+            .get(agent_id, |cell| headroom(&cell.policy(), cell.load(), now))
     }
 
     /// What is left in the agent's current window. A window that has
@@ -221,9 +338,13 @@ impl BudgetManager {
     /// Starts a fresh window for the agent now, with nothing used.
     pub fn reset_window(&self, agent_id: &AgentId) {
         let now = self.clock.now();
-        self.agents.get(agent_id, |cell| {
-            cell.update(|w| (w.reset(now), ()));
+        let reset = self.agents.get(agent_id, |cell| {
+            // SeqCst: a refund; see `release`.
+            cell.update(Ordering::SeqCst, |w| (w.reset(now), ()));
         });
+        if reset.is_some() {
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
     }
 
     /// The agent's limits and usage, or `None` if it has no budget.
@@ -282,6 +403,7 @@ impl BudgetManager {
                 AgentCell::new(state.limit, state.window, self.next_generation())
             }),
         );
+        self.events.everything_changed();
         Ok(())
     }
 }
@@ -289,14 +411,16 @@ impl BudgetManager {
 impl Ledger for BudgetManager {
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
         let now = self.clock.now();
-        self.agents
+        let settlement = self
+            .agents
             .get(&ticket.agent_id, |cell| {
                 if cell.generation() != ticket.generation {
                     return Settlement::AgentRemoved;
                 }
                 let policy = cell.policy();
                 let reserved = (ticket.tokens, ticket.calls);
-                let (before, _, refund) = cell.update(|w| {
+                // SeqCst: may refund; see `release`.
+                let (before, _, refund) = cell.update(Ordering::SeqCst, |w| {
                     let refund = w.settle(&policy, now, ticket.window_start, reserved, used);
                     match refund {
                         Refund::Applied(next) => (next, refund),
@@ -305,7 +429,32 @@ impl Ledger for BudgetManager {
                 });
                 Settlement::of(before, refund)
             })
-            .unwrap_or(Settlement::AgentRemoved)
+            .unwrap_or(Settlement::AgentRemoved);
+        if settlement.refunded() {
+            let agent_id = &ticket.agent_id;
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
+        settlement
+    }
+}
+
+#[cfg(feature = "async")]
+impl crate::wait::Waitable for BudgetManager {
+    fn waiters(&self) -> &crate::wait::Waiters {
+        self.events.waiters()
+    }
+
+    fn try_admit(
+        &self,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<(Tick, u64), Refusal> {
+        self.admit(agent_id, request, generation)
+    }
+
+    fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
+        self.headroom(agent_id)
     }
 }
 

@@ -13,6 +13,55 @@ use crate::window::{Now, Policy, Window};
 
 const MILLIS_PER_SEC: u64 = 1_000;
 
+/// `(tokens, calls)` an operation at `now` could still take.
+pub(crate) fn headroom(policy: &Policy, stored: Window, now: Now) -> (u64, u64) {
+    stored.current(policy, now).remaining(policy)
+}
+
+/// Where a manager announces the events that can let a waiting request in.
+/// Without the `async` feature nobody waits, and every call is a no-op.
+#[derive(Default)]
+pub(crate) struct Events {
+    #[cfg(feature = "async")]
+    waiters: crate::wait::Waiters,
+}
+
+impl Events {
+    /// Budget came back to `agent_id` (a refund, a release, a new window).
+    /// `headroom` is read only if someone waits on that agent.
+    #[inline]
+    pub(crate) fn refunded(
+        &self,
+        agent_id: &AgentId,
+        headroom: impl FnOnce() -> Option<(u64, u64)>,
+    ) {
+        #[cfg(feature = "async")]
+        self.waiters
+            .wake(agent_id, || crate::wait::Wake::Fitting(headroom()));
+        #[cfg(not(feature = "async"))]
+        let _ = (agent_id, headroom);
+    }
+
+    /// The agent's limit was set or removed: every waiter must look again.
+    pub(crate) fn limit_changed(&self, agent_id: &AgentId) {
+        #[cfg(feature = "async")]
+        self.waiters.wake(agent_id, || crate::wait::Wake::All);
+        #[cfg(not(feature = "async"))]
+        let _ = agent_id;
+    }
+
+    /// Every agent was replaced (`restore`).
+    pub(crate) fn everything_changed(&self) {
+        #[cfg(feature = "async")]
+        self.waiters.wake_everyone();
+    }
+
+    #[cfg(feature = "async")]
+    pub(crate) fn waiters(&self) -> &crate::wait::Waiters {
+        &self.waiters
+    }
+}
+
 /// What an agent without a budget reads as.
 pub(crate) fn unknown_agent_info() -> BudgetInfo {
     BudgetInfo {
@@ -92,6 +141,42 @@ macro_rules! forward_budget_limiter {
                 calls: u64,
             ) -> Result<$crate::Reservation<'_>, $crate::BudgetExceeded> {
                 <$manager>::acquire(self, agent_id, tokens, calls)
+            }
+            fn acquire_owned(
+                self: &std::sync::Arc<Self>,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+            ) -> Result<$crate::OwnedReservation, $crate::BudgetExceeded> {
+                <$manager>::acquire_owned(self, agent_id, tokens, calls)
+            }
+            #[cfg(feature = "async")]
+            fn acquire_wait(
+                &self,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::Reservation<'_>, $crate::BudgetExceeded>,
+            > + Send
+                   + '_ {
+                <$manager>::acquire_wait(self, agent_id, tokens, calls)
+            }
+            #[cfg(feature = "async")]
+            fn acquire_owned_wait(
+                self: &std::sync::Arc<Self>,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::OwnedReservation, $crate::BudgetExceeded>,
+            > + Send
+                   + 'static {
+                <$manager>::acquire_owned_wait(self, agent_id, tokens, calls)
+            }
+            #[cfg(feature = "async")]
+            fn waiting(&self) -> usize {
+                <$manager>::waiting(self)
             }
             fn reserve(
                 &self,

@@ -65,3 +65,30 @@ macro_rules! for_both_managers {
         }
     };
 }
+
+/// Runs an async test body once for each manager, on a current-thread
+/// tokio runtime whose clock starts paused: timers fire only when the test
+/// advances tokio's clock (or when every task is idle).
+#[macro_export]
+macro_rules! for_both_managers_async {
+    ($(#[$meta:meta])* async fn $name:ident<$m:ident>() $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn run<$m: agent_budget::BudgetLimiter + 'static>() $body
+
+            $(#[$meta])*
+            #[tokio::test(start_paused = true)]
+            async fn lock_free() {
+                run::<agent_budget::BudgetManager>().await;
+            }
+
+            $(#[$meta])*
+            #[tokio::test(start_paused = true)]
+            async fn locked() {
+                run::<agent_budget::LockedBudgetManager>().await;
+            }
+        }
+    };
+}

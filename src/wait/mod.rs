@@ -1,0 +1,281 @@
+//! Waiting for budget: futures that resolve as soon as a request fits.
+//!
+//! # Implementation details
+//!
+//! A caller that is refused can wait instead of polling on `retry_after`.
+//! Budget comes back in two ways, and the waiting future listens for both:
+//!
+//! - **Events on the agent**: a settle or cancel that refunds, a `release`,
+//!   a `reset_window`, a `set_budget` or `remove_budget`. Each of these
+//!   paths, right after its compare-and-swap (or its write lock), calls
+//!   [`Waiters::wake`] for that agent, which wakes the waiters the event can
+//!   pay for. No other agent's waiters hear of it.
+//! - **The window's end**, which no operation announces. The waiter at the
+//!   head of the agent's queue sleeps on a tokio timer until then; when it
+//!   fires, it wakes the waiters that fit in the fresh window, oldest first.
+//!   Only the head holds a timer, so a window's end costs one timer and the
+//!   wakes of those who can be admitted, not a timer per waiter.
+//!
+//! Waiters are kept per agent in a [`Waiters`] registry beside the agents,
+//! not in the agent's cell: the cell stays one cache line, and a manager
+//! where no one waits holds no queue at all. The refund paths read one
+//! counter of registered waiters; when it is zero (always, for callers that
+//! never wait) that load is all they pay. `acquire` and `reserve` pay
+//! nothing: taking budget never wakes anyone.
+//!
+//! ## No lost wake-up
+//!
+//! A future registers, then tries once more before it sleeps. A refund
+//! changes the usage word, then looks for waiters. Each side writes one
+//! location and then reads the other's (the classic store-buffering shape),
+//! so both sides use `SeqCst`: the refund's compare-and-swap and its load of
+//! the registered count, the registration's increment and a `SeqCst` fence
+//! before the second try. In the single total order of those operations,
+//! either the refund comes first, and the second try sees it, or the
+//! registration does, and the refund finds the waiter. On x86-64 this costs
+//! nothing extra: `lock cmpxchg16b` is a full barrier whatever the ordering,
+//! and a `SeqCst` load is a plain load.
+//!
+//! ## Whom an event wakes
+//!
+//! The wake rule walks the queue oldest first with the agent's headroom,
+//! counts the requests of waiters already woken (and not yet polled) as
+//! spoken for, and wakes each waiter whose request fits in the rest. A woken
+//! waiter is not handed the budget: it tries again like any caller, and if a
+//! direct `acquire` took the budget first, it goes back to waiting in its
+//! place. A waiter that leaves after being woken without taking (its future
+//! dropped, or the agent removed) runs the rule again, so its wake is never
+//! lost on the others.
+//!
+//! ## Cancellation
+//!
+//! Budget is taken only inside the poll that returns `Ready(Ok(..))`, by
+//! the same compare-and-swap as `acquire`, so dropping the future at any
+//! point takes nothing. Its `Drop` takes it out of its queue, and the last
+//! waiter of an agent takes the queue out of the registry: nothing is left
+//! behind.
+
+mod queue;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use queue::Place;
+pub(crate) use queue::{Headroom, Waiters, Wake};
+
+use crate::error::{BudgetExceeded, Operation, Refusal};
+use crate::reservation::{Ledger, OwnedReservation, Reservation, Ticket};
+use crate::types::AgentId;
+use crate::window::Tick;
+
+/// What a manager offers the waiting future: an admission attempt, its
+/// registry of waiters, and the headroom the wake rule reads.
+pub(crate) trait Waitable: Send + Sync {
+    /// The manager's waiters.
+    fn waiters(&self) -> &Waiters;
+
+    /// One admission attempt, exactly as `acquire` makes it, but refused
+    /// as [`Refusal::NoBudget`] unless the agent is still incarnation
+    /// `generation` (when one is given).
+    fn try_admit(
+        &self,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<(Tick, u64), Refusal>;
+
+    /// What the agent can admit right now.
+    fn headroom(&self, agent_id: &AgentId) -> Headroom;
+}
+
+/// The future behind `acquire_wait` and `acquire_owned_wait`: resolves to
+/// the ticket of the admitted request, or to the refusal that waiting
+/// cannot cure. (The owned variant is an `async` block that owns an `Arc`
+/// of the manager and awaits this future on a borrow of it.)
+pub(crate) struct Wait<'m, M: Waitable> {
+    source: &'m M,
+    agent_id: AgentId,
+    request: (u64, u64),
+    /// The incarnation of the agent this wait began on: if the agent is
+    /// removed (even if set again), the wait ends in a refusal.
+    generation: Option<u64>,
+    place: Option<Place>,
+    timer: timer::WindowEnd,
+}
+
+impl<'m, M: Waitable> Wait<'m, M> {
+    pub(crate) fn new(source: &'m M, agent_id: AgentId, tokens: u64, calls: u64) -> Self {
+        Wait {
+            source,
+            agent_id,
+            request: (tokens, calls),
+            generation: None,
+            place: None,
+            timer: timer::WindowEnd::new(),
+        }
+    }
+
+    fn leave(&mut self, took: bool) {
+        self.timer.disarm();
+        if let Some(place) = self.place.take() {
+            let (source, agent_id) = (self.source, &self.agent_id);
+            source
+                .waiters()
+                .leave(place, took, || source.headroom(agent_id));
+        }
+    }
+}
+
+impl<M: Waitable> Future for Wait<'_, M> {
+    type Output = Result<Ticket, BudgetExceeded>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let waiters = this.source.waiters();
+        let mut head = match &this.place {
+            Some(place) => waiters.refresh(place, cx.waker()),
+            None => false,
+        };
+        loop {
+            let refusal = match this
+                .source
+                .try_admit(&this.agent_id, this.request, this.generation)
+            {
+                Ok(taken_in) => {
+                    this.leave(true);
+                    let ticket = Ticket::new(this.agent_id, this.request, taken_in);
+                    return Poll::Ready(Ok(ticket));
+                }
+                Err(refusal) => refusal,
+            };
+            let retry_after_ms = match refusal {
+                Refusal::Short {
+                    shortfall,
+                    generation,
+                } if shortfall.retry_after_ms.is_some() => {
+                    this.generation = Some(generation);
+                    shortfall.retry_after_ms.unwrap_or_default()
+                }
+                // No budget, removed, or larger than the limit: waiting
+                // cannot help.
+                _ => {
+                    this.leave(false);
+                    let error = refusal.into_error(this.agent_id, Operation::Acquire);
+                    return Poll::Ready(Err(error));
+                }
+            };
+            let Some(place) = &this.place else {
+                let (place, is_head) = waiters.register(&this.agent_id, this.request, cx.waker());
+                this.place = Some(place);
+                head = is_head;
+                // Try once more now that a refund cannot miss us.
+                continue;
+            };
+            if !head {
+                this.timer.disarm();
+                return Poll::Pending;
+            }
+            match this.timer.poll_after(retry_after_ms, cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(()) => {
+                    let headroom = this.source.headroom(&this.agent_id);
+                    waiters.window_ended(place, headroom);
+                    head = waiters.refresh(place, cx.waker());
+                }
+            }
+        }
+    }
+}
+
+impl<M: Waitable> Drop for Wait<'_, M> {
+    /// Dropped while waiting: out of the queue, taking nothing.
+    fn drop(&mut self) {
+        self.leave(false);
+    }
+}
+
+/// The timer the head of a queue sleeps on until its window ends.
+#[cfg(not(agent_budget_loom))]
+mod timer {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::Duration;
+
+    /// A tokio sleep, made when first needed and reused.
+    pub(super) struct WindowEnd(Option<Pin<Box<tokio::time::Sleep>>>);
+
+    impl WindowEnd {
+        pub(super) fn new() -> Self {
+            WindowEnd(None)
+        }
+
+        /// Sleeps until `millis` from now (re-armed on every poll, so the
+        /// deadline follows the latest refusal's `retry_after`).
+        pub(super) fn poll_after(&mut self, millis: u64, cx: &mut Context<'_>) -> Poll<()> {
+            let deadline = tokio::time::Instant::now() + Duration::from_millis(millis);
+            let sleep = self
+                .0
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            sleep.as_mut().reset(deadline);
+            sleep.as_mut().poll(cx)
+        }
+
+        pub(super) fn disarm(&mut self) {
+            self.0 = None;
+        }
+    }
+
+    use std::future::Future as _;
+}
+
+/// Under loom there is no timer: the models check the wake-ups that events
+/// cause, and the head simply waits for one.
+#[cfg(agent_budget_loom)]
+mod timer {
+    use std::task::{Context, Poll};
+
+    pub(super) struct WindowEnd;
+
+    impl WindowEnd {
+        pub(super) fn new() -> Self {
+            WindowEnd
+        }
+
+        pub(super) fn poll_after(&mut self, _millis: u64, _cx: &mut Context<'_>) -> Poll<()> {
+            Poll::Pending
+        }
+
+        pub(super) fn disarm(&mut self) {}
+    }
+}
+
+/// `acquire_wait` for either manager: waits on a borrow of it.
+pub(crate) fn acquire_wait<'m, M: Waitable + Ledger>(
+    manager: &'m M,
+    agent_id: &AgentId,
+    tokens: u64,
+    calls: u64,
+) -> impl Future<Output = Result<Reservation<'m>, BudgetExceeded>> + Send + 'm {
+    let wait = Wait::new(manager, *agent_id, tokens, calls);
+    async move {
+        let ticket = wait.await?;
+        Ok(Reservation::new(manager, ticket))
+    }
+}
+
+/// `acquire_owned_wait` for either manager: owns an `Arc` of it, and waits
+/// on a borrow of that.
+pub(crate) fn acquire_owned_wait<M: Waitable + Ledger>(
+    manager: &Arc<M>,
+    agent_id: &AgentId,
+    tokens: u64,
+    calls: u64,
+) -> impl Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static {
+    let (manager, agent_id) = (Arc::clone(manager), *agent_id);
+    async move {
+        let ticket = Wait::new(&*manager, agent_id, tokens, calls).await?;
+        Ok(OwnedReservation::new(manager, ticket))
+    }
+}
