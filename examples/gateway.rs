@@ -1,15 +1,25 @@
-//! A toy gateway: worker threads serve requests for a few agents, each
-//! request acquiring an estimate and settling the real usage.
+//! A toy gateway on tokio: each request reserves an estimate (waiting up to
+//! 50 ms for budget), "forwards" it, and settles the real usage from the
+//! task that streams the response.
 //!
 //! `cargo run --release --example gateway`
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread;
+use std::time::Duration;
 
 use agent_budget::{BudgetLimit, BudgetManager, Settlement};
 
-fn main() {
+#[derive(Default)]
+struct Tally {
+    served: AtomicU64,
+    refused: AtomicU64,
+    timed_out: AtomicU64,
+    refunded: AtomicU64,
+}
+
+#[tokio::main]
+async fn main() {
     let budgets = Arc::new(BudgetManager::new());
     let agents: Vec<_> = (0..4).map(|_| uuid::Uuid::new_v4()).collect();
     for (i, agent) in agents.iter().enumerate() {
@@ -21,41 +31,44 @@ fn main() {
         });
     }
 
-    let (served, refused, refunded) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    thread::scope(|s| {
-        for worker in 0..4u64 {
-            let (budgets, agents) = (&budgets, &agents);
-            let (served, refused, refunded) = (&served, &refused, &refunded);
-            s.spawn(move || {
-                for request in 0..300u64 {
-                    let agent = &agents[((worker + request) % 4) as usize];
-                    // Estimate: prompt plus max_tokens. Real usage: less.
-                    let estimate = 400 + (request % 7) * 100;
-                    match budgets.acquire(agent, estimate, 1) {
-                        Ok(reservation) => {
-                            let used = estimate * 3 / 5;
-                            if let Settlement::Applied {
-                                refunded_tokens, ..
-                            } = reservation.settle(used)
-                            {
-                                refunded.fetch_add(refunded_tokens, Ordering::Relaxed);
-                            }
-                            served.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(_) => {
-                            refused.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
+    let tally = Arc::new(Tally::default());
+    let requests: Vec<_> = (0..1_200u64)
+        .map(|request| {
+            let (budgets, tally) = (budgets.clone(), tally.clone());
+            let agent = agents[(request % 4) as usize];
+            tokio::spawn(async move {
+                // Estimate: prompt plus max_tokens. Real usage: less.
+                let estimate = 400 + (request % 7) * 100;
+                let waiting = budgets.acquire_owned_wait(&agent, estimate, 1);
+                let reservation =
+                    match tokio::time::timeout(Duration::from_millis(50), waiting).await {
+                        Ok(Ok(reservation)) => reservation,
+                        Ok(Err(_)) => return tally.refused.fetch_add(1, Ordering::Relaxed),
+                        Err(_) => return tally.timed_out.fetch_add(1, Ordering::Relaxed),
+                    };
+                // The upstream answers; the response streams for a while.
+                tokio::time::sleep(Duration::from_millis(request % 5)).await;
+                let used = estimate * 3 / 5;
+                if let Settlement::Applied {
+                    refunded_tokens, ..
+                } = reservation.settle(used)
+                {
+                    tally.refunded.fetch_add(refunded_tokens, Ordering::Relaxed);
                 }
-            });
-        }
-    });
+                tally.served.fetch_add(1, Ordering::Relaxed)
+            })
+        })
+        .collect();
+    for request in requests {
+        request.await.expect("no request panics");
+    }
 
     println!(
-        "served {}, refused {}, refunded {} tokens",
-        served.into_inner(),
-        refused.into_inner(),
-        refunded.into_inner()
+        "served {}, refused {}, gave up waiting {}, refunded {} tokens",
+        tally.served.load(Ordering::Relaxed),
+        tally.refused.load(Ordering::Relaxed),
+        tally.timed_out.load(Ordering::Relaxed),
+        tally.refunded.load(Ordering::Relaxed)
     );
     for info in budgets.all_full_info() {
         println!(

@@ -41,6 +41,52 @@
 //! and return [`Settlement::WindowEnded`]. A reservation dropped without
 //! either stays fully charged.
 //!
+//! # With tokio: waiting for budget, and reservations that travel
+//!
+//! A gateway on tokio holds the reservation across `.await`s and settles it
+//! when the response stream ends, perhaps in another task: [`acquire_owned`]
+//! returns an [`OwnedReservation`] that holds an `Arc` of the manager. And a
+//! request that does not fit can wait for budget instead of being refused:
+//! [`acquire_owned_wait`] resolves as soon as a refund or the window's end
+//! makes room (feature `async`, on by default). The deadline is the caller's:
+//!
+//! ```
+//! # #[cfg(feature = "async")]
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use agent_budget::{BudgetLimit, BudgetManager};
+//!
+//! let budgets = Arc::new(BudgetManager::new());
+//! let agent = uuid::Uuid::new_v4();
+//! budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 10_000, calls_budget: 100, window_secs: 60 });
+//!
+//! // Reserve the estimate, waiting at most two seconds for it to fit.
+//! let estimate = 1_200 + 800;
+//! let waiting = budgets.acquire_owned_wait(&agent, estimate, 1);
+//! let reservation = match tokio::time::timeout(Duration::from_secs(2), waiting).await {
+//!     Ok(Ok(reservation)) => reservation,
+//!     Ok(Err(refused)) => return Err(refused.into()), // 429: no budget, or it can never fit
+//!     Err(_) => return Err("429: no room within two seconds".into()), // nothing was taken
+//! };
+//! // The reservation is `'static`: it can go with the response body, and
+//! // settle wherever the stream ends.
+//! let stream_end = tokio::spawn(async move {
+//!     let used = 1_545; // the upstream's usage.total_tokens
+//!     reservation.settle(used)
+//! });
+//! stream_end.await?;
+//! assert_eq!(budgets.remaining(&agent).tokens_remaining, 10_000 - 1_545);
+//! # Ok(())
+//! # }
+//! # #[cfg(not(feature = "async"))]
+//! # fn main() {}
+//! ```
+//!
+//! [`acquire_owned`]: BudgetManager::acquire_owned
+//! [`acquire_owned_wait`]: BudgetManager::acquire_owned_wait
+//!
 //! # The seed's API
 //!
 //! [`BudgetManager`] keeps the API of the locked design it replaces:
@@ -56,8 +102,8 @@
 //!
 //! # Further reading
 //!
-//! - [`docs::semantics`]: windows, time, ranges, persistence, and the seed's
-//!   defects and how they are fixed.
+//! - [`docs::semantics`]: windows, time, waiting, ranges, persistence, and
+//!   the seed's defects and how they are fixed.
 //! - [`docs::implementation`]: the bit layout, the orderings, what is
 //!   lock-free on which targets, and why each dependency is there.
 //! - [`docs::model_checking`]: the loom models, and what they do and do not

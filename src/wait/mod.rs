@@ -1,59 +1,14 @@
 //! Waiting for budget: futures that resolve as soon as a request fits.
 //!
-//! # Implementation details
+//! How this is built, and why it costs callers who never wait nothing, is
+//! written down in [`crate::docs::implementation`] (section "Waiting"); what
+//! a waiter can expect, in [`crate::docs::semantics`].
 //!
-//! A caller that is refused can wait instead of polling on `retry_after`.
-//! Budget comes back in two ways, and the waiting future listens for both:
-//!
-//! - **Events on the agent**: a settle or cancel that refunds, a `release`,
-//!   a `reset_window`, a `set_budget` or `remove_budget`. Each of these
-//!   paths, right after its compare-and-swap (or its write lock), calls
-//!   [`Waiters::wake`] for that agent, which wakes the waiters the event can
-//!   pay for. No other agent's waiters hear of it.
-//! - **The window's end**, which no operation announces. The waiter at the
-//!   head of the agent's queue sleeps on a tokio timer until then; when it
-//!   fires, it wakes the waiters that fit in the fresh window, oldest first.
-//!   Only the head holds a timer, so a window's end costs one timer and the
-//!   wakes of those who can be admitted, not a timer per waiter.
-//!
-//! Waiters are kept per agent in a [`Waiters`] registry beside the agents,
-//! not in the agent's cell: the cell stays one cache line, and a manager
-//! where no one waits holds no queue at all. The refund paths read one
-//! counter of registered waiters; when it is zero (always, for callers that
-//! never wait) that load is all they pay. `acquire` and `reserve` pay
-//! nothing: taking budget never wakes anyone.
-//!
-//! ## No lost wake-up
-//!
-//! A future registers, then tries once more before it sleeps. A refund
-//! changes the usage word, then looks for waiters. Each side writes one
-//! location and then reads the other's (the classic store-buffering shape),
-//! so both sides use `SeqCst`: the refund's compare-and-swap and its load of
-//! the registered count, the registration's increment and a `SeqCst` fence
-//! before the second try. In the single total order of those operations,
-//! either the refund comes first, and the second try sees it, or the
-//! registration does, and the refund finds the waiter. On x86-64 this costs
-//! nothing extra: `lock cmpxchg16b` is a full barrier whatever the ordering,
-//! and a `SeqCst` load is a plain load.
-//!
-//! ## Whom an event wakes
-//!
-//! The wake rule walks the queue oldest first with the agent's headroom,
-//! counts the requests of waiters already woken (and not yet polled) as
-//! spoken for, and wakes each waiter whose request fits in the rest. A woken
-//! waiter is not handed the budget: it tries again like any caller, and if a
-//! direct `acquire` took the budget first, it goes back to waiting in its
-//! place. A waiter that leaves after being woken without taking (its future
-//! dropped, or the agent removed) runs the rule again, so its wake is never
-//! lost on the others.
-//!
-//! ## Cancellation
-//!
-//! Budget is taken only inside the poll that returns `Ready(Ok(..))`, by
-//! the same compare-and-swap as `acquire`, so dropping the future at any
-//! point takes nothing. Its `Drop` takes it out of its queue, and the last
-//! waiter of an agent takes the queue out of the registry: nothing is left
-//! behind.
+//! The pieces: [`Waiters`] (in `queue.rs`) holds each agent's queue and the
+//! wake rule; [`Wait`] is the future, which tries, registers, tries once
+//! more, and sleeps until an event on its agent or (at the head of the
+//! queue) the window's end; the two free functions at the bottom are what
+//! both managers' `acquire_wait` and `acquire_owned_wait` call.
 
 mod queue;
 
