@@ -468,3 +468,65 @@ for_both_managers_async! {
         assert_eq!(windows_waited, [1; 5], "windows the large request waited, per round");
     }
 }
+
+mod under_real_threads {
+    use super::*;
+
+    /// Many tasks on two worker threads take turns on a budget of ten
+    /// calls: each waits for one, holds it across an await, and cancels it.
+    /// Every task must get through (a lost wake-up would leave one waiting
+    /// until the timeout), and a watcher checks that the budget is never
+    /// exceeded at any moment.
+    async fn waiters_take_turns_without_loss_or_excess<M: BudgetLimiter + 'static>() {
+        const TASKS: usize = 200;
+        const TURNS: usize = 20;
+        let (m, _time) = shared::<M>();
+        let a = agent();
+        m.set_budget(limit(a, 1_000, 10, WINDOW_SECS));
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (m, done) = (m.clone(), done.clone());
+            std::thread::spawn(move || {
+                let mut reads = 0u64;
+                while !done.load(Ordering::Acquire) {
+                    let info = m.full_info(&a).expect("configured");
+                    assert!(info.calls_used <= 10, "over-admitted: {info:?}");
+                    reads += 1;
+                }
+                reads
+            })
+        };
+        let tasks: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let m = m.clone();
+                tokio::spawn(async move {
+                    for _ in 0..TURNS {
+                        let turn = m.acquire_owned_wait(&a, 1, 1).await.expect("fits in turn");
+                        tokio::task::yield_now().await;
+                        turn.cancel();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("every task gets all its turns: no lost wake-up")
+                .expect("no task panics");
+        }
+        done.store(true, Ordering::Release);
+        assert!(watcher.join().expect("the limit held") > 0);
+        assert_eq!(m.waiting(), 0);
+        assert_eq!(m.full_info(&a).unwrap().calls_used, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lock_free() {
+        waiters_take_turns_without_loss_or_excess::<agent_budget::BudgetManager>().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn locked() {
+        waiters_take_turns_without_loss_or_excess::<agent_budget::LockedBudgetManager>().await;
+    }
+}
