@@ -234,8 +234,10 @@ impl Window {
     /// Returns the window to store and the verdict. The window to store is
     /// the [`current`](Self::current) one even on a refusal, so a refused
     /// operation that observes an expiry still starts the new window.
-    /// Checks tokens first, so a request short of both is reported as a
-    /// token shortfall. Zero of a resource always fits, even when that
+    /// A refusal names the resource that fell short: tokens before calls,
+    /// except that a resource the request can never fit (more than its
+    /// limit) is named first, so `retry_after` is `None` whenever waiting
+    /// cannot help. Zero of a resource always fits, even when that
     /// resource is exhausted (the seed's `reserve(0)` succeeds).
     pub(crate) fn admit(
         self,
@@ -254,7 +256,8 @@ impl Window {
             limit,
             retry_after_ms: (requested <= limit).then(|| window.millis_left(policy, now)),
         };
-        if tokens > tokens_left {
+        let calls_never_fit = calls > policy.calls;
+        if tokens > tokens_left && (tokens > policy.tokens || !calls_never_fit) {
             let s = shortfall(
                 Resource::Tokens,
                 tokens,
@@ -428,13 +431,17 @@ mod tests {
     }
 
     #[test]
-    fn admit_is_all_or_nothing_and_checks_tokens_first() {
+    fn admit_is_all_or_nothing_and_names_what_can_never_fit_first() {
         let p = policy(100, 2, 60);
         let w = Window::fresh(at(0).start_tick());
         let w = w.try_admit(&p, at(0), 60, 1).unwrap();
-        let err = w.try_admit(&p, at(0), 50, 5).unwrap_err();
+        let err = w.try_admit(&p, at(0), 50, 2).unwrap_err();
         assert_eq!(err.resource, Resource::Tokens);
         assert_eq!((err.requested, err.remaining), (50, 40));
+        // Short of tokens for now, but more calls than the limit: the calls
+        // are named, since no wait can help.
+        let err = w.try_admit(&p, at(0), 50, 5).unwrap_err();
+        assert_eq!((err.resource, err.retry_after_ms), (Resource::Calls, None));
         let err = w.try_admit(&p, at(0), 40, 2).unwrap_err();
         assert_eq!(err.resource, Resource::Calls);
         assert_eq!((err.requested, err.remaining, err.used), (2, 1, 1));

@@ -295,7 +295,12 @@ for_both_managers_async! {
         let (m, _) = shared::<M>();
         let a = agent();
         m.set_budget(limit(a, 100, 1, WINDOW_SECS));
-        for (tokens, calls, kind) in [(101, 1, BudgetKind::Token), (1, 2, BudgetKind::Call)] {
+        let _half = m.acquire_owned(&a, 50, 0).unwrap();
+        // Too many tokens or calls for any window; or short of tokens for
+        // now but with more calls than the limit, which no wait can cure.
+        for (tokens, calls, kind) in
+            [(101, 1, BudgetKind::Token), (1, 2, BudgetKind::Call), (60, 2, BudgetKind::Call)]
+        {
             let mut waiting = pin!(m.acquire_wait(&a, tokens, calls));
             let Poll::Ready(Err(refused)) = poll_once(waiting.as_mut()) else {
                 panic!("({tokens}, {calls}) can never fit, yet it waits");
