@@ -1,8 +1,8 @@
 //! The managers' view of time: one monotonic reading per operation.
 
 use crate::persist::Moment;
+use crate::rules::Now;
 use crate::sync::{ClockSource, Stopwatch};
-use crate::window::Now;
 
 /// A monotonic clock whose zero is the moment the manager was created.
 pub(crate) struct Clock {

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::rules::{Resource, Shortfall};
 use crate::types::{AgentId, BudgetKind};
-use crate::window::{Resource, Shortfall};
 
 /// A request was refused: the agent has no budget, or not enough left.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -13,12 +13,17 @@ pub struct BudgetExceeded {
     pub agent_id: AgentId,
     /// Which budget refused it.
     pub kind: BudgetKind,
+    /// The level of the agent's chain of budgets that refused it: the
+    /// agent itself, or one of its ancestors (see
+    /// [`set_parent`](crate::BudgetManager::set_parent)).
+    pub refused_by: AgentId,
     /// What happened, for people: the resource, how much was asked and how
     /// much is left. This is also the error's `Display`.
     pub message: String,
-    /// When the same request may succeed: the time until the current window
-    /// ends. `None` when waiting cannot help: the request is larger than
-    /// the limit itself, or the agent has no budget.
+    /// When the same request may succeed at the level that refused it: the
+    /// time until its window ends, or until its bucket has refilled enough.
+    /// `None` when waiting cannot help: the request is larger than that
+    /// level's limit, or the agent has no budget.
     pub retry_after: Option<Duration>,
 }
 
@@ -45,11 +50,13 @@ pub(crate) enum Operation {
 pub(crate) enum Refusal {
     /// The agent has no budget, or not the incarnation that was expected.
     NoBudget,
-    /// The agent's budget cannot take the request now.
+    /// A level of the agent's chain cannot take the request now.
     Short {
         shortfall: Shortfall,
-        /// The incarnation of the agent that refused.
+        /// The incarnation of the agent itself.
         generation: u64,
+        /// The level that refused: the agent or an ancestor.
+        level: AgentId,
     },
 }
 
@@ -57,9 +64,9 @@ impl Refusal {
     pub(crate) fn into_error(self, agent_id: AgentId, operation: Operation) -> BudgetExceeded {
         match self {
             Refusal::NoBudget => BudgetExceeded::no_budget(agent_id, operation),
-            Refusal::Short { shortfall, .. } => {
-                BudgetExceeded::from_shortfall(agent_id, operation, shortfall)
-            }
+            Refusal::Short {
+                shortfall, level, ..
+            } => BudgetExceeded::from_shortfall(agent_id, level, operation, shortfall),
         }
     }
 }
@@ -72,12 +79,18 @@ impl BudgetExceeded {
                 Operation::TrackCall => BudgetKind::Call,
                 Operation::Reserve | Operation::Acquire => BudgetKind::Token,
             },
+            refused_by: agent_id,
             message: format!("No budget configured for agent {agent_id}"),
             retry_after: None,
         }
     }
 
-    pub(crate) fn from_shortfall(agent_id: AgentId, operation: Operation, s: Shortfall) -> Self {
+    pub(crate) fn from_shortfall(
+        agent_id: AgentId,
+        refused_by: AgentId,
+        operation: Operation,
+        s: Shortfall,
+    ) -> Self {
         let kind = match s.resource {
             Resource::Tokens => BudgetKind::Token,
             Resource::Calls => BudgetKind::Call,
@@ -97,7 +110,7 @@ impl BudgetExceeded {
                     Resource::Calls => ("Call", "calls"),
                 };
                 let when = match s.retry_after_ms {
-                    Some(ms) => format!("window ends in {:.3}s", ms as f64 / 1000.0),
+                    Some(ms) => format!("fits in {:.3}s", ms as f64 / 1000.0),
                     None => format!("larger than the limit of {}, never admitted", s.limit),
                 };
                 format!(
@@ -106,13 +119,43 @@ impl BudgetExceeded {
                 )
             }
         };
+        let message = if refused_by == agent_id {
+            message
+        } else {
+            format!("{message}, at its ancestor {refused_by}")
+        };
         BudgetExceeded {
             agent_id,
             kind,
+            refused_by,
             message,
             retry_after: s.retry_after_ms.map(Duration::from_millis),
         }
     }
+}
+
+/// A `set_parent` was refused. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HierarchyError {
+    /// The agent has no budget: only agents with budgets can be linked.
+    #[error("agent {0} has no budget")]
+    UnknownAgent(AgentId),
+    /// The parent is the child itself or one of its descendants.
+    #[error("making {parent} the parent of {child} would close a cycle")]
+    Cycle {
+        /// The agent that was to get a parent.
+        child: AgentId,
+        /// The parent it was to get.
+        parent: AgentId,
+    },
+    /// The longest chain through the link would have more than
+    /// [`MAX_LEVELS`](crate::MAX_LEVELS) levels.
+    #[error("the longest chain would have {levels} levels; at most {max} are allowed", max = crate::MAX_LEVELS)]
+    TooDeep {
+        /// How many levels it would have had.
+        levels: usize,
+    },
 }
 
 /// Saving or loading budget state failed. Nothing was changed.
@@ -146,6 +189,15 @@ pub enum PersistError {
         #[source]
         source: serde_json::Error,
     },
+    /// The file's parents would make a cycle, dangle, or nest too deep.
+    #[error("budget state in {path} has a bad hierarchy: {source}")]
+    Hierarchy {
+        /// The file that was being read.
+        path: PathBuf,
+        /// What is wrong with its parents.
+        #[source]
+        source: HierarchyError,
+    },
     /// The file parses but contradicts itself.
     #[error("budget state in {path} is inconsistent: {reason}")]
     Inconsistent {
@@ -176,6 +228,7 @@ mod tests {
         let id = AgentId::nil();
         let e = BudgetExceeded::from_shortfall(
             id,
+            id,
             Operation::Reserve,
             shortfall(Resource::Tokens, Some(5)),
         );
@@ -188,6 +241,7 @@ mod tests {
             (BudgetKind::Token, Some(Duration::from_millis(5)))
         );
         let e = BudgetExceeded::from_shortfall(
+            id,
             id,
             Operation::TrackCall,
             shortfall(Resource::Calls, None),
@@ -212,14 +266,29 @@ mod tests {
         let id = AgentId::nil();
         let e = BudgetExceeded::from_shortfall(
             id,
+            id,
             Operation::Acquire,
             shortfall(Resource::Calls, Some(1_500)),
         );
         assert_eq!(
             e.to_string(),
-            format!("Call budget exceeded for agent {id}: requested 40 calls but only 30 remaining (window ends in 1.500s)")
+            format!("Call budget exceeded for agent {id}: requested 40 calls but only 30 remaining (fits in 1.500s)")
         );
+        let parent = AgentId::from_u128(9);
         let e = BudgetExceeded::from_shortfall(
+            id,
+            parent,
+            Operation::Acquire,
+            shortfall(Resource::Calls, Some(1_500)),
+        );
+        assert!(
+            e.to_string()
+                .ends_with(&format!(", at its ancestor {parent}")),
+            "{e}"
+        );
+        assert_eq!(e.refused_by, parent);
+        let e = BudgetExceeded::from_shortfall(
+            id,
             id,
             Operation::Acquire,
             shortfall(Resource::Tokens, None),

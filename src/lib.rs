@@ -115,24 +115,27 @@ mod cell;
 mod clock;
 pub mod docs;
 mod error;
+mod hierarchy;
+mod limit;
 mod limiter;
 mod manager;
 mod persist;
 mod reservation;
+mod rules;
 mod sync;
 mod types;
 #[cfg(feature = "async")]
 mod wait;
-mod window;
 
-pub use error::{BudgetExceeded, PersistError};
+pub use error::{BudgetExceeded, HierarchyError, PersistError};
+pub use hierarchy::MAX_LEVELS;
 pub use limiter::BudgetLimiter;
 pub use manager::locked::LockedBudgetManager;
 pub use manager::lockfree::BudgetManager;
 pub use reservation::{OwnedReservation, Reservation, Settlement};
+pub use rules::{MAX_CALLS, MAX_TOKENS};
 pub use sync::ClockSource;
-pub use types::{AgentId, BudgetInfo, BudgetKind, BudgetLimit, FullBudgetInfo, Usage};
-pub use window::{MAX_CALLS, MAX_TOKENS};
+pub use types::{AgentId, BudgetInfo, BudgetKind, BudgetLimit, FullBudgetInfo, RefillLimit, Usage};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

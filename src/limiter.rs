@@ -3,10 +3,10 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{BudgetExceeded, PersistError};
+use crate::error::{BudgetExceeded, HierarchyError, PersistError};
 use crate::reservation::{OwnedReservation, Reservation};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
 /// The budget manager's API, implemented by [`BudgetManager`] and
 /// [`LockedBudgetManager`], so tests and benchmarks can be written once for
@@ -29,6 +29,11 @@ pub trait BudgetLimiter: Send + Sync {
         Self: Sized;
     /// Sets or replaces an agent's budget.
     fn set_budget(&self, limit: BudgetLimit);
+    /// Sets or replaces an agent's budget with one that refills
+    /// continuously.
+    fn set_refill(&self, limit: RefillLimit);
+    /// Puts an agent's budget under another's, or detaches it.
+    fn set_parent(&self, child: &AgentId, parent: Option<&AgentId>) -> Result<(), HierarchyError>;
     /// Forgets an agent's budget and usage.
     fn remove_budget(&self, agent_id: &AgentId);
     /// Takes tokens and calls together, or neither.
@@ -84,6 +89,8 @@ pub trait BudgetLimiter: Send + Sync {
     fn reset_window(&self, agent_id: &AgentId);
     /// Limits and usage of one agent.
     fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo>;
+    /// Limits and usage of the agent and each of its ancestors.
+    fn chain_info(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo>;
     /// Limits and usage of every agent.
     fn all_full_info(&self) -> Vec<FullBudgetInfo>;
     /// Writes the state to a JSON file, atomically.

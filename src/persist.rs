@@ -1,13 +1,23 @@
-//! The seed's JSON layout, and crash-safe writing of it.
+//! The seed's JSON layout, extended, and crash-safe writing of it.
 //!
 //! ```json
 //! {
 //!   "budgets": { "<uuid>": { "agent_id": "<uuid>", "token_budget": 1000,
 //!                            "calls_budget": 10, "window_secs": 60 } },
 //!   "usage":   { "<uuid>": { "tokens_used": 250, "calls_used": 3,
-//!                            "window_start": "2026-11-28T16:13:57.123Z" } }
+//!                            "window_start": "2026-11-28T16:13:57.123Z" } },
+//!   "refills": { "<uuid>": { "agent_id": "<uuid>", "token_budget": 1000,
+//!                            "calls_budget": 10,
+//!                            "refill_period": { "secs": 60, "nanos": 0 } } },
+//!   "parents": { "<child uuid>": "<parent uuid>" }
 //! }
 //! ```
+//!
+//! `budgets` and `usage` are the seed's; `refills` (agents on a refilling
+//! budget, whose `usage` holds their bucket's counts at its time mark) and
+//! `parents` are this crate's, and optional: a file without them, as the
+//! seed wrote, restores as it always did, and the seed reading one of ours
+//! sees the windowed agents and ignores the rest.
 //!
 //! Windows live on a monotonic clock in memory and on the wall clock on
 //! disk. Both conversions go through the age of the window ("started this
@@ -16,7 +26,7 @@
 //! persist and restore) is taken as now rather than trusted, so no window
 //! can be stretched without bound by a bad file.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -24,25 +34,36 @@ use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use crate::error::PersistError;
-use crate::types::{AgentId, BudgetLimit, Usage};
-use crate::window::{Now, Tick, Window, MAX_CALLS, MAX_TOKENS};
+use crate::hierarchy::Hierarchy;
+use crate::limit::Configured;
+use crate::rules::{Now, State, Tick, MAX_CALLS, MAX_TOKENS};
+use crate::types::{AgentId, BudgetLimit, RefillLimit, Usage};
 
 /// One agent's state, as the managers hand it over and take it back.
 pub(crate) struct AgentState {
-    pub(crate) limit: BudgetLimit,
-    pub(crate) window: Window,
+    pub(crate) configured: Configured,
+    pub(crate) parent: Option<AgentId>,
+    pub(crate) state: State,
 }
 
 #[derive(Serialize)]
 struct PersistedRef<'a> {
     budgets: BTreeMap<AgentId, &'a BudgetLimit>,
     usage: BTreeMap<AgentId, Usage>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    refills: BTreeMap<AgentId, &'a RefillLimit>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    parents: BTreeMap<AgentId, AgentId>,
 }
 
 #[derive(Deserialize)]
 struct Persisted {
     budgets: HashMap<AgentId, BudgetLimit>,
     usage: HashMap<AgentId, Usage>,
+    #[serde(default)]
+    refills: HashMap<AgentId, RefillLimit>,
+    #[serde(default)]
+    parents: HashMap<AgentId, AgentId>,
 }
 
 /// The moment a conversion is made, on both clocks at once.
@@ -77,25 +98,29 @@ impl Moment {
 /// Writes `agents` to `path`: to a temporary file in the same folder, synced,
 /// then renamed over `path`, then the folder synced. A crash leaves either
 /// the old file or the new one; a failure leaves no temporary file.
-pub(crate) fn write(
-    path: &Path,
-    agents: &[(AgentId, AgentState)],
-    at: Moment,
-) -> Result<(), PersistError> {
-    let data = PersistedRef {
-        budgets: agents.iter().map(|(id, s)| (*id, &s.limit)).collect(),
-        usage: agents
-            .iter()
-            .map(|(id, s)| {
-                let usage = Usage {
-                    tokens_used: s.window.tokens,
-                    calls_used: s.window.calls,
-                    window_start: at.wall_time_of(s.window.start),
-                };
-                (*id, usage)
-            })
-            .collect(),
+pub(crate) fn write(path: &Path, agents: &[AgentState], at: Moment) -> Result<(), PersistError> {
+    let mut data = PersistedRef {
+        budgets: BTreeMap::new(),
+        usage: BTreeMap::new(),
+        refills: BTreeMap::new(),
+        parents: BTreeMap::new(),
     };
+    for agent in agents {
+        let id = agent.configured.agent_id();
+        match &agent.configured {
+            Configured::Window(limit) => data.budgets.insert(id, limit).map(drop),
+            Configured::Refill(limit) => data.refills.insert(id, limit).map(drop),
+        };
+        let usage = Usage {
+            tokens_used: agent.state.tokens,
+            calls_used: agent.state.calls,
+            window_start: at.wall_time_of(agent.state.mark),
+        };
+        data.usage.insert(id, usage);
+        if let Some(parent) = agent.parent {
+            data.parents.insert(id, parent);
+        }
+    }
     let write_error = |source| PersistError::Write {
         path: path.to_path_buf(),
         source,
@@ -126,12 +151,13 @@ fn sync_folder(folder: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads `path`. `Ok(None)` if there is no such file; an error, and nothing
-/// else, if it cannot be read, parsed or trusted.
+/// Reads `path`: every agent's state, and the hierarchy they form. `Ok(None)`
+/// if there is no such file; an error, and nothing else, if it cannot be
+/// read, parsed or trusted.
 pub(crate) fn read(
     path: &Path,
     at: Moment,
-) -> Result<Option<Vec<(AgentId, AgentState)>>, PersistError> {
+) -> Result<Option<(Vec<AgentState>, Hierarchy)>, PersistError> {
     let bytes = match std::fs::read(path) {
         Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -147,31 +173,60 @@ pub(crate) fn read(
             path: path.to_path_buf(),
             source,
         })?;
+    let inconsistent = |reason: String| PersistError::Inconsistent {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let windows = data
+        .budgets
+        .into_iter()
+        .map(|(id, limit)| (id, Configured::Window(limit)));
+    let refills = data
+        .refills
+        .into_iter()
+        .map(|(id, limit)| (id, Configured::Refill(limit)));
     let mut usage = data.usage;
-    let mut agents = Vec::with_capacity(data.budgets.len());
-    for (id, limit) in data.budgets {
-        if limit.agent_id != id {
-            return Err(PersistError::Inconsistent {
-                path: path.to_path_buf(),
-                reason: format!("budget filed under {id} is for agent {}", limit.agent_id),
-            });
+    let mut agents = Vec::new();
+    let mut known = HashSet::new();
+    for (id, configured) in windows.chain(refills) {
+        if configured.agent_id() != id {
+            return Err(inconsistent(format!(
+                "budget filed under {id} is for agent {}",
+                configured.agent_id()
+            )));
         }
-        // Usage past what a window can count is clamped: the agent stays
+        if !known.insert(id) {
+            return Err(inconsistent(format!(
+                "agent {id} has both a windowed and a refilling budget"
+            )));
+        }
+        // Usage past what a count can hold is clamped: the agent stays
         // exhausted, which is what such a file means.
-        let window = match usage.remove(&id) {
-            Some(u) => Window {
+        let state = match usage.remove(&id) {
+            Some(u) => State {
                 tokens: u.tokens_used.min(MAX_TOKENS),
                 calls: u.calls_used.min(MAX_CALLS),
-                start: at.tick_of(u.window_start),
-            },
-            None => Window::fresh(at.now.start_tick()),
+                mark: at.tick_of(u.window_start),
+            }
+            .clamped(&configured.policy()),
+            None => State::fresh(at.now.start_tick()),
         };
-        agents.push((id, AgentState { limit, window }));
+        let parent = data.parents.get(&id).copied();
+        agents.push(AgentState {
+            configured,
+            parent,
+            state,
+        });
     }
+    let hierarchy =
+        Hierarchy::from_links(&known, data.parents).map_err(|source| PersistError::Hierarchy {
+            path: path.to_path_buf(),
+            source,
+        })?;
     // Usage left in `usage` belongs to agents without a budget. An unknown
     // agent is refused whatever its usage, so it is dropped, not kept to
     // resurface if a budget is set later.
-    Ok(Some(agents))
+    Ok(Some((agents, hierarchy)))
 }
 
 #[cfg(test)]

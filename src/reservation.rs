@@ -2,40 +2,80 @@
 
 use std::sync::Arc;
 
+use crate::hierarchy::MAX_LEVELS;
+use crate::rules::{Refund, Tick};
 use crate::types::AgentId;
-use crate::window::{Refund, Tick, Window};
 
-/// Where a reservation was taken: one window of one incarnation of an agent.
+/// Where a reservation was taken at one level of an agent's chain: one
+/// window (or bucket) of one incarnation of one agent.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Ticket {
+pub(crate) struct Level {
     pub(crate) agent_id: AgentId,
-    pub(crate) tokens: u64,
-    pub(crate) calls: u64,
     /// Which incarnation of the agent (changes on remove + set).
     pub(crate) generation: u64,
     /// Which window (starts strictly increase per incarnation).
-    pub(crate) window_start: Tick,
+    pub(crate) taken_in: Tick,
 }
 
-impl Ticket {
-    /// The ticket of `tokens` and `calls` admitted for `agent_id` into the
-    /// window starting at `window_start` of incarnation `generation`.
-    pub(crate) fn new(
-        agent_id: AgentId,
-        (tokens, calls): (u64, u64),
-        (window_start, generation): (Tick, u64),
-    ) -> Self {
-        Ticket {
-            agent_id,
-            tokens,
-            calls,
-            generation,
-            window_start,
+/// The levels a request was admitted at: the agent first, then its
+/// ancestors. Held inline, so a reservation never allocates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Levels {
+    len: u8,
+    at: [Level; MAX_LEVELS],
+}
+
+impl Levels {
+    pub(crate) fn new() -> Self {
+        const UNUSED: Level = Level {
+            agent_id: AgentId::nil(),
+            generation: 0,
+            taken_in: Tick(0),
+        };
+        Levels {
+            len: 0,
+            at: [UNUSED; MAX_LEVELS],
         }
     }
 
+    /// Adds the next level up; the caller stops at [`MAX_LEVELS`].
+    pub(crate) fn push(&mut self, level: Level) {
+        self.at[usize::from(self.len)] = level;
+        self.len += 1;
+    }
+
+    /// The agent's own level, then its ancestors'.
+    pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = &Level> {
+        self.at[..usize::from(self.len)].iter()
+    }
+}
+
+/// What a reservation took, and where.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Ticket {
+    pub(crate) tokens: u64,
+    pub(crate) calls: u64,
+    /// Never empty: the agent's own level comes first.
+    pub(crate) levels: Levels,
+}
+
+impl Ticket {
+    /// The ticket of `tokens` and `calls` admitted at `levels`.
+    pub(crate) fn new((tokens, calls): (u64, u64), levels: Levels) -> Self {
+        debug_assert!(levels.len > 0);
+        Ticket {
+            tokens,
+            calls,
+            levels,
+        }
+    }
+
+    pub(crate) fn agent_id(&self) -> AgentId {
+        self.levels.at[0].agent_id
+    }
+
     fn fmt_fields(&self, mut f: std::fmt::DebugStruct<'_, '_>) -> std::fmt::Result {
-        f.field("agent_id", &self.agent_id)
+        f.field("agent_id", &self.agent_id())
             .field("tokens", &self.tokens)
             .field("calls", &self.calls)
             .finish_non_exhaustive()
@@ -58,7 +98,7 @@ macro_rules! reservation_methods {
     () => {
         /// The agent the budget was taken from.
         pub fn agent_id(&self) -> AgentId {
-            self.ticket.agent_id
+            self.ticket.agent_id()
         }
 
         /// Tokens taken.
@@ -74,9 +114,14 @@ macro_rules! reservation_methods {
         /// Books what was really used: `actual_tokens` replaces the reserved
         /// tokens, and the calls stay charged (the calls were made).
         ///
-        /// Less than reserved is refunded. More than reserved is charged even
-        /// past the limit, because those tokens were spent: the agent is then
-        /// refused until its window ends.
+        /// Less than reserved is refunded, into the window it was taken from
+        /// (a refund never reaches a later window). More than reserved is
+        /// charged even past the limit, because those tokens were spent: into
+        /// the reservation's window if it is still current, else into the
+        /// current one (overuse is never forgiven). The agent is then refused
+        /// until its budget recovers. For an agent with ancestors, the same
+        /// happens at every level, each in its own window; the
+        /// [`Settlement`] reports the agent's own level.
         pub fn settle(self, actual_tokens: u64) -> Settlement {
             let calls = self.ticket.calls;
             self.ledger.settle(&self.ticket, (actual_tokens, calls))
@@ -162,7 +207,15 @@ pub enum Settlement {
         /// Calls given back to the window.
         refunded_calls: u64,
     },
-    /// The window the reservation was taken in has ended; nothing changed.
+    /// The window the reservation was taken in had ended, and the tokens
+    /// used beyond the reservation were charged to the window current at
+    /// the settle instead (a refund, by contrast, never crosses windows).
+    CarriedOver {
+        /// Tokens charged to the current window.
+        charged_tokens: u64,
+    },
+    /// The window the reservation was taken in has ended, and nothing was
+    /// owed beyond the reservation; nothing changed.
     WindowEnded,
     /// The agent's budget was removed (and perhaps set again) since the
     /// reservation; nothing changed.
@@ -176,14 +229,18 @@ impl Settlement {
             if *refunded_tokens > 0 || *refunded_calls > 0)
     }
 
-    /// What a settle decided on the window `before` comes to: the
-    /// difference it made, or that the window had ended.
-    pub(crate) fn of(before: Window, refund: Refund) -> Self {
+    /// What a settle decided comes to, for the caller.
+    pub(crate) fn of(refund: Refund) -> Self {
         match refund {
-            Refund::Applied(after) => Settlement::Applied {
-                refunded_tokens: before.tokens.saturating_sub(after.tokens),
-                charged_tokens: after.tokens.saturating_sub(before.tokens),
-                refunded_calls: before.calls.saturating_sub(after.calls),
+            Refund::Applied {
+                refunded, charged, ..
+            } => Settlement::Applied {
+                refunded_tokens: refunded.0,
+                charged_tokens: charged.0,
+                refunded_calls: refunded.1,
+            },
+            Refund::CarriedOver { charged, .. } => Settlement::CarriedOver {
+                charged_tokens: charged.0,
             },
             Refund::WindowEnded => Settlement::WindowEnded,
         }
@@ -193,52 +250,53 @@ impl Settlement {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn window(tokens: u64, calls: u64) -> Window {
-        Window {
-            tokens,
-            calls,
-            start: Tick(0),
-        }
-    }
-
-    fn applied(before: Window, after: Window) -> Settlement {
-        Settlement::of(before, Refund::Applied(after))
-    }
+    use crate::rules::State;
 
     #[test]
-    fn an_ended_window_settles_to_nothing() {
+    fn a_settlement_reports_what_the_rules_booked() {
+        let next = State::fresh(Tick(0));
+        assert_eq!(Settlement::of(Refund::WindowEnded), Settlement::WindowEnded);
         assert_eq!(
-            Settlement::of(window(80, 2), Refund::WindowEnded),
-            Settlement::WindowEnded
-        );
-    }
-
-    #[test]
-    fn an_applied_settlement_reports_the_difference_it_made() {
-        assert_eq!(
-            applied(window(80, 2), window(30, 2)),
+            Settlement::of(Refund::Applied {
+                next,
+                refunded: (50, 1),
+                charged: (0, 0)
+            }),
             Settlement::Applied {
                 refunded_tokens: 50,
-                charged_tokens: 0,
-                refunded_calls: 0
-            }
-        );
-        assert_eq!(
-            applied(window(80, 2), window(95, 2)),
-            Settlement::Applied {
-                refunded_tokens: 0,
-                charged_tokens: 15,
-                refunded_calls: 0
-            }
-        );
-        assert_eq!(
-            applied(window(80, 2), window(0, 1)),
-            Settlement::Applied {
-                refunded_tokens: 80,
                 charged_tokens: 0,
                 refunded_calls: 1
             }
         );
+        assert_eq!(
+            Settlement::of(Refund::CarriedOver {
+                next,
+                charged: (15, 0)
+            }),
+            Settlement::CarriedOver { charged_tokens: 15 }
+        );
+        assert!(Settlement::Applied {
+            refunded_tokens: 0,
+            charged_tokens: 3,
+            refunded_calls: 1
+        }
+        .refunded());
+        assert!(!Settlement::CarriedOver { charged_tokens: 3 }.refunded());
+    }
+
+    #[test]
+    fn levels_hold_a_whole_chain_inline_in_order() {
+        let mut levels = Levels::new();
+        for n in 0..MAX_LEVELS {
+            levels.push(Level {
+                agent_id: AgentId::from_u128(n as u128 + 1),
+                generation: 0,
+                taken_in: Tick(0),
+            });
+        }
+        let ids: Vec<_> = levels.iter().map(|l| l.agent_id.as_u128()).collect();
+        assert_eq!(ids, (1..=MAX_LEVELS as u128).collect::<Vec<_>>());
+        let ticket = Ticket::new((5, 1), levels);
+        assert_eq!(ticket.agent_id(), AgentId::from_u128(1));
     }
 }

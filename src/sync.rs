@@ -31,13 +31,10 @@ impl<T: Keyed> Keyed for std::sync::Arc<T> {
 #[cfg(not(agent_budget_loom))]
 mod imp {
     pub(crate) use portable_atomic::AtomicU128;
-    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
-    pub(crate) use std::sync::Mutex;
     #[cfg(feature = "async")]
-    pub(crate) use std::sync::{
-        atomic::{fence, AtomicUsize},
-        MutexGuard,
-    };
+    pub(crate) use std::sync::atomic::{fence, AtomicUsize};
+    pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
+    pub(crate) use std::sync::{Mutex, MutexGuard};
 
     use super::Keyed;
     use crate::types::AgentId;
@@ -174,6 +171,21 @@ mod imp {
     /// lookup then sees a single table.
     pub(crate) struct AgentMap<V: Keyed>(papaya::HashMap<ById<V>, (), ahash::RandomState>);
 
+    /// Lookups under one pinned guard of the map.
+    pub(crate) struct View<'m, V: Keyed>(
+        papaya::HashMapRef<'m, ById<V>, (), ahash::RandomState, papaya::LocalGuard<'m>>,
+    );
+
+    /// What a [`View`] lookup returns: a reference that lives as long as
+    /// the view's guard.
+    pub(crate) type Found<'v, V> = &'v V;
+
+    impl<V: Keyed> View<'_, V> {
+        pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
+            self.0.get_key_value(id).map(|(found, ())| &found.0)
+        }
+    }
+
     /// Hashes and compares a value by its agent id only, so the map can be
     /// searched with a bare `&AgentId` (through `Borrow`).
     pub(super) struct ById<V>(pub(super) V);
@@ -213,6 +225,12 @@ mod imp {
                 .pin()
                 .get_key_value(id)
                 .map(|(found, ())| f(&found.0))
+        }
+
+        /// Runs `f` with a view for several lookups under one guard: a walk
+        /// up a chain of budgets pins the map once.
+        pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_, V>) -> R) -> R {
+            f(&View(self.0.pin()))
         }
 
         /// Calls `update` on the present value, or inserts a `make()` for `id`.
@@ -390,6 +408,19 @@ mod imp {
         }
     }
 
+    /// Each lookup takes the lock on its own, as each papaya lookup is its
+    /// own step.
+    pub(crate) struct View<'m, V>(&'m AgentMap<V>);
+
+    /// What a [`View`] lookup returns: a share of the value.
+    pub(crate) type Found<'v, V> = Arc<V>;
+
+    impl<V: Keyed> View<'_, V> {
+        pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
+            self.0.find(id)
+        }
+    }
+
     /// Cells are shared through `Arc`s and used after the lock is released,
     /// so, as with papaya, an operation may still be working on a cell that
     /// a concurrent `remove` has just taken out of the map.
@@ -406,6 +437,10 @@ mod imp {
 
         pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
             self.find(id).map(|value| f(&value))
+        }
+
+        pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_, V>) -> R) -> R {
+            f(&View(self))
         }
 
         /// Like papaya, lets updates of a present value run concurrently

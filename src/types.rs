@@ -25,6 +25,34 @@ pub struct BudgetLimit {
     pub window_secs: u64,
 }
 
+/// A budget that refills continuously: a token bucket holding at most
+/// `token_budget` tokens and `calls_budget` calls, refilling from empty to
+/// full in `refill_period`.
+///
+/// It mirrors [`BudgetLimit`]: "10 requests a second, in bursts of at most
+/// 1" is `calls_budget: 1, refill_period: 100 ms`; "100,000 tokens a minute,
+/// all at once if need be" is `token_budget: 100_000, refill_period: 60 s`.
+/// An agent starts full; an admission takes from the bucket; refill runs at
+/// `budget / refill_period` up to the budget, exactly (see
+/// [`docs::semantics`](crate::docs::semantics#continuous-refill)).
+///
+/// Periods are counted in whole milliseconds, rounded up; a zero period is
+/// one millisecond, and periods beyond 139 years are 139 years. Budgets
+/// are exact up to half of [`MAX_TOKENS`](crate::MAX_TOKENS) and
+/// [`MAX_CALLS`](crate::MAX_CALLS) (over 2 × 10^15 tokens and 2 × 10^9
+/// calls); larger ones are enforced as those.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefillLimit {
+    /// The agent this budget applies to.
+    pub agent_id: AgentId,
+    /// Tokens a full bucket holds.
+    pub token_budget: u64,
+    /// Calls a full bucket holds.
+    pub calls_budget: u64,
+    /// How long an empty bucket takes to refill completely.
+    pub refill_period: std::time::Duration,
+}
+
 /// The usage of one agent, as it is persisted.
 ///
 /// This is the persistence format only; managers keep usage in their own
@@ -56,6 +84,12 @@ pub struct BudgetInfo {
 }
 
 /// An agent's limits and usage together, for dashboards.
+///
+/// For an agent on a [`RefillLimit`], the "window" fields describe its
+/// bucket: `window_secs` is the refill period in whole seconds (rounded
+/// up), `window_remaining_secs` the time until the bucket is full again,
+/// and the used and remaining amounts are what is taken and not yet
+/// refilled, and what could be taken now.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FullBudgetInfo {
     /// The agent this describes.

@@ -1,5 +1,7 @@
-//! Random sequences of every operation, on both managers sharing one mock
-//! clock: every answer must be identical.
+//! Random sequences of every operation (windows and refilling buckets,
+//! chains of budgets, reservations settled, cancelled, dropped and carried
+//! over), on both managers sharing one mock clock: every answer must be
+//! identical.
 
 mod common;
 
@@ -19,6 +21,13 @@ enum Op {
         calls: u64,
         window_secs: u64,
     },
+    SetRefill {
+        agent: usize,
+        tokens: u64,
+        calls: u64,
+        period_ms: u64,
+    },
+    SetParent(usize, Option<usize>),
     Remove(usize),
     Reserve(usize, u64),
     Release(usize, u64),
@@ -42,6 +51,9 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         2 => (agent.clone(), prop_oneof![0..60u64, Just(u64::MAX)], 0..6u64, 0..4u64)
             .prop_map(|(agent, tokens, calls, window_secs)| Op::SetBudget { agent, tokens, calls, window_secs }),
+        2 => (agent.clone(), prop_oneof![0..60u64, Just(u64::MAX)], 0..6u64, prop_oneof![0..3_000u64, Just(u64::MAX)])
+            .prop_map(|(agent, tokens, calls, period_ms)| Op::SetRefill { agent, tokens, calls, period_ms }),
+        3 => (agent.clone(), prop::option::weighted(0.8, agent.clone())).prop_map(|(c, p)| Op::SetParent(c, p)),
         2 => agent.clone().prop_map(Op::Remove),
         4 => (agent.clone(), amount()).prop_map(|(a, n)| Op::Reserve(a, n)),
         1 => (agent.clone(), amount()).prop_map(|(a, n)| Op::Release(a, n)),
@@ -62,6 +74,7 @@ fn assert_same_view(lock_free: &BudgetManager, locked: &LockedBudgetManager, age
     assert_eq!(lock_free.remaining(agent), locked.remaining(agent));
     assert_eq!(lock_free.can_schedule(agent), locked.can_schedule(agent));
     assert_eq!(lock_free.full_info(agent), locked.full_info(agent));
+    assert_eq!(lock_free.chain_info(agent), locked.chain_info(agent));
 }
 
 /// How often each kind of answer came up in a run.
@@ -69,9 +82,13 @@ fn assert_same_view(lock_free: &BudgetManager, locked: &LockedBudgetManager, age
 struct Outcomes {
     admitted: u32,
     refused: u32,
+    refused_by_ancestor: u32,
     applied: u32,
+    carried_over: u32,
     window_ended: u32,
     agent_removed: u32,
+    linked: u32,
+    link_refused: u32,
 }
 
 /// Runs `ops` on both managers, asserting every answer is the same.
@@ -88,12 +105,15 @@ fn run(ops: Vec<Op>) -> Outcomes {
         assert_eq!(x, y);
         match x {
             Settlement::Applied { .. } => seen.applied += 1,
+            Settlement::CarriedOver { .. } => seen.carried_over += 1,
             Settlement::WindowEnded => seen.window_ended += 1,
             Settlement::AgentRemoved => seen.agent_removed += 1,
         }
     };
     let mut admitted = 0;
     let mut refused = 0;
+    let mut refused_by_ancestor = 0;
+    let (mut linked, mut link_refused) = (0, 0);
     for op in ops {
         match op {
             Op::SetBudget {
@@ -106,25 +126,51 @@ fn run(ops: Vec<Op>) -> Outcomes {
                 lock_free.set_budget(l.clone());
                 locked.set_budget(l);
             }
+            Op::SetRefill {
+                agent,
+                tokens,
+                calls,
+                period_ms,
+            } => {
+                let l = agent_budget::RefillLimit {
+                    agent_id: agents[agent],
+                    token_budget: tokens,
+                    calls_budget: calls,
+                    refill_period: Duration::from_millis(period_ms),
+                };
+                lock_free.set_refill(l.clone());
+                locked.set_refill(l);
+            }
+            Op::SetParent(child, parent) => {
+                let parent = parent.map(|p| agents[p]);
+                let outcome = lock_free.set_parent(&agents[child], parent.as_ref());
+                assert_eq!(outcome, locked.set_parent(&agents[child], parent.as_ref()));
+                match outcome {
+                    Ok(()) => linked += 1,
+                    Err(_) => link_refused += 1,
+                }
+            }
             Op::Remove(a) => {
                 lock_free.remove_budget(&agents[a]);
                 locked.remove_budget(&agents[a]);
             }
             Op::Reserve(a, n) => {
-                assert_eq!(
-                    lock_free.reserve(&agents[a], n),
-                    locked.reserve(&agents[a], n)
-                );
+                let outcome = lock_free.reserve(&agents[a], n);
+                assert_eq!(outcome, locked.reserve(&agents[a], n));
+                if outcome.is_err_and(|e| e.refused_by != e.agent_id) {
+                    refused_by_ancestor += 1;
+                }
             }
             Op::Release(a, n) => {
                 lock_free.release(&agents[a], n);
                 locked.release(&agents[a], n);
             }
             Op::TrackCall(a) => {
-                assert_eq!(
-                    lock_free.track_call(&agents[a]),
-                    locked.track_call(&agents[a])
-                );
+                let outcome = lock_free.track_call(&agents[a]);
+                assert_eq!(outcome, locked.track_call(&agents[a]));
+                if outcome.is_err_and(|e| e.refused_by != e.agent_id) {
+                    refused_by_ancestor += 1;
+                }
             }
             Op::Acquire(a, t, c) => {
                 match (
@@ -137,6 +183,9 @@ fn run(ops: Vec<Op>) -> Outcomes {
                     }
                     (Err(x), Err(y)) => {
                         refused += 1;
+                        if x.refused_by != x.agent_id {
+                            refused_by_ancestor += 1;
+                        }
                         assert_eq!(x, y);
                     }
                     (x, y) => panic!("acquire disagrees: {x:?} vs {y:?}"),
@@ -177,6 +226,9 @@ fn run(ops: Vec<Op>) -> Outcomes {
     }
     seen.admitted = admitted;
     seen.refused = refused;
+    seen.refused_by_ancestor = refused_by_ancestor;
+    seen.linked = linked;
+    seen.link_refused = link_refused;
     seen
 }
 
@@ -199,7 +251,7 @@ fn the_generated_sequences_reach_every_outcome() {
 
     let mut runner = TestRunner::deterministic();
     let mut total = Outcomes::default();
-    for _ in 0..200 {
+    for _ in 0..500 {
         let ops = prop::collection::vec(op(), 1..120)
             .new_tree(&mut runner)
             .unwrap()
@@ -207,17 +259,26 @@ fn the_generated_sequences_reach_every_outcome() {
         let seen = run(ops);
         total.admitted += seen.admitted;
         total.refused += seen.refused;
+        total.refused_by_ancestor += seen.refused_by_ancestor;
         total.applied += seen.applied;
+        total.carried_over += seen.carried_over;
         total.window_ended += seen.window_ended;
         total.agent_removed += seen.agent_removed;
+        total.linked += seen.linked;
+        total.link_refused += seen.link_refused;
     }
     for (what, count) in [
         ("admitted", total.admitted),
         ("refused", total.refused),
+        ("refused by an ancestor", total.refused_by_ancestor),
         ("applied", total.applied),
+        ("carried over", total.carried_over),
         ("window ended", total.window_ended),
         ("agent removed", total.agent_removed),
+        ("linked", total.linked),
+        ("link refused", total.link_refused),
     ] {
+        println!("{what}: {count}");
         assert!(count >= 20, "only {count} {what}");
     }
 }

@@ -5,23 +5,24 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
-use super::{
-    budget_info, forward_budget_limiter, full_budget_info, headroom, unknown_agent_info, Events,
-};
-use crate::cell::Limit;
+use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, Operation, PersistError, Refusal};
+use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal};
+use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
+use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
-use crate::reservation::{Ledger, OwnedReservation, Reservation, Settlement, Ticket};
+use crate::reservation::{
+    Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
+};
+use crate::rules::{Now, Refund, State};
 use crate::sync::{default_clock, ClockSource};
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
-use crate::window::{Refund, Tick, Window};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
 /// One agent's usage, and which incarnation of the agent it belongs to.
 struct Slot {
-    window: Window,
+    state: State,
     generation: u64,
 }
 
@@ -29,15 +30,21 @@ struct Slot {
 /// global write lock for every `reserve`, `track_call` and `acquire`.
 ///
 /// It answers exactly as [`BudgetManager`](crate::BudgetManager) does (both
-/// take every decision from the same window logic, including the seed's
-/// defects fixed), which makes it the reference for differential tests and
-/// the baseline for benchmarks. Two deliberate departures from the seed's
+/// take every decision from the same rules, including the seed's defects
+/// fixed), which makes it the reference for differential tests and the
+/// baseline for benchmarks. Two deliberate departures from the seed's
 /// locking, both to keep it linearizable: `set_budget` holds both locks, as
 /// `remove_budget` already did, and an agent whose usage vanished between
-/// the two lookups is treated as removed instead of being recreated.
+/// the two lookups is treated as removed instead of being recreated. A
+/// request on a chain of budgets takes and (on a refusal) gives back level
+/// by level under the one write lock, so no one ever sees a partial
+/// admission here.
 pub struct LockedBudgetManager {
     budgets: RwLock<HashMap<AgentId, Limit>>,
     usage: RwLock<HashMap<AgentId, Slot>>,
+    /// Serializes configuration changes and holds the hierarchy they check
+    /// links against; taken before the two maps' locks.
+    config: Mutex<Hierarchy>,
     clock: Clock,
     generations: AtomicU64,
     events: Events,
@@ -82,6 +89,7 @@ impl LockedBudgetManager {
         LockedBudgetManager {
             budgets: RwLock::new(HashMap::new()),
             usage: RwLock::new(HashMap::new()),
+            config: Mutex::new(Hierarchy::default()),
             clock,
             generations: AtomicU64::new(0),
             events: Events::default(),
@@ -93,30 +101,96 @@ impl LockedBudgetManager {
         self.generations.fetch_add(1, Ordering::Relaxed)
     }
 
+    fn config(&self) -> MutexGuard<'_, Hierarchy> {
+        self.config.lock()
+    }
+
     /// Sets an agent's budget; see [`BudgetManager::set_budget`](crate::BudgetManager::set_budget).
     pub fn set_budget(&self, limit: BudgetLimit) {
-        let agent_id = limit.agent_id;
+        self.configure(Configured::Window(limit));
+    }
+
+    /// Sets a refilling budget; see [`BudgetManager::set_refill`](crate::BudgetManager::set_refill).
+    pub fn set_refill(&self, limit: RefillLimit) {
+        self.configure(Configured::Refill(limit));
+    }
+
+    fn configure(&self, configured: Configured) {
+        let hierarchy = self.config();
+        let agent_id = configured.agent_id();
+        let limit = Limit::new(configured, hierarchy.parent_of(&agent_id));
         {
             let mut budgets = self.budgets.write();
             let mut usage = self.usage.write();
-            budgets.insert(agent_id, Limit::new(limit));
+            let now = self.clock.now();
+            if let (Some(old), Some(slot)) = (budgets.get(&agent_id), usage.get_mut(&agent_id)) {
+                slot.state = slot.state.convert(&old.policy, &limit.policy, now);
+            }
+            budgets.insert(agent_id, limit);
             usage.entry(agent_id).or_insert_with(|| Slot {
-                window: Window::fresh(self.clock.now().start_tick()),
+                state: State::fresh(now.start_tick()),
                 generation: self.next_generation(),
             });
         }
+        drop(hierarchy);
         self.events.limit_changed(&agent_id);
     }
 
-    /// Forgets an agent's budget and usage.
+    /// Links budgets; see [`BudgetManager::set_parent`](crate::BudgetManager::set_parent).
+    pub fn set_parent(
+        &self,
+        child: &AgentId,
+        parent: Option<&AgentId>,
+    ) -> Result<(), HierarchyError> {
+        let mut hierarchy = self.config();
+        let before = {
+            let mut budgets = self.budgets.write();
+            if !budgets.contains_key(child) {
+                return Err(HierarchyError::UnknownAgent(*child));
+            }
+            if let Some(parent) = parent {
+                if !budgets.contains_key(parent) {
+                    return Err(HierarchyError::UnknownAgent(*parent));
+                }
+                hierarchy.check_link(*child, *parent)?;
+            }
+            let before = hierarchy.parent_of(child);
+            hierarchy.set_parent(*child, parent.copied());
+            if let Some(limit) = budgets.get_mut(child) {
+                limit.parent = parent.copied();
+            }
+            before
+        };
+        drop(hierarchy);
+        self.events.limit_changed(child);
+        if let Some(before) = before {
+            self.events.limit_changed(&before);
+        }
+        Ok(())
+    }
+
+    /// Forgets an agent's budget and usage, and detaches its children; see
+    /// [`BudgetManager::remove_budget`](crate::BudgetManager::remove_budget).
     pub fn remove_budget(&self, agent_id: &AgentId) {
-        {
+        let mut hierarchy = self.config();
+        let children = {
             let mut budgets = self.budgets.write();
             let mut usage = self.usage.write();
             budgets.remove(agent_id);
             usage.remove(agent_id);
-        }
+            let children = hierarchy.remove(*agent_id);
+            for child in &children {
+                if let Some(limit) = budgets.get_mut(child) {
+                    limit.parent = None;
+                }
+            }
+            children
+        };
+        drop(hierarchy);
         self.events.limit_changed(agent_id);
+        for child in &children {
+            self.events.limit_changed(child);
+        }
     }
 
     /// Takes tokens and calls together; see [`BudgetManager::acquire`](crate::BudgetManager::acquire).
@@ -126,11 +200,10 @@ impl LockedBudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let taken_in = self
+        let levels = self
             .admit(agent_id, (tokens, calls), None)
             .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
-        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
-        Ok(Reservation::new(self, ticket))
+        Ok(Reservation::new(self, Ticket::new((tokens, calls), levels)))
     }
 
     /// Takes tokens and calls together, owned; see
@@ -141,10 +214,10 @@ impl LockedBudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<OwnedReservation, BudgetExceeded> {
-        let taken_in = self
+        let levels = self
             .admit(agent_id, (tokens, calls), None)
             .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
-        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        let ticket = Ticket::new((tokens, calls), levels);
         Ok(OwnedReservation::new(self.clone(), ticket))
     }
 
@@ -195,79 +268,126 @@ impl LockedBudgetManager {
             .map_err(|r| r.into_error(*agent_id, Operation::TrackCall))
     }
 
-    /// Gives tokens back; see [`BudgetManager::release`](crate::BudgetManager::release).
+    /// Gives tokens back at every level; see [`BudgetManager::release`](crate::BudgetManager::release).
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
-        let Some(policy) = self.budgets.read().get(agent_id).map(|l| l.policy) else {
-            return;
-        };
-        let released = {
+        let mut released = ChainIds::new();
+        {
+            let budgets = self.budgets.read();
             let mut usage = self.usage.write();
-            usage.get_mut(agent_id).is_some_and(|slot| {
-                let before = slot.window;
-                slot.window = before.release(&policy, self.clock.now(), tokens);
-                slot.window.tokens < before.tokens
-            })
-        };
-        if released {
-            self.events.refunded(agent_id, || self.headroom(agent_id));
+            let now = self.clock.now();
+            for (id, limit) in chain(&budgets, agent_id) {
+                if let Some(slot) = usage.get_mut(&id) {
+                    let before = slot.state;
+                    slot.state = before.release(&limit.policy, now, tokens);
+                    if slot.state != before {
+                        released.push(id);
+                    }
+                }
+            }
+        }
+        for level in released.iter() {
+            self.events.refunded(level, || self.headroom(level));
         }
     }
 
+    /// Takes `request` at every level of the agent's chain or at none, under
+    /// the write lock: level by level, giving back on a refusal, exactly as
+    /// the lock-free manager does, so the two agree on every state.
     fn admit(
         &self,
         agent_id: &AgentId,
         (tokens, calls): (u64, u64),
         generation: Option<u64>,
-    ) -> Result<(Tick, u64), Refusal> {
-        let policy = self
-            .budgets
-            .read()
-            .get(agent_id)
-            .map(|l| l.policy)
-            .ok_or(Refusal::NoBudget)?;
-        let mut usage = self.usage.write();
-        let slot = usage.get_mut(agent_id).ok_or(Refusal::NoBudget)?;
-        if generation.is_some_and(|g| g != slot.generation) {
-            return Err(Refusal::NoBudget);
+    ) -> Result<Levels, Refusal> {
+        let mut given_back = ChainIds::new();
+        let verdict = {
+            let budgets = self.budgets.read();
+            if !budgets.contains_key(agent_id) {
+                return Err(Refusal::NoBudget);
+            }
+            let mut usage = self.usage.write();
+            let own_generation = usage.get(agent_id).ok_or(Refusal::NoBudget)?.generation;
+            if generation.is_some_and(|g| g != own_generation) {
+                return Err(Refusal::NoBudget);
+            }
+            let now = self.clock.now();
+            let mut levels = Levels::new();
+            let mut refused = None;
+            for (id, limit) in chain(&budgets, agent_id) {
+                let Some(slot) = usage.get_mut(&id) else {
+                    break;
+                };
+                let (next, verdict) = slot.state.admit(&limit.policy, now, tokens, calls);
+                slot.state = next;
+                match verdict {
+                    Ok(()) => levels.push(Level {
+                        agent_id: id,
+                        generation: slot.generation,
+                        taken_in: next.mark,
+                    }),
+                    Err(shortfall) => {
+                        refused = Some(Refusal::Short {
+                            shortfall,
+                            generation: own_generation,
+                            level: id,
+                        });
+                        break;
+                    }
+                }
+            }
+            match refused {
+                None => Ok(levels),
+                Some(refusal) => {
+                    for level in levels.iter().rev() {
+                        give_back(&budgets, &mut usage, level, now, (tokens, calls));
+                        given_back.push(level.agent_id);
+                    }
+                    Err(refusal)
+                }
+            }
+        };
+        for level in given_back.iter() {
+            self.events.refunded(level, || self.headroom(level));
         }
-        let now = self.clock.now();
-        let (next, verdict) = slot.window.admit(&policy, now, tokens, calls);
-        slot.window = next;
-        match verdict {
-            Ok(()) => Ok((next.start, slot.generation)),
-            Err(shortfall) => Err(Refusal::Short {
-                shortfall,
-                generation: slot.generation,
-            }),
-        }
+        verdict
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
         let now = self.clock.now();
-        self.with_agent(agent_id, |limit, window| {
-            headroom(&limit.policy, window, now)
-        })
+        self.with_agent(agent_id, |limit, state| state.headroom(&limit.policy, now))
     }
 
-    fn with_agent<R>(&self, agent_id: &AgentId, f: impl FnOnce(&Limit, Window) -> R) -> Option<R> {
+    fn with_agent<R>(&self, agent_id: &AgentId, f: impl FnOnce(&Limit, State) -> R) -> Option<R> {
         let budgets = self.budgets.read();
         let limit = budgets.get(agent_id)?;
-        let window = self.usage.read().get(agent_id)?.window;
-        Some(f(limit, window))
+        let state = self.usage.read().get(agent_id)?.state;
+        Some(f(limit, state))
     }
 
     /// What is left; see [`BudgetManager::remaining`](crate::BudgetManager::remaining).
     pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
         let now = self.clock.now();
-        self.with_agent(agent_id, |limit, window| {
-            budget_info(&limit.policy, window, now)
+        self.with_agent(agent_id, |limit, state| {
+            budget_info(&limit.policy, state, now)
         })
         .unwrap_or_else(unknown_agent_info)
     }
 
-    /// Whether the agent has both tokens and calls left.
+    /// Whether every level has both tokens and calls left; see
+    /// [`BudgetManager::can_schedule`](crate::BudgetManager::can_schedule).
     pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
-        !self.remaining(agent_id).is_exhausted
+        let now = self.clock.now();
+        let budgets = self.budgets.read();
+        let usage = self.usage.read();
+        if !usage.contains_key(agent_id) {
+            return false;
+        }
+        let open = chain(&budgets, agent_id).all(|(id, limit)| {
+            usage
+                .get(&id)
+                .is_some_and(|slot| !budget_info(&limit.policy, slot.state, now).is_exhausted)
+        });
+        open
     }
 
     /// Starts a fresh window now.
@@ -275,7 +395,7 @@ impl LockedBudgetManager {
         let reset = {
             let mut usage = self.usage.write();
             usage.get_mut(agent_id).map(|slot| {
-                slot.window = slot.window.reset(self.clock.now());
+                slot.state = slot.state.reset(self.clock.now());
             })
         };
         if reset.is_some() {
@@ -286,91 +406,165 @@ impl LockedBudgetManager {
     /// Limits and usage; see [`BudgetManager::full_info`](crate::BudgetManager::full_info).
     pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
         let now = self.clock.now();
-        self.with_agent(agent_id, |limit, window| {
-            full_budget_info(*agent_id, limit, window, now)
-        })
+        self.with_agent(agent_id, |limit, state| full_budget_info(limit, state, now))
     }
 
-    /// Every agent's limit and window, under one read of each lock (the
+    /// Every level's limits and usage; see
+    /// [`BudgetManager::chain_info`](crate::BudgetManager::chain_info).
+    pub fn chain_info(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
+        let now = self.clock.now();
+        let budgets = self.budgets.read();
+        let usage = self.usage.read();
+        chain(&budgets, agent_id)
+            .map_while(|(id, limit)| {
+                let slot = usage.get(&id)?;
+                Some(full_budget_info(limit, slot.state, now))
+            })
+            .collect()
+    }
+
+    /// Every agent's limit and state, under one read of each lock (the
     /// seed re-took the budgets lock per agent while holding it).
-    fn all_agents<R>(&self, mut f: impl FnMut(AgentId, &Limit, Window) -> R) -> Vec<R> {
+    fn all_agents<R>(&self, mut f: impl FnMut(&Limit, State) -> R) -> Vec<R> {
         let budgets = self.budgets.read();
         let usage = self.usage.read();
         budgets
             .iter()
-            .filter_map(|(id, limit)| Some(f(*id, limit, usage.get(id)?.window)))
+            .filter_map(|(id, limit)| Some(f(limit, usage.get(id)?.state)))
             .collect()
     }
 
     /// [`full_info`](Self::full_info) of every agent, in no particular order.
     pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
         let now = self.clock.now();
-        self.all_agents(|id, limit, window| full_budget_info(id, limit, window, now))
+        self.all_agents(|limit, state| full_budget_info(limit, state, now))
     }
 
     /// Writes the state to `path`; see [`BudgetManager::persist`](crate::BudgetManager::persist).
     pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
         let at = self.clock.moment();
-        let agents = self.all_agents(|id, limit, window| {
-            let limit = limit.configured.clone();
-            (id, AgentState { limit, window })
+        let agents = self.all_agents(|limit, state| AgentState {
+            configured: limit.configured.clone(),
+            parent: limit.parent,
+            state,
         });
         persist::write(path, &agents, at)
     }
 
     /// Replaces the state by `path`'s; see [`BudgetManager::restore`](crate::BudgetManager::restore).
     pub fn restore(&self, path: &Path) -> Result<(), PersistError> {
-        let Some(agents) = persist::read(path, self.clock.moment())? else {
+        let Some((agents, restored)) = persist::read(path, self.clock.moment())? else {
             return Ok(());
         };
+        let mut hierarchy = self.config();
         {
             let mut budgets = self.budgets.write();
             let mut usage = self.usage.write();
             budgets.clear();
             usage.clear();
-            for (id, state) in agents {
-                budgets.insert(id, Limit::new(state.limit));
+            for agent in agents {
+                let id = agent.configured.agent_id();
+                budgets.insert(id, Limit::new(agent.configured, agent.parent));
                 let slot = Slot {
-                    window: state.window,
+                    state: agent.state,
                     generation: self.next_generation(),
                 };
                 usage.insert(id, slot);
             }
         }
+        *hierarchy = restored;
+        drop(hierarchy);
         self.events.everything_changed();
         Ok(())
     }
 }
 
+/// The agent's limit, then each ancestor's, as linked in `budgets`: at most
+/// [`MAX_LEVELS`], stopping at a parent without a budget or seen before.
+fn chain<'b>(
+    budgets: &'b HashMap<AgentId, Limit>,
+    agent_id: &AgentId,
+) -> impl Iterator<Item = (AgentId, &'b Limit)> {
+    let mut seen = ChainIds::new();
+    let mut next = Some(*agent_id);
+    std::iter::from_fn(move || {
+        let id = next.take()?;
+        if seen.contains(&id) {
+            return None;
+        }
+        let limit = budgets.get(&id)?;
+        seen.push(id);
+        next = limit.parent;
+        Some((id, limit))
+    })
+    .take(MAX_LEVELS)
+}
+
+/// Gives `request` back to one level, in the window it was taken from.
+fn give_back(
+    budgets: &HashMap<AgentId, Limit>,
+    usage: &mut HashMap<AgentId, Slot>,
+    level: &Level,
+    now: Now,
+    request: (u64, u64),
+) {
+    let (Some(limit), Some(slot)) = (budgets.get(&level.agent_id), usage.get_mut(&level.agent_id))
+    else {
+        return;
+    };
+    if slot.generation != level.generation {
+        return;
+    }
+    if let Refund::Applied { next, .. } =
+        slot.state
+            .settle(&limit.policy, now, level.taken_in, request, (0, 0))
+    {
+        slot.state = next;
+    }
+}
+
 impl LockedBudgetManager {
-    fn settle_locked(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
-        let Some(policy) = self.budgets.read().get(&ticket.agent_id).map(|l| l.policy) else {
-            return Settlement::AgentRemoved;
-        };
+    /// Settles at every level under the write lock; reports the agent's
+    /// own.
+    fn settle_locked(&self, ticket: &Ticket, used: (u64, u64)) -> (Settlement, ChainIds) {
+        let budgets = self.budgets.read();
         let mut usage = self.usage.write();
-        let Some(slot) = usage.get_mut(&ticket.agent_id) else {
-            return Settlement::AgentRemoved;
-        };
-        if slot.generation != ticket.generation {
-            return Settlement::AgentRemoved;
-        }
-        let reserved = (ticket.tokens, ticket.calls);
         let now = self.clock.now();
-        let before = slot.window;
-        let refund = before.settle(&policy, now, ticket.window_start, reserved, used);
-        if let Refund::Applied(after) = refund {
-            slot.window = after;
+        let reserved = (ticket.tokens, ticket.calls);
+        let mut own = None;
+        let mut refunded = ChainIds::new();
+        for level in ticket.levels.iter() {
+            let limit = budgets.get(&level.agent_id);
+            let slot = usage
+                .get_mut(&level.agent_id)
+                .filter(|slot| slot.generation == level.generation);
+            let settlement = match (limit, slot) {
+                (Some(limit), Some(slot)) => {
+                    let refund =
+                        slot.state
+                            .settle(&limit.policy, now, level.taken_in, reserved, used);
+                    if let Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } = refund
+                    {
+                        slot.state = next;
+                    }
+                    Settlement::of(refund)
+                }
+                _ => Settlement::AgentRemoved,
+            };
+            if settlement.refunded() {
+                refunded.push(level.agent_id);
+            }
+            own.get_or_insert(settlement);
         }
-        Settlement::of(before, refund)
+        (own.unwrap_or(Settlement::AgentRemoved), refunded)
     }
 }
 
 impl Ledger for LockedBudgetManager {
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
-        let settlement = self.settle_locked(ticket, used);
+        let (settlement, refunded) = self.settle_locked(ticket, used);
         // After the lock is released: a woken waiter takes it at once.
-        if settlement.refunded() {
-            let agent_id = &ticket.agent_id;
+        for agent_id in refunded.iter() {
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
         settlement
@@ -388,7 +582,7 @@ impl crate::wait::Waitable for LockedBudgetManager {
         agent_id: &AgentId,
         request: (u64, u64),
         generation: Option<u64>,
-    ) -> Result<(Tick, u64), Refusal> {
+    ) -> Result<Levels, Refusal> {
         self.admit(agent_id, request, generation)
     }
 

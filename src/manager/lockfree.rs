@@ -3,23 +3,30 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{
-    budget_info, forward_budget_limiter, full_budget_info, headroom, unknown_agent_info, Events,
-};
-use crate::cell::AgentCell;
+use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
+use crate::cell::{AgentCell, Enforced};
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, Operation, PersistError, Refusal};
+use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal};
+use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
+use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
-use crate::reservation::{Ledger, OwnedReservation, Reservation, Settlement, Ticket};
-use crate::sync::{default_clock, AgentMap, AtomicU64, ClockSource, Keyed, Mutex, Ordering};
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo};
-use crate::window::{Refund, Tick, Window};
+use crate::reservation::{
+    Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
+};
+use crate::rules::{Now, Refund, State};
+use crate::sync::{
+    default_clock, AgentMap, AtomicU64, ClockSource, Found, Keyed, Mutex, MutexGuard, Ordering,
+    View,
+};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
-/// Tracks token and call budgets per agent, in fixed windows, without locks.
+/// Tracks token and call budgets per agent, in fixed windows or refilling
+/// buckets, alone or in chains of budgets, without locks.
 ///
 /// Every operation on one agent is a map lookup, one clock read and (for
-/// writes) a compare-and-swap loop on that agent's 128-bit usage word; no
-/// lock is taken (only `set_budget` calls serialize among themselves) and
+/// writes) a compare-and-swap loop on that agent's 128-bit usage word, and
+/// one more of each per ancestor for an agent with a parent; no lock is
+/// taken (only configuration changes serialize among themselves) and
 /// nothing is allocated on the admitted paths of
 /// [`acquire`](Self::acquire), [`reserve`](Self::reserve),
 /// [`track_call`](Self::track_call), [`release`](Self::release),
@@ -43,11 +50,13 @@ pub struct BudgetManager {
     agents: AgentMap<AgentCell>,
     clock: Clock,
     generations: AtomicU64,
-    /// Serializes `set_budget`s: a cell keeps its limit twice (the packed
-    /// policy it enforces, the configured limit it reports), and two
-    /// unserialized writers could leave one's policy beside the other's
-    /// limit for good. Only `set_budget` takes it; requests never do.
-    limit_writes: Mutex<()>,
+    /// Serializes configuration changes (`set_budget`, `set_refill`,
+    /// `set_parent`, `remove_budget`, `restore`) and holds the hierarchy they
+    /// check links against. A cell keeps its limit twice (the packed policy
+    /// it enforces, the configured limit it reports), and two unserialized
+    /// writers could leave one's policy beside the other's limit for good.
+    /// Requests never take it.
+    config: Mutex<Hierarchy>,
     /// Who waits for budget on which agent (with the `async` feature).
     events: Events,
 }
@@ -106,7 +115,7 @@ impl BudgetManager {
             agents: AgentMap::new(),
             clock,
             generations: AtomicU64::new(0),
-            limit_writes: Mutex::new(()),
+            config: Mutex::new(Hierarchy::default()),
             events: Events::default(),
         }
     }
@@ -116,52 +125,128 @@ impl BudgetManager {
         self.generations.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Sets an agent's budget. A new agent's first window starts now; a
-    /// known agent keeps its usage and window, judged from now on against
-    /// the new limit.
-    pub fn set_budget(&self, limit: BudgetLimit) {
-        // A poisoned lock guards no data; the writes it orders are atomic.
-        let _serial = self
-            .limit_writes
+    fn config(&self) -> MutexGuard<'_, Hierarchy> {
+        // A poisoned lock is taken over: every change it guards is made
+        // whole before anything that could panic.
+        self.config
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets an agent's budget: a fixed window. A new agent's first window
+    /// starts now; a known agent keeps its usage and window, judged from now
+    /// on against the new limit (and its parent, if it has one). An agent on
+    /// a refilling budget switches to windows with what it has in use.
+    pub fn set_budget(&self, limit: BudgetLimit) {
+        self.configure(Configured::Window(limit));
+    }
+
+    /// Sets an agent's budget: a bucket that refills continuously (see
+    /// [`RefillLimit`]). A new agent starts full; a known agent keeps what
+    /// it has in use (under a fixed window: its window's usage), now
+    /// refilling at the new rate, and keeps its parent.
+    pub fn set_refill(&self, limit: RefillLimit) {
+        self.configure(Configured::Refill(limit));
+    }
+
+    fn configure(&self, configured: Configured) {
+        let hierarchy = self.config();
+        let agent_id = configured.agent_id();
         let now = self.clock.now();
-        let (agent_id, for_new) = (limit.agent_id, limit.clone());
+        let limit = Limit::new(configured, hierarchy.parent_of(&agent_id));
         self.agents.update_or_insert(
             agent_id,
-            |cell| cell.set_limit(limit),
+            |cell| cell.set_limit(limit.clone(), now),
             || {
-                let window = Window::fresh(now.start_tick());
-                AgentCell::new(for_new.clone(), window, self.next_generation())
+                let state = State::fresh(now.start_tick());
+                AgentCell::new(limit.clone(), state, self.next_generation())
             },
         );
+        drop(hierarchy);
         self.events.limit_changed(&agent_id);
     }
 
+    /// Puts `child`'s budget under `parent`'s (or, with `None`, detaches
+    /// it): from then on a request for `child` is admitted only if every
+    /// level of its chain (the child, its parent, the parent's parent...)
+    /// can take it, and is taken at all of them or at none.
+    ///
+    /// Both must have budgets. A link that would close a cycle, or make a
+    /// chain longer than [`MAX_LEVELS`](crate::MAX_LEVELS), is refused, and
+    /// nothing changes. Reservations already taken keep the levels they were
+    /// taken at.
+    pub fn set_parent(
+        &self,
+        child: &AgentId,
+        parent: Option<&AgentId>,
+    ) -> Result<(), HierarchyError> {
+        let mut hierarchy = self.config();
+        let known = |id: &AgentId| self.agents.get(id, |_| ()).is_some();
+        if !known(child) {
+            return Err(HierarchyError::UnknownAgent(*child));
+        }
+        if let Some(parent) = parent {
+            if !known(parent) {
+                return Err(HierarchyError::UnknownAgent(*parent));
+            }
+            hierarchy.check_link(*child, *parent)?;
+        }
+        let before = hierarchy.parent_of(child);
+        hierarchy.set_parent(*child, parent.copied());
+        self.relink(child, parent.copied());
+        drop(hierarchy);
+        // Waiters refused at the old parent may fit under the new one.
+        self.events.limit_changed(child);
+        if let Some(before) = before {
+            self.events.limit_changed(&before);
+        }
+        Ok(())
+    }
+
+    /// Stores `child`'s new parent beside its cell; under the config lock.
+    fn relink(&self, child: &AgentId, parent: Option<AgentId>) {
+        let now = self.clock.now();
+        self.agents.get(child, |cell| {
+            let limit = cell.limit().with_parent(parent);
+            cell.set_limit(limit, now);
+        });
+    }
+
     /// Forgets an agent's budget and usage. Its reservations settle to
-    /// [`Settlement::AgentRemoved`], even if its budget is set again, and
-    /// its waiting futures end with a refusal.
+    /// [`Settlement::AgentRemoved`] at its own level (and still apply at
+    /// its ancestors), even if its budget is set again, and its waiting
+    /// futures end with a refusal. Its children, if any, are detached: they
+    /// keep their own budgets, now without a parent.
     pub fn remove_budget(&self, agent_id: &AgentId) {
+        let mut hierarchy = self.config();
         self.agents.remove(agent_id);
+        let children = hierarchy.remove(*agent_id);
+        for child in &children {
+            self.relink(child, None);
+        }
+        drop(hierarchy);
         self.events.limit_changed(agent_id);
+        for child in &children {
+            self.events.limit_changed(child);
+        }
     }
 
     /// Takes `tokens` and `calls` together, or neither, and returns a
     /// [`Reservation`] to settle once the real usage is known.
     ///
     /// This is the operation new code should use: see the crate docs for
-    /// the gateway flow. Zero of a resource always fits.
+    /// the gateway flow. Zero of a resource always fits. For an agent with
+    /// ancestors, every level must take the request, or none keeps it.
     pub fn acquire(
         &self,
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
     ) -> Result<Reservation<'_>, BudgetExceeded> {
-        let taken_in = self
+        let levels = self
             .admit(agent_id, (tokens, calls), None)
             .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
-        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
-        Ok(Reservation::new(self, ticket))
+        Ok(Reservation::new(self, Ticket::new((tokens, calls), levels)))
     }
 
     /// [`acquire`](Self::acquire), returning an [`OwnedReservation`] that
@@ -173,10 +258,10 @@ impl BudgetManager {
         tokens: u64,
         calls: u64,
     ) -> Result<OwnedReservation, BudgetExceeded> {
-        let taken_in = self
+        let levels = self
             .admit(agent_id, (tokens, calls), None)
             .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
-        let ticket = Ticket::new(*agent_id, (tokens, calls), taken_in);
+        let ticket = Ticket::new((tokens, calls), levels);
         Ok(OwnedReservation::new(self.clone(), ticket))
     }
 
@@ -264,95 +349,195 @@ impl BudgetManager {
             .map_err(|r| r.into_error(*agent_id, Operation::TrackCall))
     }
 
-    /// Gives `tokens` back to the current window, never below zero (the
-    /// seed's API). It trusts the caller's amount and cannot tell which
-    /// window the tokens were spent in; a [`Reservation`] can.
+    /// Gives `tokens` back now, never below zero, at the agent's level and
+    /// at each of its ancestors' (the seed's API). It trusts the caller's
+    /// amount and cannot tell which window the tokens were spent in; a
+    /// [`Reservation`] can.
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
         let now = self.clock.now();
-        let released = self.agents.get(agent_id, |cell| {
-            let policy = cell.policy();
-            // SeqCst: a refund, paired with waiters' registration (see
-            // `Waiters::wake`).
-            let (before, after, ()) =
-                cell.update(Ordering::SeqCst, |w| (w.release(&policy, now, tokens), ()));
-            after.tokens < before.tokens
+        let mut released = ChainIds::new();
+        self.agents.view(|view| {
+            let Some(own) = view.get(agent_id) else {
+                return;
+            };
+            walk_chain(view, own, |cell, enforced| {
+                let policy = enforced.policy;
+                // SeqCst: a refund, paired with waiters' registration (see
+                // `Waiters::wake`).
+                let (before, after, ()) =
+                    cell.update(Ordering::SeqCst, |s| (s.release(&policy, now, tokens), ()));
+                if after != before {
+                    released.push(*cell.key());
+                }
+                true
+            });
         });
-        if released == Some(true) {
-            self.events.refunded(agent_id, || self.headroom(agent_id));
+        for level in released.iter() {
+            self.events.refunded(level, || self.headroom(level));
         }
     }
 
-    /// Takes `request` (tokens, calls) from the agent's current window, if
-    /// the agent is incarnation `generation` (when one is given).
+    /// Takes `request` (tokens, calls) at every level of the agent's chain,
+    /// or at none, if the agent is incarnation `generation` (when one is
+    /// given). Returns the levels it was taken at.
+    ///
+    /// Level by level, each a compare-and-swap on that level's own word:
+    /// if one refuses, the levels below it give back what they took (into
+    /// the window they took it from). Between the take and the give-back
+    /// another request may be refused by a level that is about to get the
+    /// budget back: the one exception to all-or-nothing being atomic, and
+    /// never an over-admission (see `docs::semantics`).
     fn admit(
         &self,
         agent_id: &AgentId,
         (tokens, calls): (u64, u64),
         generation: Option<u64>,
-    ) -> Result<(Tick, u64), Refusal> {
+    ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
-        self.agents
-            .get(agent_id, |cell| {
-                if generation.is_some_and(|g| g != cell.generation()) {
-                    return Err(Refusal::NoBudget);
-                }
-                let policy = cell.policy();
+        self.agents.view(|view| {
+            let Some(own) = view.get(agent_id) else {
+                return Err(Refusal::NoBudget);
+            };
+            let own_generation = own.generation();
+            if generation.is_some_and(|g| g != own_generation) {
+                return Err(Refusal::NoBudget);
+            }
+            let mut levels = Levels::new();
+            let mut refused = None;
+            walk_chain(view, own, |cell, enforced| {
+                let policy = enforced.policy;
                 // Relaxed: taking budget publishes nothing and wakes no one.
                 let (_, after, verdict) =
-                    cell.update(Ordering::Relaxed, |w| w.admit(&policy, now, tokens, calls));
+                    cell.update(Ordering::Relaxed, |s| s.admit(&policy, now, tokens, calls));
                 match verdict {
-                    Ok(()) => Ok((after.start, cell.generation())),
-                    Err(shortfall) => Err(Refusal::Short {
-                        shortfall,
-                        generation: cell.generation(),
-                    }),
+                    Ok(()) => {
+                        levels.push(Level {
+                            agent_id: *cell.key(),
+                            generation: cell.generation(),
+                            taken_in: after.mark,
+                        });
+                        true
+                    }
+                    Err(shortfall) => {
+                        refused = Some(Refusal::Short {
+                            shortfall,
+                            generation: own_generation,
+                            level: *cell.key(),
+                        });
+                        false
+                    }
                 }
-            })
-            .unwrap_or(Err(Refusal::NoBudget))
+            });
+            match refused {
+                None => Ok(levels),
+                Some(refusal) => {
+                    self.give_back(view, &levels, now, (tokens, calls));
+                    Err(refusal)
+                }
+            }
+        })
     }
 
-    /// What the agent can admit right now, for the wake rule.
+    /// Undoes a partial admission: each level in `levels` gets `request`
+    /// back, in the window it was taken from.
+    fn give_back(
+        &self,
+        view: &View<'_, AgentCell>,
+        levels: &Levels,
+        now: Now,
+        request: (u64, u64),
+    ) {
+        for level in levels.iter().rev() {
+            if let Some(cell) = view.get(&level.agent_id) {
+                if cell.generation() == level.generation {
+                    let policy = cell.enforced().policy;
+                    // SeqCst: a refund; see `release`.
+                    cell.update(Ordering::SeqCst, |s| {
+                        match s.settle(&policy, now, level.taken_in, request, (0, 0)) {
+                            Refund::Applied { next, .. } => (next, ()),
+                            _ => (s, ()),
+                        }
+                    });
+                }
+            }
+            let agent_id = &level.agent_id;
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
+    }
+
+    /// What the agent's own level can admit right now, for the wake rule.
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
         let now = self.clock.now();
-        self.agents
-            .get(agent_id, |cell| headroom(&cell.policy(), cell.load(), now))
+        self.agents.get(agent_id, |cell| {
+            cell.load().headroom(&cell.enforced().policy, now)
+        })
     }
 
-    /// What is left in the agent's current window. A window that has
-    /// expired reads as the fresh one the next write will start; an unknown
-    /// agent reads as exhausted.
+    /// What is left at the agent's own level: in its current window, or in
+    /// its bucket. A window that has expired reads as the fresh one the next
+    /// write will start; an unknown agent reads as exhausted.
     pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
         let now = self.clock.now();
         self.agents
             .get(agent_id, |cell| {
-                budget_info(&cell.policy(), cell.load(), now)
+                budget_info(&cell.enforced().policy, cell.load(), now)
             })
             .unwrap_or_else(unknown_agent_info)
     }
 
-    /// Whether the agent has both tokens and calls left.
+    /// Whether the agent, and every level above it, has both tokens and
+    /// calls left.
     pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
-        !self.remaining(agent_id).is_exhausted
+        let now = self.clock.now();
+        self.agents.view(|view| {
+            let Some(own) = view.get(agent_id) else {
+                return false;
+            };
+            let mut open = true;
+            walk_chain(view, own, |cell, enforced| {
+                open &= !budget_info(&enforced.policy, cell.load(), now).is_exhausted;
+                open
+            });
+            open
+        })
     }
 
-    /// Starts a fresh window for the agent now, with nothing used.
+    /// Starts a fresh window (or a full bucket) for the agent's own level,
+    /// now, with nothing used.
     pub fn reset_window(&self, agent_id: &AgentId) {
         let now = self.clock.now();
         let reset = self.agents.get(agent_id, |cell| {
             // SeqCst: a refund; see `release`.
-            cell.update(Ordering::SeqCst, |w| (w.reset(now), ()));
+            cell.update(Ordering::SeqCst, |s| (s.reset(now), ()));
         });
         if reset.is_some() {
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
     }
 
-    /// The agent's limits and usage, or `None` if it has no budget.
+    /// The limits and usage of the agent's own level, or `None` if it has no
+    /// budget.
     pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
         let now = self.clock.now();
         self.agents.get(agent_id, |cell| {
-            full_budget_info(*agent_id, &cell.limit(), cell.load(), now)
+            full_budget_info(&cell.limit(), cell.load(), now)
         })
+    }
+
+    /// [`full_info`](Self::full_info) of the agent, then of each of its
+    /// ancestors in order; empty if the agent has no budget.
+    pub fn chain_info(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
+        let now = self.clock.now();
+        let mut chain = Vec::new();
+        self.agents.view(|view| {
+            if let Some(own) = view.get(agent_id) {
+                walk_chain(view, own, |cell, _| {
+                    chain.push(full_budget_info(&cell.limit(), cell.load(), now));
+                    true
+                });
+            }
+        });
+        chain
     }
 
     /// [`full_info`](Self::full_info) of every agent, in no particular order.
@@ -360,18 +545,14 @@ impl BudgetManager {
         let now = self.clock.now();
         let mut all = Vec::new();
         self.agents.for_each(|cell| {
-            all.push(full_budget_info(
-                *cell.key(),
-                &cell.limit(),
-                cell.load(),
-                now,
-            ));
+            all.push(full_budget_info(&cell.limit(), cell.load(), now));
         });
         all
     }
 
-    /// Writes every budget and its usage to `path` as JSON (the seed's
-    /// layout), atomically: a crash leaves the old file or the new one.
+    /// Writes every budget, its usage and its parent to `path` as JSON (the
+    /// seed's layout, extended), atomically: a crash leaves the old file or
+    /// the new one.
     ///
     /// Each agent is read atomically; agents changed during the call may be
     /// written as they were before or after the change.
@@ -379,62 +560,106 @@ impl BudgetManager {
         let at = self.clock.moment();
         let mut agents = Vec::new();
         self.agents.for_each(|cell| {
-            let state = AgentState {
-                limit: cell.limit().configured.clone(),
-                window: cell.load(),
-            };
-            agents.push((*cell.key(), state));
+            let limit = cell.limit();
+            agents.push(AgentState {
+                configured: limit.configured.clone(),
+                parent: limit.parent,
+                state: cell.load(),
+            });
         });
         persist::write(path, &agents, at)
     }
 
-    /// Replaces every budget and its usage by those in `path`. A missing
-    /// file changes nothing; a file that cannot be read or trusted changes
-    /// nothing and is an error. Windows keep the part that was left.
+    /// Replaces every budget, its usage and its parent by those in `path`.
+    /// A missing file changes nothing; a file that cannot be read or trusted
+    /// (a parent cycle or a dangling parent included) changes nothing and is
+    /// an error. Windows keep the part that was left.
     ///
     /// Meant for start-up: operations running concurrently may see a mix of
     /// the old and the restored agents while it runs.
     pub fn restore(&self, path: &Path) -> Result<(), PersistError> {
-        let Some(agents) = persist::read(path, self.clock.moment())? else {
+        let Some((agents, restored)) = persist::read(path, self.clock.moment())? else {
             return Ok(());
         };
-        self.agents.replace_all(
-            agents.into_iter().map(|(_, state)| {
-                AgentCell::new(state.limit, state.window, self.next_generation())
-            }),
-        );
+        let mut hierarchy = self.config();
+        self.agents.replace_all(agents.into_iter().map(|agent| {
+            let limit = Limit::new(agent.configured, agent.parent);
+            AgentCell::new(limit, agent.state, self.next_generation())
+        }));
+        *hierarchy = restored;
+        drop(hierarchy);
         self.events.everything_changed();
         Ok(())
     }
 }
 
+/// Visits `first`, then its parent's cell, and so on, while `visit`
+/// returns `true`. Stops at an agent without a parent, at [`MAX_LEVELS`],
+/// and at a parent that is gone or already visited (which only a
+/// `set_parent` or `remove_budget` racing the walk can produce: the walk
+/// then sees the chain as it was before or after).
+fn walk_chain<'v>(
+    view: &'v View<'_, AgentCell>,
+    first: Found<'v, AgentCell>,
+    mut visit: impl FnMut(&AgentCell, &Enforced) -> bool,
+) {
+    let mut cell = first;
+    let mut seen = ChainIds::new();
+    for _ in 0..MAX_LEVELS {
+        let enforced = cell.enforced();
+        if !visit(&cell, &enforced) || !enforced.has_parent {
+            return;
+        }
+        seen.push(*cell.key());
+        let Some(parent) = cell.limit().parent else {
+            return;
+        };
+        if seen.contains(&parent) {
+            return;
+        }
+        match view.get(&parent) {
+            Some(next) => cell = next,
+            None => return,
+        }
+    }
+}
+
 impl Ledger for BudgetManager {
+    /// Settles at every level the reservation was taken at, each in its own
+    /// window; reports the agent's own level.
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
         let now = self.clock.now();
-        let settlement = self
-            .agents
-            .get(&ticket.agent_id, |cell| {
-                if cell.generation() != ticket.generation {
-                    return Settlement::AgentRemoved;
+        let reserved = (ticket.tokens, ticket.calls);
+        let mut own = None;
+        let mut refunded = ChainIds::new();
+        self.agents.view(|view| {
+            for level in ticket.levels.iter() {
+                let settlement =
+                    view.get(&level.agent_id)
+                        .filter(|cell| cell.generation() == level.generation)
+                        .map_or(Settlement::AgentRemoved, |cell| {
+                            let policy = cell.enforced().policy;
+                            // SeqCst: may refund; see `release`.
+                            let (_, _, refund) = cell.update(Ordering::SeqCst, |s| {
+                                let refund = s.settle(&policy, now, level.taken_in, reserved, used);
+                                match refund {
+                                    Refund::Applied { next, .. }
+                                    | Refund::CarriedOver { next, .. } => (next, refund),
+                                    Refund::WindowEnded => (s, refund),
+                                }
+                            });
+                            Settlement::of(refund)
+                        });
+                if settlement.refunded() {
+                    refunded.push(level.agent_id);
                 }
-                let policy = cell.policy();
-                let reserved = (ticket.tokens, ticket.calls);
-                // SeqCst: may refund; see `release`.
-                let (before, _, refund) = cell.update(Ordering::SeqCst, |w| {
-                    let refund = w.settle(&policy, now, ticket.window_start, reserved, used);
-                    match refund {
-                        Refund::Applied(next) => (next, refund),
-                        Refund::WindowEnded => (w, refund),
-                    }
-                });
-                Settlement::of(before, refund)
-            })
-            .unwrap_or(Settlement::AgentRemoved);
-        if settlement.refunded() {
-            let agent_id = &ticket.agent_id;
+                own.get_or_insert(settlement);
+            }
+        });
+        for agent_id in refunded.iter() {
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
-        settlement
+        own.unwrap_or(Settlement::AgentRemoved)
     }
 }
 
@@ -449,7 +674,7 @@ impl crate::wait::Waitable for BudgetManager {
         agent_id: &AgentId,
         request: (u64, u64),
         generation: Option<u64>,
-    ) -> Result<(Tick, u64), Refusal> {
+    ) -> Result<Levels, Refusal> {
         self.admit(agent_id, request, generation)
     }
 

@@ -1,22 +1,17 @@
 //! The two managers, and what they report in common.
 //!
-//! Both store a [`Window`] and a [`Limit`] per agent and leave every
-//! decision to [`crate::window`]; they differ only in storage: lock-free
+//! Both store a [`State`] and a [`Limit`] per agent and leave every
+//! decision to [`crate::rules`]; they differ only in storage: lock-free
 //! cells in a concurrent map, or the seed's two locked maps.
 
 pub(crate) mod locked;
 pub(crate) mod lockfree;
 
-use crate::cell::Limit;
+use crate::limit::Limit;
+use crate::rules::{Now, Policy, State};
 use crate::types::{AgentId, BudgetInfo, FullBudgetInfo};
-use crate::window::{Now, Policy, Window};
 
 const MILLIS_PER_SEC: u64 = 1_000;
-
-/// `(tokens, calls)` an operation at `now` could still take.
-pub(crate) fn headroom(policy: &Policy, stored: Window, now: Now) -> (u64, u64) {
-    stored.current(policy, now).remaining(policy)
-}
 
 /// Where a manager announces the events that can let a waiting request in.
 /// Without the `async` feature nobody waits, and every call is a no-op.
@@ -72,42 +67,33 @@ pub(crate) fn unknown_agent_info() -> BudgetInfo {
     }
 }
 
-/// `remaining` for a known agent. Reads the window as the next operation
+/// `remaining` for a known agent. Reads the state as the next operation
 /// would find it, so reads and writes share one expiry rule.
-pub(crate) fn budget_info(policy: &Policy, stored: Window, now: Now) -> BudgetInfo {
-    info_of(policy, stored.current(policy, now), now)
-}
-
-/// [`BudgetInfo`] of the window an operation at `now` sees.
-fn info_of(policy: &Policy, window: Window, now: Now) -> BudgetInfo {
-    let (tokens_remaining, calls_remaining) = window.remaining(policy);
+pub(crate) fn budget_info(policy: &Policy, stored: State, now: Now) -> BudgetInfo {
+    let reading = stored.read(policy, now);
+    let (tokens_remaining, calls_remaining) = reading.remaining;
     BudgetInfo {
         tokens_remaining,
         calls_remaining,
-        window_remaining_secs: window.millis_left(policy, now) / MILLIS_PER_SEC,
+        window_remaining_secs: reading.millis_to_reset / MILLIS_PER_SEC,
         is_exhausted: tokens_remaining == 0 || calls_remaining == 0,
     }
 }
 
 /// `full_info` for a known agent: [`budget_info`] with the configured
 /// limits and the usage beside it.
-pub(crate) fn full_budget_info(
-    agent_id: AgentId,
-    limit: &Limit,
-    stored: Window,
-    now: Now,
-) -> FullBudgetInfo {
-    let window = stored.current(&limit.policy, now);
-    let info = info_of(&limit.policy, window, now);
+pub(crate) fn full_budget_info(limit: &Limit, stored: State, now: Now) -> FullBudgetInfo {
+    let info = budget_info(&limit.policy, stored, now);
+    let (tokens_used, calls_used) = stored.read(&limit.policy, now).used;
     FullBudgetInfo {
-        agent_id,
-        token_limit: limit.configured.token_budget,
-        tokens_used: window.tokens,
+        agent_id: limit.configured.agent_id(),
+        token_limit: limit.configured.token_budget(),
+        tokens_used,
         tokens_remaining: info.tokens_remaining,
-        calls_limit: limit.configured.calls_budget,
-        calls_used: window.calls,
+        calls_limit: limit.configured.calls_budget(),
+        calls_used,
         calls_remaining: info.calls_remaining,
-        window_secs: limit.configured.window_secs,
+        window_secs: limit.configured.period_secs(),
         window_remaining_secs: info.window_remaining_secs,
         is_exhausted: info.is_exhausted,
     }
@@ -130,6 +116,16 @@ macro_rules! forward_budget_limiter {
             }
             fn set_budget(&self, limit: $crate::BudgetLimit) {
                 <$manager>::set_budget(self, limit)
+            }
+            fn set_refill(&self, limit: $crate::RefillLimit) {
+                <$manager>::set_refill(self, limit)
+            }
+            fn set_parent(
+                &self,
+                child: &$crate::AgentId,
+                parent: Option<&$crate::AgentId>,
+            ) -> Result<(), $crate::HierarchyError> {
+                <$manager>::set_parent(self, child, parent)
             }
             fn remove_budget(&self, agent_id: &$crate::AgentId) {
                 <$manager>::remove_budget(self, agent_id)
@@ -202,6 +198,9 @@ macro_rules! forward_budget_limiter {
             }
             fn full_info(&self, agent_id: &$crate::AgentId) -> Option<$crate::FullBudgetInfo> {
                 <$manager>::full_info(self, agent_id)
+            }
+            fn chain_info(&self, agent_id: &$crate::AgentId) -> Vec<$crate::FullBudgetInfo> {
+                <$manager>::chain_info(self, agent_id)
             }
             fn all_full_info(&self) -> Vec<$crate::FullBudgetInfo> {
                 <$manager>::all_full_info(self)

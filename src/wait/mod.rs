@@ -21,9 +21,8 @@ use queue::Place;
 pub(crate) use queue::{Headroom, Waiters, Wake};
 
 use crate::error::{BudgetExceeded, Operation, Refusal};
-use crate::reservation::{Ledger, OwnedReservation, Reservation, Ticket};
+use crate::reservation::{Ledger, Levels, OwnedReservation, Reservation, Ticket};
 use crate::types::AgentId;
-use crate::window::Tick;
 
 /// What a manager offers the waiting future: an admission attempt, its
 /// registry of waiters, and the headroom the wake rule reads.
@@ -31,17 +30,18 @@ pub(crate) trait Waitable: Send + Sync {
     /// The manager's waiters.
     fn waiters(&self) -> &Waiters;
 
-    /// One admission attempt, exactly as `acquire` makes it, but refused
-    /// as [`Refusal::NoBudget`] unless the agent is still incarnation
-    /// `generation` (when one is given).
+    /// One admission attempt, exactly as `acquire` makes it (at every
+    /// level of the agent's chain), but refused as [`Refusal::NoBudget`]
+    /// unless the agent is still incarnation `generation` (when one is
+    /// given).
     fn try_admit(
         &self,
         agent_id: &AgentId,
         request: (u64, u64),
         generation: Option<u64>,
-    ) -> Result<(Tick, u64), Refusal>;
+    ) -> Result<Levels, Refusal>;
 
-    /// What the agent can admit right now.
+    /// What one agent's own level can admit right now.
     fn headroom(&self, agent_id: &AgentId) -> Headroom;
 }
 
@@ -56,7 +56,10 @@ pub(crate) struct Wait<'m, M: Waitable> {
     /// The incarnation of the agent this wait began on: if the agent is
     /// removed (even if set again), the wait ends in a refusal.
     generation: Option<u64>,
-    place: Option<Place>,
+    /// Where the future is queued: at the level of the agent's chain that
+    /// refused it last (the agent itself, or an ancestor), whose events are
+    /// the ones that can let it in.
+    place: Option<(AgentId, Place)>,
     timer: timer::WindowEnd,
 }
 
@@ -74,11 +77,11 @@ impl<'m, M: Waitable> Wait<'m, M> {
 
     fn leave(&mut self, took: bool) {
         self.timer.disarm();
-        if let Some(place) = self.place.take() {
-            let (source, agent_id) = (self.source, &self.agent_id);
+        if let Some((level, place)) = self.place.take() {
+            let source = self.source;
             source
                 .waiters()
-                .leave(place, took, || source.headroom(agent_id));
+                .leave(place, took, || source.headroom(&level));
         }
     }
 }
@@ -90,7 +93,7 @@ impl<M: Waitable> Future for Wait<'_, M> {
         let this = self.get_mut();
         let waiters = this.source.waiters();
         let mut head = match &this.place {
-            Some(place) => waiters.refresh(place, cx.waker()),
+            Some((_, place)) => waiters.refresh(place, cx.waker()),
             None => false,
         };
         loop {
@@ -98,20 +101,20 @@ impl<M: Waitable> Future for Wait<'_, M> {
                 .source
                 .try_admit(&this.agent_id, this.request, this.generation)
             {
-                Ok(taken_in) => {
+                Ok(levels) => {
                     this.leave(true);
-                    let ticket = Ticket::new(this.agent_id, this.request, taken_in);
-                    return Poll::Ready(Ok(ticket));
+                    return Poll::Ready(Ok(Ticket::new(this.request, levels)));
                 }
                 Err(refusal) => refusal,
             };
-            let retry_after_ms = match refusal {
+            let (retry_after_ms, level) = match refusal {
                 Refusal::Short {
                     shortfall,
                     generation,
+                    level,
                 } if shortfall.retry_after_ms.is_some() => {
                     this.generation = Some(generation);
-                    shortfall.retry_after_ms.unwrap_or_default()
+                    (shortfall.retry_after_ms.unwrap_or_default(), level)
                 }
                 // No budget, removed, or larger than the limit: waiting
                 // cannot help.
@@ -121,12 +124,18 @@ impl<M: Waitable> Future for Wait<'_, M> {
                     return Poll::Ready(Err(error));
                 }
             };
-            let Some(place) = &this.place else {
-                let (place, is_head) = waiters.register(&this.agent_id, this.request, cx.waker());
-                this.place = Some(place);
-                head = is_head;
-                // Try once more now that a refund cannot miss us.
-                continue;
+            let place = match &this.place {
+                Some((queued_at, place)) if *queued_at == level => place,
+                _ => {
+                    // Not queued yet, or refused at another level than
+                    // before: queue where the refusal came from.
+                    this.leave(false);
+                    let (place, is_head) = waiters.register(&level, this.request, cx.waker());
+                    this.place = Some((level, place));
+                    head = is_head;
+                    // Try once more now that a refund cannot miss us.
+                    continue;
+                }
             };
             if !head {
                 this.timer.disarm();
@@ -135,7 +144,7 @@ impl<M: Waitable> Future for Wait<'_, M> {
             match this.timer.poll_after(retry_after_ms, cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(()) => {
-                    let headroom = this.source.headroom(&this.agent_id);
+                    let headroom = this.source.headroom(&level);
                     waiters.window_ended(place, headroom);
                     head = waiters.refresh(place, cx.waker());
                 }

@@ -1,0 +1,83 @@
+//! An agent's budget as configured, with the policy derived from it once.
+
+use crate::rules::Policy;
+use crate::types::{AgentId, BudgetLimit, RefillLimit};
+
+/// What `set_budget` or `set_refill` was given.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Configured {
+    /// A fixed window.
+    Window(BudgetLimit),
+    /// A token bucket.
+    Refill(RefillLimit),
+}
+
+impl Configured {
+    pub(crate) fn agent_id(&self) -> AgentId {
+        match self {
+            Configured::Window(limit) => limit.agent_id,
+            Configured::Refill(limit) => limit.agent_id,
+        }
+    }
+
+    pub(crate) fn token_budget(&self) -> u64 {
+        match self {
+            Configured::Window(limit) => limit.token_budget,
+            Configured::Refill(limit) => limit.token_budget,
+        }
+    }
+
+    pub(crate) fn calls_budget(&self) -> u64 {
+        match self {
+            Configured::Window(limit) => limit.calls_budget,
+            Configured::Refill(limit) => limit.calls_budget,
+        }
+    }
+
+    /// The window's length, or the refill period in whole seconds, rounded
+    /// up: what `full_info` reports as `window_secs`.
+    pub(crate) fn period_secs(&self) -> u64 {
+        match self {
+            Configured::Window(limit) => limit.window_secs,
+            Configured::Refill(limit) => {
+                let period = limit.refill_period;
+                period.as_secs() + u64::from(period.subsec_nanos() > 0)
+            }
+        }
+    }
+
+    pub(crate) fn policy(&self) -> Policy {
+        match self {
+            Configured::Window(limit) => Policy::from_limit(limit),
+            Configured::Refill(limit) => Policy::from_refill(limit),
+        }
+    }
+}
+
+/// A limit as configured, the policy derived from it, and the agent's
+/// parent in a hierarchy of budgets.
+#[derive(Clone, Debug)]
+pub(crate) struct Limit {
+    pub(crate) configured: Configured,
+    pub(crate) policy: Policy,
+    pub(crate) parent: Option<AgentId>,
+}
+
+impl Limit {
+    pub(crate) fn new(configured: Configured, parent: Option<AgentId>) -> Self {
+        let policy = configured.policy();
+        Limit {
+            configured,
+            policy,
+            parent,
+        }
+    }
+
+    /// The same limit under another parent.
+    pub(crate) fn with_parent(&self, parent: Option<AgentId>) -> Self {
+        Limit {
+            parent,
+            ..self.clone()
+        }
+    }
+}
