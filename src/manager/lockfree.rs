@@ -607,7 +607,8 @@ fn walk_chain<'v>(
     let mut seen = ChainIds::new();
     for _ in 0..MAX_LEVELS {
         let enforced = cell.enforced();
-        if !visit(&cell, &enforced) || !enforced.has_parent {
+        // `Found` is a reference here and an `Arc` under loom; both deref.
+        if !visit(std::ops::Deref::deref(&cell), &enforced) || !enforced.has_parent {
             return;
         }
         seen.push(*cell.key());
