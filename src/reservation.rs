@@ -18,40 +18,59 @@ pub(crate) struct Level {
 }
 
 /// The levels a request was admitted at: the agent first, then its
-/// ancestors. Held inline, so a reservation never allocates.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Levels {
+/// ancestors. An agent without a parent (the common case) holds its one
+/// level inline, so its reservations stay small and never allocate; a chain
+/// keeps its levels in one allocation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Levels {
+    /// The agent alone.
+    Own(Level),
+    /// The agent and its ancestors, at most [`MAX_LEVELS`].
+    Chain(Box<ChainLevels>),
+}
+
+/// The levels of a chain: `len` of `at` are in use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct ChainLevels {
     len: u8,
     at: [Level; MAX_LEVELS],
 }
 
 impl Levels {
-    pub(crate) fn new() -> Self {
-        const UNUSED: Level = Level {
-            agent_id: AgentId::nil(),
-            generation: 0,
-            taken_in: Tick(0),
-        };
-        Levels {
-            len: 0,
-            at: [UNUSED; MAX_LEVELS],
-        }
-    }
-
     /// Adds the next level up; the caller stops at [`MAX_LEVELS`].
     pub(crate) fn push(&mut self, level: Level) {
-        self.at[usize::from(self.len)] = level;
-        self.len += 1;
+        match self {
+            Levels::Own(own) => {
+                let mut at = [*own; MAX_LEVELS];
+                at[1] = level;
+                *self = Levels::Chain(Box::new(ChainLevels { len: 2, at }));
+            }
+            Levels::Chain(chain) => {
+                chain.at[usize::from(chain.len)] = level;
+                chain.len += 1;
+            }
+        }
     }
 
     /// The agent's own level, then its ancestors'.
     pub(crate) fn iter(&self) -> impl DoubleEndedIterator<Item = &Level> {
-        self.at[..usize::from(self.len)].iter()
+        match self {
+            Levels::Own(own) => std::slice::from_ref(own),
+            Levels::Chain(chain) => &chain.at[..usize::from(chain.len)],
+        }
+        .iter()
+    }
+
+    fn own(&self) -> &Level {
+        match self {
+            Levels::Own(own) => own,
+            Levels::Chain(chain) => &chain.at[0],
+        }
     }
 }
 
 /// What a reservation took, and where.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Ticket {
     pub(crate) tokens: u64,
     pub(crate) calls: u64,
@@ -62,7 +81,6 @@ pub(crate) struct Ticket {
 impl Ticket {
     /// The ticket of `tokens` and `calls` admitted at `levels`.
     pub(crate) fn new((tokens, calls): (u64, u64), levels: Levels) -> Self {
-        debug_assert!(levels.len > 0);
         Ticket {
             tokens,
             calls,
@@ -71,7 +89,7 @@ impl Ticket {
     }
 
     pub(crate) fn agent_id(&self) -> AgentId {
-        self.levels.at[0].agent_id
+        self.levels.own().agent_id
     }
 
     fn fmt_fields(&self, mut f: std::fmt::DebugStruct<'_, '_>) -> std::fmt::Result {
@@ -286,13 +304,15 @@ mod tests {
 
     #[test]
     fn levels_hold_a_whole_chain_inline_in_order() {
-        let mut levels = Levels::new();
-        for n in 0..MAX_LEVELS {
-            levels.push(Level {
-                agent_id: AgentId::from_u128(n as u128 + 1),
-                generation: 0,
-                taken_in: Tick(0),
-            });
+        let level = |n: u128| Level {
+            agent_id: AgentId::from_u128(n),
+            generation: 0,
+            taken_in: Tick(0),
+        };
+        let mut levels = Levels::Own(level(1));
+        assert_eq!(levels.iter().count(), 1);
+        for n in 2..=MAX_LEVELS {
+            levels.push(level(n as u128));
         }
         let ids: Vec<_> = levels.iter().map(|l| l.agent_id.as_u128()).collect();
         assert_eq!(ids, (1..=MAX_LEVELS as u128).collect::<Vec<_>>());

@@ -311,7 +311,7 @@ impl LockedBudgetManager {
                 return Err(Refusal::NoBudget);
             }
             let now = self.clock.now();
-            let mut levels = Levels::new();
+            let mut levels: Option<Levels> = None;
             let mut refused = None;
             for (id, limit) in chain(&budgets, agent_id) {
                 let Some(slot) = usage.get_mut(&id) else {
@@ -320,11 +320,17 @@ impl LockedBudgetManager {
                 let (next, verdict) = slot.state.admit(&limit.policy, now, tokens, calls);
                 slot.state = next;
                 match verdict {
-                    Ok(()) => levels.push(Level {
-                        agent_id: id,
-                        generation: slot.generation,
-                        taken_in: next.mark,
-                    }),
+                    Ok(()) => {
+                        let level = Level {
+                            agent_id: id,
+                            generation: slot.generation,
+                            taken_in: next.mark,
+                        };
+                        match &mut levels {
+                            None => levels = Some(Levels::Own(level)),
+                            Some(levels) => levels.push(level),
+                        }
+                    }
                     Err(shortfall) => {
                         refused = Some(Refusal::Short {
                             shortfall,
@@ -335,10 +341,11 @@ impl LockedBudgetManager {
                     }
                 }
             }
-            match refused {
-                None => Ok(levels),
-                Some(refusal) => {
-                    for level in levels.iter().rev() {
+            match (refused, levels) {
+                (None, Some(levels)) => Ok(levels),
+                (None, None) => Err(Refusal::NoBudget),
+                (Some(refusal), levels) => {
+                    for level in levels.iter().flat_map(Levels::iter).rev() {
                         give_back(&budgets, &mut usage, level, now, (tokens, calls));
                         given_back.push(level.agent_id);
                     }

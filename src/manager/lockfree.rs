@@ -402,28 +402,40 @@ impl BudgetManager {
             if generation.is_some_and(|g| g != own_generation) {
                 return Err(Refusal::NoBudget);
             }
-            let mut levels = Levels::new();
-            let mut refused = None;
-            walk_chain(view, own, |cell, enforced| {
-                let policy = enforced.policy;
+            let take = |cell: &AgentCell, policy| {
                 // Relaxed: taking budget publishes nothing and wakes no one.
                 let (_, after, verdict) =
                     cell.update(Ordering::Relaxed, |s| s.admit(&policy, now, tokens, calls));
-                match verdict {
-                    Ok(()) => {
-                        levels.push(Level {
-                            agent_id: *cell.key(),
-                            generation: cell.generation(),
-                            taken_in: after.mark,
-                        });
+                let level = Level {
+                    agent_id: *cell.key(),
+                    generation: cell.generation(),
+                    taken_in: after.mark,
+                };
+                verdict.map(|()| level).map_err(|shortfall| Refusal::Short {
+                    shortfall,
+                    generation: own_generation,
+                    level: *cell.key(),
+                })
+            };
+            let enforced = own.enforced();
+            let mut levels = Levels::Own(take(&own, enforced.policy)?);
+            if !enforced.has_parent {
+                return Ok(levels);
+            }
+            let mut refused = None;
+            let mut ancestors = false;
+            walk_chain(view, own, |cell, enforced| {
+                // The walk starts at the agent, already taken above.
+                if !std::mem::replace(&mut ancestors, true) {
+                    return true;
+                }
+                match take(cell, enforced.policy) {
+                    Ok(level) => {
+                        levels.push(level);
                         true
                     }
-                    Err(shortfall) => {
-                        refused = Some(Refusal::Short {
-                            shortfall,
-                            generation: own_generation,
-                            level: *cell.key(),
-                        });
+                    Err(refusal) => {
+                        refused = Some(refusal);
                         false
                     }
                 }
@@ -632,7 +644,6 @@ impl Ledger for BudgetManager {
         let now = self.clock.now();
         let reserved = (ticket.tokens, ticket.calls);
         let mut own = None;
-        let mut refunded = ChainIds::new();
         self.agents.view(|view| {
             for level in ticket.levels.iter() {
                 let settlement =
@@ -652,14 +663,12 @@ impl Ledger for BudgetManager {
                             Settlement::of(refund)
                         });
                 if settlement.refunded() {
-                    refunded.push(level.agent_id);
+                    let agent_id = &level.agent_id;
+                    self.events.refunded(agent_id, || self.headroom(agent_id));
                 }
                 own.get_or_insert(settlement);
             }
         });
-        for agent_id in refunded.iter() {
-            self.events.refunded(agent_id, || self.headroom(agent_id));
-        }
         own.unwrap_or(Settlement::AgentRemoved)
     }
 }
