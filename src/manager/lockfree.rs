@@ -418,7 +418,7 @@ impl BudgetManager {
                 })
             };
             let enforced = own.enforced();
-            let mut levels = Levels::Own(take(&own, enforced.policy)?);
+            let mut levels = Levels::Own(take(std::ops::Deref::deref(&own), enforced.policy)?);
             if !enforced.has_parent {
                 return Ok(levels);
             }
