@@ -1,0 +1,114 @@
+//! What the policies beyond a plain fixed window cost, one thread, side by
+//! side with the plain case in the same run:
+//!
+//! - `levels`: `acquire` + `settle` on an agent alone, and on an agent two
+//!   levels below the top of a chain (key → team → org): 1,000 keys under
+//!   10 teams under one org, every level with room to spare.
+//! - `refill`: `reserve` admitted on a fixed window and on a refilling
+//!   bucket, 1,000 agents each.
+//!
+//! `cargo bench --bench policies`
+
+mod common;
+
+use std::time::Duration;
+
+use agent_budget::{
+    AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager, RefillLimit, MAX_CALLS, MAX_TOKENS,
+};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+
+use common::{agent_ids, Clocking, Keys};
+
+const AGENTS: usize = 1_000;
+const TEAMS: usize = 10;
+
+/// A bucket that never runs dry during a bench: as large as a bucket can
+/// be, refilling over a century.
+fn roomy_bucket(agent_id: AgentId) -> RefillLimit {
+    RefillLimit {
+        agent_id,
+        token_budget: MAX_TOKENS / 2,
+        calls_budget: MAX_CALLS / 2,
+        refill_period: Duration::from_secs(100 * 365 * 86_400),
+    }
+}
+
+/// `keys` each under one of `TEAMS` teams, all under one org, every budget
+/// unlimited.
+fn chained<M: BudgetLimiter>(keys: &[AgentId]) -> M {
+    let manager: M = common::admitting(keys, Clocking::Precise);
+    let org = AgentId::from_u128(u128::MAX);
+    manager.set_budget(common::unlimited(org));
+    let teams: Vec<_> = (0..TEAMS as u128)
+        .map(|t| AgentId::from_u128(u128::MAX - 1 - t))
+        .collect();
+    for team in &teams {
+        manager.set_budget(common::unlimited(*team));
+        manager
+            .set_parent(team, Some(&org))
+            .expect("a two-level chain");
+    }
+    for (i, key) in keys.iter().enumerate() {
+        manager
+            .set_parent(key, Some(&teams[i % TEAMS]))
+            .expect("a three-level chain");
+    }
+    manager
+}
+
+fn levels_of<M: BudgetLimiter>(c: &mut Criterion, name: &str) {
+    let keys = agent_ids(AGENTS);
+    let alone: M = common::admitting(&keys, Clocking::Precise);
+    let chain: M = chained(&keys);
+    let mut draw = Keys::new(&keys, 1);
+    let mut group = c.benchmark_group("levels");
+    for (levels, manager) in [(1, &alone), (3, &chain)] {
+        group.bench_function(
+            BenchmarkId::new(format!("acquire_settle/{name}"), levels),
+            |b| {
+                b.iter(|| {
+                    manager
+                        .acquire(draw.next_id(), 100, 1)
+                        .map(|reservation| reservation.settle(60))
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn levels(c: &mut Criterion) {
+    levels_of::<BudgetManager>(c, "lock-free");
+    levels_of::<LockedBudgetManager>(c, "locked");
+}
+
+fn refill_of<M: BudgetLimiter>(c: &mut Criterion, name: &str) {
+    let ids = agent_ids(AGENTS);
+    let window: M = common::admitting(&ids, Clocking::Precise);
+    let bucket: M = common::manager(Clocking::Precise);
+    for &id in &ids {
+        bucket.set_refill(roomy_bucket(id));
+    }
+    let mut draw = Keys::new(&ids, 1);
+    let mut group = c.benchmark_group("refill");
+    for (policy, manager) in [("window", &window), ("bucket", &bucket)] {
+        group.bench_function(
+            BenchmarkId::new(format!("reserve_admitted/{name}"), policy),
+            |b| b.iter(|| manager.reserve(draw.next_id(), 1)),
+        );
+    }
+    group.finish();
+}
+
+fn refill(c: &mut Criterion) {
+    refill_of::<BudgetManager>(c, "lock-free");
+    refill_of::<LockedBudgetManager>(c, "locked");
+}
+
+criterion_group! {
+    name = benches;
+    config = common::short_config();
+    targets = levels, refill
+}
+criterion_main!(benches);
