@@ -87,6 +87,18 @@
 //! [`acquire_owned`]: BudgetManager::acquire_owned
 //! [`acquire_owned_wait`]: BudgetManager::acquire_owned_wait
 //!
+//! # Nested budgets, and budgets that refill
+//!
+//! [`set_parent`](BudgetManager::set_parent) nests budgets (a key under its
+//! team under its organisation, up to [`MAX_LEVELS`] levels): a request is
+//! admitted at every level of its chain or at none, and no level is ever
+//! over-admitted by racing requests. [`set_refill`](BudgetManager::set_refill)
+//! gives an agent a token bucket ([`RefillLimit`]) that refills continuously
+//! instead of by fixed windows. Both live in the same one-word cell; see
+//! [`docs::semantics`] for the rules, including overuse reported after a
+//! window ended, which is charged to the current one
+//! ([`Settlement::CarriedOver`]).
+//!
 //! # The seed's API
 //!
 //! [`BudgetManager`] keeps the API of the locked design it replaces:
