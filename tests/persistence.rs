@@ -221,3 +221,240 @@ fn state_moves_between_the_managers_in_both_directions() {
     );
     assert_eq!(again.full_info(&a).unwrap().calls_used, 1);
 }
+
+// ---------------------------------------------------------------------------
+// Chains of budgets and refilling buckets in the file
+
+use std::time::Duration;
+
+use agent_budget::{
+    AgentId, BudgetLimiter, FullBudgetInfo, HierarchyError, RefillLimit, MAX_LEVELS,
+};
+use serde_json::{json, Value};
+
+fn bucket(agent_id: AgentId, tokens: u64, calls: u64, period: Duration) -> RefillLimit {
+    RefillLimit {
+        agent_id,
+        token_budget: tokens,
+        calls_budget: calls,
+        refill_period: period,
+    }
+}
+
+/// Every agent's limits and usage, in a stable order.
+fn everything<M: BudgetLimiter>(m: &M) -> Vec<FullBudgetInfo> {
+    let mut all = m.all_full_info();
+    all.sort_by_key(|info| info.agent_id);
+    all
+}
+
+fn same_states(x: &[FullBudgetInfo], y: &[FullBudgetInfo]) {
+    assert_eq!(x.len(), y.len(), "{x:?} {y:?}");
+    for (x, y) in x.iter().zip(y) {
+        same_state(x, y);
+    }
+}
+
+fn chain_ids<M: BudgetLimiter>(m: &M, a: &AgentId) -> Vec<AgentId> {
+    m.chain_info(a).iter().map(|info| info.agent_id).collect()
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+}
+
+/// A key under a team under an org; the org and the key refill, the team
+/// and a lone agent use windows. Something is used at every level.
+fn a_hierarchy<M: BudgetLimiter>(m: &M) -> [AgentId; 4] {
+    let (org, team, key, solo) = (agent(), agent(), agent(), agent());
+    m.set_refill(bucket(org, 1_000, 100, Duration::from_secs(100 * 3_600)));
+    m.set_budget(limit(team, 150, 50, 3_600));
+    // A period with a fraction of a second, which must survive the trip.
+    m.set_refill(bucket(key, 300, 30, Duration::from_millis(90_000_500)));
+    m.set_budget(limit(solo, 10, 1, 60));
+    m.set_parent(&team, Some(&org)).unwrap();
+    m.set_parent(&key, Some(&team)).unwrap();
+    m.acquire(&key, 120, 3).map(drop).unwrap();
+    m.reserve(&solo, 4).unwrap();
+    [org, team, key, solo]
+}
+
+for_both_managers! {
+    fn a_file_with_parents_and_refills_round_trips<M>() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.json");
+        let (m, time) = mocked::<M>();
+        let [org, team, key, solo] = a_hierarchy(&m);
+        time.advance_secs(30);
+        m.persist(&path).unwrap();
+
+        let value = read_json(&path);
+        assert_eq!(value["parents"], json!({ key.to_string(): team.to_string(), team.to_string(): org.to_string() }));
+        let windows: Vec<&String> = value["budgets"].as_object().unwrap().keys().collect();
+        assert_eq!(windows.len(), 2);
+        assert!(windows.contains(&&team.to_string()) && windows.contains(&&solo.to_string()));
+        assert_eq!(value["refills"].as_object().unwrap().len(), 2);
+        assert_eq!(value["refills"][org.to_string()]["refill_period"], json!({ "secs": 360_000, "nanos": 0 }));
+        assert_eq!(value["refills"][key.to_string()]["refill_period"], json!({ "secs": 90_000, "nanos": 500_000_000 }));
+        assert_eq!(value["usage"].as_object().unwrap().len(), 4);
+
+        let (restored, _) = mocked::<M>();
+        restored.restore(&path).unwrap();
+        same_states(&everything(&restored), &everything(&m));
+        for a in [org, team, key, solo] {
+            assert_eq!(chain_ids(&restored, &a), chain_ids(&m, &a));
+            same_states(&restored.chain_info(&a), &m.chain_info(&a));
+        }
+        assert_eq!(chain_ids(&restored, &key), [key, team, org]);
+        // The chain is enforced as it was: the team has 30 tokens left, the key 180.
+        let err = restored.acquire(&key, 31, 0).unwrap_err();
+        assert_eq!(err.refused_by, team);
+        restored.acquire(&key, 30, 0).map(drop).unwrap();
+        assert_eq!(restored.chain_info(&key).iter().map(|i| i.tokens_used).collect::<Vec<_>>(), [150, 150, 150]);
+    }
+}
+
+#[test]
+fn parents_and_refills_move_between_the_managers_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (there, back) = (dir.path().join("there.json"), dir.path().join("back.json"));
+    let (lock_free, _) = mocked::<BudgetManager>();
+    let [org, team, key, solo] = a_hierarchy(&lock_free);
+    lock_free.persist(&there).unwrap();
+
+    let (locked, _) = mocked::<LockedBudgetManager>();
+    locked.restore(&there).unwrap();
+    same_states(&everything(&locked), &everything(&lock_free));
+    for a in [org, team, key, solo] {
+        assert_eq!(chain_ids(&locked, &a), chain_ids(&lock_free, &a));
+    }
+    locked.persist(&back).unwrap();
+    // Both managers write the same limits and links.
+    let (x, y) = (read_json(&there), read_json(&back));
+    for field in ["budgets", "refills", "parents"] {
+        assert_eq!(x[field], y[field], "{field}");
+    }
+
+    let (again, _) = mocked::<BudgetManager>();
+    again.restore(&back).unwrap();
+    same_states(&everything(&again), &everything(&lock_free));
+    assert_eq!(chain_ids(&again, &key), [key, team, org]);
+}
+
+for_both_managers! {
+    fn a_file_without_chains_or_buckets_is_the_seeds_layout_both_ways<M>() {
+        let dir = tempfile::tempdir().unwrap();
+        let (seed_path, hierarchy_path) = (dir.path().join("seed.json"), dir.path().join("chains.json"));
+        // Written without links or buckets, the file has no new keys.
+        let (plain, _) = mocked::<M>();
+        let (a, b) = (agent(), agent());
+        plain.set_budget(limit(a, 100, 10, 60));
+        plain.set_budget(limit(b, 50, 5, 60));
+        plain.reserve(&a, 30).unwrap();
+        plain.persist(&seed_path).unwrap();
+        let value = read_json(&seed_path);
+        let keys: Vec<&String> = value.as_object().unwrap().keys().collect();
+        assert_eq!(keys, ["budgets", "usage"]);
+
+        // Restored over a manager with chains and buckets, it replaces them all.
+        let (m, _) = mocked::<M>();
+        let [org, team, key, _] = a_hierarchy(&m);
+        m.set_parent(&team, None).unwrap();
+        m.set_budget(limit(a, 1, 1, 1));
+        m.set_parent(&a, Some(&org)).unwrap();
+        m.persist(&hierarchy_path).unwrap();
+        m.restore(&seed_path).unwrap();
+        same_states(&everything(&m), &everything(&plain));
+        assert_eq!(chain_ids(&m, &a), [a]);
+        assert!(m.chain_info(&key).is_empty());
+        // And the other way again.
+        m.restore(&hierarchy_path).unwrap();
+        assert_eq!(chain_ids(&m, &a), [a, org]);
+        assert_eq!(chain_ids(&m, &key), [key, team]);
+    }
+}
+
+for_both_managers! {
+    fn a_bad_hierarchy_or_a_doubly_configured_agent_is_refused_and_changes_nothing<M>() {
+        let dir = tempfile::tempdir().unwrap();
+        // The state that must survive every refused file.
+        let (m, _) = mocked::<M>();
+        let [_, _, key, _] = a_hierarchy(&m);
+        let before = everything(&m);
+        let chain_before = m.chain_info(&key);
+
+        // A valid file of other agents, enough for a chain one level too deep.
+        let ids: Vec<AgentId> = (0..=MAX_LEVELS).map(|_| agent()).collect();
+        let (source, _) = mocked::<BudgetManager>();
+        for id in &ids {
+            source.set_budget(limit(*id, 10, 1, 60));
+        }
+        let good_path = dir.path().join("good.json");
+        source.persist(&good_path).unwrap();
+        let good = read_json(&good_path);
+        let with_parents = |links: &[(AgentId, AgentId)]| {
+            let mut value = good.clone();
+            let links: serde_json::Map<String, Value> = links
+                .iter()
+                .map(|(child, parent)| (child.to_string(), json!(parent.to_string())))
+                .collect();
+            value["parents"] = Value::Object(links);
+            value
+        };
+        // A chain of MAX_LEVELS levels is fine; one more is not.
+        let chain: Vec<(AgentId, AgentId)> = ids.windows(2).map(|w| (w[1], w[0])).collect();
+        let (fine, _) = mocked::<M>();
+        let fine_path = dir.path().join("eight.json");
+        std::fs::write(&fine_path, with_parents(&chain[..MAX_LEVELS - 1]).to_string()).unwrap();
+        fine.restore(&fine_path).unwrap();
+        assert_eq!(fine.chain_info(&ids[MAX_LEVELS - 1]).len(), MAX_LEVELS);
+
+        let ghost = agent();
+        let mut both = good.clone();
+        both["refills"] = json!({ ids[0].to_string(): {
+            "agent_id": ids[0].to_string(), "token_budget": 10, "calls_budget": 1,
+            "refill_period": { "secs": 60, "nanos": 0 },
+        }});
+        let cases: Vec<(&str, Value)> = vec![
+            ("cycle", with_parents(&[(ids[0], ids[1]), (ids[1], ids[0])])),
+            ("self parent", with_parents(&[(ids[2], ids[2])])),
+            ("dangling parent", with_parents(&[(ids[0], ghost)])),
+            ("dangling child", with_parents(&[(ghost, ids[0])])),
+            ("too deep", with_parents(&chain)),
+            ("windowed and refilling", both),
+        ];
+        for (what, value) in cases {
+            let path = dir.path().join(format!("{what}.json"));
+            std::fs::write(&path, value.to_string()).unwrap();
+            let err = m.restore(&path).expect_err(what);
+            let message = err.to_string();
+            assert!(message.contains(&path.display().to_string()), "{what}: {message}");
+            match (what, &err) {
+                ("cycle", PersistError::Hierarchy { source: HierarchyError::Cycle { child, parent }, .. }) => {
+                    let mut pair = [*child, *parent];
+                    pair.sort();
+                    let mut expected = [ids[0], ids[1]];
+                    expected.sort();
+                    assert_eq!(pair, expected);
+                }
+                ("self parent", PersistError::Hierarchy { source, .. }) => {
+                    assert_eq!(*source, HierarchyError::Cycle { child: ids[2], parent: ids[2] });
+                }
+                ("dangling parent" | "dangling child", PersistError::Hierarchy { source, .. }) => {
+                    assert_eq!(*source, HierarchyError::UnknownAgent(ghost));
+                    assert!(message.contains(&ghost.to_string()), "{message}");
+                }
+                ("too deep", PersistError::Hierarchy { .. }) => {}
+                ("windowed and refilling", PersistError::Inconsistent { reason, .. }) => {
+                    assert!(reason.contains(&ids[0].to_string()), "{reason}");
+                }
+                _ => panic!("{what}: unexpected error {err:?}"),
+            }
+            assert_eq!(everything(&m), before, "{what} changed the state");
+            assert_eq!(m.chain_info(&key), chain_before, "{what} changed the chain");
+        }
+        // The file the cases were made from is itself fine.
+        m.restore(&good_path).unwrap();
+        assert_eq!(m.all_full_info().len(), ids.len());
+    }
+}
