@@ -236,3 +236,165 @@ fn cancels_racing_a_rollover_never_refund_into_the_new_window() {
         assert!(used <= (certain + uncertain) * 10);
     }
 }
+
+// ---------------------------------------------------------------------------
+// Chains of budgets under load
+
+/// Reads every level of each leaf's chain until `done`, asserting that no
+/// level is ever over its limit (nobody here settles more than it reserved).
+/// Returns how many chains it read.
+fn watch_chains<M: BudgetLimiter>(
+    m: &M,
+    leaves: &[AgentId],
+    levels: usize,
+    done: &AtomicBool,
+) -> u64 {
+    let mut reads = 0;
+    while !done.load(Ordering::Acquire) {
+        for leaf in leaves {
+            let chain = m.chain_info(leaf);
+            assert_eq!(chain.len(), levels, "{chain:?}");
+            for level in &chain {
+                assert!(level.tokens_used <= level.token_limit, "{level:?}");
+                assert!(level.calls_used <= level.calls_limit, "{level:?}");
+            }
+            reads += 1;
+        }
+    }
+    reads
+}
+
+/// Tokens and calls an agent kept, as counted by the threads that kept them.
+type Kept = (AtomicU64, AtomicU64);
+
+/// From `threads` threads, `rounds` times each: acquires on one of `leaves`,
+/// then settles for less than reserved, cancels or drops, in turn. Counts
+/// what each leaf kept in `kept`, and returns how many refusals came from
+/// a level above the leaf.
+fn hammer<M: BudgetLimiter>(
+    m: &M,
+    leaves: &[AgentId],
+    threads: usize,
+    rounds: usize,
+    kept: &[Kept],
+) -> u64 {
+    together(threads, |t| {
+        let mut refused_above = 0;
+        for i in 0..rounds {
+            let which = (t + i) % leaves.len();
+            let leaf = &leaves[which];
+            let tokens = 1 + (i as u64 * 7 + t as u64) % 9;
+            match m.acquire(leaf, tokens, 1) {
+                Ok(r) => {
+                    let (tokens, calls) = match i % 3 {
+                        0 => {
+                            let used = tokens / 2;
+                            assert!(matches!(r.settle(used), Settlement::Applied { .. }));
+                            (used, 1)
+                        }
+                        1 => {
+                            assert!(matches!(r.cancel(), Settlement::Applied { .. }));
+                            (0, 0)
+                        }
+                        _ => {
+                            drop(r); // stays charged
+                            (tokens, 1)
+                        }
+                    };
+                    kept[which].0.fetch_add(tokens, Ordering::Relaxed);
+                    kept[which].1.fetch_add(calls, Ordering::Relaxed);
+                }
+                Err(e) => refused_above += u64::from(e.refused_by != *leaf),
+            }
+        }
+        refused_above
+    })
+}
+
+fn kept(k: &Kept) -> (u64, u64) {
+    (k.0.load(Ordering::Relaxed), k.1.load(Ordering::Relaxed))
+}
+
+fn used<M: BudgetLimiter>(m: &M, a: &AgentId) -> (u64, u64) {
+    let info = m.full_info(a).unwrap();
+    (info.tokens_used, info.calls_used)
+}
+
+for_both_managers! {
+    fn children_of_one_parent_never_overrun_it_and_keep_exactly_what_they_kept<M>() {
+        const CHILDREN: usize = 4;
+        const ROUNDS: usize = 3_000;
+        for threads in [2, 4, 8] {
+            let m: M = real();
+            let parent = agent();
+            // Calls bind here: the children together could make more than
+            // the parent allows.
+            m.set_budget(limit(parent, 3_000, 600, HOUR));
+            let children: Vec<AgentId> = (0..CHILDREN).map(|_| agent()).collect();
+            for child in &children {
+                m.set_budget(limit(*child, 1_000, 200, HOUR));
+                m.set_parent(child, Some(&parent)).unwrap();
+            }
+            let kept_by: Vec<Kept> = (0..CHILDREN).map(|_| Default::default()).collect();
+            let done = AtomicBool::new(false);
+            let (refused_above, reads) = thread::scope(|s| {
+                let watcher = s.spawn(|| watch_chains(&m, &children, 2, &done));
+                let refused_above = hammer(&m, &children, threads, ROUNDS, &kept_by);
+                done.store(true, Ordering::Release);
+                (refused_above, watcher.join().unwrap())
+            });
+            assert!(reads > 0, "{threads} threads: the watcher never read");
+            assert!(refused_above > 0, "{threads} threads: the parent never refused");
+            let mut total = (0, 0);
+            for (child, k) in children.iter().zip(&kept_by) {
+                assert_eq!(used(&m, child), kept(k), "{threads} threads");
+                total = (total.0 + kept(k).0, total.1 + kept(k).1);
+            }
+            assert_eq!(used(&m, &parent), total, "{threads} threads");
+        }
+    }
+}
+
+for_both_managers! {
+    fn keys_under_teams_under_an_org_never_overrun_any_level<M>() {
+        const ROUNDS: usize = 3_000;
+        for threads in [2, 4, 8] {
+            let m: M = real();
+            let org = agent();
+            let teams = [agent(), agent()];
+            // Two keys per team: keys[2 * team + n].
+            let keys: Vec<AgentId> = (0..4).map(|_| agent()).collect();
+            // Tokens bind here (calls are plenty): the teams together could
+            // take more than the org allows, and each team's keys more than
+            // the team.
+            m.set_budget(limit(org, 2_000, 100_000, HOUR));
+            for team in &teams {
+                m.set_budget(limit(*team, 1_500, 50_000, HOUR));
+                m.set_parent(team, Some(&org)).unwrap();
+            }
+            for (n, key) in keys.iter().enumerate() {
+                m.set_budget(limit(*key, 1_000, 20_000, HOUR));
+                m.set_parent(key, Some(&teams[n / 2])).unwrap();
+            }
+            let kept_by: Vec<Kept> = (0..keys.len()).map(|_| Default::default()).collect();
+            let done = AtomicBool::new(false);
+            let (refused_above, reads) = thread::scope(|s| {
+                let watcher = s.spawn(|| watch_chains(&m, &keys, 3, &done));
+                let refused_above = hammer(&m, &keys, threads, ROUNDS, &kept_by);
+                done.store(true, Ordering::Release);
+                (refused_above, watcher.join().unwrap())
+            });
+            assert!(reads > 0, "{threads} threads: the watcher never read");
+            assert!(refused_above > 0, "{threads} threads: no level above a key refused");
+            let per_key: Vec<(u64, u64)> = kept_by.iter().map(kept).collect();
+            for (key, k) in keys.iter().zip(&per_key) {
+                assert_eq!(used(&m, key), *k, "{threads} threads");
+            }
+            let sum = |ks: &[(u64, u64)]| ks.iter().fold((0, 0), |acc, k| (acc.0 + k.0, acc.1 + k.1));
+            for (n, team) in teams.iter().enumerate() {
+                assert_eq!(used(&m, team), sum(&per_key[2 * n..2 * n + 2]), "{threads} threads");
+            }
+            assert_eq!(used(&m, &org), sum(&per_key), "{threads} threads");
+        }
+    }
+}
