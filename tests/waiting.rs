@@ -535,3 +535,81 @@ mod under_real_threads {
         waiters_take_turns_without_loss_or_excess::<agent_budget::LockedBudgetManager>().await;
     }
 }
+
+// ---------------------------------------------------------------------------
+// Waiting on a chain of budgets
+
+/// Tokens and calls used at every level of the agent's chain, agent first.
+fn chain_used<M: BudgetLimiter>(m: &M, a: &agent_budget::AgentId) -> Vec<(u64, u64)> {
+    m.chain_info(a)
+        .iter()
+        .map(|info| (info.tokens_used, info.calls_used))
+        .collect()
+}
+
+for_both_managers_async! {
+    async fn a_waiter_refused_at_the_parent_is_woken_by_a_siblings_cancel<M>() {
+        let (m, _time) = shared::<M>();
+        let (parent, child, sibling) = (agent(), agent(), agent());
+        m.set_budget(limit(parent, 100, 10, WINDOW_SECS));
+        m.set_budget(limit(child, 1_000, 100, WINDOW_SECS));
+        m.set_budget(limit(sibling, 1_000, 100, WINDOW_SECS));
+        m.set_parent(&child, Some(&parent)).unwrap();
+        m.set_parent(&sibling, Some(&parent)).unwrap();
+        let held = m.acquire_owned(&sibling, 100, 1).unwrap();
+        // The child has room of its own: only the parent refuses it.
+        let refused = m.acquire(&child, 60, 1).unwrap_err();
+        assert_eq!(refused.refused_by, parent);
+        let waiter = spawn_wait(&m, child, 60, 1);
+        until("the waiter is queued", || m.waiting() == 1).await;
+        settle_down().await;
+        assert!(!waiter.is_finished(), "admitted while the parent was full");
+        // The managers' clock never moves here: no window can end. Only the
+        // sibling's refund at the parent can let the waiter in.
+        assert_eq!(held.cancel(), Settlement::Applied { refunded_tokens: 100, charged_tokens: 0, refunded_calls: 1 });
+        let got = within(Duration::from_secs(1), "the waiter woken by the sibling's cancel", waiter)
+            .await
+            .unwrap()
+            .expect("fits after the cancel");
+        assert_eq!((got.agent_id(), got.tokens(), got.calls()), (child, 60, 1));
+        assert_eq!(m.waiting(), 0);
+        assert_eq!(chain_used(&*m, &child), [(60, 1), (60, 1)]);
+        assert_eq!(chain_used(&*m, &sibling), [(0, 0), (60, 1)]);
+    }
+}
+
+for_both_managers_async! {
+    async fn a_waiter_refused_at_the_parent_gets_in_when_the_parents_window_ends<M>() {
+        let (m, time) = shared::<M>();
+        let (parent, child, sibling) = (agent(), agent(), agent());
+        // The child's own window is short; only the parent's end matters.
+        // The sibling's is long.
+        let child_window = Duration::from_secs(10);
+        m.set_budget(limit(parent, 100, 10, WINDOW_SECS));
+        m.set_budget(limit(child, 1_000, 100, child_window.as_secs()));
+        m.set_budget(limit(sibling, 1_000, 100, 3_600));
+        m.set_parent(&child, Some(&parent)).unwrap();
+        m.set_parent(&sibling, Some(&parent)).unwrap();
+        let spent = m.acquire_owned(&sibling, 100, 1).unwrap();
+        let waiter = spawn_wait(&m, child, 50, 1);
+        until("the waiter is queued", || m.waiting() == 1).await;
+        advance(&time, child_window).await;
+        settle_down().await;
+        assert!(!waiter.is_finished(), "admitted when the child's window ended");
+        advance(&time, WINDOW - child_window - Duration::from_secs(1)).await;
+        settle_down().await;
+        assert!(!waiter.is_finished(), "admitted before the parent's window ended");
+        advance(&time, Duration::from_secs(1)).await;
+        let got = within(Duration::from_secs(1), "the waiter at the parent's window end", waiter)
+            .await
+            .unwrap()
+            .expect("fits in the parent's fresh window");
+        assert_eq!((got.tokens(), got.calls()), (50, 1));
+        assert_eq!(m.waiting(), 0);
+        assert_eq!(chain_used(&*m, &child), [(50, 1), (50, 1)]);
+        // The sibling's reservation was taken in the parent's old window: its
+        // refund reaches the sibling's own, still current, window only.
+        assert_eq!(spent.cancel(), Settlement::Applied { refunded_tokens: 100, charged_tokens: 0, refunded_calls: 1 });
+        assert_eq!(chain_used(&*m, &sibling), [(0, 0), (50, 1)]);
+    }
+}
