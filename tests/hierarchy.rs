@@ -357,14 +357,21 @@ for_both_managers! {
         link(&m, key, team);
         let first = m.acquire(&key, 100, 1).unwrap();
         time.advance_secs(15); // the key's window [0, 10) has ended
-        let second = m.acquire(&key, 40, 1).unwrap(); // the key's window [15, 25)
-        assert_eq!(chain_used(&m, &key), [(40, 1), (140, 2), (140, 2)]);
+        // Taken in the key's window [15, 25), and the others' [0, ...).
+        let second = m.acquire(&key, 40, 1).unwrap();
+        let third = m.acquire(&key, 20, 1).unwrap();
+        assert_eq!(chain_used(&m, &key), [(60, 2), (160, 3), (160, 3)]);
         // The refund reaches the team and the org, whose windows are current,
         // and not the key's new window.
         assert_eq!(first.cancel(), Settlement::WindowEnded);
+        assert_eq!(chain_used(&m, &key), [(60, 2), (60, 2), (60, 2)]);
+        // Every level's window is current: each gets the refund, although
+        // the levels' windows began at different times.
+        time.advance_secs(5);
+        assert_eq!(third.cancel(), applied(20, 0, 1));
         assert_eq!(chain_used(&m, &key), [(40, 1), (40, 1), (40, 1)]);
 
-        time.advance_secs(11); // t = 26: the key's [15, 25) ended, the team's [0, 30) not
+        time.advance_secs(6); // t = 26: the key's [15, 25) ended, the team's [0, 30) not
         assert_eq!(second.settle(70), Settlement::CarriedOver { charged_tokens: 30 });
         // The key's current window gets the 30 tokens used beyond the
         // reservation; the team and the org, still in the reservation's
