@@ -539,6 +539,54 @@ mod under_real_threads {
 // ---------------------------------------------------------------------------
 // Waiting on a chain of budgets
 
+/// A future that counts its polls: a waiter that sleeps until an event that
+/// concerns it is not polled while nothing happens (a busy-polling one would
+/// get in as soon as there is room, and pass every other check).
+struct Counted<F> {
+    inner: std::pin::Pin<Box<F>>,
+    polls: Arc<AtomicUsize>,
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+/// `spawn_wait`, counting the waiter's polls.
+fn spawn_counted_wait<M: BudgetLimiter + 'static>(
+    m: &Arc<M>,
+    agent_id: agent_budget::AgentId,
+    tokens: u64,
+    calls: u64,
+) -> (
+    tokio::task::JoinHandle<Result<OwnedReservation, agent_budget::BudgetExceeded>>,
+    Arc<AtomicUsize>,
+) {
+    let polls = Arc::new(AtomicUsize::new(0));
+    let counted = Counted {
+        inner: Box::pin(m.acquire_owned_wait(&agent_id, tokens, calls)),
+        polls: polls.clone(),
+    };
+    (tokio::spawn(counted), polls)
+}
+
+/// Lets the runtime run while nothing happens, and checks the waiter slept
+/// through it.
+async fn asleep(polls: &AtomicUsize, what: &str) {
+    settle_down().await;
+    let before = polls.load(Ordering::SeqCst);
+    settle_down().await;
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        before,
+        "{what}: polled while nothing happened"
+    );
+}
+
 /// Tokens and calls used at every level of the agent's chain, agent first.
 fn chain_used<M: BudgetLimiter>(m: &M, a: &agent_budget::AgentId) -> Vec<(u64, u64)> {
     m.chain_info(a)
@@ -560,9 +608,9 @@ for_both_managers_async! {
         // The child has room of its own: only the parent refuses it.
         let refused = m.acquire(&child, 60, 1).unwrap_err();
         assert_eq!(refused.refused_by, parent);
-        let waiter = spawn_wait(&m, child, 60, 1);
+        let (waiter, polls) = spawn_counted_wait(&m, child, 60, 1);
         until("the waiter is queued", || m.waiting() == 1).await;
-        settle_down().await;
+        asleep(&polls, "queued at the parent").await;
         assert!(!waiter.is_finished(), "admitted while the parent was full");
         // The managers' clock never moves here: no window can end. Only the
         // sibling's refund at the parent can let the waiter in.
@@ -591,13 +639,14 @@ for_both_managers_async! {
         m.set_parent(&child, Some(&parent)).unwrap();
         m.set_parent(&sibling, Some(&parent)).unwrap();
         let spent = m.acquire_owned(&sibling, 100, 1).unwrap();
-        let waiter = spawn_wait(&m, child, 50, 1);
+        let (waiter, polls) = spawn_counted_wait(&m, child, 50, 1);
         until("the waiter is queued", || m.waiting() == 1).await;
+        asleep(&polls, "queued at the parent").await;
         advance(&time, child_window).await;
-        settle_down().await;
+        asleep(&polls, "after the child's window ended").await;
         assert!(!waiter.is_finished(), "admitted when the child's window ended");
         advance(&time, WINDOW - child_window - Duration::from_secs(1)).await;
-        settle_down().await;
+        asleep(&polls, "a second before the parent's window ends").await;
         assert!(!waiter.is_finished(), "admitted before the parent's window ended");
         advance(&time, Duration::from_secs(1)).await;
         let got = within(Duration::from_secs(1), "the waiter at the parent's window end", waiter)
