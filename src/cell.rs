@@ -1,6 +1,7 @@
 //! One agent's state for the lock-free manager: a packed 128-bit usage word
-//! updated by compare-and-swap, a packed 128-bit policy word beside it, and
-//! the configured limit in an atomically swapped snapshot.
+//! updated by compare-and-swap, a packed 128-bit policy word beside it, and,
+//! for the few agents that need it, what those cannot say in an atomically
+//! swapped snapshot.
 //!
 //! # The usage word
 //!
@@ -47,14 +48,14 @@
 //! change of policy kind first converts the usage word (a compare-and-swap)
 //! and then stores the policy, so an operation that sees the new policy
 //! sees the converted usage too. The cell itself is published to other
-//! threads by the agent map's insertion, and the limit by arc-swap; each
-//! carries its own release/acquire pairing.
+//! threads by the agent map's insertion (or an `Arc` handed over), and the
+//! extra by arc-swap; each carries its own release/acquire pairing.
 
-use crate::limit::Limit;
+use crate::limit::{Configured, Limit};
 use crate::rules::{
     Now, Policy, Refill, State, Tick, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS,
 };
-use crate::sync::{AtomicU128, Keyed, Ordering, Snapshot};
+use crate::sync::{AtomicU128, Ordering, Snapshot};
 use crate::types::AgentId;
 
 const CALLS_SHIFT: u32 = TOKEN_BITS;
@@ -68,13 +69,13 @@ const PARENT_FLAG: u64 = 1 << 42;
 const PERIOD_MASK: u64 = PARENT_FLAG - 1;
 
 const _: () = assert!(Policy::MAX_PERIOD == PERIOD_MASK);
-const _: () = assert!(Tick::MAX.0 == (BUCKET_FLAG << 1) - 1);
+const _: () = assert!(RETIRED.0 == (BUCKET_FLAG << 1) - 1);
 
 /// Packs three fields into the word's layout. The rules keep every field
 /// within its width; the masks only make a broken invariant visible in
 /// tests (by a wrong value) instead of corrupting the neighbouring field.
 fn pack_fields(tokens: u64, calls: u64, high: u64) -> u128 {
-    debug_assert!(tokens <= MAX_TOKENS && calls <= MAX_CALLS && high <= Tick::MAX.0);
+    debug_assert!(tokens <= MAX_TOKENS && calls <= MAX_CALLS && high <= RETIRED.0);
     (u128::from(tokens) & TOKEN_MASK)
         | ((u128::from(calls) & CALL_MASK) << CALLS_SHIFT)
         | (u128::from(high) << HIGH_SHIFT)
@@ -141,48 +142,61 @@ fn unpack_policy(word: u128) -> Enforced {
     }
 }
 
-fn enforced(limit: &Limit) -> Enforced {
-    Enforced {
-        policy: limit.policy,
-        has_parent: limit.parent.is_some(),
+/// What the two words cannot say about an agent, kept only for the few
+/// agents that need it: a configured limit the policy word does not give
+/// back exactly (a budget beyond the fields, a window beyond 139 years, a
+/// sub-millisecond period), and a parent.
+#[derive(Debug)]
+struct Extra {
+    configured: Option<Configured>,
+    parent: Option<AgentId>,
+}
+
+impl Extra {
+    /// What `limit` needs beside the policy word, if anything.
+    fn of(agent_id: AgentId, limit: &Limit) -> Option<Extra> {
+        let derived = Configured::derived(agent_id, &limit.policy);
+        let configured = (derived != limit.configured).then(|| limit.configured.clone());
+        (configured.is_some() || limit.parent.is_some()).then_some(Extra {
+            configured,
+            parent: limit.parent,
+        })
     }
 }
 
-/// The state of one agent in the lock-free manager: exactly one cache line.
+/// The mark of a removed agent's state: past the last tick time can reach
+/// ([`Tick::MAX`]), so no live state has it. An operation that finds it
+/// treats the agent as unknown.
+const RETIRED: Tick = Tick(Tick::MAX.0 + 1);
+
+/// The state of one agent in the lock-free manager, shared through an
+/// `Arc` by the agent map and by [`AgentHandle`](crate::AgentHandle)s.
 ///
-/// The agent map stores the cell itself as its key (see `sync::AgentMap`),
-/// so the id a lookup compares, the usage word and the policy word it then
-/// reads all sit in the same 64 bytes; the configured limit and the parent,
-/// which only reads of the whole state and chain walks need, sit behind an
-/// arc-swap snapshot.
-#[repr(C, align(64))]
+/// The two words first, so a lookup's one cache line (usually) holds both;
+/// the agent's id is the map's key, not repeated here; what the words cannot
+/// say (see `Extra`) sits behind an optional arc-swap snapshot, empty for
+/// nearly every agent. 48 bytes, in one 64-byte allocation with the `Arc`'s
+/// counts.
+#[repr(C)]
 pub(crate) struct AgentCell {
-    agent_id: AgentId,
     usage: AtomicU128,
     policy: AtomicU128,
     /// Distinguishes this cell from one made for the same agent after a
     /// `remove_budget`, so a reservation never settles into its successor.
     generation: u64,
-    limit: Snapshot<Limit>,
+    extra: Snapshot<Extra>,
 }
 
 #[cfg(not(agent_budget_loom))]
-const _: () = assert!(std::mem::size_of::<AgentCell>() == 64);
-
-impl Keyed for AgentCell {
-    fn key(&self) -> &AgentId {
-        &self.agent_id
-    }
-}
+const _: () = assert!(std::mem::size_of::<AgentCell>() == 48);
 
 impl AgentCell {
-    pub(crate) fn new(limit: Limit, state: State, generation: u64) -> Self {
+    pub(crate) fn new(agent_id: AgentId, limit: &Limit, state: State, generation: u64) -> Self {
         AgentCell {
-            agent_id: limit.configured.agent_id(),
             usage: AtomicU128::new(pack(state)),
-            policy: AtomicU128::new(pack_policy(enforced(&limit))),
-            limit: Snapshot::new(limit),
+            policy: AtomicU128::new(pack_policy(enforced(limit))),
             generation,
+            extra: Snapshot::new(Extra::of(agent_id, limit)),
         }
     }
 
@@ -191,9 +205,24 @@ impl AgentCell {
     }
 
     /// The configured limit with its policy and parent, one consistent
-    /// snapshot.
-    pub(crate) fn limit(&self) -> impl std::ops::Deref<Target = Limit> {
-        self.limit.load()
+    /// snapshot (the policy word is read after the extra, and `set_limit`
+    /// stores them in the other order).
+    pub(crate) fn limit(&self, agent_id: AgentId) -> Limit {
+        let (configured, parent) = self.extra.read(|extra| {
+            (
+                extra.and_then(|e| e.configured.clone()),
+                extra.and_then(|e| e.parent),
+            )
+        });
+        let policy = self.enforced().policy;
+        let configured = configured.unwrap_or_else(|| Configured::derived(agent_id, &policy));
+        Limit::new(configured, parent)
+    }
+
+    /// The agent's parent, if it has one: only agents whose policy word
+    /// says so need to ask.
+    pub(crate) fn parent(&self) -> Option<AgentId> {
+        self.extra.read(|extra| extra.and_then(|e| e.parent))
     }
 
     /// The policy the hot paths enforce: one 16-byte load, no pointer to
@@ -207,29 +236,42 @@ impl AgentCell {
     /// Replaces the limit (a new budget, a new kind of policy, or a new
     /// parent). A change that involves a bucket first converts the usage
     /// to the new policy at `now` (see `rules::State::convert`), then stores
-    /// the snapshot and the policy word; an operation racing this call is
+    /// the extra and the policy word; an operation racing this call is
     /// judged against the old policy or the new one, never past the larger
     /// limit. Callers must not run two `set_limit`s on one cell at once
     /// (the manager serializes them), or the copies could end up from
     /// different calls.
-    pub(crate) fn set_limit(&self, limit: Limit, now: Now) {
-        let old = self.limit.load().policy;
+    pub(crate) fn set_limit(&self, agent_id: AgentId, limit: &Limit, now: Now) {
+        let old = self.enforced().policy;
         // SeqCst: may refund (a switch can make room); a no-op is not written.
         self.update(Ordering::SeqCst, |s| {
             (s.convert(&old, &limit.policy, now), ())
         });
-        let word = pack_policy(enforced(&limit));
-        self.limit.store(limit);
+        self.extra.store(Extra::of(agent_id, limit));
         // Release: see `enforced`.
-        self.policy.store(word, Ordering::Release);
+        self.policy
+            .store(pack_policy(enforced(limit)), Ordering::Release);
     }
 
-    pub(crate) fn load(&self) -> State {
+    /// Marks the cell as removed, for good: from here on every operation
+    /// that reaches it (through a handle, or a lookup that raced the
+    /// removal) treats the agent as unknown. A store, which every later
+    /// compare-and-swap on the word fails against.
+    pub(crate) fn retire(&self) {
+        // SeqCst: waiters must see it (see `wait::Waiters::wake`).
+        self.usage
+            .store(pack(State::fresh(RETIRED)), Ordering::SeqCst);
+    }
+
+    /// The state, unless the cell is retired.
+    pub(crate) fn load(&self) -> Option<State> {
         // Relaxed: see "Orderings" above; the word publishes nothing else.
-        unpack(self.usage.load(Ordering::Relaxed))
+        let state = unpack(self.usage.load(Ordering::Relaxed));
+        (state.mark != RETIRED).then_some(state)
     }
 
-    /// Applies `transition` until its result is stored without interference.
+    /// Applies `transition` until its result is stored without interference,
+    /// unless the cell is retired (`None`).
     ///
     /// `transition` sees the current state and returns the next one with
     /// a verdict for the caller; returns the states before and after, and
@@ -244,30 +286,39 @@ impl AgentCell {
         &self,
         order: Ordering,
         mut transition: impl FnMut(State) -> (State, R),
-    ) -> (State, State, R) {
+    ) -> Option<(State, State, R)> {
         // Relaxed: the compare-and-swap below reads the latest value anyway.
         let mut current = self.usage.load(Ordering::Relaxed);
         loop {
             let before = unpack(current);
+            if before.mark == RETIRED {
+                return None;
+            }
             let (after, verdict) = transition(before);
             if after == before {
-                return (before, after, verdict);
+                return Some((before, after, verdict));
             }
             match self
                 .usage
                 .compare_exchange_weak(current, pack(after), order, Ordering::Relaxed)
             {
-                Ok(_) => return (before, after, verdict),
+                Ok(_) => return Some((before, after, verdict)),
                 Err(actual) => current = actual,
             }
         }
     }
 }
 
+fn enforced(limit: &Limit) -> Enforced {
+    Enforced {
+        policy: limit.policy,
+        has_parent: limit.parent.is_some(),
+    }
+}
+
 #[cfg(all(test, not(agent_budget_loom)))]
 mod tests {
     use super::*;
-    use crate::limit::Configured;
     use crate::types::BudgetLimit;
     use proptest::prelude::*;
 
@@ -301,7 +352,7 @@ mod tests {
         let full = State {
             tokens: MAX_TOKENS,
             calls: MAX_CALLS,
-            mark: Tick::MAX,
+            mark: RETIRED,
         };
         assert_eq!(pack(full), u128::MAX);
         for state in [
@@ -333,17 +384,59 @@ mod tests {
             calls_budget: 1,
             window_secs: 1,
         };
+        let id = uuid::Uuid::nil();
         let cell = AgentCell::new(
-            Limit::new(Configured::Window(limit), None),
+            id,
+            &Limit::new(Configured::Window(limit), None),
             State::fresh(Tick::ORIGIN),
             7,
         );
-        let (before, after, verdict) = cell.update(Ordering::Relaxed, |w| (w, "unchanged"));
+        let (before, after, verdict) = cell
+            .update(Ordering::Relaxed, |w| (w, "unchanged"))
+            .unwrap();
         assert_eq!((before, after, verdict), (before, before, "unchanged"));
-        let (before, after, verdict) =
-            cell.update(Ordering::SeqCst, |w| (State { tokens: 4, ..w }, 9));
+        let (before, after, verdict) = cell
+            .update(Ordering::SeqCst, |w| (State { tokens: 4, ..w }, 9))
+            .unwrap();
         assert_eq!((before.tokens, after.tokens, verdict), (0, 4, 9));
-        assert_eq!(cell.load().tokens, 4);
+        assert_eq!(cell.load().map(|s| s.tokens), Some(4));
         assert_eq!(cell.generation(), 7);
+        // A retired cell refuses every transition and reads as nothing.
+        cell.retire();
+        assert_eq!(cell.load(), None);
+        assert!(cell.update(Ordering::Relaxed, |w| (w, ())).is_none());
+    }
+
+    #[test]
+    fn only_limits_the_policy_word_cannot_give_back_keep_an_extra() {
+        let id = uuid::Uuid::from_u128(3);
+        let window = |tokens, window_secs| BudgetLimit {
+            agent_id: id,
+            token_budget: tokens,
+            calls_budget: 10,
+            window_secs,
+        };
+        let plain = Limit::new(Configured::Window(window(1_000, 60)), None);
+        assert!(Extra::of(id, &plain).is_none());
+        assert!(Extra::of(id, &Limit::new(Configured::Window(window(0, 0)), None)).is_none());
+        for exotic in [window(u64::MAX, 60), window(1_000, u64::MAX)] {
+            let limit = Limit::new(Configured::Window(exotic.clone()), None);
+            let cell = AgentCell::new(id, &limit, State::fresh(Tick::ORIGIN), 0);
+            assert_eq!(cell.limit(id).configured, Configured::Window(exotic));
+        }
+        let refill = crate::types::RefillLimit {
+            agent_id: id,
+            token_budget: 5,
+            calls_budget: 1,
+            refill_period: std::time::Duration::from_micros(1_500),
+        };
+        let limit = Limit::new(Configured::Refill(refill.clone()), Some(id));
+        let cell = AgentCell::new(id, &limit, State::fresh(Tick::ORIGIN), 0);
+        let back = cell.limit(id);
+        assert_eq!(
+            (back.configured, back.parent),
+            (Configured::Refill(refill), Some(id))
+        );
+        assert!(cell.enforced().has_parent);
     }
 }

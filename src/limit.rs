@@ -1,6 +1,6 @@
 //! An agent's budget as configured, with the policy derived from it once.
 
-use crate::rules::Policy;
+use crate::rules::{Policy, Refill};
 use crate::types::{AgentId, BudgetLimit, RefillLimit};
 
 /// What `set_budget` or `set_refill` was given.
@@ -43,6 +43,25 @@ impl Configured {
                 let period = limit.refill_period;
                 period.as_secs() + u64::from(period.subsec_nanos() > 0)
             }
+        }
+    }
+
+    /// The configured limit that `policy` gives back exactly: what a cell
+    /// reports when it keeps no configured limit of its own.
+    pub(crate) fn derived(agent_id: AgentId, policy: &Policy) -> Self {
+        match policy.refill {
+            Refill::Window => Configured::Window(BudgetLimit {
+                agent_id,
+                token_budget: policy.tokens,
+                calls_budget: policy.calls,
+                window_secs: policy.period / 1_000,
+            }),
+            Refill::Bucket => Configured::Refill(RefillLimit {
+                agent_id,
+                token_budget: policy.tokens,
+                calls_budget: policy.calls,
+                refill_period: std::time::Duration::from_millis(policy.period),
+            }),
         }
     }
 

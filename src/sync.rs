@@ -8,25 +8,15 @@
 //! | here                | normal build                 | loom build                               |
 //! |---------------------|------------------------------|------------------------------------------|
 //! | [`AtomicU128`]      | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
-//! | [`Snapshot`]        | `arc_swap::ArcSwap`          | a loom `RwLock<Arc<T>>`                  |
+//! | [`Snapshot`]        | `arc_swap::ArcSwapOption`    | a loom `RwLock<Option<Arc<T>>>`          |
 //! | [`ClockSource`]     | `quanta::Clock`              | a loom `AtomicU64` of nanoseconds        |
 //! | [`AgentMap`]        | `papaya::HashMap` (aHash)    | a loom `RwLock<HashMap>`                 |
+//! | `Arc` of a cell     | `std::sync::Arc`             | `std::sync::Arc` (its counts are not part of any model) |
 //!
 //! What the model therefore does and does not cover is written down in the
 //! crate docs, under "Model checking".
 
 pub use imp::*;
-
-/// A value that knows which agent it belongs to: the map keys it by that.
-pub(crate) trait Keyed {
-    fn key(&self) -> &crate::types::AgentId;
-}
-
-impl<T: Keyed> Keyed for std::sync::Arc<T> {
-    fn key(&self) -> &crate::types::AgentId {
-        (**self).key()
-    }
-}
 
 #[cfg(not(agent_budget_loom))]
 mod imp {
@@ -36,7 +26,6 @@ mod imp {
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
     pub(crate) use std::sync::{Mutex, MutexGuard};
 
-    use super::Keyed;
     use crate::types::AgentId;
 
     /// The clock the managers read: quanta's, calibrated at construction.
@@ -121,44 +110,28 @@ mod imp {
         quanta::Clock::new()
     }
 
-    /// An atomically replaceable `Arc<T>`, read without locks.
-    pub(crate) struct Snapshot<T>(arc_swap::ArcSwap<T>);
+    /// An atomically replaceable, optional `Arc<T>`, read without locks.
+    pub(crate) struct Snapshot<T>(arc_swap::ArcSwapOption<T>);
 
     impl<T> Snapshot<T> {
-        pub(crate) fn new(value: T) -> Self {
-            Snapshot(arc_swap::ArcSwap::from_pointee(value))
+        pub(crate) fn new(value: Option<T>) -> Self {
+            Snapshot(arc_swap::ArcSwapOption::new(value.map(std::sync::Arc::new)))
         }
 
-        /// A cheap, short-lived view: arc-swap's thread-local debt slot,
-        /// not a reference-count increment, so readers of a hot agent do not
-        /// contend on the `Arc`'s counter.
-        pub(crate) fn load(&self) -> SnapshotGuard<T> {
-            SnapshotGuard(self.0.load())
+        /// Reads the value through a cheap, short-lived view: arc-swap's
+        /// thread-local debt slot, not a reference-count increment, so
+        /// readers of a hot agent do not contend on the `Arc`'s counter.
+        pub(crate) fn read<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
+            f(self.0.load().as_deref())
         }
 
-        pub(crate) fn store(&self, value: T) {
-            self.0.store(std::sync::Arc::new(value));
-        }
-    }
-
-    /// A loaded snapshot; derefs to the value.
-    pub(crate) struct SnapshotGuard<T>(arc_swap::Guard<std::sync::Arc<T>>);
-
-    impl<T> std::ops::Deref for SnapshotGuard<T> {
-        type Target = T;
-
-        fn deref(&self) -> &T {
-            &self.0
+        pub(crate) fn store(&self, value: Option<T>) {
+            self.0.store(value.map(std::sync::Arc::new));
         }
     }
 
-    /// The concurrent map from agent to cell.
-    ///
-    /// The cell is stored as papaya's *key* (with a unit value), hashed and
-    /// compared by the agent id inside it, so a lookup by id finds the id
-    /// and the state in one allocation: with a 64-byte, 64-aligned cell that
-    /// is one cache line, where a `HashMap<AgentId, Cell>` entry (a 16-byte
-    /// key, then the value) would straddle two half the time.
+    /// A concurrent map from agent id to `V` (a cell, or a waiters' queue,
+    /// each behind an `Arc`).
     ///
     /// aHash with a random per-process key: agent ids may come from clients,
     /// so the hasher must resist chosen collisions, and aHash does so at a
@@ -167,51 +140,26 @@ mod imp {
     /// Blocking resizes: with papaya's default incremental mode, lookups
     /// after a resize begun by `try_insert` kept probing the old table
     /// (measured: 130 ns instead of 16 ns per lookup at 1,000 agents).
-    /// Blocking only makes the `set_budget` that grows the table wait; every
+    /// Blocking only makes the insert that grows the table wait; every
     /// lookup then sees a single table.
-    pub(crate) struct AgentMap<V: Keyed>(papaya::HashMap<ById<V>, (), ahash::RandomState>);
+    pub(crate) struct AgentMap<V>(papaya::HashMap<AgentId, V, ahash::RandomState>);
 
     /// Lookups under one pinned guard of the map.
-    pub(crate) struct View<'m, V: Keyed>(
-        papaya::HashMapRef<'m, ById<V>, (), ahash::RandomState, papaya::LocalGuard<'m>>,
+    pub(crate) struct View<'m, V>(
+        papaya::HashMapRef<'m, AgentId, V, ahash::RandomState, papaya::LocalGuard<'m>>,
     );
 
     /// What a [`View`] lookup returns: a reference that lives as long as
     /// the view's guard.
     pub(crate) type Found<'v, V> = &'v V;
 
-    impl<V: Keyed> View<'_, V> {
+    impl<V: Send + Sync> View<'_, V> {
         pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
-            self.0.get_key_value(id).map(|(found, ())| &found.0)
+            self.0.get(id)
         }
     }
 
-    /// Hashes and compares a value by its agent id only, so the map can be
-    /// searched with a bare `&AgentId` (through `Borrow`).
-    pub(super) struct ById<V>(pub(super) V);
-
-    impl<V: Keyed> std::hash::Hash for ById<V> {
-        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-            // Must hash exactly as `AgentId` does: lookups hash the bare id.
-            self.0.key().hash(state);
-        }
-    }
-
-    impl<V: Keyed> PartialEq for ById<V> {
-        fn eq(&self, other: &Self) -> bool {
-            self.0.key() == other.0.key()
-        }
-    }
-
-    impl<V: Keyed> Eq for ById<V> {}
-
-    impl<V: Keyed> std::borrow::Borrow<AgentId> for ById<V> {
-        fn borrow(&self) -> &AgentId {
-            self.0.key()
-        }
-    }
-
-    impl<V: Keyed + Send + Sync> AgentMap<V> {
+    impl<V: Send + Sync> AgentMap<V> {
         pub(crate) fn new() -> Self {
             let map = papaya::HashMap::builder()
                 .hasher(ahash::RandomState::new())
@@ -221,10 +169,7 @@ mod imp {
         }
 
         pub(crate) fn get<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
-            self.0
-                .pin()
-                .get_key_value(id)
-                .map(|(found, ())| f(&found.0))
+            self.0.pin().get(id).map(f)
         }
 
         /// Runs `f` with a view for several lookups under one guard: a walk
@@ -244,12 +189,10 @@ mod imp {
         ) {
             let map = self.0.pin();
             loop {
-                if let Some((present, ())) = map.get_key_value(&id) {
-                    return update(&present.0);
+                if let Some(present) = map.get(&id) {
+                    return update(present);
                 }
-                let value = make();
-                debug_assert_eq!(*value.key(), id);
-                if map.try_insert(ById(value), ()).is_ok() {
+                if map.try_insert(id, make()).is_ok() {
                     return;
                 }
                 // Another thread inserted it first: update that one (or, if
@@ -266,12 +209,12 @@ mod imp {
         {
             let map = self.0.pin();
             loop {
-                if let Some((present, ())) = map.get_key_value(id) {
-                    return present.0.clone();
+                if let Some(present) = map.get(id) {
+                    return present.clone();
                 }
                 // Inserted, or someone else's is there now: read it above (or,
                 // if it is already removed again, insert once more).
-                let _ = map.try_insert(ById(make()), ());
+                let _ = map.try_insert(*id, make());
             }
         }
 
@@ -279,27 +222,25 @@ mod imp {
         #[cfg(feature = "async")]
         pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
             // Err: the value is there and `condition` does not hold.
-            let _ = self
-                .0
-                .pin()
-                .remove_if(id, |present, ()| condition(&present.0));
+            let _ = self.0.pin().remove_if(id, |_, present| condition(present));
         }
 
-        pub(crate) fn remove(&self, id: &AgentId) -> bool {
-            self.0.pin().remove(id).is_some()
+        /// Removes the value for `id`, handing it to `f` first.
+        pub(crate) fn remove<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
+            self.0.pin().remove(id).map(f)
         }
 
-        pub(crate) fn for_each(&self, mut f: impl FnMut(&V)) {
-            for (value, ()) in self.0.pin().iter() {
-                f(&value.0);
+        pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
+            for (id, value) in self.0.pin().iter() {
+                f(id, value);
             }
         }
 
-        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = V>) {
+        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = (AgentId, V)>) {
             let map = self.0.pin();
             map.clear();
-            for value in values {
-                map.insert(ById(value), ());
+            for (id, value) in values {
+                map.insert(id, value);
             }
         }
     }
@@ -312,7 +253,6 @@ mod imp {
     pub(crate) use loom::sync::{Mutex, MutexGuard};
     use std::collections::HashMap;
 
-    use super::Keyed;
     use crate::types::AgentId;
 
     /// loom has no 128-bit atomic. A mutex makes each operation one
@@ -392,19 +332,20 @@ mod imp {
         ClockSource::mock()
     }
 
-    pub(crate) struct Snapshot<T>(RwLock<Arc<T>>);
+    pub(crate) struct Snapshot<T>(RwLock<Option<Arc<T>>>);
 
     impl<T> Snapshot<T> {
-        pub(crate) fn new(value: T) -> Self {
-            Snapshot(RwLock::new(Arc::new(value)))
+        pub(crate) fn new(value: Option<T>) -> Self {
+            Snapshot(RwLock::new(value.map(Arc::new)))
         }
 
-        pub(crate) fn load(&self) -> Arc<T> {
-            self.0.read().unwrap().clone()
+        pub(crate) fn read<R>(&self, f: impl FnOnce(Option<&T>) -> R) -> R {
+            let value = self.0.read().unwrap().clone();
+            f(value.as_deref())
         }
 
-        pub(crate) fn store(&self, value: T) {
-            *self.0.write().unwrap() = Arc::new(value);
+        pub(crate) fn store(&self, value: Option<T>) {
+            *self.0.write().unwrap() = value.map(Arc::new);
         }
     }
 
@@ -412,26 +353,26 @@ mod imp {
     /// own step.
     pub(crate) struct View<'m, V>(&'m AgentMap<V>);
 
-    /// What a [`View`] lookup returns: a share of the value.
-    pub(crate) type Found<'v, V> = Arc<V>;
+    /// What a [`View`] lookup returns: a clone of the value (an `Arc`).
+    pub(crate) type Found<'v, V> = V;
 
-    impl<V: Keyed> View<'_, V> {
+    impl<V: Clone> View<'_, V> {
         pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
             self.0.find(id)
         }
     }
 
-    /// Cells are shared through `Arc`s and used after the lock is released,
+    /// Values are `Arc`s, cloned out and used after the lock is released,
     /// so, as with papaya, an operation may still be working on a cell that
     /// a concurrent `remove` has just taken out of the map.
-    pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, Arc<V>>>);
+    pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, V>>);
 
-    impl<V: Keyed> AgentMap<V> {
+    impl<V: Clone> AgentMap<V> {
         pub(crate) fn new() -> Self {
             AgentMap(RwLock::new(HashMap::new()))
         }
 
-        fn find(&self, id: &AgentId) -> Option<Arc<V>> {
+        fn find(&self, id: &AgentId) -> Option<V> {
             self.0.read().unwrap().get(id).cloned()
         }
 
@@ -456,7 +397,7 @@ mod imp {
                 match map.get(&id) {
                     Some(present) => present.clone(),
                     None => {
-                        map.insert(id, Arc::new(make()));
+                        map.insert(id, make());
                         return;
                     }
                 }
@@ -465,62 +406,49 @@ mod imp {
         }
 
         #[cfg(feature = "async")]
-        pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V
-        where
-            V: Clone,
-        {
+        pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V {
             let mut map = self.0.write().unwrap();
-            let value = map.entry(*id).or_insert_with(|| Arc::new(make()));
-            V::clone(value)
+            map.entry(*id).or_insert_with(make).clone()
         }
 
         #[cfg(feature = "async")]
         pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
             let mut map = self.0.write().unwrap();
-            if map.get(id).is_some_and(|present| condition(present)) {
+            if map.get(id).is_some_and(&condition) {
                 map.remove(id);
             }
         }
 
-        pub(crate) fn remove(&self, id: &AgentId) -> bool {
-            self.0.write().unwrap().remove(id).is_some()
+        pub(crate) fn remove<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
+            let removed = self.0.write().unwrap().remove(id);
+            removed.map(|value| f(&value))
         }
 
-        pub(crate) fn for_each(&self, mut f: impl FnMut(&V)) {
-            let values: Vec<Arc<V>> = self.0.read().unwrap().values().cloned().collect();
-            for value in values {
-                f(&value);
+        pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
+            let values: Vec<(AgentId, V)> = self
+                .0
+                .read()
+                .unwrap()
+                .iter()
+                .map(|(id, v)| (*id, v.clone()))
+                .collect();
+            for (id, value) in values {
+                f(&id, &value);
             }
         }
 
-        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = V>) {
+        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = (AgentId, V)>) {
             let mut map = self.0.write().unwrap();
             map.clear();
-            map.extend(values.into_iter().map(|v| (*v.key(), Arc::new(v))));
+            map.extend(values);
         }
     }
 }
 
 #[cfg(all(test, not(agent_budget_loom)))]
 mod tests {
-    use super::imp::ById;
     use super::*;
     use crate::types::AgentId;
-
-    struct Named(AgentId, &'static str);
-
-    impl Keyed for Named {
-        fn key(&self) -> &AgentId {
-            &self.0
-        }
-    }
-
-    #[test]
-    fn a_value_hashes_exactly_as_its_bare_id_so_lookups_find_it() {
-        let state = ahash::RandomState::new();
-        let id = AgentId::from_u128(7);
-        assert_eq!(state.hash_one(ById(Named(id, "x"))), state.hash_one(id));
-    }
 
     #[test]
     fn update_or_insert_does_exactly_one_of_the_two() {
@@ -529,27 +457,28 @@ mod tests {
         let (updated, made) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
         let make = |name| {
             made.set(made.get() + 1);
-            Named(id, name)
+            name
         };
         map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("first"));
         assert_eq!((updated.get(), made.get()), (0, 1));
         map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("second"));
         assert_eq!((updated.get(), made.get()), (1, 1));
-        assert_eq!(map.get(&id, |v| v.1), Some("first"));
-        assert!(map.remove(&id));
-        assert!(!map.remove(&id));
-        assert_eq!(map.get(&id, |v| v.1), None);
+        assert_eq!(map.get(&id, |v| *v), Some("first"));
+        assert_eq!(map.remove(&id, |v| *v), Some("first"));
+        assert_eq!(map.remove(&id, |v| *v), None);
+        assert_eq!(map.get(&id, |v| *v), None);
     }
 
     #[test]
     fn replace_all_leaves_exactly_the_new_values() {
         let map = AgentMap::new();
         let (a, b) = (AgentId::from_u128(1), AgentId::from_u128(2));
-        map.update_or_insert(a, |_| {}, || Named(a, "old"));
-        map.replace_all([Named(b, "new")]);
+        map.update_or_insert(a, |_| (), || "old");
+        map.replace_all([(b, "new")]);
         let mut seen = Vec::new();
-        map.for_each(|v| seen.push(v.1));
-        assert_eq!(seen, ["new"]);
+        map.for_each(|id, v| seen.push((*id, *v)));
+        assert_eq!(seen, [(b, "new")]);
+        assert_eq!(map.view(|view| view.get(&b).copied()), Some("new"));
     }
 
     #[test]

@@ -15,8 +15,7 @@ use crate::reservation::{
 };
 use crate::rules::{Now, Refund, State};
 use crate::sync::{
-    default_clock, AgentMap, AtomicU64, ClockSource, Found, Keyed, Mutex, MutexGuard, Ordering,
-    View,
+    default_clock, AgentMap, AtomicU64, ClockSource, Mutex, MutexGuard, Ordering, View,
 };
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
@@ -47,7 +46,7 @@ use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit
 /// # Ok::<(), agent_budget::BudgetExceeded>(())
 /// ```
 pub struct BudgetManager {
-    agents: AgentMap<AgentCell>,
+    agents: AgentMap<Arc<AgentCell>>,
     clock: Clock,
     generations: AtomicU64,
     /// Serializes configuration changes (`set_budget`, `set_refill`,
@@ -156,10 +155,15 @@ impl BudgetManager {
         let limit = Limit::new(configured, hierarchy.parent_of(&agent_id));
         self.agents.update_or_insert(
             agent_id,
-            |cell| cell.set_limit(limit.clone(), now),
+            |cell| cell.set_limit(agent_id, &limit, now),
             || {
                 let state = State::fresh(now.start_tick());
-                AgentCell::new(limit.clone(), state, self.next_generation())
+                Arc::new(AgentCell::new(
+                    agent_id,
+                    &limit,
+                    state,
+                    self.next_generation(),
+                ))
             },
         );
         drop(hierarchy);
@@ -207,8 +211,8 @@ impl BudgetManager {
     fn relink(&self, child: &AgentId, parent: Option<AgentId>) {
         let now = self.clock.now();
         self.agents.get(child, |cell| {
-            let limit = cell.limit().with_parent(parent);
-            cell.set_limit(limit, now);
+            let limit = cell.limit(*child).with_parent(parent);
+            cell.set_limit(*child, &limit, now);
         });
     }
 
@@ -219,7 +223,9 @@ impl BudgetManager {
     /// keep their own budgets, now without a parent.
     pub fn remove_budget(&self, agent_id: &AgentId) {
         let mut hierarchy = self.config();
-        self.agents.remove(agent_id);
+        // Out of the map, then retired: from here on no handle and no
+        // lookup that raced the removal admits anything into it.
+        self.agents.remove(agent_id, |cell| cell.retire());
         let children = hierarchy.remove(*agent_id);
         for child in &children {
             self.relink(child, None);
@@ -360,14 +366,14 @@ impl BudgetManager {
             let Some(own) = view.get(agent_id) else {
                 return;
             };
-            walk_chain(view, own, |cell, enforced| {
+            walk_chain(view, *agent_id, own.as_ref(), |id, cell, enforced| {
                 let policy = enforced.policy;
                 // SeqCst: a refund, paired with waiters' registration (see
                 // `Waiters::wake`).
-                let (before, after, ()) =
+                let updated =
                     cell.update(Ordering::SeqCst, |s| (s.release(&policy, now, tokens), ()));
-                if after != before {
-                    released.push(*cell.key());
+                if updated.is_some_and(|(before, after, ())| after != before) {
+                    released.push(id);
                 }
                 true
             });
@@ -380,6 +386,24 @@ impl BudgetManager {
     /// Takes `request` (tokens, calls) at every level of the agent's chain,
     /// or at none, if the agent is incarnation `generation` (when one is
     /// given). Returns the levels it was taken at.
+    fn admit(
+        &self,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<Levels, Refusal> {
+        self.agents
+            .get(agent_id, |own| {
+                if generation.is_some_and(|g| g != own.generation()) {
+                    return Err(Refusal::NoBudget);
+                }
+                self.admit_from(agent_id, own, request)
+            })
+            .unwrap_or(Err(Refusal::NoBudget))
+    }
+
+    /// [`admit`](Self::admit) for an agent whose cell is at hand (found in
+    /// the map, or held by a handle).
     ///
     /// Level by level, each a compare-and-swap on that level's own word:
     /// if one refuses, the levels below it give back what they took (into
@@ -387,53 +411,53 @@ impl BudgetManager {
     /// another request may be refused by a level that is about to get the
     /// budget back: the one exception to all-or-nothing being atomic, and
     /// never an over-admission (see `docs::semantics`).
-    fn admit(
+    pub(crate) fn admit_from(
         &self,
         agent_id: &AgentId,
+        own: &AgentCell,
         (tokens, calls): (u64, u64),
-        generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
-        self.agents.view(|view| {
-            let Some(own) = view.get(agent_id) else {
-                return Err(Refusal::NoBudget);
+        let own_generation = own.generation();
+        // `None`: the cell was retired (its agent removed) meanwhile.
+        let take = |id: AgentId, cell: &AgentCell, policy| {
+            // Relaxed: taking budget publishes nothing and wakes no one.
+            let Some((_, after, verdict)) =
+                cell.update(Ordering::Relaxed, |s| s.admit(&policy, now, tokens, calls))
+            else {
+                return Ok(None);
             };
-            let own_generation = own.generation();
-            if generation.is_some_and(|g| g != own_generation) {
-                return Err(Refusal::NoBudget);
-            }
-            let take = |cell: &AgentCell, policy| {
-                // Relaxed: taking budget publishes nothing and wakes no one.
-                let (_, after, verdict) =
-                    cell.update(Ordering::Relaxed, |s| s.admit(&policy, now, tokens, calls));
-                let level = Level {
-                    agent_id: *cell.key(),
-                    generation: cell.generation(),
-                    taken_in: after.mark,
-                };
-                verdict.map(|()| level).map_err(|shortfall| Refusal::Short {
+            let level = Level {
+                agent_id: id,
+                generation: cell.generation(),
+                taken_in: after.mark,
+            };
+            verdict
+                .map(|()| Some(level))
+                .map_err(|shortfall| Refusal::Short {
                     shortfall,
                     generation: own_generation,
-                    level: *cell.key(),
+                    level: id,
                 })
-            };
-            let enforced = own.enforced();
-            let mut levels = Levels::Own(take(std::ops::Deref::deref(&own), enforced.policy)?);
-            if !enforced.has_parent {
-                return Ok(levels);
-            }
+        };
+        let enforced = own.enforced();
+        let Some(level) = take(*agent_id, own, enforced.policy)? else {
+            return Err(Refusal::NoBudget);
+        };
+        let mut levels = Levels::Own(level);
+        if !enforced.has_parent {
+            return Ok(levels);
+        }
+        self.agents.view(|view| {
             let mut refused = None;
-            let mut ancestors = false;
-            walk_chain(view, own, |cell, enforced| {
-                // The walk starts at the agent, already taken above.
-                if !std::mem::replace(&mut ancestors, true) {
-                    return true;
-                }
-                match take(cell, enforced.policy) {
-                    Ok(level) => {
+            walk_ancestors(view, *agent_id, own, |id, cell, enforced| {
+                match take(id, cell, enforced.policy) {
+                    Ok(Some(level)) => {
                         levels.push(level);
                         true
                     }
+                    // An ancestor removed meanwhile ends the chain there.
+                    Ok(None) => false,
                     Err(refusal) => {
                         refused = Some(refusal);
                         false
@@ -454,7 +478,7 @@ impl BudgetManager {
     /// back, in the window it was taken from.
     fn give_back(
         &self,
-        view: &View<'_, AgentCell>,
+        view: &View<'_, Arc<AgentCell>>,
         levels: &Levels,
         now: Now,
         request: (u64, u64),
@@ -480,21 +504,29 @@ impl BudgetManager {
     /// What the agent's own level can admit right now, for the wake rule.
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
         let now = self.clock.now();
-        self.agents.get(agent_id, |cell| {
-            cell.load().headroom(&cell.enforced().policy, now)
-        })
+        self.agents
+            .get(agent_id, |cell| {
+                let state = cell.load()?;
+                Some(state.headroom(&cell.enforced().policy, now))
+            })
+            .flatten()
     }
 
     /// What is left at the agent's own level: in its current window, or in
     /// its bucket. A window that has expired reads as the fresh one the next
     /// write will start; an unknown agent reads as exhausted.
     pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
-        let now = self.clock.now();
         self.agents
-            .get(agent_id, |cell| {
-                budget_info(&cell.enforced().policy, cell.load(), now)
-            })
+            .get(agent_id, |cell| self.remaining_of(cell))
             .unwrap_or_else(unknown_agent_info)
+    }
+
+    /// `remaining` of a cell at hand.
+    pub(crate) fn remaining_of(&self, cell: &AgentCell) -> BudgetInfo {
+        let now = self.clock.now();
+        cell.load().map_or_else(unknown_agent_info, |state| {
+            budget_info(&cell.enforced().policy, state, now)
+        })
     }
 
     /// Whether the agent, and every level above it, has both tokens and
@@ -506,8 +538,10 @@ impl BudgetManager {
                 return false;
             };
             let mut open = true;
-            walk_chain(view, own, |cell, enforced| {
-                open &= !budget_info(&enforced.policy, cell.load(), now).is_exhausted;
+            walk_chain(view, *agent_id, own.as_ref(), |_, cell, enforced| {
+                open &= cell
+                    .load()
+                    .is_some_and(|s| !budget_info(&enforced.policy, s, now).is_exhausted);
                 open
             });
             open
@@ -520,9 +554,9 @@ impl BudgetManager {
         let now = self.clock.now();
         let reset = self.agents.get(agent_id, |cell| {
             // SeqCst: a refund; see `release`.
-            cell.update(Ordering::SeqCst, |s| (s.reset(now), ()));
+            cell.update(Ordering::SeqCst, |s| (s.reset(now), ()))
         });
-        if reset.is_some() {
+        if reset.flatten().is_some() {
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
     }
@@ -531,9 +565,9 @@ impl BudgetManager {
     /// budget.
     pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
         let now = self.clock.now();
-        self.agents.get(agent_id, |cell| {
-            full_budget_info(&cell.limit(), cell.load(), now)
-        })
+        self.agents
+            .get(agent_id, |cell| info_of(agent_id, cell, now))
+            .flatten()
     }
 
     /// [`full_info`](Self::full_info) of the agent, then of each of its
@@ -543,8 +577,8 @@ impl BudgetManager {
         let mut chain = Vec::new();
         self.agents.view(|view| {
             if let Some(own) = view.get(agent_id) {
-                walk_chain(view, own, |cell, _| {
-                    chain.push(full_budget_info(&cell.limit(), cell.load(), now));
+                walk_chain(view, *agent_id, own.as_ref(), |id, cell, _| {
+                    chain.extend(info_of(&id, cell, now));
                     true
                 });
             }
@@ -556,9 +590,8 @@ impl BudgetManager {
     pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
         let now = self.clock.now();
         let mut all = Vec::new();
-        self.agents.for_each(|cell| {
-            all.push(full_budget_info(&cell.limit(), cell.load(), now));
-        });
+        self.agents
+            .for_each(|id, cell| all.extend(info_of(id, cell, now)));
         all
     }
 
@@ -571,12 +604,15 @@ impl BudgetManager {
     pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
         let at = self.clock.moment();
         let mut agents = Vec::new();
-        self.agents.for_each(|cell| {
-            let limit = cell.limit();
+        self.agents.for_each(|id, cell| {
+            let Some(state) = cell.load() else {
+                return;
+            };
+            let limit = cell.limit(*id);
             agents.push(AgentState {
-                configured: limit.configured.clone(),
+                configured: limit.configured,
                 parent: limit.parent,
-                state: cell.load(),
+                state,
             });
         });
         persist::write(path, &agents, at)
@@ -585,7 +621,8 @@ impl BudgetManager {
     /// Replaces every budget, its usage and its parent by those in `path`.
     /// A missing file changes nothing; a file that cannot be read or trusted
     /// (a parent cycle or a dangling parent included) changes nothing and is
-    /// an error. Windows keep the part that was left.
+    /// an error. Windows keep the part that was left. Handles to the agents
+    /// that were there are retired, like those of removed agents.
     ///
     /// Meant for start-up: operations running concurrently may see a mix of
     /// the old and the restored agents while it runs.
@@ -594,9 +631,12 @@ impl BudgetManager {
             return Ok(());
         };
         let mut hierarchy = self.config();
+        self.agents.for_each(|_, cell| cell.retire());
         self.agents.replace_all(agents.into_iter().map(|agent| {
+            let id = agent.configured.agent_id();
             let limit = Limit::new(agent.configured, agent.parent);
-            AgentCell::new(limit, agent.state, self.next_generation())
+            let cell = AgentCell::new(id, &limit, agent.state, self.next_generation());
+            (id, Arc::new(cell))
         }));
         *hierarchy = restored;
         drop(hierarchy);
@@ -605,35 +645,53 @@ impl BudgetManager {
     }
 }
 
-/// Visits `first`, then its parent's cell, and so on, while `visit`
-/// returns `true`. Stops at an agent without a parent, at [`MAX_LEVELS`],
-/// and at a parent that is gone or already visited (which only a
-/// `set_parent` or `remove_budget` racing the walk can produce: the walk
-/// then sees the chain as it was before or after).
-fn walk_chain<'v>(
-    view: &'v View<'_, AgentCell>,
-    first: Found<'v, AgentCell>,
-    mut visit: impl FnMut(&AgentCell, &Enforced) -> bool,
+/// `full_info` of a cell, `None` if it was retired meanwhile.
+fn info_of(agent_id: &AgentId, cell: &AgentCell, now: Now) -> Option<FullBudgetInfo> {
+    let state = cell.load()?;
+    Some(full_budget_info(&cell.limit(*agent_id), state, now))
+}
+
+/// Visits the agent's own cell, then its ancestors' (see
+/// [`walk_ancestors`]), while `visit` returns `true`.
+fn walk_chain(
+    view: &View<'_, Arc<AgentCell>>,
+    agent_id: AgentId,
+    own: &AgentCell,
+    mut visit: impl FnMut(AgentId, &AgentCell, &Enforced) -> bool,
 ) {
-    let mut cell = first;
+    let enforced = own.enforced();
+    if visit(agent_id, own, &enforced) && enforced.has_parent {
+        walk_ancestors(view, agent_id, own, visit);
+    }
+}
+
+/// Visits `own`'s parent's cell, then its parent's, and so on, while
+/// `visit` returns `true`. Stops at an agent without a parent, at
+/// [`MAX_LEVELS`], and at a parent that is gone or already visited (which
+/// only a `set_parent` or `remove_budget` racing the walk can produce: the
+/// walk then sees the chain as it was before or after).
+fn walk_ancestors(
+    view: &View<'_, Arc<AgentCell>>,
+    agent_id: AgentId,
+    own: &AgentCell,
+    mut visit: impl FnMut(AgentId, &AgentCell, &Enforced) -> bool,
+) {
     let mut seen = ChainIds::new();
-    for _ in 0..MAX_LEVELS {
-        let enforced = cell.enforced();
-        // `Found` is a reference here and an `Arc` under loom; both deref.
-        if !visit(std::ops::Deref::deref(&cell), &enforced) || !enforced.has_parent {
-            return;
-        }
-        seen.push(*cell.key());
-        let Some(parent) = cell.limit().parent else {
+    seen.push(agent_id);
+    let mut parent = own.parent();
+    for _ in 1..MAX_LEVELS {
+        let Some(id) = parent.filter(|id| !seen.contains(id)) else {
             return;
         };
-        if seen.contains(&parent) {
+        let Some(cell) = view.get(&id) else {
+            return;
+        };
+        let enforced = cell.enforced();
+        if !visit(id, cell.as_ref(), &enforced) || !enforced.has_parent {
             return;
         }
-        match view.get(&parent) {
-            Some(next) => cell = next,
-            None => return,
-        }
+        seen.push(id);
+        parent = cell.parent();
     }
 }
 
@@ -652,7 +710,7 @@ impl Ledger for BudgetManager {
                         .map_or(Settlement::AgentRemoved, |cell| {
                             let policy = cell.enforced().policy;
                             // SeqCst: may refund; see `release`.
-                            let (_, _, refund) = cell.update(Ordering::SeqCst, |s| {
+                            let updated = cell.update(Ordering::SeqCst, |s| {
                                 let refund = s.settle(&policy, now, level.taken_in, reserved, used);
                                 match refund {
                                     Refund::Applied { next, .. }
@@ -660,7 +718,9 @@ impl Ledger for BudgetManager {
                                     Refund::WindowEnded => (s, refund),
                                 }
                             });
-                            Settlement::of(refund)
+                            updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
+                                Settlement::of(refund)
+                            })
                         });
                 if settlement.refunded() {
                     let agent_id = &level.agent_id;

@@ -11,9 +11,10 @@ impl Tick {
     /// The tick at which the manager was created: 2^39 ms, about 17.4
     /// years, so restored windows up to that old keep their exact start.
     pub(crate) const ORIGIN: Tick = Tick(1 << 39);
-    /// The last tick the packed word can hold: about 540 years after
-    /// [`Tick::ORIGIN`]. Later times are clamped here.
-    pub(crate) const MAX: Tick = Tick((1 << super::MARK_BITS) - 1);
+    /// The last tick time can reach: about 540 years after
+    /// [`Tick::ORIGIN`]. Later times are clamped here. (The one mark above
+    /// it is kept for a removed agent's state.)
+    pub(crate) const MAX: Tick = Tick((1 << super::MARK_BITS) - 2);
 
     /// Milliseconds from `earlier` to `self`, zero if `earlier` is later.
     ///

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::task::Waker;
 
-use crate::sync::{fence, AgentMap, AtomicUsize, Keyed, Mutex, MutexGuard, Ordering};
+use crate::sync::{fence, AgentMap, AtomicUsize, Mutex, MutexGuard, Ordering};
 use crate::types::AgentId;
 
 /// What an agent can still admit right now, `(tokens, calls)`, as the wake
@@ -29,12 +29,6 @@ pub(crate) struct Waiters {
 pub(crate) struct WaitQueue {
     agent_id: AgentId,
     state: Mutex<QueueState>,
-}
-
-impl Keyed for WaitQueue {
-    fn key(&self) -> &AgentId {
-        &self.agent_id
-    }
 }
 
 #[derive(Default)]
@@ -214,7 +208,7 @@ impl Waiters {
             return;
         }
         self.queues
-            .for_each(|queue| lock(&queue.state).wake(Wake::All, None));
+            .for_each(|_, queue| lock(&queue.state).wake(Wake::All, None));
     }
 
     /// The head's timer fired: its window has ended, so the waiters that
