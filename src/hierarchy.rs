@@ -75,10 +75,11 @@ impl Hierarchy {
             hierarchy.children.entry(parent).or_default().insert(child);
         }
         for &(child, parent) in &links {
-            // A chain that loops never reaches a root within the bound.
-            if hierarchy.chain(child).len() > MAX_LEVELS || hierarchy.reaches(parent, child) {
+            if hierarchy.loops_from(child) {
                 return Err(HierarchyError::Cycle { child, parent });
             }
+        }
+        for &(child, parent) in &links {
             hierarchy.check_depth(child, parent)?;
         }
         Ok(hierarchy)
@@ -98,6 +99,22 @@ impl Hierarchy {
 
     pub(crate) fn parent_of(&self, agent: &AgentId) -> Option<AgentId> {
         self.parent.get(agent).copied()
+    }
+
+    /// Whether following parents from `from` comes back to an agent already
+    /// passed, however long the chain (every agent has one parent at most,
+    /// so a walk either ends or loops within as many steps as there are
+    /// links).
+    fn loops_from(&self, from: AgentId) -> bool {
+        let mut seen = HashSet::new();
+        let mut at = from;
+        while seen.insert(at) {
+            match self.parent.get(&at) {
+                Some(&parent) => at = parent,
+                None => return false,
+            }
+        }
+        true
     }
 
     /// Whether following parents from `from` reaches `to`.
@@ -251,6 +268,20 @@ mod tests {
             Err(HierarchyError::TooDeep { levels: 9 })
         );
         h.check_link(id(10), id(6)).unwrap();
+    }
+
+    #[test]
+    fn a_restored_chain_one_level_too_deep_is_too_deep_not_a_cycle() {
+        let agents: HashSet<_> = (1..=9).map(id).collect();
+        // Every order the links could come in: rotate them.
+        let links: Vec<_> = (1..9).map(|n| (id(n), id(n + 1))).collect();
+        for start in 0..links.len() {
+            let rotated = links[start..].iter().chain(&links[..start]).copied();
+            assert_eq!(
+                Hierarchy::from_links(&agents, rotated).unwrap_err(),
+                HierarchyError::TooDeep { levels: 9 }
+            );
+        }
     }
 
     #[test]

@@ -127,6 +127,7 @@ mod cell;
 mod clock;
 pub mod docs;
 mod error;
+mod handle;
 mod hierarchy;
 mod limit;
 mod limiter;
@@ -140,6 +141,7 @@ mod types;
 mod wait;
 
 pub use error::{BudgetExceeded, HierarchyError, PersistError};
+pub use handle::{AgentHandle, OwnedAgentHandle};
 pub use hierarchy::MAX_LEVELS;
 pub use limiter::BudgetLimiter;
 pub use manager::locked::LockedBudgetManager;

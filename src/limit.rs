@@ -41,7 +41,10 @@ impl Configured {
             Configured::Window(limit) => limit.window_secs,
             Configured::Refill(limit) => {
                 let period = limit.refill_period;
-                period.as_secs() + u64::from(period.subsec_nanos() > 0)
+                // Saturating: `Duration::MAX` has a fraction of a second.
+                period
+                    .as_secs()
+                    .saturating_add(u64::from(period.subsec_nanos() > 0))
             }
         }
     }

@@ -475,3 +475,22 @@ fn simultaneous_requests_admit_exactly_the_burst() {
     case::<BudgetManager>();
     case::<LockedBudgetManager>();
 }
+
+for_both_managers! {
+    /// Regression: the period in whole seconds, rounded up, overflowed for
+    /// `Duration::MAX` (whole seconds u64::MAX and a fraction).
+    fn a_refill_period_of_duration_max_never_panics<M>() {
+        let (m, _) = mocked::<M>();
+        let a = agent();
+        m.set_refill(RefillLimit {
+            agent_id: a,
+            token_budget: 10,
+            calls_budget: 1,
+            refill_period: Duration::MAX,
+        });
+        let info = m.full_info(&a).unwrap();
+        assert_eq!(info.window_secs, u64::MAX, "the period in whole seconds, rounded up (saturating)");
+        assert_eq!(m.chain_info(&a).len(), 1);
+        assert_eq!(m.all_full_info().len(), 1);
+    }
+}

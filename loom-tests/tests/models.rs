@@ -264,3 +264,44 @@ fn the_canary_racy_cell_is_caught() {
         concurrent_admissions(RacyCell::new(1), 1, 2, 1);
     });
 }
+
+#[test]
+fn a_handle_admits_nothing_once_its_agent_is_removed_even_if_set_again() {
+    explore("handle reserve x2 vs remove_budget + set_budget", || {
+        // A std `Arc`: what `handle_owned` takes (its counts are not part
+        // of the model).
+        let m = std::sync::Arc::new(BudgetManager::with_clock(ClockSource::mock()));
+        m.set_budget(limit(10, 10, 60));
+        let handle = m.handle_owned(&AGENT).expect("configured");
+        let removed = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let remover = {
+            let (m, removed) = (m.clone(), removed.clone());
+            thread::spawn(move || {
+                m.remove_budget(&AGENT);
+                removed.store(true, loom::sync::atomic::Ordering::SeqCst);
+                m.set_budget(limit(10, 10, 60));
+            })
+        };
+        let user = {
+            let removed = removed.clone();
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    let after_removal = removed.load(loom::sync::atomic::Ordering::SeqCst);
+                    let admitted = handle.reserve(1).is_ok();
+                    assert!(
+                        !(after_removal && admitted),
+                        "admitted through a handle after remove_budget returned"
+                    );
+                }
+                handle
+            })
+        };
+        remover.join().unwrap();
+        let handle = user.join().unwrap();
+        // The new incarnation never saw the handle's requests, and the
+        // handle is refused from now on.
+        assert_eq!(used(&m), (0, 0));
+        assert!(handle.reserve(1).is_err());
+        assert_eq!(handle.remaining().tokens_remaining, 0);
+    });
+}

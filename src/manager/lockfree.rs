@@ -7,6 +7,7 @@ use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent
 use crate::cell::{AgentCell, Enforced};
 use crate::clock::Clock;
 use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal};
+use crate::handle::{AgentHandle, OwnedAgentHandle};
 use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
@@ -360,13 +361,16 @@ impl BudgetManager {
     /// amount and cannot tell which window the tokens were spent in; a
     /// [`Reservation`] can.
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
+        self.agents
+            .get(agent_id, |own| self.release_from(agent_id, own, tokens));
+    }
+
+    /// [`release`](Self::release) for an agent whose cell is at hand.
+    pub(crate) fn release_from(&self, agent_id: &AgentId, own: &AgentCell, tokens: u64) {
         let now = self.clock.now();
         let mut released = ChainIds::new();
         self.agents.view(|view| {
-            let Some(own) = view.get(agent_id) else {
-                return;
-            };
-            walk_chain(view, *agent_id, own.as_ref(), |id, cell, enforced| {
+            walk_chain(view, *agent_id, own, |id, cell, enforced| {
                 let policy = enforced.policy;
                 // SeqCst: a refund, paired with waiters' registration (see
                 // `Waiters::wake`).
@@ -381,6 +385,22 @@ impl BudgetManager {
         for level in released.iter() {
             self.events.refunded(level, || self.headroom(level));
         }
+    }
+
+    /// A handle on the agent, for callers that come back to it again and
+    /// again: its operations skip the map lookup. `None` if the agent has
+    /// no budget. See [`AgentHandle`] for what happens once the agent is
+    /// removed.
+    pub fn handle(&self, agent_id: &AgentId) -> Option<AgentHandle<'_>> {
+        let cell = self.agents.get(agent_id, Arc::clone)?;
+        Some(AgentHandle::new(self, *agent_id, cell))
+    }
+
+    /// [`handle`](Self::handle) on an `Arc` of the manager: the handle is
+    /// `Send`, `Sync` and `'static`.
+    pub fn handle_owned(self: &Arc<Self>, agent_id: &AgentId) -> Option<OwnedAgentHandle> {
+        let cell = self.agents.get(agent_id, Arc::clone)?;
+        Some(OwnedAgentHandle::new(self.clone(), *agent_id, cell))
     }
 
     /// Takes `request` (tokens, calls) at every level of the agent's chain,

@@ -556,21 +556,35 @@ proptest! {
         prop_assert!(before != (tokens, calls));
     }
 
-    /// No drift: taking one unit whenever one is there admits, by any time,
-    /// exactly what a single request at that time would have found.
+    /// No drift: taking one unit whenever one is there admits, step after
+    /// step, exactly what a continuous token bucket computed in exact
+    /// fractions admits (one that counts its level in units of
+    /// `1 / period`, so nothing is ever rounded). The bucket fills up
+    /// between sparse steps and then wastes refill, as a real one does;
+    /// the two must agree on that too.
     #[test]
-    fn many_small_admissions_get_exactly_what_one_large_one_would(
+    fn many_small_admissions_match_an_exact_continuous_bucket(
         budget in 1..2_000u64, period_ms in 1..100_000u64,
         steps in prop::collection::vec(1..=300u64, 1..100),
     ) {
         let p = bucket(budget, 0, ms(period_ms));
-        let drained = State::fresh(at(0).start_tick()).try_admit(&p, at(0), budget, 0).unwrap();
-        let (mut small, mut taken, mut t) = (drained, 0u64, 0u64);
+        let mut small = State::fresh(at(0).start_tick()).try_admit(&p, at(0), budget, 0).unwrap();
+        // The exact bucket: level × period, drained at 0.
+        let (full, unit) = (u128::from(budget) * u128::from(period_ms), u128::from(period_ms));
+        let (mut level, mut last) = (0u128, 0u64);
+        let (mut taken, mut exact) = (0u64, 0u64);
         // Steps are thousandths of a period, over three periods at most.
+        let mut t = 0u64;
         for step in steps {
             t += (step * period_ms / 1_000).max(1);
             if t > 3 * period_ms {
                 break;
+            }
+            level = (level + u128::from(budget) * u128::from(t - last)).min(full);
+            last = t;
+            while level >= unit {
+                level -= unit;
+                exact += 1;
             }
             loop {
                 let (next, verdict) = small.admit(&p, at(t * MS), 1, 0);
@@ -578,17 +592,22 @@ proptest! {
                 small = next;
                 taken += 1;
             }
-            let refilled = u128::from(budget) * u128::from(t) / u128::from(period_ms);
-            let refilled = u64::try_from(refilled).unwrap();
-            // Every unit the bucket regained since the drain went to the
-            // small requests, as it came: exactly that many, no fewer.
-            prop_assert_eq!(taken, refilled, "after {} ms", t);
-            // One request at that time, on the drained bucket, gets the
-            // same (up to a full bucket).
-            let large = refilled.min(budget);
-            prop_assert!(fits(drained, &p, at(t * MS), large, 0));
-            prop_assert!(large == budget || !fits(drained, &p, at(t * MS), large + 1, 0));
+            prop_assert_eq!(taken, exact, "after {} ms", t);
         }
+    }
+
+    /// A single request at any time, on a bucket drained at 0, finds
+    /// exactly `floor(budget × t / period)` (up to full).
+    #[test]
+    fn one_large_request_finds_exactly_what_refilled(
+        budget in 1..1_000_000u64, period_ms in 1..1_000_000u64, t in 0..3_000_000u64,
+    ) {
+        let p = bucket(budget, 0, ms(period_ms));
+        let drained = State::fresh(at(0).start_tick()).try_admit(&p, at(0), budget, 0).unwrap();
+        let refilled = u128::from(budget) * u128::from(t) / u128::from(period_ms);
+        let large = u64::try_from(refilled).unwrap().min(budget);
+        prop_assert!(fits(drained, &p, at(t * MS), large, 0));
+        prop_assert!(large == budget || !fits(drained, &p, at(t * MS), large + 1, 0));
     }
 }
 
