@@ -7,6 +7,10 @@ use crate::rules::{Resource, Shortfall};
 use crate::types::{AgentId, BudgetKind};
 
 /// A request was refused: the agent has no budget, or not enough left.
+///
+/// What the seed's `reserve` and `track_call` return. It carries the same
+/// facts as [`Refused`] (which it converts to and from without loss) and
+/// the message, formatted when the refusal was made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BudgetExceeded {
     /// The agent whose request was refused.
@@ -25,6 +29,9 @@ pub struct BudgetExceeded {
     /// `None` when waiting cannot help: the request is larger than that
     /// level's limit, or the agent has no budget.
     pub retry_after: Option<Duration>,
+    /// The facts the message was made from, beyond the public fields.
+    reason: RefusalReason,
+    operation: Operation,
 }
 
 impl std::fmt::Display for BudgetExceeded {
@@ -35,6 +42,136 @@ impl std::fmt::Display for BudgetExceeded {
 
 impl std::error::Error for BudgetExceeded {}
 
+impl BudgetExceeded {
+    /// The facts of the refusal, without the message.
+    pub fn refused(&self) -> Refused {
+        Refused {
+            agent_id: self.agent_id,
+            kind: self.kind,
+            refused_by: self.refused_by,
+            retry_after: self.retry_after,
+            reason: self.reason,
+            operation: self.operation,
+        }
+    }
+}
+
+impl From<Refused> for BudgetExceeded {
+    /// Formats the message; nothing is lost.
+    fn from(refused: Refused) -> Self {
+        BudgetExceeded {
+            agent_id: refused.agent_id,
+            kind: refused.kind,
+            refused_by: refused.refused_by,
+            message: refused.to_string(),
+            retry_after: refused.retry_after,
+            reason: refused.reason,
+            operation: refused.operation,
+        }
+    }
+}
+
+impl From<BudgetExceeded> for Refused {
+    /// The facts the error carries; nothing is lost (its message is made
+    /// from them, and [`Refused`] displays the same).
+    fn from(exceeded: BudgetExceeded) -> Self {
+        exceeded.refused()
+    }
+}
+
+/// A request was refused, told by its facts alone: what
+/// [`acquire`](crate::BudgetManager::acquire), the waiting futures and
+/// [`AgentHandle`](crate::AgentHandle)s return.
+///
+/// Making one allocates nothing and formats nothing, so a refusal costs no
+/// more than an admission (a gateway flooded by an over-budget tenant
+/// refuses at full speed); the message is formatted only when it is
+/// displayed, and reads as [`BudgetExceeded`]'s. The public fields callers
+/// match on (`agent_id`, `kind`, `retry_after`, `refused_by`) have the
+/// same names and meanings as there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refused {
+    /// The agent whose request was refused.
+    pub agent_id: AgentId,
+    /// Which budget refused it.
+    pub kind: BudgetKind,
+    /// The level of the agent's chain that refused it: the agent itself, or
+    /// one of its ancestors.
+    pub refused_by: AgentId,
+    /// When the same request may succeed at the level that refused it;
+    /// `None` when waiting cannot help.
+    pub retry_after: Option<Duration>,
+    /// Why: no budget, or the numbers that fell short.
+    pub reason: RefusalReason,
+    /// Which operation was refused, for the message's wording.
+    operation: Operation,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RefusalReason {
+    /// The agent has no budget (or its budget was removed).
+    NoBudget,
+    /// The budget that refused (`kind`, at `refused_by`) had too little
+    /// left.
+    Exceeded {
+        /// How much of it was asked for.
+        requested: u64,
+        /// How much of it was left.
+        remaining: u64,
+        /// How much of it was in use.
+        used: u64,
+        /// Its limit.
+        limit: u64,
+    },
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let agent_id = self.agent_id;
+        let RefusalReason::Exceeded {
+            requested,
+            remaining,
+            used,
+            limit,
+        } = self.reason
+        else {
+            return write!(f, "No budget configured for agent {agent_id}");
+        };
+        match self.operation {
+            Operation::Reserve => write!(
+                f,
+                "Token budget exceeded: requested {requested} but only {remaining} remaining"
+            )?,
+            Operation::TrackCall => write!(
+                f,
+                "Call budget exceeded: {used} calls used, limit is {limit}"
+            )?,
+            Operation::Acquire => {
+                let (name, unit) = match self.kind {
+                    BudgetKind::Token => ("Token", "tokens"),
+                    BudgetKind::Call => ("Call", "calls"),
+                };
+                write!(
+                    f,
+                    "{name} budget exceeded for agent {agent_id}: requested {requested} {unit} but only {remaining} remaining ("
+                )?;
+                match self.retry_after {
+                    Some(wait) => write!(f, "fits in {:.3}s)", wait.as_secs_f64())?,
+                    None => write!(f, "larger than the limit of {limit}, never admitted)")?,
+                }
+            }
+        }
+        if self.refused_by != agent_id {
+            write!(f, ", at its ancestor {}", self.refused_by)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// Which operation was refused; the seed's operations keep their messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Operation {
@@ -43,9 +180,8 @@ pub(crate) enum Operation {
     Acquire,
 }
 
-/// Why an admission was refused, before it is formatted for the caller:
-/// the hot paths and the waiting futures decide on this, and only the
-/// public boundary pays for a [`BudgetExceeded`] and its message.
+/// Why an admission was refused, as the managers decide it; the public
+/// boundary turns it into a [`Refused`] (or a [`BudgetExceeded`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Refusal {
     /// The agent has no budget, or not the incarnation that was expected.
@@ -61,76 +197,47 @@ pub(crate) enum Refusal {
 }
 
 impl Refusal {
-    pub(crate) fn into_error(self, agent_id: AgentId, operation: Operation) -> BudgetExceeded {
+    /// The refusal of `operation` on `agent_id`, without a message.
+    pub(crate) fn refused(self, agent_id: AgentId, operation: Operation) -> Refused {
         match self {
-            Refusal::NoBudget => BudgetExceeded::no_budget(agent_id, operation),
-            Refusal::Short {
-                shortfall, level, ..
-            } => BudgetExceeded::from_shortfall(agent_id, level, operation, shortfall),
-        }
-    }
-}
-
-impl BudgetExceeded {
-    pub(crate) fn no_budget(agent_id: AgentId, operation: Operation) -> Self {
-        BudgetExceeded {
-            agent_id,
-            kind: match operation {
-                Operation::TrackCall => BudgetKind::Call,
-                Operation::Reserve | Operation::Acquire => BudgetKind::Token,
+            Refusal::NoBudget => Refused {
+                agent_id,
+                kind: match operation {
+                    Operation::TrackCall => BudgetKind::Call,
+                    Operation::Reserve | Operation::Acquire => BudgetKind::Token,
+                },
+                refused_by: agent_id,
+                retry_after: None,
+                reason: RefusalReason::NoBudget,
+                operation,
             },
-            refused_by: agent_id,
-            message: format!("No budget configured for agent {agent_id}"),
-            retry_after: None,
+            Refusal::Short {
+                shortfall: s,
+                level,
+                ..
+            } => Refused {
+                agent_id,
+                kind: match s.resource {
+                    Resource::Tokens => BudgetKind::Token,
+                    Resource::Calls => BudgetKind::Call,
+                },
+                refused_by: level,
+                retry_after: s.retry_after_ms.map(Duration::from_millis),
+                reason: RefusalReason::Exceeded {
+                    requested: s.requested,
+                    remaining: s.remaining,
+                    used: s.used,
+                    limit: s.limit,
+                },
+                operation,
+            },
         }
     }
 
-    pub(crate) fn from_shortfall(
-        agent_id: AgentId,
-        refused_by: AgentId,
-        operation: Operation,
-        s: Shortfall,
-    ) -> Self {
-        let kind = match s.resource {
-            Resource::Tokens => BudgetKind::Token,
-            Resource::Calls => BudgetKind::Call,
-        };
-        let message = match (operation, s.resource) {
-            (Operation::Reserve, _) => format!(
-                "Token budget exceeded: requested {} but only {} remaining",
-                s.requested, s.remaining
-            ),
-            (Operation::TrackCall, _) => format!(
-                "Call budget exceeded: {} calls used, limit is {}",
-                s.used, s.limit
-            ),
-            (Operation::Acquire, resource) => {
-                let (name, unit) = match resource {
-                    Resource::Tokens => ("Token", "tokens"),
-                    Resource::Calls => ("Call", "calls"),
-                };
-                let when = match s.retry_after_ms {
-                    Some(ms) => format!("fits in {:.3}s", ms as f64 / 1000.0),
-                    None => format!("larger than the limit of {}, never admitted", s.limit),
-                };
-                format!(
-                    "{name} budget exceeded for agent {agent_id}: requested {} {unit} but only {} remaining ({when})",
-                    s.requested, s.remaining
-                )
-            }
-        };
-        let message = if refused_by == agent_id {
-            message
-        } else {
-            format!("{message}, at its ancestor {refused_by}")
-        };
-        BudgetExceeded {
-            agent_id,
-            kind,
-            refused_by,
-            message,
-            retry_after: s.retry_after_ms.map(Duration::from_millis),
-        }
+    /// The same, with its message: for the seed's `reserve` and
+    /// `track_call`.
+    pub(crate) fn into_error(self, agent_id: AgentId, operation: Operation) -> BudgetExceeded {
+        self.refused(agent_id, operation).into()
     }
 }
 
@@ -212,26 +319,25 @@ pub enum PersistError {
 mod tests {
     use super::*;
 
-    fn shortfall(resource: Resource, retry_after_ms: Option<u64>) -> Shortfall {
-        Shortfall {
-            resource,
-            requested: 40,
-            remaining: 30,
-            used: 70,
-            limit: 100,
-            retry_after_ms,
+    fn short(resource: Resource, retry_after_ms: Option<u64>, level: AgentId) -> Refusal {
+        Refusal::Short {
+            shortfall: Shortfall {
+                resource,
+                requested: 40,
+                remaining: 30,
+                used: 70,
+                limit: 100,
+                retry_after_ms,
+            },
+            generation: 0,
+            level,
         }
     }
 
     #[test]
     fn the_seed_operations_keep_the_seed_messages() {
         let id = AgentId::nil();
-        let e = BudgetExceeded::from_shortfall(
-            id,
-            id,
-            Operation::Reserve,
-            shortfall(Resource::Tokens, Some(5)),
-        );
+        let e = short(Resource::Tokens, Some(5), id).into_error(id, Operation::Reserve);
         assert_eq!(
             e.message,
             "Token budget exceeded: requested 40 but only 30 remaining"
@@ -240,18 +346,13 @@ mod tests {
             (e.kind, e.retry_after),
             (BudgetKind::Token, Some(Duration::from_millis(5)))
         );
-        let e = BudgetExceeded::from_shortfall(
-            id,
-            id,
-            Operation::TrackCall,
-            shortfall(Resource::Calls, None),
-        );
+        let e = short(Resource::Calls, None, id).into_error(id, Operation::TrackCall);
         assert_eq!(
             e.message,
             "Call budget exceeded: 70 calls used, limit is 100"
         );
         assert_eq!((e.kind, e.retry_after), (BudgetKind::Call, None));
-        let e = BudgetExceeded::no_budget(id, Operation::TrackCall);
+        let e = Refusal::NoBudget.into_error(id, Operation::TrackCall);
         assert_eq!(
             (e.kind, e.to_string()),
             (
@@ -264,39 +365,56 @@ mod tests {
     #[test]
     fn acquire_messages_name_resource_amounts_and_when_to_retry() {
         let id = AgentId::nil();
-        let e = BudgetExceeded::from_shortfall(
-            id,
-            id,
-            Operation::Acquire,
-            shortfall(Resource::Calls, Some(1_500)),
-        );
+        let e = short(Resource::Calls, Some(1_500), id).refused(id, Operation::Acquire);
         assert_eq!(
             e.to_string(),
             format!("Call budget exceeded for agent {id}: requested 40 calls but only 30 remaining (fits in 1.500s)")
         );
         let parent = AgentId::from_u128(9);
-        let e = BudgetExceeded::from_shortfall(
-            id,
-            parent,
-            Operation::Acquire,
-            shortfall(Resource::Calls, Some(1_500)),
-        );
+        let e = short(Resource::Calls, Some(1_500), parent).refused(id, Operation::Acquire);
         assert!(
             e.to_string()
                 .ends_with(&format!(", at its ancestor {parent}")),
             "{e}"
         );
         assert_eq!(e.refused_by, parent);
-        let e = BudgetExceeded::from_shortfall(
-            id,
-            id,
-            Operation::Acquire,
-            shortfall(Resource::Tokens, None),
-        );
+        let e = short(Resource::Tokens, None, id).refused(id, Operation::Acquire);
         assert!(
             e.to_string()
                 .ends_with("(larger than the limit of 100, never admitted)"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn refused_and_budget_exceeded_convert_both_ways_without_loss() {
+        let (id, parent) = (AgentId::from_u128(1), AgentId::from_u128(2));
+        for operation in [Operation::Reserve, Operation::TrackCall, Operation::Acquire] {
+            for refusal in [
+                Refusal::NoBudget,
+                short(Resource::Tokens, Some(250), id),
+                short(Resource::Calls, None, parent),
+            ] {
+                let refused = refusal.refused(id, operation);
+                let exceeded = BudgetExceeded::from(refused);
+                assert_eq!(exceeded.to_string(), refused.to_string());
+                assert_eq!(
+                    (
+                        exceeded.agent_id,
+                        exceeded.kind,
+                        exceeded.refused_by,
+                        exceeded.retry_after
+                    ),
+                    (
+                        refused.agent_id,
+                        refused.kind,
+                        refused.refused_by,
+                        refused.retry_after
+                    )
+                );
+                assert_eq!(Refused::from(exceeded.clone()), refused);
+                assert_eq!(exceeded.refused(), refused);
+            }
+        }
     }
 }

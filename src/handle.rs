@@ -19,7 +19,7 @@
 use std::sync::Arc;
 
 use crate::cell::AgentCell;
-use crate::error::{BudgetExceeded, Operation, Refusal};
+use crate::error::{Operation, Refusal, Refused};
 use crate::manager::lockfree::BudgetManager;
 use crate::reservation::{OwnedReservation, Reservation, Ticket};
 use crate::types::{AgentId, BudgetInfo};
@@ -36,11 +36,11 @@ impl Grip {
         manager: &BudgetManager,
         request: (u64, u64),
         operation: Operation,
-    ) -> Result<Ticket, BudgetExceeded> {
+    ) -> Result<Ticket, Refused> {
         manager
             .admit_from(&self.agent_id, &self.cell, request)
             .map(|levels| Ticket::new(request, levels))
-            .map_err(|refusal: Refusal| refusal.into_error(self.agent_id, operation))
+            .map_err(|refusal: Refusal| refusal.refused(self.agent_id, operation))
     }
 }
 
@@ -54,14 +54,17 @@ macro_rules! handle_methods {
         }
 
         /// [`BudgetManager::reserve`] on this agent, without the lookup.
-        pub fn reserve(&self, tokens: u64) -> Result<(), BudgetExceeded> {
+        /// Its refusal is a [`Refused`] (no message is formatted until it
+        /// is displayed, and it reads as the seed's); convert it with
+        /// `BudgetExceeded::from` where the seed's type is wanted.
+        pub fn reserve(&self, tokens: u64) -> Result<(), Refused> {
             self.grip
                 .admit(&self.manager, (tokens, 0), Operation::Reserve)
                 .map(drop)
         }
 
         /// [`BudgetManager::track_call`] on this agent, without the lookup.
-        pub fn track_call(&self) -> Result<(), BudgetExceeded> {
+        pub fn track_call(&self) -> Result<(), Refused> {
             self.grip
                 .admit(&self.manager, (0, 1), Operation::TrackCall)
                 .map(drop)
@@ -102,7 +105,7 @@ macro_rules! handle_methods {
 /// }
 /// assert!(handle.track_call().is_err(), "ten calls a window");
 /// assert_eq!(handle.remaining().tokens_remaining, 600);
-/// # Ok::<(), agent_budget::BudgetExceeded>(())
+/// # Ok::<(), agent_budget::Refused>(())
 /// ```
 pub struct AgentHandle<'m> {
     manager: &'m BudgetManager,
@@ -118,7 +121,7 @@ impl<'m> AgentHandle<'m> {
     }
 
     /// [`BudgetManager::acquire`] on this agent, without the lookup.
-    pub fn acquire(&self, tokens: u64, calls: u64) -> Result<Reservation<'m>, BudgetExceeded> {
+    pub fn acquire(&self, tokens: u64, calls: u64) -> Result<Reservation<'m>, Refused> {
         let ticket = self
             .grip
             .admit(self.manager, (tokens, calls), Operation::Acquire)?;
@@ -157,7 +160,7 @@ impl OwnedAgentHandle {
     }
 
     /// [`BudgetManager::acquire_owned`] on this agent, without the lookup.
-    pub fn acquire(&self, tokens: u64, calls: u64) -> Result<OwnedReservation, BudgetExceeded> {
+    pub fn acquire(&self, tokens: u64, calls: u64) -> Result<OwnedReservation, Refused> {
         let ticket = self
             .grip
             .admit(&self.manager, (tokens, calls), Operation::Acquire)?;

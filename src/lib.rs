@@ -140,7 +140,7 @@ mod types;
 #[cfg(feature = "async")]
 mod wait;
 
-pub use error::{BudgetExceeded, HierarchyError, PersistError};
+pub use error::{BudgetExceeded, HierarchyError, PersistError, RefusalReason, Refused};
 pub use handle::{AgentHandle, OwnedAgentHandle};
 pub use hierarchy::MAX_LEVELS;
 pub use limiter::BudgetLimiter;

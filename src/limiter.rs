@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::error::{BudgetExceeded, HierarchyError, PersistError};
+use crate::error::{BudgetExceeded, HierarchyError, PersistError, Refused};
 use crate::reservation::{OwnedReservation, Reservation};
 use crate::sync::ClockSource;
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
@@ -42,7 +42,7 @@ pub trait BudgetLimiter: Send + Sync {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<Reservation<'_>, BudgetExceeded>;
+    ) -> Result<Reservation<'_>, Refused>;
     /// Takes tokens and calls together, or neither, holding an `Arc` of
     /// the manager.
     fn acquire_owned(
@@ -50,7 +50,7 @@ pub trait BudgetLimiter: Send + Sync {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<OwnedReservation, BudgetExceeded>
+    ) -> Result<OwnedReservation, Refused>
     where
         Self: Sized;
     /// Waits until tokens and calls fit, then takes them.
@@ -60,7 +60,7 @@ pub trait BudgetLimiter: Send + Sync {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_;
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, Refused>> + Send + '_;
     /// Waits until tokens and calls fit, then takes them, holding an `Arc`
     /// of the manager.
     #[cfg(feature = "async")]
@@ -69,7 +69,7 @@ pub trait BudgetLimiter: Send + Sync {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, Refused>> + Send + 'static
     where
         Self: Sized;
     /// How many futures are waiting for budget.

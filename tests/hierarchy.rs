@@ -234,8 +234,8 @@ for_both_managers! {
         let err = m.acquire(&child, left + 10, 1).unwrap_err();
         assert_eq!((err.agent_id, err.refused_by, err.kind), (child, parent, BudgetKind::Token));
         assert_eq!(err.retry_after, parent_retry);
-        assert!(err.message.contains(&format!("requested {} tokens but only {left} remaining", left + 10)), "{err}");
-        assert!(err.message.ends_with(&format!(", at its ancestor {parent}")), "{err}");
+        assert!(err.to_string().contains(&format!("requested {} tokens but only {left} remaining", left + 10)), "{err}");
+        assert!(err.to_string().ends_with(&format!(", at its ancestor {parent}")), "{err}");
         // Calls short at the parent.
         let err = m.acquire(&child, 1, parent_calls - 3 + 1).unwrap_err();
         assert_eq!((err.refused_by, err.kind, err.retry_after), (parent, BudgetKind::Call, parent_retry));
@@ -256,7 +256,7 @@ for_both_managers! {
         let err = m.acquire(&child, 1_000 - left + 1, 0).unwrap_err();
         assert_eq!((err.refused_by, err.kind), (child, BudgetKind::Token));
         assert_eq!(err.retry_after, Some(Duration::from_secs(child_window - elapsed)));
-        assert!(!err.message.contains("ancestor"), "{err}");
+        assert!(!err.to_string().contains("ancestor"), "{err}");
         let err = m.acquire(&child, 1_001, 0).unwrap_err();
         assert_eq!((err.refused_by, err.retry_after), (child, None));
         assert_eq!(chain_used(&m, &child), [(left, 1), (parent_tokens, parent_calls)]);
@@ -856,7 +856,8 @@ mod sequential {
                 let outcome = match *op {
                     Op::Acquire(..) => m
                         .acquire(&id, request.0, request.1)
-                        .map(|r| open.push((id, r))),
+                        .map(|r| open.push((id, r)))
+                        .map_err(BudgetExceeded::from),
                     Op::Reserve(..) => m.reserve(&id, request.0),
                     _ => m.track_call(&id),
                 };

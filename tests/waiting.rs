@@ -72,7 +72,7 @@ fn spawn_wait<M: BudgetLimiter + 'static>(
     agent_id: agent_budget::AgentId,
     tokens: u64,
     calls: u64,
-) -> tokio::task::JoinHandle<Result<OwnedReservation, agent_budget::BudgetExceeded>> {
+) -> tokio::task::JoinHandle<Result<OwnedReservation, agent_budget::Refused>> {
     tokio::spawn(m.acquire_owned_wait(&agent_id, tokens, calls))
 }
 
@@ -311,7 +311,7 @@ for_both_managers_async! {
         let Poll::Ready(Err(refused)) = poll_once(unknown.as_mut()) else {
             panic!("an unknown agent's request waits");
         };
-        assert!(refused.message.starts_with("No budget configured"), "{refused}");
+        assert!(refused.to_string().starts_with("No budget configured"), "{refused}");
         assert_eq!(m.waiting(), 0);
     }
 }
@@ -563,7 +563,7 @@ fn spawn_counted_wait<M: BudgetLimiter + 'static>(
     tokens: u64,
     calls: u64,
 ) -> (
-    tokio::task::JoinHandle<Result<OwnedReservation, agent_budget::BudgetExceeded>>,
+    tokio::task::JoinHandle<Result<OwnedReservation, agent_budget::Refused>>,
     Arc<AtomicUsize>,
 ) {
     let polls = Arc::new(AtomicUsize::new(0));

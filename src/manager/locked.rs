@@ -9,7 +9,7 @@ use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal};
+use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal, Refused};
 use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
@@ -199,10 +199,10 @@ impl LockedBudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<Reservation<'_>, BudgetExceeded> {
+    ) -> Result<Reservation<'_>, Refused> {
         let levels = self
             .admit(agent_id, (tokens, calls), None)
-            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+            .map_err(|r| r.refused(*agent_id, Operation::Acquire))?;
         Ok(Reservation::new(self, Ticket::new((tokens, calls), levels)))
     }
 
@@ -213,10 +213,10 @@ impl LockedBudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<OwnedReservation, BudgetExceeded> {
+    ) -> Result<OwnedReservation, Refused> {
         let levels = self
             .admit(agent_id, (tokens, calls), None)
-            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+            .map_err(|r| r.refused(*agent_id, Operation::Acquire))?;
         let ticket = Ticket::new((tokens, calls), levels);
         Ok(OwnedReservation::new(self.clone(), ticket))
     }
@@ -229,8 +229,7 @@ impl LockedBudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_
-    {
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, Refused>> + Send + '_ {
         crate::wait::acquire_wait(self, agent_id, tokens, calls)
     }
 
@@ -242,8 +241,7 @@ impl LockedBudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, Refused>> + Send + 'static {
         crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
     }
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
 use crate::cell::{AgentCell, Enforced};
 use crate::clock::Clock;
-use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal};
+use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal, Refused};
 use crate::handle::{AgentHandle, OwnedAgentHandle};
 use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
@@ -249,10 +249,10 @@ impl BudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<Reservation<'_>, BudgetExceeded> {
+    ) -> Result<Reservation<'_>, Refused> {
         let levels = self
             .admit(agent_id, (tokens, calls), None)
-            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+            .map_err(|r| r.refused(*agent_id, Operation::Acquire))?;
         Ok(Reservation::new(self, Ticket::new((tokens, calls), levels)))
     }
 
@@ -264,10 +264,10 @@ impl BudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> Result<OwnedReservation, BudgetExceeded> {
+    ) -> Result<OwnedReservation, Refused> {
         let levels = self
             .admit(agent_id, (tokens, calls), None)
-            .map_err(|r| r.into_error(*agent_id, Operation::Acquire))?;
+            .map_err(|r| r.refused(*agent_id, Operation::Acquire))?;
         let ticket = Ticket::new((tokens, calls), levels);
         Ok(OwnedReservation::new(self.clone(), ticket))
     }
@@ -311,8 +311,7 @@ impl BudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<Reservation<'_>, BudgetExceeded>> + Send + '_
-    {
+    ) -> impl std::future::Future<Output = Result<Reservation<'_>, Refused>> + Send + '_ {
         crate::wait::acquire_wait(self, agent_id, tokens, calls)
     }
 
@@ -325,8 +324,7 @@ impl BudgetManager {
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
-    ) -> impl std::future::Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = Result<OwnedReservation, Refused>> + Send + 'static {
         crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
     }
 

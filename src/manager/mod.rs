@@ -135,7 +135,7 @@ macro_rules! forward_budget_limiter {
                 agent_id: &$crate::AgentId,
                 tokens: u64,
                 calls: u64,
-            ) -> Result<$crate::Reservation<'_>, $crate::BudgetExceeded> {
+            ) -> Result<$crate::Reservation<'_>, $crate::Refused> {
                 <$manager>::acquire(self, agent_id, tokens, calls)
             }
             fn acquire_owned(
@@ -143,7 +143,7 @@ macro_rules! forward_budget_limiter {
                 agent_id: &$crate::AgentId,
                 tokens: u64,
                 calls: u64,
-            ) -> Result<$crate::OwnedReservation, $crate::BudgetExceeded> {
+            ) -> Result<$crate::OwnedReservation, $crate::Refused> {
                 <$manager>::acquire_owned(self, agent_id, tokens, calls)
             }
             #[cfg(feature = "async")]
@@ -153,7 +153,7 @@ macro_rules! forward_budget_limiter {
                 tokens: u64,
                 calls: u64,
             ) -> impl std::future::Future<
-                Output = Result<$crate::Reservation<'_>, $crate::BudgetExceeded>,
+                Output = Result<$crate::Reservation<'_>, $crate::Refused>,
             > + Send
                    + '_ {
                 <$manager>::acquire_wait(self, agent_id, tokens, calls)
@@ -165,7 +165,7 @@ macro_rules! forward_budget_limiter {
                 tokens: u64,
                 calls: u64,
             ) -> impl std::future::Future<
-                Output = Result<$crate::OwnedReservation, $crate::BudgetExceeded>,
+                Output = Result<$crate::OwnedReservation, $crate::Refused>,
             > + Send
                    + 'static {
                 <$manager>::acquire_owned_wait(self, agent_id, tokens, calls)

@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use queue::Place;
 pub(crate) use queue::{Headroom, Waiters, Wake};
 
-use crate::error::{BudgetExceeded, Operation, Refusal};
+use crate::error::{Operation, Refusal, Refused};
 use crate::reservation::{Ledger, Levels, OwnedReservation, Reservation, Ticket};
 use crate::types::AgentId;
 
@@ -87,7 +87,7 @@ impl<'m, M: Waitable> Wait<'m, M> {
 }
 
 impl<M: Waitable> Future for Wait<'_, M> {
-    type Output = Result<Ticket, BudgetExceeded>;
+    type Output = Result<Ticket, Refused>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -120,7 +120,7 @@ impl<M: Waitable> Future for Wait<'_, M> {
                 // cannot help.
                 _ => {
                     this.leave(false);
-                    let error = refusal.into_error(this.agent_id, Operation::Acquire);
+                    let error = refusal.refused(this.agent_id, Operation::Acquire);
                     return Poll::Ready(Err(error));
                 }
             };
@@ -221,7 +221,7 @@ pub(crate) fn acquire_wait<'m, M: Waitable + Ledger>(
     agent_id: &AgentId,
     tokens: u64,
     calls: u64,
-) -> impl Future<Output = Result<Reservation<'m>, BudgetExceeded>> + Send + 'm {
+) -> impl Future<Output = Result<Reservation<'m>, Refused>> + Send + 'm {
     let wait = Wait::new(manager, *agent_id, tokens, calls);
     async move {
         let ticket = wait.await?;
@@ -236,7 +236,7 @@ pub(crate) fn acquire_owned_wait<M: Waitable + Ledger>(
     agent_id: &AgentId,
     tokens: u64,
     calls: u64,
-) -> impl Future<Output = Result<OwnedReservation, BudgetExceeded>> + Send + 'static {
+) -> impl Future<Output = Result<OwnedReservation, Refused>> + Send + 'static {
     let (manager, agent_id) = (Arc::clone(manager), *agent_id);
     async move {
         let ticket = Wait::new(&*manager, agent_id, tokens, calls).await?;
