@@ -193,6 +193,11 @@ mod imp {
                     return update(present);
                 }
                 if map.try_insert(id, make()).is_ok() {
+                    // An insert may have grown the table: flush this thread's
+                    // batch of retired memory (the old table) now, rather
+                    // than whenever the batch fills up, which with rare
+                    // configuration changes could be never.
+                    papaya::Guard::flush(&self.0.guard());
                     return;
                 }
                 // Another thread inserted it first: update that one (or, if
