@@ -9,7 +9,23 @@ pub(crate) struct Clock {
     stopwatch: Stopwatch,
 }
 
+/// How often quanta's upkeep thread refreshes the default clock's time.
+#[cfg(not(agent_budget_loom))]
+pub(crate) const DEFAULT_UPKEEP: std::time::Duration = std::time::Duration::from_millis(1);
+
 impl Clock {
+    /// The clock `new()` managers read: quanta's recent time, refreshed
+    /// every [`DEFAULT_UPKEEP`] (one atomic load per operation instead of a
+    /// TSC read and its scaling), or the precise clock if the upkeep thread
+    /// cannot be started.
+    pub(crate) fn default_coarse() -> Self {
+        #[cfg(not(agent_budget_loom))]
+        if let Ok(clock) = Self::coarse(crate::sync::default_clock(), DEFAULT_UPKEEP) {
+            return clock;
+        }
+        Self::new(crate::sync::default_clock())
+    }
+
     pub(crate) fn new(source: ClockSource) -> Self {
         Clock {
             stopwatch: Stopwatch::start(source),

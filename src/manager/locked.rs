@@ -17,7 +17,7 @@ use crate::reservation::{
     Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
-use crate::sync::{default_clock, ClockSource};
+use crate::sync::ClockSource;
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
 /// One agent's usage, and which incarnation of the agent it belongs to.
@@ -65,9 +65,10 @@ impl std::fmt::Debug for LockedBudgetManager {
 }
 
 impl LockedBudgetManager {
-    /// An empty manager on the real monotonic clock.
+    /// An empty manager on the real monotonic clock, read coarsely; see
+    /// [`BudgetManager::new`](crate::BudgetManager::new).
     pub fn new() -> Self {
-        Self::with_clock(default_clock())
+        Self::on(Clock::default_coarse())
     }
 
     /// An empty manager on `clock`.

@@ -15,9 +15,7 @@ use crate::reservation::{
     Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
-use crate::sync::{
-    default_clock, AgentMap, AtomicU64, ClockSource, Mutex, MutexGuard, Ordering, View,
-};
+use crate::sync::{AgentMap, AtomicU64, ClockSource, Mutex, MutexGuard, Ordering, View};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
 /// Tracks token and call budgets per agent, in fixed windows or refilling
@@ -74,12 +72,17 @@ impl std::fmt::Debug for BudgetManager {
 }
 
 impl BudgetManager {
-    /// An empty manager on the real monotonic clock.
-    ///
-    /// quanta calibrates its clock here (once per process), not on the first
-    /// operation.
+    /// An empty manager on the real monotonic clock, read coarsely: quanta's
+    /// *recent* time, refreshed every millisecond by its upkeep thread (see
+    /// [`with_coarse_clock`](Self::with_coarse_clock), which this is at
+    /// 1 ms). Reading it is one atomic load instead of a TSC read and its
+    /// scaling, a third of an admission's cost on the benchmark machine; the
+    /// price, windows and `retry_after` accurate to about a millisecond, is
+    /// nothing next to budgets counted in seconds. For the precise clock,
+    /// use `with_clock(quanta::Clock::new())`. (If the upkeep thread cannot
+    /// be started, the precise clock is used.)
     pub fn new() -> Self {
-        Self::with_clock(default_clock())
+        Self::on(Clock::default_coarse())
     }
 
     /// An empty manager on `clock`; tests pass `quanta::Clock::mock()` and
