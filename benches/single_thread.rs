@@ -1,17 +1,23 @@
 //! Cost of one operation on one thread, with no contention.
 //!
-//! Each operation is written once, generically over [`BudgetLimiter`], and
-//! run for the lock-free [`BudgetManager`] and the locked reference
-//! [`LockedBudgetManager`], at 1,000 agents (everything cached) and 100,000
-//! agents (keys drawn uniformly, so most lookups miss the caches). governor's
-//! keyed limiter, what users would otherwise pick, runs the two operations
-//! it has an equivalent for (an admitted and a refused check).
+//! One group per agent count: 1 (a single hot agent), 1,000 (everything
+//! cached) and 100,000 (keys drawn uniformly, so most lookups miss the
+//! caches). In each group, side by side:
+//!
+//! - the lock-free [`BudgetManager`] on its default clock (`lock-free`:
+//!   quanta's recent time, as `BudgetManager::new()` reads) and on the
+//!   precise one (`lock-free-precise`: a TSC read per operation);
+//! - the locked reference [`LockedBudgetManager`] (default clock);
+//! - the lock-free manager's agent handles (`handle`), which skip the
+//!   lookup;
+//! - governor's keyed limiter, what users would otherwise pick, on the two
+//!   operations it has (`check_key_n` admitted and refused).
+//!
+//! Each operation is written once, generically over [`BudgetLimiter`].
 //!
 //! The `floor` group measures, in the same run, the parts every operation
 //! of the lock-free manager is made of: drawing the key, one clock read,
 //! one map lookup, one uncontended compare-and-swap, and the three together.
-//! The gap between that floor and `reserve_admitted` is what the manager's
-//! own logic costs.
 //!
 //! `cargo bench --bench single_thread -- reserve_admitted` runs one operation.
 
@@ -19,15 +25,19 @@ mod common;
 
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
-use agent_budget::{AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager};
+use agent_budget::{AgentHandle, AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager};
 use criterion::measurement::WallTime;
-use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion};
 use portable_atomic::AtomicU128;
 
-use common::{agent_ids, Clocking, Keys, AGENT_COUNTS};
+use common::{agent_ids, Clocking, Keys};
 
 type Group<'a> = BenchmarkGroup<'a, WallTime>;
+
+/// The agent counts, one group each.
+const COUNTS: [usize; 3] = [1, 1_000, 100_000];
 
 /// Every operation of one manager, on agents `ids`.
 fn manager_ops<M: BudgetLimiter>(
@@ -39,29 +49,61 @@ fn manager_ops<M: BudgetLimiter>(
     let admitting: M = common::admitting(ids, clocking);
     let refusing: M = common::refusing(ids, clocking);
     let mut keys = Keys::new(ids, 1);
-    let n = ids.len();
 
-    group.bench_function(
-        BenchmarkId::new(format!("reserve_admitted/{name}"), n),
-        |b| b.iter(|| admitting.reserve(keys.next_id(), 1)),
-    );
-    group.bench_function(
-        BenchmarkId::new(format!("reserve_refused/{name}"), n),
-        |b| b.iter(|| refusing.reserve(keys.next_id(), 1)),
-    );
-    group.bench_function(BenchmarkId::new(format!("track_call/{name}"), n), |b| {
-        b.iter(|| admitting.track_call(keys.next_id()))
+    group.bench_function(format!("reserve_admitted/{name}"), |b| {
+        b.iter(|| admitting.reserve(keys.next_id(), 1))
     });
-    group.bench_function(BenchmarkId::new(format!("remaining/{name}"), n), |b| {
-        b.iter(|| admitting.remaining(keys.next_id()))
+    group.bench_function(format!("reserve_refused/{name}"), |b| {
+        b.iter(|| refusing.reserve(keys.next_id(), 1))
     });
-    group.bench_function(BenchmarkId::new(format!("acquire_settle/{name}"), n), |b| {
+    group.bench_function(format!("acquire_refused/{name}"), |b| {
+        b.iter(|| refusing.acquire(keys.next_id(), 1, 1).map(drop))
+    });
+    group.bench_function(format!("acquire_settle/{name}"), |b| {
         b.iter(|| {
             admitting
                 .acquire(keys.next_id(), 100, 1)
                 .map(|reservation| reservation.settle(60))
         })
     });
+    group.bench_function(format!("track_call/{name}"), |b| {
+        b.iter(|| admitting.track_call(keys.next_id()))
+    });
+    group.bench_function(format!("remaining/{name}"), |b| {
+        b.iter(|| admitting.remaining(keys.next_id()))
+    });
+}
+
+/// The lock-free manager's operations through handles held for every agent.
+fn handle_ops(group: &mut Group<'_>, ids: &[AgentId]) {
+    let admitting: BudgetManager = common::admitting(ids, Clocking::Coarse);
+    let refusing: BudgetManager = common::refusing(ids, Clocking::Coarse);
+    let (admitting, refusing) = (handles(&admitting, ids), handles(&refusing, ids));
+    let mut keys = Keys::new(ids, 1);
+
+    group.bench_function("reserve_admitted/handle", |b| {
+        b.iter(|| admitting[keys.next_index()].reserve(1))
+    });
+    group.bench_function("reserve_refused/handle", |b| {
+        b.iter(|| refusing[keys.next_index()].reserve(1))
+    });
+    group.bench_function("acquire_refused/handle", |b| {
+        b.iter(|| refusing[keys.next_index()].acquire(1, 1).map(drop))
+    });
+    group.bench_function("acquire_settle/handle", |b| {
+        b.iter(|| {
+            admitting[keys.next_index()]
+                .acquire(100, 1)
+                .map(|reservation| reservation.settle(60))
+        })
+    });
+}
+
+/// A handle on each of `ids`, in order.
+fn handles<'m>(manager: &'m BudgetManager, ids: &[AgentId]) -> Vec<AgentHandle<'m>> {
+    ids.iter()
+        .map(|id| manager.handle(id).expect("configured"))
+        .collect()
 }
 
 /// governor's keyed limiter on the same agents: `check_key_n` admitted and
@@ -71,27 +113,28 @@ fn governor_ops(group: &mut Group<'_>, ids: &[AgentId]) {
     let refusing = common::governor_refusing(ids);
     let mut keys = Keys::new(ids, 1);
     let one = std::num::NonZeroU32::MIN;
-    let n = ids.len();
 
-    group.bench_function(BenchmarkId::new("reserve_admitted/governor", n), |b| {
+    group.bench_function("reserve_admitted/governor", |b| {
         b.iter(|| admitting.check_key_n(keys.next_id(), one))
     });
-    group.bench_function(BenchmarkId::new("reserve_refused/governor", n), |b| {
+    group.bench_function("reserve_refused/governor", |b| {
         b.iter(|| refusing.check_key_n(keys.next_id(), one))
     });
 }
 
-/// The operations of both managers and governor, at each agent count.
+/// The operations of both managers, the handles and governor, one group per
+/// agent count.
 fn single_thread(c: &mut Criterion) {
-    let mut group = c.benchmark_group("single_thread");
-    for n in AGENT_COUNTS {
+    for n in COUNTS {
         let ids = agent_ids(n);
-        manager_ops::<BudgetManager>(&mut group, "lock-free", &ids, Clocking::Precise);
-        manager_ops::<BudgetManager>(&mut group, "lock-free-coarse", &ids, Clocking::Coarse);
-        manager_ops::<LockedBudgetManager>(&mut group, "locked", &ids, Clocking::Precise);
+        let mut group = c.benchmark_group(format!("agents_{n}"));
+        manager_ops::<BudgetManager>(&mut group, "lock-free", &ids, Clocking::Coarse);
+        manager_ops::<BudgetManager>(&mut group, "lock-free-precise", &ids, Clocking::Precise);
+        manager_ops::<LockedBudgetManager>(&mut group, "locked", &ids, Clocking::Coarse);
+        handle_ops(&mut group, &ids);
         governor_ops(&mut group, &ids);
+        group.finish();
     }
-    group.finish();
 }
 
 /// The physical floor of a lock-free operation, piece by piece and whole.
@@ -99,7 +142,8 @@ fn floor(c: &mut Criterion) {
     let mut group = c.benchmark_group("floor");
     let clock = quanta::Clock::new();
     group.bench_function("clock_now", |b| b.iter(|| clock.now()));
-    // What a coarse-clock manager reads instead: one atomic load.
+    // What the default (coarse-clock) manager reads instead: one atomic
+    // load, kept current by quanta's upkeep thread.
     let _coarse: BudgetManager = common::manager(Clocking::Coarse);
     group.bench_function("clock_recent", |b| b.iter(|| clock.recent()));
     // What the managers actually read: the raw counter, scaled once.
@@ -124,26 +168,25 @@ fn floor(c: &mut Criterion) {
         })
     });
 
-    for n in AGENT_COUNTS {
+    for n in COUNTS {
         let ids = agent_ids(n);
-        // The same map, hasher and value width as the lock-free manager.
+        // The same map, hasher and value as the lock-free manager: an `Arc`
+        // of a 16-byte-aligned word.
         let map = papaya::HashMap::with_hasher(ahash::RandomState::new());
         for &id in &ids {
-            map.pin().insert(id, AtomicU128::new(0));
+            map.pin().insert(id, Arc::new(AtomicU128::new(0)));
         }
         let mut keys = Keys::new(&ids, 1);
 
-        group.bench_function(BenchmarkId::new("draw_key", n), |b| {
-            b.iter(|| *keys.next_id())
-        });
-        group.bench_function(BenchmarkId::new("lookup", n), |b| {
+        group.bench_function(format!("draw_key/{n}"), |b| b.iter(|| *keys.next_id()));
+        group.bench_function(format!("lookup/{n}"), |b| {
             b.iter(|| {
                 map.pin()
                     .get(keys.next_id())
                     .map(|w| w.load(Ordering::Relaxed))
             })
         });
-        group.bench_function(BenchmarkId::new("lookup_cas_clock", n), |b| {
+        group.bench_function(format!("lookup_cas_clock/{n}"), |b| {
             b.iter(|| {
                 black_box(clock.delta_as_nanos(origin, clock.raw()));
                 map.pin().get(keys.next_id()).map(|word| {

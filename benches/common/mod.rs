@@ -16,10 +16,6 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-/// The agent-set sizes the single-thread benches run at: one that fits in
-/// the caches and one that does not.
-pub const AGENT_COUNTS: [usize; 2] = [1_000, 100_000];
-
 /// Criterion settings short enough for a shared 2-core machine; the
 /// command line (`--warm-up-time`, `--measurement-time`, ...) overrides them.
 pub fn short_config() -> Criterion {
@@ -51,7 +47,7 @@ pub enum Clocking {
     /// `quanta::Clock::raw` and its scaling, every operation.
     Precise,
     /// quanta's recent time, refreshed every millisecond by its upkeep
-    /// thread (`with_coarse_clock`).
+    /// thread (`with_coarse_clock` at 1 ms): what `new()` managers read.
     Coarse,
 }
 
@@ -139,6 +135,13 @@ impl<'a> Keys<'a> {
     /// The next agent.
     #[inline]
     pub fn next_id(&mut self) -> &'a AgentId {
-        &self.ids[self.rng.random_range(0..self.ids.len())]
+        &self.ids[self.next_index()]
+    }
+
+    /// The next agent's index in the set (for per-agent state, such as
+    /// handles, kept in the same order).
+    #[inline]
+    pub fn next_index(&mut self) -> usize {
+        self.rng.random_range(0..self.ids.len())
     }
 }
