@@ -29,7 +29,9 @@ use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit
 /// [`acquire`](Self::acquire), [`reserve`](Self::reserve),
 /// [`track_call`](Self::track_call), [`release`](Self::release),
 /// [`remaining`](Self::remaining) and [`can_schedule`](Self::can_schedule).
-/// (A refusal allocates the error's message.) Share it through an `Arc`.
+/// (Only the seed's `reserve` and `track_call` allocate, for the message
+/// of a refusal.) Share it through an `Arc`. For callers that come back to
+/// the same agent, [`handle`](Self::handle) skips the lookup too.
 ///
 /// ```
 /// use agent_budget::{BudgetLimit, BudgetManager};
