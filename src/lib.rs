@@ -31,7 +31,7 @@
 //! let outcome = reservation.settle(used);
 //! assert_eq!(outcome, Settlement::Applied { refunded_tokens: 455, charged_tokens: 0, refunded_calls: 0 });
 //! assert_eq!(budgets.remaining(&agent).tokens_remaining, 10_000 - 1_545);
-//! # Ok::<(), agent_budget::BudgetExceeded>(())
+//! # Ok::<(), agent_budget::Refused>(())
 //! ```
 //!
 //! If the response used more than was reserved, `settle` charges the extra
