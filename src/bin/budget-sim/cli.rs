@@ -70,8 +70,9 @@ pub struct SimConfig {
     pub managers: Vec<ManagerKind>,
     /// Print JSON on stdout instead of the table.
     pub json: bool,
-    /// Build both managers with `with_coarse_clock` (1 ms upkeep).
-    pub coarse_clock: bool,
+    /// Build both managers on the precise clock (`with_clock`) instead of
+    /// the default coarse one (what `new()` reads: recent time, 1 ms upkeep).
+    pub precise_clock: bool,
 }
 
 /// The usage text of `--help`.
@@ -96,8 +97,10 @@ OPTIONS:
     --skew S           Zipf exponent of agent popularity, 0 = uniform
                        (default: 1.0)
     --manager NAME     run only `lock-free` or `locked` (default: both)
-    --coarse-clock     both managers read quanta's recent time (kept current
-                       every 1 ms) instead of the TSC on every operation
+    --precise-clock    both managers read the TSC on every operation instead of
+                       quanta's recent time, kept current every 1 ms (the
+                       default, as `BudgetManager::new()`; `--coarse-clock`
+                       says so explicitly)
     --json             print the results as JSON on stdout
     --memory N         instead, measure resident memory per agent with N
                        agents, each manager in its own process
@@ -123,7 +126,7 @@ fn parse(mut parser: lexopt::Parser) -> Result<Command, lexopt::Error> {
         skew: 1.0,
         managers: ManagerKind::ALL.to_vec(),
         json: false,
-        coarse_clock: false,
+        precise_clock: false,
     };
     let mut memory = None;
     let mut memory_child = None;
@@ -140,7 +143,8 @@ fn parse(mut parser: lexopt::Parser) -> Result<Command, lexopt::Error> {
                 config.managers = vec![parse_with(&mut parser, "--manager", ManagerKind::parse)?]
             }
             Long("json") => config.json = true,
-            Long("coarse-clock") => config.coarse_clock = true,
+            Long("coarse-clock") => config.precise_clock = false,
+            Long("precise-clock") => config.precise_clock = true,
             Long("memory") => memory = Some(parse_with(&mut parser, "--memory", agents)?),
             Long("memory-child") => {
                 let manager = parse_with(&mut parser, "--memory-child", ManagerKind::parse)?;
@@ -240,9 +244,9 @@ mod tests {
             panic!("no flags runs the simulation")
         };
         assert_eq!(config.threads, vec![cores(), 4 * cores()]);
-        assert!(!config.coarse_clock);
+        assert!(!config.precise_clock);
         let Ok(Command::Simulate(config)) = parse_args(&[
-            "--coarse-clock",
+            "--precise-clock",
             "--threads",
             "3,2x",
             "--agents",
@@ -255,7 +259,7 @@ mod tests {
         };
         assert_eq!(config.threads, vec![3, 2 * cores()]);
         assert_eq!((config.agents, config.skew, config.json), (5, 0.0, true));
-        assert!(config.coarse_clock);
+        assert!(config.precise_clock);
         assert!(matches!(
             parse_args(&["--memory", "1000000"]),
             Ok(Command::Memory {

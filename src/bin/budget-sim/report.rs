@@ -22,10 +22,10 @@ fn setup(config: &SimConfig) -> String {
         workload::CALLS_BUDGET,
         workload::WINDOW_SECS,
         crate::cli::cores(),
-        if config.coarse_clock {
-            "coarse"
-        } else {
+        if config.precise_clock {
             "precise"
+        } else {
+            "coarse"
         },
     )
 }
@@ -127,7 +127,7 @@ pub fn json(config: &SimConfig, results: &[RunResult]) -> Value {
             "calls_budget": workload::CALLS_BUDGET,
             "window_secs": workload::WINDOW_SECS,
             "cores": crate::cli::cores(),
-            "coarse_clock": config.coarse_clock,
+            "precise_clock": config.precise_clock,
         },
         "runs": runs,
         "lock_free_over_locked": ratios,

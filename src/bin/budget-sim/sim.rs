@@ -84,11 +84,11 @@ fn run_on<M: BudgetLimiter>(
     config: &SimConfig,
     ids: &[AgentId],
 ) -> RunResult {
-    let manager = if config.coarse_clock {
+    let manager = if config.precise_clock {
+        M::with_clock(quanta::Clock::new())
+    } else {
         M::with_coarse_clock(quanta::Clock::new(), Duration::from_millis(1))
             .expect("quanta's upkeep thread starts")
-    } else {
-        M::with_clock(quanta::Clock::new())
     };
     for &id in ids {
         manager.set_budget(workload::budget(id));
