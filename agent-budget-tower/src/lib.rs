@@ -1,0 +1,90 @@
+//! Token and call budgets enforced on the wire: a tower layer over
+//! [`agent_budget`]'s lock-free manager.
+//!
+//! A [`BudgetLayer`] sits in a tower stack (axum, hyper, tonic) in front of
+//! a service that calls an LLM, or is one. For every request it reserves
+//! an estimate of the tokens and one call before the request goes on,
+//! refuses with `429` and `Retry-After` when the agent's budget cannot
+//! take it, and settles the real usage when the response's body ends,
+//! read from the response itself. The reservation is all-or-nothing and
+//! takes one compare-and-swap, so racing requests never overshoot a budget
+//! between a check and a charge, and the check adds well under a
+//! microsecond to a request.
+//!
+//! # The parts
+//!
+//! | part | trait | default | others |
+//! |---|---|---|---|
+//! | who the agent is | [`Identify`] | [`AgentIdHeader`] (`x-agent-id: <uuid>`) | [`BearerKeys`] (`Authorization: Bearer <key>` through a map), [`AgentIdExtension`], closures |
+//! | what to reserve | [`Estimator`] | [`OpenAiEstimator`]: prompt + `max_tokens`, one call | [`FixedCost`] |
+//! | what was used | [`Meter`] | [`OpenAiUsage`]: `usage` from the JSON body or the stream's last chunk | [`HeaderUsage`] |
+//!
+//! # What a client sees
+//!
+//! - Admitted: the response, with OpenAI's `x-ratelimit-limit-*`,
+//!   `x-ratelimit-remaining-*` and `x-ratelimit-reset-*` headers (and the
+//!   IETF `RateLimit-Policy` / `RateLimit` fields if
+//!   [`HeaderStyle::ietf`] is on).
+//! - Refused: `429 Too Many Requests` with `Retry-After` in whole seconds
+//!   (rounded up, never `0`), the same headers, and an OpenAI-style error
+//!   body; `403` if the agent has no budget at all; `401` if no agent can
+//!   be told; `400` if the body cannot be estimated. Nothing is forwarded
+//!   or charged for any of these.
+//! - With [`BudgetLayer::max_wait`], a request that does not fit waits
+//!   for budget (a refund or the window's end) up to that long first.
+//!
+//! # Settling
+//!
+//! The reservation is settled once, by the response body (see [`body`
+//! module docs](BudgetBody)): with the usage the response reported when
+//! the body ends; with at least the prompt and what streamed when the
+//! client hangs up (axum and hyper drop the body; the settle is in a
+//! `Drop`); cancelled when the inner service fails before any response.
+//! Usage beyond the estimate is charged even past the limit.
+//!
+//! # Embedding it in axum
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use agent_budget::{BudgetLimit, BudgetManager};
+//! use agent_budget_tower::{BearerKeys, BudgetLayer};
+//! use axum::{routing::post, Json, Router};
+//!
+//! # async fn run() -> std::io::Result<()> {
+//! let budgets = Arc::new(BudgetManager::new());
+//! let agent = uuid::Uuid::new_v4();
+//! budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 100_000, calls_budget: 1_000, window_secs: 60 });
+//!
+//! async fn complete(Json(_request): Json<serde_json::Value>) -> Json<serde_json::Value> {
+//!     // ... call the model ...
+//!     Json(serde_json::json!({"choices": [], "usage": {"total_tokens": 42}}))
+//! }
+//!
+//! let app = Router::new()
+//!     .route("/v1/chat/completions", post(complete))
+//!     .layer(BudgetLayer::new(budgets).identify(BearerKeys::from_iter([("sk-agent-1".to_owned(), agent)])));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
+//! axum::serve(listener, app).await
+//! # }
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod body;
+mod estimate;
+pub mod headers;
+mod identify;
+mod meter;
+pub mod openai;
+mod rejection;
+mod service;
+mod telemetry;
+
+pub use body::BudgetBody;
+pub use estimate::{Estimate, Estimator, FixedCost};
+pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
+pub use meter::{HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome};
+pub use openai::{OpenAiEstimator, OpenAiUsage};
+pub use rejection::Rejection;
+pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};
+pub use telemetry::RefusalReason;
