@@ -147,7 +147,7 @@ fn ceil_secs(d: Duration) -> u64 {
 /// `1.5s`, `6m0s`, `2h30m0s`. This is the format of OpenAI's
 /// `x-ratelimit-reset-*` values.
 pub fn go_duration(d: Duration) -> String {
-    let millis = d.as_millis() + u128::from(d.subsec_nanos() % 1_000_000 > 0);
+    let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
     if millis == 0 {
         return "0s".to_owned();
     }

@@ -161,7 +161,11 @@ mod tests {
             ident.identify(&parts(Some(("x-agent-id", &id.to_string())))),
             Ok(id)
         );
-        for bad in [None, Some(("x-agent-id", "not-a-uuid")), Some(("x-agent-id", ""))] {
+        for bad in [
+            None,
+            Some(("x-agent-id", "not-a-uuid")),
+            Some(("x-agent-id", "")),
+        ] {
             let r = ident.identify(&parts(bad)).unwrap_err();
             assert_eq!(r.status, StatusCode::UNAUTHORIZED);
         }

@@ -99,8 +99,7 @@ impl HeaderStyle {
 /// let layer = BudgetLayer::new(budgets.clone());
 /// # let _ = layer;
 /// ```
-pub struct BudgetLayer<M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator, U = OpenAiUsage>
-{
+pub struct BudgetLayer<M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator, U = OpenAiUsage> {
     manager: Arc<M>,
     identify: I,
     estimator: E,
@@ -248,8 +247,13 @@ struct Shared<M, I, E, U> {
 }
 
 /// The service [`BudgetLayer`] wraps around an inner service.
-pub struct BudgetService<S, M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator, U = OpenAiUsage>
-{
+pub struct BudgetService<
+    S,
+    M = BudgetManager,
+    I = AgentIdHeader,
+    E = OpenAiEstimator,
+    U = OpenAiUsage,
+> {
     inner: S,
     shared: Arc<Shared<M, I, E, U>>,
 }
@@ -322,8 +326,7 @@ where
         let agent = match self.identify.identify(&parts) {
             Ok(agent) => agent,
             Err(rejection) => {
-                self.telemetry
-                    .refused(None, RefusalReason::Unidentified);
+                self.telemetry.refused(None, RefusalReason::Unidentified);
                 return Ok(reject(rejection));
             }
         };
@@ -353,7 +356,10 @@ where
             self.headers.write(&snapshot, &mut parts.headers);
         }
         settle.attach(self.meter.start(&estimate, &mut parts));
-        Ok(Response::from_parts(parts, BudgetBody::metered(body, settle)))
+        Ok(Response::from_parts(
+            parts,
+            BudgetBody::metered(body, settle),
+        ))
     }
 
     /// Takes the estimate, waiting for it if configured; returns the
@@ -371,9 +377,11 @@ where
             (Err(refused), Some(max_wait)) if refused.retry_after.is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
                 let waiting = Instant::now();
-                let waited =
-                    tokio::time::timeout(max_wait, self.manager.acquire_owned_wait(agent, tokens, calls))
-                        .await;
+                let waited = tokio::time::timeout(
+                    max_wait,
+                    self.manager.acquire_owned_wait(agent, tokens, calls),
+                )
+                .await;
                 self.telemetry.waited(agent, waiting.elapsed());
                 match waited {
                     Ok(Ok(reservation)) => reservation,

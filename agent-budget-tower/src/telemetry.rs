@@ -121,7 +121,12 @@ impl Telemetry {
     pub(crate) fn new(labels: &HashMap<AgentId, String>) -> Arc<Self> {
         let named = labels
             .iter()
-            .map(|(id, name)| (*id, Handles::register(vec![Label::new("agent", name.clone())])))
+            .map(|(id, name)| {
+                (
+                    *id,
+                    Handles::register(vec![Label::new("agent", name.clone())]),
+                )
+            })
             .collect();
         Arc::new(Telemetry {
             all: Handles::register(Vec::new()),
@@ -130,9 +135,7 @@ impl Telemetry {
     }
 
     fn of(&self, agent: Option<&AgentId>) -> &Handles {
-        agent
-            .and_then(|a| self.named.get(a))
-            .unwrap_or(&self.all)
+        agent.and_then(|a| self.named.get(a)).unwrap_or(&self.all)
     }
 
     pub(crate) fn admitted(&self, agent: &AgentId, tokens: u64, check: Duration) {

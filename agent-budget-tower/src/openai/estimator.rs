@@ -132,7 +132,10 @@ where
                 }
                 None => bytes,
             };
-            Ok((Request::from_parts(parts, B::from(body)), estimated.estimate))
+            Ok((
+                Request::from_parts(parts, B::from(body)),
+                estimated.estimate,
+            ))
         }
     }
 }

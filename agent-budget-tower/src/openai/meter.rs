@@ -292,7 +292,10 @@ mod tests {
     #[test]
     fn a_json_body_over_the_limit_keeps_the_estimate() {
         let mut s = session("application/json", StatusCode::OK, false);
-        let big = format!("{{\"pad\":\"{}\",\"usage\":{{\"total_tokens\":5}}}}", "x".repeat(100));
+        let big = format!(
+            "{{\"pad\":\"{}\",\"usage\":{{\"total_tokens\":5}}}}",
+            "x".repeat(100)
+        );
         assert_eq!(s.data(Bytes::from(big.clone())).unwrap(), big.as_bytes());
         assert_eq!(s.finish(), Outcome::Reserved);
     }

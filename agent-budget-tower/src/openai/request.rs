@@ -197,8 +197,11 @@ pub fn estimate_body(
 ) -> Result<RequestEstimate, String> {
     let parsed: Body<'_> = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not a valid request: {e}"))?;
-    let max = non_negative("max_completion_tokens", parsed.max_completion_tokens.as_ref())?
-        .or(non_negative("max_tokens", parsed.max_tokens.as_ref())?);
+    let max = non_negative(
+        "max_completion_tokens",
+        parsed.max_completion_tokens.as_ref(),
+    )?
+    .or(non_negative("max_tokens", parsed.max_tokens.as_ref())?);
     let n = non_negative("n", parsed.n.as_ref())?.unwrap_or(1);
     if n == 0 || n > MAX_CHOICES {
         return Err(format!("n must be between 1 and {MAX_CHOICES}"));
@@ -383,7 +386,8 @@ mod tests {
 
     #[test]
     fn max_completion_tokens_wins_and_n_multiplies() {
-        let e = chat(r#"{"messages":[],"max_tokens":50,"max_completion_tokens":70,"n":3}"#).unwrap();
+        let e =
+            chat(r#"{"messages":[],"max_tokens":50,"max_completion_tokens":70,"n":3}"#).unwrap();
         assert_eq!(e.estimate.completion_tokens, 210);
         let e = chat(r#"{"messages":[],"max_tokens":null}"#).unwrap();
         assert_eq!(e.estimate.completion_tokens, 4_096);
@@ -417,17 +421,26 @@ mod tests {
             }
         );
         let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();
-        assert_eq!((e.estimate.prompt_tokens, e.estimate.completion_tokens), (3, 40));
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (3, 40)
+        );
         let e = completions(r#"{"prompt":[1,2,3,4],"max_tokens":5}"#).unwrap();
-        assert_eq!((e.estimate.prompt_tokens, e.estimate.completion_tokens), (4, 5));
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (4, 5)
+        );
         let e = completions(r#"{"prompt":[[1,2],[3]],"max_tokens":5}"#).unwrap();
-        assert_eq!((e.estimate.prompt_tokens, e.estimate.completion_tokens), (3, 10));
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (3, 10)
+        );
     }
 
     #[test]
     fn a_stream_without_usage_is_rewritten_to_ask_for_it() {
-        let e = chat(r#"{"messages":[],"stream":true,"max_tokens":5,"extra":{"kept":[1,2]}}"#)
-            .unwrap();
+        let e =
+            chat(r#"{"messages":[],"stream":true,"max_tokens":5,"extra":{"kept":[1,2]}}"#).unwrap();
         assert!(e.estimate.hide_usage_chunk);
         let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
         assert_eq!(body["stream_options"]["include_usage"], true);
@@ -439,8 +452,10 @@ mod tests {
         assert!(!e.estimate.hide_usage_chunk);
         assert_eq!(e.rewritten_body, None);
 
-        let e = chat(r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#)
-            .unwrap();
+        let e = chat(
+            r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#,
+        )
+        .unwrap();
         let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
         assert_eq!(body["stream_options"]["include_usage"], true);
         assert_eq!(body["stream_options"]["other"], 1);

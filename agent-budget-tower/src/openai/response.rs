@@ -202,7 +202,9 @@ mod tests {
     #[test]
     fn json_usage_reads_the_total_or_the_parts() {
         assert_eq!(
-            json_usage(br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#),
+            json_usage(
+                br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+            ),
             Some(7)
         );
         assert_eq!(
@@ -228,7 +230,9 @@ mod tests {
     #[test]
     fn events_are_told_apart() {
         assert_eq!(
-            read_event(b"data: {\"choices\":[{\"delta\":{\"content\":\"h\xc3\xa9\"}}],\"usage\":null}\n\n"),
+            read_event(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"h\xc3\xa9\"}}],\"usage\":null}\n\n"
+            ),
             StreamEvent::Delta { text_bytes: 3 }
         );
         assert_eq!(
