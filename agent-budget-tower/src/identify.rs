@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use agent_budget::AgentId;
-use http::header::{HeaderName, AUTHORIZATION};
+use http::header::{HeaderMap, HeaderName, AUTHORIZATION};
 use http::request::Parts;
 
 use crate::Rejection;
@@ -105,10 +105,10 @@ impl FromIterator<(String, AgentId)> for BearerKeys {
     }
 }
 
-/// The key of an `Authorization: Bearer <key>` header, if the request has
+/// The key of an `Authorization: Bearer <key>` header, if the headers have
 /// one (the scheme is case-insensitive, as RFC 9110 says).
-pub fn bearer_key(request: &Parts) -> Option<&str> {
-    let value = request.headers.get(AUTHORIZATION)?.to_str().ok()?;
+pub fn bearer_key(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, key) = value.trim().split_once(' ')?;
     let key = key.trim();
     (scheme.eq_ignore_ascii_case("bearer") && !key.is_empty()).then_some(key)
@@ -116,7 +116,7 @@ pub fn bearer_key(request: &Parts) -> Option<&str> {
 
 impl Identify for BearerKeys {
     fn identify(&self, request: &Parts) -> Result<AgentId, Rejection> {
-        let key = bearer_key(request).ok_or_else(|| {
+        let key = bearer_key(&request.headers).ok_or_else(|| {
             Rejection::unauthenticated(
                 "You didn't provide an API key: send it as `Authorization: Bearer <key>`.",
             )

@@ -195,6 +195,10 @@ pub fn estimate_body(
     counter: &dyn TokenCounter,
     options: &EstimateOptions,
 ) -> Result<RequestEstimate, String> {
+    // serde would read a struct from an array too; a request is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("the request body must be a JSON object".to_owned());
+    }
     let parsed: Body<'_> = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not a valid request: {e}"))?;
     let max = non_negative(
@@ -467,6 +471,8 @@ mod tests {
             "",
             "not json",
             "[1,2]",
+            "[]",
+            "[[], null]",
             "null",
             r#"{"messages":"x"}"#,
             r#"{"messages":[],"max_tokens":-1}"#,
