@@ -85,6 +85,7 @@ impl RateLimitSnapshot {
 
     /// Writes OpenAI's six `x-ratelimit-*` headers.
     pub fn write_openai(&self, headers: &mut HeaderMap) {
+        headers.reserve(6);
         let reset = go_duration(self.reset);
         headers.insert(X_RATELIMIT_LIMIT_REQUESTS, self.calls_limit.into());
         headers.insert(X_RATELIMIT_LIMIT_TOKENS, self.token_limit.into());

@@ -371,28 +371,16 @@ where
     ) -> Result<(OwnedReservation, Option<RateLimitSnapshot>), Rejection> {
         let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let started = Instant::now();
-        let first = self.manager.acquire_owned(agent, tokens, calls);
-        let reservation = match (first, self.max_wait) {
+        let reservation = match (
+            self.manager.acquire_owned(agent, tokens, calls),
+            self.max_wait,
+        ) {
             (Ok(reservation), _) => reservation,
             (Err(refused), Some(max_wait)) if refused.retry_after.is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
-                let waiting = Instant::now();
-                let waited = tokio::time::timeout(
-                    max_wait,
-                    self.manager.acquire_owned_wait(agent, tokens, calls),
-                )
-                .await;
-                self.telemetry.waited(agent, waiting.elapsed());
-                match waited {
-                    Ok(Ok(reservation)) => reservation,
-                    Ok(Err(refused)) => return Err(self.refusal(refused)),
-                    // Out of time: one last try, for a fresh refusal (and
-                    // a fresh `Retry-After`) or a late admission.
-                    Err(_) => self
-                        .manager
-                        .acquire_owned(agent, tokens, calls)
-                        .map_err(|refused| self.refusal(refused))?,
-                }
+                // Boxed: the waiting future is large, and the common path
+                // should not carry its room in every request's future.
+                Box::pin(self.wait(agent, (tokens, calls), max_wait)).await?
             }
             (Err(refused), _) => {
                 self.telemetry.checked(agent, started.elapsed());
@@ -405,6 +393,32 @@ where
             .map(|info| RateLimitSnapshot::from_info(&info));
         self.telemetry.admitted(agent, tokens, started.elapsed());
         Ok((reservation, snapshot))
+    }
+
+    /// Waits up to `max_wait` for `(tokens, calls)` to fit.
+    async fn wait(
+        &self,
+        agent: &AgentId,
+        (tokens, calls): (u64, u64),
+        max_wait: Duration,
+    ) -> Result<OwnedReservation, Rejection> {
+        let waiting = Instant::now();
+        let waited = tokio::time::timeout(
+            max_wait,
+            self.manager.acquire_owned_wait(agent, tokens, calls),
+        )
+        .await;
+        self.telemetry.waited(agent, waiting.elapsed());
+        match waited {
+            Ok(Ok(reservation)) => Ok(reservation),
+            Ok(Err(refused)) => Err(self.refusal(refused)),
+            // Out of time: one last try, for a fresh refusal (and a fresh
+            // `Retry-After`) or a late admission.
+            Err(_) => self
+                .manager
+                .acquire_owned(agent, tokens, calls)
+                .map_err(|refused| self.refusal(refused)),
+        }
     }
 
     /// The `429` for a refusal: `Retry-After` when waiting can help, the

@@ -71,7 +71,9 @@ pub struct OpenAiSession {
 #[derive(Debug)]
 enum Reading {
     Json {
-        copy: BytesMut,
+        /// The body's chunks so far (shared, not copied).
+        chunks: Vec<Bytes>,
+        length: usize,
         limit: usize,
         overflowed: bool,
     },
@@ -105,7 +107,8 @@ impl Meter for OpenAiUsage {
             }
         } else {
             Reading::Json {
-                copy: BytesMut::new(),
+                chunks: Vec::new(),
+                length: 0,
                 limit: self.max_buffered,
                 overflowed: false,
             }
@@ -133,16 +136,18 @@ impl MeterSession for OpenAiSession {
     fn data(&mut self, chunk: Bytes) -> Option<Bytes> {
         match &mut self.reading {
             Reading::Json {
-                copy,
+                chunks,
+                length,
                 limit,
                 overflowed,
             } => {
                 if !*overflowed {
-                    if copy.len() + chunk.len() > *limit {
+                    *length = length.saturating_add(chunk.len());
+                    if *length > *limit {
                         *overflowed = true;
-                        *copy = BytesMut::new();
+                        *chunks = Vec::new();
                     } else {
-                        copy.extend_from_slice(&chunk);
+                        chunks.push(chunk.clone());
                     }
                 }
                 Some(chunk)
@@ -205,12 +210,17 @@ impl MeterSession for OpenAiSession {
 
     fn finish(&mut self) -> Outcome {
         if let Reading::Json {
-            copy,
+            chunks,
             overflowed: false,
             ..
         } = &self.reading
         {
-            self.usage = self.usage.or_else(|| json_usage(copy));
+            // One chunk (the usual case) is read where it lies.
+            let usage = match chunks.as_slice() {
+                [one] => json_usage(one),
+                many => json_usage(&many.concat()),
+            };
+            self.usage = self.usage.or(usage);
         }
         self.fallback().unwrap_or(Outcome::Reserved)
     }

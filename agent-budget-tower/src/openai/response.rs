@@ -20,29 +20,43 @@
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::Number;
 
-/// The total tokens of an OpenAI `usage` object: `total_tokens`, or
-/// `prompt_tokens + completion_tokens` when the total is missing.
-fn total_of(usage: &Value) -> Option<u64> {
-    if let Some(total) = usage.get("total_tokens").and_then(Value::as_u64) {
-        return Some(total);
+/// An OpenAI `usage` object, read without allocating: numbers stay
+/// numbers until they are checked, other fields are skipped.
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    total_tokens: Option<Number>,
+    #[serde(default)]
+    prompt_tokens: Option<Number>,
+    #[serde(default)]
+    completion_tokens: Option<Number>,
+}
+
+impl Usage {
+    /// `total_tokens`, or `prompt_tokens + completion_tokens` when the
+    /// total is missing; `None` unless they are non-negative integers.
+    fn total(&self) -> Option<u64> {
+        if let Some(total) = self.total_tokens.as_ref() {
+            return total.as_u64();
+        }
+        let part = |n: &Option<Number>| n.as_ref().and_then(Number::as_u64);
+        Some(part(&self.prompt_tokens)?.saturating_add(part(&self.completion_tokens)?))
     }
-    let part = |name| usage.get(name).and_then(Value::as_u64);
-    Some(part("prompt_tokens")?.saturating_add(part("completion_tokens")?))
 }
 
 #[derive(Deserialize)]
 struct WithUsage {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Usage>,
 }
 
 /// The total tokens a JSON response body reports in its `usage`, if it
 /// does.
 pub fn json_usage(body: &[u8]) -> Option<u64> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
-    total_of(parsed.usage.as_ref()?)
+    parsed.usage?.total()
 }
 
 /// What one server-sent event of a completion stream is.
@@ -68,7 +82,7 @@ pub enum StreamEvent {
 #[derive(Deserialize)]
 struct Chunk<'a> {
     #[serde(default)]
-    usage: Option<Value>,
+    usage: Option<Usage>,
     #[serde(default, borrow)]
     choices: Option<Vec<Choice<'a>>>,
 }
@@ -97,7 +111,7 @@ pub fn read_event(event: &[u8]) -> StreamEvent {
         return StreamEvent::Other;
     };
     let choices = chunk.choices.unwrap_or_default();
-    if let Some(total_tokens) = chunk.usage.as_ref().and_then(total_of) {
+    if let Some(total_tokens) = chunk.usage.as_ref().and_then(Usage::total) {
         return StreamEvent::Usage {
             total_tokens,
             bare: choices.is_empty(),
