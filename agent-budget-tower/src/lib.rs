@@ -44,29 +44,8 @@
 //!
 //! # Embedding it in axum
 //!
-//! ```no_run
-//! use std::sync::Arc;
-//! use agent_budget::{BudgetLimit, BudgetManager};
-//! use agent_budget_tower::{BearerKeys, BudgetLayer};
-//! use axum::{routing::post, Json, Router};
-//!
-//! # async fn run() -> std::io::Result<()> {
-//! let budgets = Arc::new(BudgetManager::new());
-//! let agent = uuid::Uuid::new_v4();
-//! budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 100_000, calls_budget: 1_000, window_secs: 60 });
-//!
-//! async fn complete(Json(_request): Json<serde_json::Value>) -> Json<serde_json::Value> {
-//!     // ... call the model ...
-//!     Json(serde_json::json!({"choices": [], "usage": {"total_tokens": 42}}))
-//! }
-//!
-//! let app = Router::new()
-//!     .route("/v1/chat/completions", post(complete))
-//!     .layer(BudgetLayer::new(budgets).identify(BearerKeys::from_iter([("sk-agent-1".to_owned(), agent)])));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! axum::serve(listener, app).await
-//! # }
-//! ```
+//! `Router::new().route(...).layer(BudgetLayer::new(budgets).identify(keys))`:
+//! the crate's README has the whole example, compiled as a doc test.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 // A `Rejection` (status, message, headers) is 160 bytes, moved once per
@@ -92,3 +71,8 @@ pub use openai::{OpenAiEstimator, OpenAiUsage};
 pub use rejection::Rejection;
 pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};
 pub use telemetry::RefusalReason;
+
+/// The README's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
