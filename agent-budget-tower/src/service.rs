@@ -100,6 +100,28 @@ impl HeaderStyle {
 /// # let _ = layer;
 /// ```
 pub struct BudgetLayer<M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator, U = OpenAiUsage> {
+    parts: Parts<M, I, E, U>,
+}
+
+impl<M, I: Clone, E: Clone, U: Clone> Clone for BudgetLayer<M, I, E, U> {
+    fn clone(&self) -> Self {
+        BudgetLayer {
+            parts: self.parts.clone(),
+        }
+    }
+}
+
+impl<M, I, E, U> std::fmt::Debug for BudgetLayer<M, I, E, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetLayer")
+            .field("max_wait", &self.parts.max_wait)
+            .field("headers", &self.parts.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the layer is made of; each service shares one copy in an `Arc`.
+struct Parts<M, I, E, U> {
     manager: Arc<M>,
     identify: I,
     estimator: E,
@@ -109,9 +131,9 @@ pub struct BudgetLayer<M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator
     telemetry: Arc<Telemetry>,
 }
 
-impl<M, I: Clone, E: Clone, U: Clone> Clone for BudgetLayer<M, I, E, U> {
+impl<M, I: Clone, E: Clone, U: Clone> Clone for Parts<M, I, E, U> {
     fn clone(&self) -> Self {
-        BudgetLayer {
+        Parts {
             manager: self.manager.clone(),
             identify: self.identify.clone(),
             estimator: self.estimator.clone(),
@@ -123,12 +145,22 @@ impl<M, I: Clone, E: Clone, U: Clone> Clone for BudgetLayer<M, I, E, U> {
     }
 }
 
-impl<M, I, E, U> std::fmt::Debug for BudgetLayer<M, I, E, U> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("BudgetLayer")
-            .field("max_wait", &self.max_wait)
-            .field("headers", &self.headers)
-            .finish_non_exhaustive()
+impl<M, I, E, U> Parts<M, I, E, U> {
+    /// The same parts with the pluggable ones replaced by `replace`.
+    fn map<I2, E2, U2>(
+        self,
+        replace: impl FnOnce(I, E, U) -> (I2, E2, U2),
+    ) -> Parts<M, I2, E2, U2> {
+        let (identify, estimator, meter) = replace(self.identify, self.estimator, self.meter);
+        Parts {
+            manager: self.manager,
+            identify,
+            estimator,
+            meter,
+            max_wait: self.max_wait,
+            headers: self.headers,
+            telemetry: self.telemetry,
+        }
     }
 }
 
@@ -139,13 +171,15 @@ impl<M: BudgetLimiter + 'static> BudgetLayer<M> {
     /// response's `usage`; no waiting; OpenAI's headers.
     pub fn new(manager: Arc<M>) -> Self {
         BudgetLayer {
-            manager,
-            identify: AgentIdHeader::default(),
-            estimator: OpenAiEstimator::default(),
-            meter: OpenAiUsage::default(),
-            max_wait: None,
-            headers: HeaderStyle::default(),
-            telemetry: Telemetry::new(&HashMap::new()),
+            parts: Parts {
+                manager,
+                identify: AgentIdHeader::default(),
+                estimator: OpenAiEstimator::default(),
+                meter: OpenAiUsage::default(),
+                max_wait: None,
+                headers: HeaderStyle::default(),
+                telemetry: Telemetry::new(&HashMap::new()),
+            },
         }
     }
 }
@@ -154,52 +188,34 @@ impl<M, I, E, U> BudgetLayer<M, I, E, U> {
     /// Tells the agent with `identify` instead.
     pub fn identify<I2: Identify>(self, identify: I2) -> BudgetLayer<M, I2, E, U> {
         BudgetLayer {
-            manager: self.manager,
-            identify,
-            estimator: self.estimator,
-            meter: self.meter,
-            max_wait: self.max_wait,
-            headers: self.headers,
-            telemetry: self.telemetry,
+            parts: self.parts.map(|_, e, u| (identify, e, u)),
         }
     }
 
     /// Estimates requests with `estimator` instead.
     pub fn estimator<E2>(self, estimator: E2) -> BudgetLayer<M, I, E2, U> {
         BudgetLayer {
-            manager: self.manager,
-            identify: self.identify,
-            estimator,
-            meter: self.meter,
-            max_wait: self.max_wait,
-            headers: self.headers,
-            telemetry: self.telemetry,
+            parts: self.parts.map(|i, _, u| (i, estimator, u)),
         }
     }
 
     /// Reads the real usage with `meter` instead.
     pub fn meter<U2: Meter>(self, meter: U2) -> BudgetLayer<M, I, E, U2> {
         BudgetLayer {
-            manager: self.manager,
-            identify: self.identify,
-            estimator: self.estimator,
-            meter,
-            max_wait: self.max_wait,
-            headers: self.headers,
-            telemetry: self.telemetry,
+            parts: self.parts.map(|i, e, _| (i, e, meter)),
         }
     }
 
     /// Lets a request that does not fit wait up to `max_wait` for budget
     /// (a refund, or the window's end) before it is refused.
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
-        self.max_wait = Some(max_wait).filter(|d| !d.is_zero());
+        self.parts.max_wait = Some(max_wait).filter(|d| !d.is_zero());
         self
     }
 
     /// Chooses the rate-limit headers.
     pub fn headers(mut self, headers: HeaderStyle) -> Self {
-        self.headers = headers;
+        self.parts.headers = headers;
         self
     }
 
@@ -207,13 +223,13 @@ impl<M, I, E, U> BudgetLayer<M, I, E, U> {
     /// every other agent is counted without one. Registers the metrics
     /// again, with the recorder installed now.
     pub fn agent_labels(mut self, labels: HashMap<AgentId, String>) -> Self {
-        self.telemetry = Telemetry::new(&labels);
+        self.parts.telemetry = Telemetry::new(&labels);
         self
     }
 
     /// The manager the layer enforces.
     pub fn manager(&self) -> &Arc<M> {
-        &self.manager
+        &self.parts.manager
     }
 }
 
@@ -223,27 +239,9 @@ impl<S, M, I: Clone, E: Clone, U: Clone> Layer<S> for BudgetLayer<M, I, E, U> {
     fn layer(&self, inner: S) -> Self::Service {
         BudgetService {
             inner,
-            shared: Arc::new(Shared {
-                manager: self.manager.clone(),
-                identify: self.identify.clone(),
-                estimator: self.estimator.clone(),
-                meter: self.meter.clone(),
-                max_wait: self.max_wait,
-                headers: self.headers,
-                telemetry: self.telemetry.clone(),
-            }),
+            shared: Arc::new(self.parts.clone()),
         }
     }
-}
-
-struct Shared<M, I, E, U> {
-    manager: Arc<M>,
-    identify: I,
-    estimator: E,
-    meter: U,
-    max_wait: Option<Duration>,
-    headers: HeaderStyle,
-    telemetry: Arc<Telemetry>,
 }
 
 /// The service [`BudgetLayer`] wraps around an inner service.
@@ -255,7 +253,7 @@ pub struct BudgetService<
     U = OpenAiUsage,
 > {
     inner: S,
-    shared: Arc<Shared<M, I, E, U>>,
+    shared: Arc<Parts<M, I, E, U>>,
 }
 
 impl<S: Clone, M, I, E, U> Clone for BudgetService<S, M, I, E, U> {
@@ -306,7 +304,7 @@ where
     }
 }
 
-impl<M, I, E, U> Shared<M, I, E, U>
+impl<M, I, E, U> Parts<M, I, E, U>
 where
     M: BudgetLimiter + 'static,
     I: Identify,

@@ -16,5 +16,8 @@ fn the_workspace_readme_shows_the_tested_axum_example() {
     let dir = env!("CARGO_MANIFEST_DIR");
     let ours = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
     let root = std::fs::read_to_string(format!("{dir}/../README.md")).unwrap();
-    assert_eq!(example(&root, "```rs\n"), example(&ours, "```rust,no_run\n"));
+    assert_eq!(
+        example(&root, "```rs\n"),
+        example(&ours, "```rust,no_run\n")
+    );
 }
