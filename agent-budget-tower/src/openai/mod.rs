@@ -15,4 +15,4 @@ pub use request::{
     estimate_body, ByteCount, Endpoint, EstimateOptions, RequestEstimate, TokenCounter,
     NON_TEXT_PART_TOKENS,
 };
-pub use response::{json_usage, read_event, EventSplitter, StreamEvent};
+pub use response::{json_usage, read_event, EventSplitter, StreamEvent, MAX_EVENT_BYTES};

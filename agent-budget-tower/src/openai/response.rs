@@ -151,12 +151,17 @@ fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     }
 }
 
+/// The most bytes held while waiting for an event's end: an upstream that
+/// never ends its events must not make the gateway hold its whole body.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
 /// Cuts a byte stream into whole server-sent events.
 ///
 /// An event ends at a blank line (`\n\n` or `\r\n\r\n`). Bytes after the
 /// last blank line wait for the next chunk; [`EventSplitter::rest`] hands
 /// them over at the end. Events are slices of the chunks they came in
-/// when they lie in one chunk (no copy).
+/// when they lie in one chunk (no copy). More than [`MAX_EVENT_BYTES`]
+/// without an end are handed over as they are, as if they were an event.
 #[derive(Debug, Default)]
 pub struct EventSplitter {
     partial: BytesMut,
@@ -176,7 +181,9 @@ impl EventSplitter {
         while let Some(end) = event_end(&data) {
             events.push(data.split_to(end));
         }
-        if !data.is_empty() {
+        if data.len() > MAX_EVENT_BYTES {
+            events.push(data);
+        } else if !data.is_empty() {
             self.partial.extend_from_slice(&data);
         }
         events
@@ -301,6 +308,19 @@ mod tests {
             assert_eq!(s.rest().as_deref(), Some(&b"data: tail"[..]));
             assert_eq!(s.rest(), None);
         }
+    }
+
+    #[test]
+    fn a_stream_that_never_ends_an_event_is_not_held_whole() {
+        let mut s = EventSplitter::default();
+        let line = Bytes::from(vec![b'x'; MAX_EVENT_BYTES / 2]);
+        assert!(s.push(line.clone()).is_empty());
+        let out = s.push(line.clone());
+        assert!(out.is_empty(), "exactly the limit is still held");
+        let out = s.push(Bytes::from_static(b"y"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), MAX_EVENT_BYTES + 1);
+        assert_eq!(s.rest(), None);
     }
 
     #[test]
