@@ -449,3 +449,56 @@ async fn an_inner_service_error_cancels_the_reservation() {
     let info = budgets.full_info(&agent).unwrap();
     assert_eq!((info.tokens_used, info.calls_used), (0, 0));
 }
+
+#[tokio::test]
+async fn other_parts_and_the_locked_manager_plug_in_the_same_way() {
+    use agent_budget::LockedBudgetManager;
+    use agent_budget_tower::{AgentIdExtension, FixedCost, HeaderUsage};
+    use axum::http::HeaderName;
+    use tower::{Layer, ServiceExt};
+
+    let budgets = Arc::new(LockedBudgetManager::new());
+    let agent = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: agent,
+        token_budget: 1_000,
+        calls_budget: 2,
+        window_secs: 60,
+    });
+    // The upstream reports its usage in a header.
+    let upstream = tower::service_fn(|_: axum::http::Request<Body>| async {
+        Ok::<_, Infallible>(
+            axum::http::Response::builder()
+                .header("x-usage-total-tokens", "77")
+                .body(Body::empty())
+                .unwrap(),
+        )
+    });
+    let service = BudgetLayer::new(budgets.clone())
+        .identify(AgentIdExtension)
+        .estimator(FixedCost {
+            tokens: 100,
+            calls: 1,
+        })
+        .meter(HeaderUsage::new(HeaderName::from_static(
+            "x-usage-total-tokens",
+        )))
+        .layer(upstream);
+    let request = || {
+        let mut r = axum::http::Request::get("/anything")
+            .body(Body::empty())
+            .unwrap();
+        r.extensions_mut().insert(agent);
+        r
+    };
+    let response = service.clone().oneshot(request()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-ratelimit-remaining-tokens"], "900");
+    // An empty body is at its end at once: settled without being polled.
+    drop(response);
+    let info = budgets.full_info(&agent).unwrap();
+    assert_eq!((info.tokens_used, info.calls_used), (77, 1));
+    let no_agent = axum::http::Request::get("/").body(Body::empty()).unwrap();
+    let response = service.clone().oneshot(no_agent).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}
