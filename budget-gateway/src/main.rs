@@ -22,6 +22,7 @@ OPTIONS:
     --upstream URL           the upstream's base, e.g. http://127.0.0.1:9000; /v1/... is forwarded there
     --state FILE             restore usage from FILE at start, save it periodically and on shutdown
     --upstream-timeout SECS  answer 504 when the upstream has not answered by then (default 600)
+    --threads N              worker threads (default: one per core)
     --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
     --mock-upstream          serve a small OpenAI-compatible mock instead (for trying the gateway)
     -h, --help               this text
@@ -34,6 +35,7 @@ struct Args {
     state: Option<PathBuf>,
     upstream_timeout: Duration,
     limiter: Limiter,
+    threads: Option<usize>,
     mock: bool,
 }
 
@@ -46,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         state: None,
         upstream_timeout: Duration::from_secs(600),
         limiter: Limiter::Budget,
+        threads: None,
         mock: false,
     };
     let mut parser = lexopt::Parser::from_env();
@@ -71,6 +74,11 @@ fn parse_args() -> Result<Args, String> {
             Long("limiter") => {
                 args.limiter = text(parser.value().map_err(|e| e.to_string())?)?.parse()?
             }
+            Long("threads") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                let n: usize = v.parse().map_err(|e| format!("--threads {v:?}: {e}"))?;
+                args.threads = Some(n.max(1));
+            }
             Long("mock-upstream") => args.mock = true,
             Short('h') | Long("help") => {
                 print!("{USAGE}");
@@ -90,7 +98,11 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("budget-gateway: cannot start the runtime: {e}");
