@@ -1,0 +1,18 @@
+//! OpenAI's API: estimating its requests and reading its responses' usage.
+//!
+//! The pure parts ([`estimate_body`], [`json_usage`], [`read_event`],
+//! [`EventSplitter`]) are public so other layers and tests can use them;
+//! [`OpenAiEstimator`] and [`OpenAiUsage`] plug them into the layer.
+
+mod estimator;
+mod meter;
+mod request;
+mod response;
+
+pub use estimator::OpenAiEstimator;
+pub use meter::{OpenAiSession, OpenAiUsage};
+pub use request::{
+    estimate_body, ByteCount, Endpoint, EstimateOptions, RequestEstimate, TokenCounter,
+    NON_TEXT_PART_TOKENS,
+};
+pub use response::{json_usage, read_event, EventSplitter, StreamEvent, MAX_EVENT_BYTES};

@@ -1,0 +1,338 @@
+//! The usage an OpenAI-style response reports (pure): from a JSON body, or
+//! from a stream of server-sent events.
+//!
+//! # How it works
+//!
+//! A JSON response carries `"usage": {"prompt_tokens", "completion_tokens",
+//! "total_tokens"}`; [`json_usage`] reads it, skipping everything else.
+//!
+//! A streamed response (`text/event-stream`) is a sequence of events, each
+//! one or more `data:` lines ended by a blank line. An [`EventSplitter`]
+//! cuts the bytes as they arrive into whole events (a chunk may hold
+//! several events, or part of one). [`read_event`] then says what each
+//! event is: a delta with some text (streamed tokens), the final chunk
+//! with the usage, or something else (`[DONE]`, comments). The usage chunk
+//! of a stream that asked for usage has empty `choices` and a `usage`
+//! object; every other chunk has `"usage": null` or none.
+//!
+//! Numbers that are not non-negative integers, or fields of the wrong
+//! shape, read as "no usage": the caller falls back to its estimate.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::Number;
+
+/// An OpenAI `usage` object, read without allocating: numbers stay
+/// numbers until they are checked, other fields are skipped.
+#[derive(Deserialize)]
+struct Usage {
+    #[serde(default)]
+    total_tokens: Option<Number>,
+    #[serde(default)]
+    prompt_tokens: Option<Number>,
+    #[serde(default)]
+    completion_tokens: Option<Number>,
+}
+
+impl Usage {
+    /// `total_tokens`, or `prompt_tokens + completion_tokens` when the
+    /// total is missing; `None` unless they are non-negative integers.
+    fn total(&self) -> Option<u64> {
+        if let Some(total) = self.total_tokens.as_ref() {
+            return total.as_u64();
+        }
+        let part = |n: &Option<Number>| n.as_ref().and_then(Number::as_u64);
+        Some(part(&self.prompt_tokens)?.saturating_add(part(&self.completion_tokens)?))
+    }
+}
+
+#[derive(Deserialize)]
+struct WithUsage {
+    #[serde(default)]
+    usage: Option<Usage>,
+}
+
+/// The total tokens a JSON response body reports in its `usage`, if it
+/// does.
+pub fn json_usage(body: &[u8]) -> Option<u64> {
+    let parsed: WithUsage = serde_json::from_slice(body).ok()?;
+    parsed.usage?.total()
+}
+
+/// What one server-sent event of a completion stream is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// A chunk with this many bytes of generated text.
+    Delta {
+        /// Bytes of text in the chunk's choices.
+        text_bytes: u64,
+    },
+    /// The chunk with the stream's usage; `bare` if it carries no choices
+    /// (so hiding it hides nothing else).
+    Usage {
+        /// The total tokens.
+        total_tokens: u64,
+        /// Whether `choices` is empty or missing.
+        bare: bool,
+    },
+    /// Anything else: `[DONE]`, comments, unknown shapes.
+    Other,
+}
+
+#[derive(Deserialize)]
+struct Chunk<'a> {
+    #[serde(default)]
+    usage: Option<Usage>,
+    #[serde(default, borrow)]
+    choices: Option<Vec<Choice<'a>>>,
+}
+
+#[derive(Deserialize)]
+struct Choice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<std::borrow::Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// Reads one whole event (as cut by [`EventSplitter`]).
+pub fn read_event(event: &[u8]) -> StreamEvent {
+    let data = event_data(event);
+    if data.is_empty() || *data == b"[DONE]"[..] {
+        return StreamEvent::Other;
+    }
+    let Ok(chunk) = serde_json::from_slice::<Chunk<'_>>(&data) else {
+        return StreamEvent::Other;
+    };
+    let choices = chunk.choices.unwrap_or_default();
+    if let Some(total_tokens) = chunk.usage.as_ref().and_then(Usage::total) {
+        return StreamEvent::Usage {
+            total_tokens,
+            bare: choices.is_empty(),
+        };
+    }
+    let text_bytes = choices
+        .iter()
+        .map(|c| {
+            let delta = c.delta.as_ref().and_then(|d| d.content.as_deref());
+            delta.or(c.text.as_deref()).map_or(0, str::len) as u64
+        })
+        .sum();
+    StreamEvent::Delta { text_bytes }
+}
+
+/// The data of an event: its `data:` lines' values (one leading space
+/// dropped), joined by newlines, as the SSE specification says.
+fn event_data(event: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    let mut lines = event
+        .split(|&b| b == b'\n')
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .map(|value| value.strip_prefix(b" ").unwrap_or(value));
+    let Some(first) = lines.next() else {
+        return std::borrow::Cow::Borrowed(&[]);
+    };
+    match lines.next() {
+        None => std::borrow::Cow::Borrowed(first),
+        Some(second) => {
+            let mut joined = first.to_vec();
+            for line in std::iter::once(second).chain(lines) {
+                joined.push(b'\n');
+                joined.extend_from_slice(line);
+            }
+            std::borrow::Cow::Owned(joined)
+        }
+    }
+}
+
+/// The most bytes held while waiting for an event's end: an upstream that
+/// never ends its events must not make the gateway hold its whole body.
+pub const MAX_EVENT_BYTES: usize = 1 << 20;
+
+/// Cuts a byte stream into whole server-sent events.
+///
+/// An event ends at a blank line (`\n\n` or `\r\n\r\n`). Bytes after the
+/// last blank line wait for the next chunk; [`EventSplitter::rest`] hands
+/// them over at the end. Events are slices of the chunks they came in
+/// when they lie in one chunk (no copy). More than [`MAX_EVENT_BYTES`]
+/// without an end are handed over as they are, as if they were an event.
+#[derive(Debug, Default)]
+pub struct EventSplitter {
+    partial: BytesMut,
+}
+
+impl EventSplitter {
+    /// The whole events completed by `chunk`, in order, each with its
+    /// terminating blank line.
+    pub fn push(&mut self, chunk: Bytes) -> Vec<Bytes> {
+        let mut data = if self.partial.is_empty() {
+            chunk
+        } else {
+            self.partial.extend_from_slice(&chunk);
+            self.partial.split().freeze()
+        };
+        let mut events = Vec::new();
+        while let Some(end) = event_end(&data) {
+            events.push(data.split_to(end));
+        }
+        if data.len() > MAX_EVENT_BYTES {
+            events.push(data);
+        } else if !data.is_empty() {
+            self.partial.extend_from_slice(&data);
+        }
+        events
+    }
+
+    /// Bytes that never formed a whole event (the stream ended mid-event).
+    pub fn rest(&mut self) -> Option<Bytes> {
+        (!self.partial.is_empty()).then(|| self.partial.split().freeze())
+    }
+}
+
+/// Where the first event of `data` ends (just past its blank line).
+fn event_end(data: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr_newline(&data[from..]) {
+        let at = from + i;
+        let next = &data[at + 1..];
+        if next.first() == Some(&b'\n') {
+            return Some(at + 2);
+        }
+        if next.starts_with(b"\r\n") {
+            return Some(at + 3);
+        }
+        from = at + 1;
+    }
+    None
+}
+
+fn memchr_newline(data: &[u8]) -> Option<usize> {
+    data.iter().position(|&b| b == b'\n')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_reads_the_total_or_the_parts() {
+        assert_eq!(
+            json_usage(
+                br#"{"id":"x","usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}"#
+            ),
+            Some(7)
+        );
+        assert_eq!(
+            json_usage(br#"{"usage":{"prompt_tokens":3,"completion_tokens":4}}"#),
+            Some(7)
+        );
+        for none in [
+            &br#"{"usage":null}"#[..],
+            br#"{"choices":[]}"#,
+            br#"{"usage":{"total_tokens":-5}}"#,
+            br#"{"usage":{"total_tokens":1e30}}"#,
+            br#"{"usage":{"total_tokens":"7"}}"#,
+            br#"{"usage":{"prompt_tokens":3}}"#,
+            br#"{"usage":7}"#,
+            b"garbage",
+            b"",
+            br#"{"usage":{"total_tokens":7}"#,
+        ] {
+            assert_eq!(json_usage(none), None, "{}", String::from_utf8_lossy(none));
+        }
+    }
+
+    #[test]
+    fn events_are_told_apart() {
+        assert_eq!(
+            read_event(
+                b"data: {\"choices\":[{\"delta\":{\"content\":\"h\xc3\xa9\"}}],\"usage\":null}\n\n"
+            ),
+            StreamEvent::Delta { text_bytes: 3 }
+        );
+        assert_eq!(
+            read_event(b"data: {\"choices\":[{\"text\":\"abc\"}]}\n\n"),
+            StreamEvent::Delta { text_bytes: 3 }
+        );
+        assert_eq!(
+            read_event(b"data: {\"choices\":[],\"usage\":{\"total_tokens\":12}}\r\n\r\n"),
+            StreamEvent::Usage {
+                total_tokens: 12,
+                bare: true
+            }
+        );
+        assert_eq!(
+            read_event(b"data: {\"choices\":[{\"delta\":{}}],\"usage\":{\"total_tokens\":12}}\n\n"),
+            StreamEvent::Usage {
+                total_tokens: 12,
+                bare: false
+            }
+        );
+        assert_eq!(read_event(b"data: [DONE]\n\n"), StreamEvent::Other);
+        assert_eq!(read_event(b": keep-alive\n\n"), StreamEvent::Other);
+        assert_eq!(read_event(b"data: {broken\n\n"), StreamEvent::Other);
+        assert_eq!(read_event(b""), StreamEvent::Other);
+    }
+
+    #[test]
+    fn multi_line_data_is_joined() {
+        assert_eq!(
+            read_event(b"event: x\ndata: {\"usage\":\ndata: {\"total_tokens\":5}}\n\n"),
+            StreamEvent::Usage {
+                total_tokens: 5,
+                bare: true
+            }
+        );
+    }
+
+    #[test]
+    fn the_splitter_cuts_whole_events_across_chunks() {
+        let stream = b"data: a\n\ndata: b\r\n\r\ndata: c\n\ndata: tail";
+        // Every way of cutting the stream in two gives the same events.
+        for cut in 0..=stream.len() {
+            let mut s = EventSplitter::default();
+            let mut events = s.push(Bytes::copy_from_slice(&stream[..cut]));
+            events.extend(s.push(Bytes::copy_from_slice(&stream[cut..])));
+            let events: Vec<&[u8]> = events.iter().map(|e| &e[..]).collect();
+            assert_eq!(
+                events,
+                vec![&b"data: a\n\n"[..], b"data: b\r\n\r\n", b"data: c\n\n"],
+                "cut at {cut}"
+            );
+            assert_eq!(s.rest().as_deref(), Some(&b"data: tail"[..]));
+            assert_eq!(s.rest(), None);
+        }
+    }
+
+    #[test]
+    fn a_stream_that_never_ends_an_event_is_not_held_whole() {
+        let mut s = EventSplitter::default();
+        let line = Bytes::from(vec![b'x'; MAX_EVENT_BYTES / 2]);
+        assert!(s.push(line.clone()).is_empty());
+        let out = s.push(line.clone());
+        assert!(out.is_empty(), "exactly the limit is still held");
+        let out = s.push(Bytes::from_static(b"y"));
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), MAX_EVENT_BYTES + 1);
+        assert_eq!(s.rest(), None);
+    }
+
+    #[test]
+    fn byte_by_byte_delivery_gives_the_same_events() {
+        let stream = b"data: {\"choices\":[]}\n\ndata: [DONE]\n\n";
+        let mut s = EventSplitter::default();
+        let mut events = Vec::new();
+        for b in stream {
+            events.extend(s.push(Bytes::copy_from_slice(&[*b])));
+        }
+        assert_eq!(events.len(), 2);
+        assert_eq!(events.concat(), stream.to_vec());
+        assert_eq!(s.rest(), None);
+    }
+}

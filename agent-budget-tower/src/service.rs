@@ -1,0 +1,466 @@
+//! [`BudgetLayer`] and [`BudgetService`]: the request's path through the
+//! budget.
+//!
+//! # How it works
+//!
+//! For each request, the service's future:
+//!
+//! 1. asks the [`Identify`] who the agent is (`401` if no one);
+//! 2. asks the [`Estimator`] what to reserve (`400` for a bad body);
+//! 3. takes the estimate's tokens and calls in one `acquire_owned`, or
+//!    neither. Refused, and with a maximum wait configured, it waits for
+//!    budget (`acquire_owned_wait` under a timeout) before it gives up;
+//!    given up, it answers `429` with `Retry-After` and the
+//!    `x-ratelimit-*` headers, and nothing is forwarded;
+//! 4. reads where the budget now stands (`full_info`) for the admitted
+//!    response's headers, and calls the inner service;
+//! 5. wraps the response's body in a [`BudgetBody`] that settles the
+//!    reservation with the [`Meter`]'s reading when the body ends, or when
+//!    it is dropped.
+//!
+//! If the inner service fails (no response at all), the reservation is
+//! cancelled: nothing was consumed. If the future is dropped while the
+//! inner service works, the prompt's tokens stay charged.
+//!
+//! The manager is one `Arc` shared by the layer and every service it
+//! makes, and each service keeps the rest of its state in one more `Arc`:
+//! axum and hyper clone the service per connection, and every clone
+//! enforces the same budgets (unlike `tower::limit::RateLimit`, whose
+//! state is per clone).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use agent_budget::{AgentId, BudgetExceeded, BudgetLimiter, BudgetManager, OwnedReservation};
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body::Body;
+use tower::{Layer, Service};
+
+use crate::body::{BudgetBody, Settle};
+use crate::headers::{write_retry_after, RateLimitSnapshot};
+use crate::telemetry::{RefusalReason, Telemetry};
+use crate::{
+    AgentIdHeader, Estimate, Estimator, Identify, Meter, OpenAiEstimator, OpenAiUsage, Rejection,
+};
+
+/// Which rate-limit headers responses carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeaderStyle {
+    /// OpenAI's `x-ratelimit-*` headers (on by default).
+    pub openai: bool,
+    /// The IETF draft's `RateLimit-Policy` and `RateLimit` fields (off by
+    /// default).
+    pub ietf: bool,
+}
+
+impl Default for HeaderStyle {
+    fn default() -> Self {
+        HeaderStyle {
+            openai: true,
+            ietf: false,
+        }
+    }
+}
+
+impl HeaderStyle {
+    fn write(&self, snapshot: &RateLimitSnapshot, headers: &mut http::HeaderMap) {
+        if self.openai {
+            snapshot.write_openai(headers);
+        }
+        if self.ietf {
+            snapshot.write_ietf(headers);
+        }
+    }
+}
+
+/// A tower [`Layer`] that enforces token and call budgets per agent on the
+/// requests through it.
+///
+/// `M` is the budget manager ([`BudgetManager`] unless you pick another
+/// [`BudgetLimiter`]), `I` tells the agent, `E` estimates the request, `U`
+/// reads the response's real usage; each has a default and a builder
+/// method that replaces it.
+///
+/// ```
+/// use std::sync::Arc;
+/// use agent_budget::{BudgetLimit, BudgetManager};
+/// use agent_budget_tower::BudgetLayer;
+///
+/// let budgets = Arc::new(BudgetManager::new());
+/// let agent = uuid::Uuid::new_v4();
+/// budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 100_000, calls_budget: 1_000, window_secs: 60 });
+/// // Agent from `x-agent-id`, estimate from the OpenAI-style JSON body,
+/// // usage from the response's `usage`:
+/// let layer = BudgetLayer::new(budgets.clone());
+/// # let _ = layer;
+/// ```
+pub struct BudgetLayer<M = BudgetManager, I = AgentIdHeader, E = OpenAiEstimator, U = OpenAiUsage> {
+    parts: Parts<M, I, E, U>,
+}
+
+impl<M, I: Clone, E: Clone, U: Clone> Clone for BudgetLayer<M, I, E, U> {
+    fn clone(&self) -> Self {
+        BudgetLayer {
+            parts: self.parts.clone(),
+        }
+    }
+}
+
+impl<M, I, E, U> std::fmt::Debug for BudgetLayer<M, I, E, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetLayer")
+            .field("max_wait", &self.parts.max_wait)
+            .field("headers", &self.parts.headers)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the layer is made of; each service shares one copy in an `Arc`.
+struct Parts<M, I, E, U> {
+    manager: Arc<M>,
+    identify: I,
+    estimator: E,
+    meter: U,
+    max_wait: Option<Duration>,
+    headers: HeaderStyle,
+    telemetry: Arc<Telemetry>,
+}
+
+impl<M, I: Clone, E: Clone, U: Clone> Clone for Parts<M, I, E, U> {
+    fn clone(&self) -> Self {
+        Parts {
+            manager: self.manager.clone(),
+            identify: self.identify.clone(),
+            estimator: self.estimator.clone(),
+            meter: self.meter.clone(),
+            max_wait: self.max_wait,
+            headers: self.headers,
+            telemetry: self.telemetry.clone(),
+        }
+    }
+}
+
+impl<M, I, E, U> Parts<M, I, E, U> {
+    /// The same parts with the pluggable ones replaced by `replace`.
+    fn map<I2, E2, U2>(
+        self,
+        replace: impl FnOnce(I, E, U) -> (I2, E2, U2),
+    ) -> Parts<M, I2, E2, U2> {
+        let (identify, estimator, meter) = replace(self.identify, self.estimator, self.meter);
+        Parts {
+            manager: self.manager,
+            identify,
+            estimator,
+            meter,
+            max_wait: self.max_wait,
+            headers: self.headers,
+            telemetry: self.telemetry,
+        }
+    }
+}
+
+impl<M: BudgetLimiter + 'static> BudgetLayer<M> {
+    /// A layer over `manager` with the default parts: the agent from the
+    /// `x-agent-id` header, the estimate from an OpenAI-style body (prompt
+    /// counted conservatively, one token per byte), the usage from the
+    /// response's `usage`; no waiting; OpenAI's headers.
+    pub fn new(manager: Arc<M>) -> Self {
+        BudgetLayer {
+            parts: Parts {
+                manager,
+                identify: AgentIdHeader::default(),
+                estimator: OpenAiEstimator::default(),
+                meter: OpenAiUsage::default(),
+                max_wait: None,
+                headers: HeaderStyle::default(),
+                telemetry: Telemetry::new(&HashMap::new()),
+            },
+        }
+    }
+}
+
+impl<M, I, E, U> BudgetLayer<M, I, E, U> {
+    /// Tells the agent with `identify` instead.
+    pub fn identify<I2: Identify>(self, identify: I2) -> BudgetLayer<M, I2, E, U> {
+        BudgetLayer {
+            parts: self.parts.map(|_, e, u| (identify, e, u)),
+        }
+    }
+
+    /// Estimates requests with `estimator` instead.
+    pub fn estimator<E2>(self, estimator: E2) -> BudgetLayer<M, I, E2, U> {
+        BudgetLayer {
+            parts: self.parts.map(|i, _, u| (i, estimator, u)),
+        }
+    }
+
+    /// Reads the real usage with `meter` instead.
+    pub fn meter<U2: Meter>(self, meter: U2) -> BudgetLayer<M, I, E, U2> {
+        BudgetLayer {
+            parts: self.parts.map(|i, e, _| (i, e, meter)),
+        }
+    }
+
+    /// Lets a request that does not fit wait up to `max_wait` for budget
+    /// (a refund, or the window's end) before it is refused.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.parts.max_wait = Some(max_wait).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Chooses the rate-limit headers.
+    pub fn headers(mut self, headers: HeaderStyle) -> Self {
+        self.parts.headers = headers;
+        self
+    }
+
+    /// Gives these agents an `agent` label of their own on the metrics;
+    /// every other agent is counted without one. Registers the metrics
+    /// again, with the recorder installed now.
+    pub fn agent_labels(mut self, labels: HashMap<AgentId, String>) -> Self {
+        self.parts.telemetry = Telemetry::new(&labels);
+        self
+    }
+
+    /// The manager the layer enforces.
+    pub fn manager(&self) -> &Arc<M> {
+        &self.parts.manager
+    }
+}
+
+impl<S, M, I: Clone, E: Clone, U: Clone> Layer<S> for BudgetLayer<M, I, E, U> {
+    type Service = BudgetService<S, M, I, E, U>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BudgetService {
+            inner,
+            shared: Arc::new(self.parts.clone()),
+        }
+    }
+}
+
+/// The service [`BudgetLayer`] wraps around an inner service.
+pub struct BudgetService<
+    S,
+    M = BudgetManager,
+    I = AgentIdHeader,
+    E = OpenAiEstimator,
+    U = OpenAiUsage,
+> {
+    inner: S,
+    shared: Arc<Parts<M, I, E, U>>,
+}
+
+impl<S: Clone, M, I, E, U> Clone for BudgetService<S, M, I, E, U> {
+    fn clone(&self) -> Self {
+        BudgetService {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S, M, I, E, U> std::fmt::Debug for BudgetService<S, M, I, E, U> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BudgetService").finish_non_exhaustive()
+    }
+}
+
+/// The response type of [`BudgetService`].
+pub type BudgetResponse<B, U> = Response<BudgetBody<B, <U as Meter>::Session>>;
+
+impl<S, M, I, E, U, ReqB, ResB> Service<Request<ReqB>> for BudgetService<S, M, I, E, U>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: Send,
+    ResB: Body<Data = Bytes> + Send + 'static,
+    ReqB: Send + 'static,
+    M: BudgetLimiter + 'static,
+    I: Identify,
+    E: Estimator<ReqB>,
+    U: Meter,
+{
+    type Response = BudgetResponse<ResB, U>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // The clone that was driven to readiness serves this request; the
+        // fresh clone stays for the next `poll_ready`.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let shared = self.shared.clone();
+        Box::pin(shared.serve(inner, request))
+    }
+}
+
+impl<M, I, E, U> Parts<M, I, E, U>
+where
+    M: BudgetLimiter + 'static,
+    I: Identify,
+    U: Meter,
+{
+    async fn serve<S, ReqB, ResB>(
+        self: Arc<Self>,
+        mut inner: S,
+        request: Request<ReqB>,
+    ) -> Result<BudgetResponse<ResB, U>, S::Error>
+    where
+        S: Service<Request<ReqB>, Response = Response<ResB>>,
+        ResB: Body<Data = Bytes>,
+        E: Estimator<ReqB>,
+    {
+        let (parts, body) = request.into_parts();
+        let agent = match self.identify.identify(&parts) {
+            Ok(agent) => agent,
+            Err(rejection) => {
+                self.telemetry.refused(None, RefusalReason::Unidentified);
+                return Ok(reject(rejection));
+            }
+        };
+        let request = Request::from_parts(parts, body);
+        let (request, estimate) = match self.estimator.estimate(request).await {
+            Ok(estimated) => estimated,
+            Err(rejection) => {
+                self.telemetry
+                    .refused(Some(&agent), RefusalReason::BadRequest);
+                return Ok(reject(rejection));
+            }
+        };
+        let (reservation, snapshot) = match self.admit(&agent, &estimate).await {
+            Ok(admitted) => admitted,
+            Err(rejection) => return Ok(reject(rejection)),
+        };
+        let mut settle = Settle::new(reservation, estimate, self.telemetry.clone());
+        let response = match inner.call(request).await {
+            Ok(response) => response,
+            Err(e) => {
+                settle.cancel();
+                return Err(e);
+            }
+        };
+        let (mut parts, body) = response.into_parts();
+        if let Some(snapshot) = snapshot {
+            self.headers.write(&snapshot, &mut parts.headers);
+        }
+        settle.attach(self.meter.start(&estimate, &mut parts));
+        Ok(Response::from_parts(
+            parts,
+            BudgetBody::metered(body, settle),
+        ))
+    }
+
+    /// Takes the estimate, waiting for it if configured; returns the
+    /// reservation and where the budget stands after it, or the `429`.
+    async fn admit(
+        &self,
+        agent: &AgentId,
+        estimate: &Estimate,
+    ) -> Result<(OwnedReservation, Option<RateLimitSnapshot>), Rejection> {
+        let (tokens, calls) = (estimate.tokens(), estimate.calls);
+        let started = Instant::now();
+        let reservation = match (
+            self.manager.acquire_owned(agent, tokens, calls),
+            self.max_wait,
+        ) {
+            (Ok(reservation), _) => reservation,
+            (Err(refused), Some(max_wait)) if refused.retry_after.is_some() => {
+                self.telemetry.checked(agent, started.elapsed());
+                // Boxed: the waiting future is large, and the common path
+                // should not carry its room in every request's future.
+                Box::pin(self.wait(agent, (tokens, calls), max_wait)).await?
+            }
+            (Err(refused), _) => {
+                self.telemetry.checked(agent, started.elapsed());
+                return Err(self.refusal(refused));
+            }
+        };
+        let snapshot = self
+            .manager
+            .full_info(agent)
+            .map(|info| RateLimitSnapshot::from_info(&info));
+        self.telemetry.admitted(agent, tokens, started.elapsed());
+        Ok((reservation, snapshot))
+    }
+
+    /// Waits up to `max_wait` for `(tokens, calls)` to fit.
+    async fn wait(
+        &self,
+        agent: &AgentId,
+        (tokens, calls): (u64, u64),
+        max_wait: Duration,
+    ) -> Result<OwnedReservation, Rejection> {
+        let waiting = Instant::now();
+        let waited = tokio::time::timeout(
+            max_wait,
+            self.manager.acquire_owned_wait(agent, tokens, calls),
+        )
+        .await;
+        self.telemetry.waited(agent, waiting.elapsed());
+        match waited {
+            Ok(Ok(reservation)) => Ok(reservation),
+            Ok(Err(refused)) => Err(self.refusal(refused)),
+            // Out of time: one last try, for a fresh refusal (and a fresh
+            // `Retry-After`) or a late admission.
+            Err(_) => self
+                .manager
+                .acquire_owned(agent, tokens, calls)
+                .map_err(|refused| self.refusal(refused)),
+        }
+    }
+
+    /// The `429` for a refusal: `Retry-After` when waiting can help, the
+    /// rate-limit headers, and OpenAI's error body.
+    fn refusal(&self, refused: BudgetExceeded) -> Rejection {
+        let info = self.manager.full_info(&refused.agent_id);
+        let Some(info) = info else {
+            self.telemetry
+                .refused(Some(&refused.agent_id), RefusalReason::NoBudget);
+            return Rejection::new(
+                StatusCode::FORBIDDEN,
+                refused.message,
+                "invalid_request_error",
+                "no_budget",
+            );
+        };
+        let reason = RefusalReason::of_kind(refused.kind);
+        self.telemetry.refused(Some(&refused.agent_id), reason);
+        let error_type = match reason {
+            RefusalReason::Calls => "requests",
+            _ => "tokens",
+        };
+        let mut rejection = Rejection::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            refused.message,
+            error_type,
+            "rate_limit_exceeded",
+        );
+        let mut snapshot = RateLimitSnapshot::from_info(&info);
+        if let Some(wait) = refused.retry_after {
+            // The refusal knows the window's end to the millisecond.
+            snapshot.reset = wait;
+            write_retry_after(&mut rejection.headers, wait);
+        }
+        self.headers.write(&snapshot, &mut rejection.headers);
+        rejection
+    }
+}
+
+fn reject<B, S: crate::MeterSession>(rejection: Rejection) -> Response<BudgetBody<B, S>>
+where
+    B: Body<Data = Bytes>,
+{
+    let response: Response<Bytes> = rejection.into_response();
+    let (parts, data) = response.into_parts();
+    Response::from_parts(parts, BudgetBody::rejected(data))
+}

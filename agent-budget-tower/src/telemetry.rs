@@ -1,0 +1,190 @@
+//! Counters and histograms, through the `metrics` facade.
+//!
+//! # How it works
+//!
+//! The layer records what it does with the [`metrics`] crate's macros, so
+//! any recorder the application installs (Prometheus, StatsD, …) sees it,
+//! and an application without one pays an atomic load per update. The
+//! handles are registered once, when the layer is built, not looked up
+//! per request: install the recorder before building the layer.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `agent_budget_requests_admitted_total` | counter | |
+//! | `agent_budget_requests_refused_total` | counter | `reason`: `unidentified`, `bad_request`, `tokens`, `calls`, `no_budget` |
+//! | `agent_budget_tokens_reserved_total` | counter | |
+//! | `agent_budget_tokens_refunded_total` | counter | |
+//! | `agent_budget_tokens_charged_total` | counter | (what requests finally cost) |
+//! | `agent_budget_tokens_overrun_total` | counter | (charged beyond the estimate) |
+//! | `agent_budget_responses_abandoned_total` | counter | (bodies dropped or failed before their end) |
+//! | `agent_budget_check_seconds` | histogram | (the budget check: `acquire` and the headers' read) |
+//! | `agent_budget_wait_seconds` | histogram | (time spent waiting for budget, when waiting is on) |
+//!
+//! Per-agent series would be one per agent, which a Prometheus server
+//! pays for in memory: agents get an `agent` label only when the operator
+//! names them ([`BudgetLayer::agent_labels`](crate::BudgetLayer::agent_labels)).
+//! Every other agent is counted in the series without the label, so
+//! summing over `agent` always gives the totals.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_budget::{AgentId, BudgetKind, Settlement};
+use metrics::{Counter, Histogram, Label};
+
+/// Why a request was not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// No agent could be told from the request.
+    Unidentified,
+    /// The request could not be estimated (bad body).
+    BadRequest,
+    /// Not enough tokens.
+    Tokens,
+    /// Not enough calls.
+    Calls,
+    /// The agent has no budget.
+    NoBudget,
+}
+
+impl RefusalReason {
+    const ALL: [RefusalReason; 5] = [
+        RefusalReason::Unidentified,
+        RefusalReason::BadRequest,
+        RefusalReason::Tokens,
+        RefusalReason::Calls,
+        RefusalReason::NoBudget,
+    ];
+
+    /// The `reason` label's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalReason::Unidentified => "unidentified",
+            RefusalReason::BadRequest => "bad_request",
+            RefusalReason::Tokens => "tokens",
+            RefusalReason::Calls => "calls",
+            RefusalReason::NoBudget => "no_budget",
+        }
+    }
+
+    /// The reason a budget of `kind` refused.
+    pub(crate) fn of_kind(kind: BudgetKind) -> Self {
+        match kind {
+            BudgetKind::Token => RefusalReason::Tokens,
+            BudgetKind::Call => RefusalReason::Calls,
+        }
+    }
+}
+
+/// The handles of one series (the unlabelled one, or one agent's).
+struct Handles {
+    admitted: Counter,
+    refused: [Counter; RefusalReason::ALL.len()],
+    reserved: Counter,
+    refunded: Counter,
+    charged: Counter,
+    overrun: Counter,
+    abandoned: Counter,
+    check: Histogram,
+    wait: Histogram,
+}
+
+impl Handles {
+    fn register(labels: Vec<Label>) -> Self {
+        let refused = RefusalReason::ALL.map(|reason| {
+            let mut labels = labels.clone();
+            labels.push(Label::new("reason", reason.as_str()));
+            metrics::counter!("agent_budget_requests_refused_total", labels)
+        });
+        Handles {
+            admitted: metrics::counter!("agent_budget_requests_admitted_total", labels.clone()),
+            refused,
+            reserved: metrics::counter!("agent_budget_tokens_reserved_total", labels.clone()),
+            refunded: metrics::counter!("agent_budget_tokens_refunded_total", labels.clone()),
+            charged: metrics::counter!("agent_budget_tokens_charged_total", labels.clone()),
+            overrun: metrics::counter!("agent_budget_tokens_overrun_total", labels.clone()),
+            abandoned: metrics::counter!("agent_budget_responses_abandoned_total", labels.clone()),
+            check: metrics::histogram!("agent_budget_check_seconds", labels.clone()),
+            wait: metrics::histogram!("agent_budget_wait_seconds", labels),
+        }
+    }
+}
+
+/// The layer's metrics: the unlabelled series, and those of named agents.
+pub(crate) struct Telemetry {
+    all: Handles,
+    named: HashMap<AgentId, Handles>,
+}
+
+impl Telemetry {
+    pub(crate) fn new(labels: &HashMap<AgentId, String>) -> Arc<Self> {
+        let named = labels
+            .iter()
+            .map(|(id, name)| {
+                (
+                    *id,
+                    Handles::register(vec![Label::new("agent", name.clone())]),
+                )
+            })
+            .collect();
+        Arc::new(Telemetry {
+            all: Handles::register(Vec::new()),
+            named,
+        })
+    }
+
+    fn of(&self, agent: Option<&AgentId>) -> &Handles {
+        agent.and_then(|a| self.named.get(a)).unwrap_or(&self.all)
+    }
+
+    pub(crate) fn admitted(&self, agent: &AgentId, tokens: u64, check: Duration) {
+        let h = self.of(Some(agent));
+        h.admitted.increment(1);
+        h.reserved.increment(tokens);
+        h.check.record(check.as_secs_f64());
+    }
+
+    pub(crate) fn refused(&self, agent: Option<&AgentId>, reason: RefusalReason) {
+        let h = self.of(agent);
+        h.refused[reason as usize].increment(1);
+    }
+
+    pub(crate) fn checked(&self, agent: &AgentId, check: Duration) {
+        self.of(Some(agent)).check.record(check.as_secs_f64());
+    }
+
+    pub(crate) fn waited(&self, agent: &AgentId, wait: Duration) {
+        self.of(Some(agent)).wait.record(wait.as_secs_f64());
+    }
+
+    /// A reservation of `reserved` tokens settled as `settlement`.
+    pub(crate) fn settled(
+        &self,
+        agent: &AgentId,
+        reserved: u64,
+        settlement: Settlement,
+        abandoned: bool,
+    ) {
+        let h = self.of(Some(agent));
+        if abandoned {
+            h.abandoned.increment(1);
+        }
+        let charged = match settlement {
+            Settlement::Applied {
+                refunded_tokens,
+                charged_tokens,
+                ..
+            } => {
+                h.refunded.increment(refunded_tokens);
+                h.overrun.increment(charged_tokens);
+                reserved
+                    .saturating_sub(refunded_tokens)
+                    .saturating_add(charged_tokens)
+            }
+            // Nothing changed: the reservation stays charged where it was.
+            Settlement::WindowEnded | Settlement::AgentRemoved => reserved,
+        };
+        h.charged.increment(charged);
+    }
+}

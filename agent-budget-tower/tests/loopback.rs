@@ -1,0 +1,504 @@
+//! The layer on the wire: an axum server on a loopback port, with the
+//! layer in front of a handler that plays the LLM, and reqwest as the
+//! client. Every wait in these tests is bounded.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_budget::{BudgetLimit, BudgetManager, FullBudgetInfo};
+use agent_budget_tower::{BearerKeys, BudgetLayer, HeaderStyle};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::{json, Value};
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+/// What the handler behind the layer saw and does.
+#[derive(Default)]
+struct Upstream {
+    calls: AtomicU64,
+    /// Held requests wait for this before answering.
+    release: Notify,
+}
+
+/// Plays an OpenAI-compatible model. The request says what to report:
+/// `mock_usage` (the total tokens), `mock_hold` (wait for a release),
+/// `mock_endless` (stream three deltas, then never end).
+async fn complete(State(up): State<Arc<Upstream>>, Json(request): Json<Value>) -> Response {
+    up.calls.fetch_add(1, Ordering::SeqCst);
+    if request["mock_hold"] == true {
+        up.release.notified().await;
+    }
+    let usage = request["mock_usage"].as_u64().unwrap_or(10);
+    if request["stream"] == true {
+        let delta = |text: &str| {
+            format!(
+                "data: {}\n\n",
+                json!({"choices": [{"delta": {"content": text}}], "usage": null})
+            )
+        };
+        let mut events: Vec<Result<Bytes, Infallible>> = ["one", "two", "three"]
+            .iter()
+            .map(|t| Ok(Bytes::from(delta(t))))
+            .collect();
+        if request["mock_endless"] == true {
+            let stream = futures_util::stream::iter(events).chain(futures_util::stream::pending());
+            return (
+                [(header::CONTENT_TYPE, "text/event-stream")],
+                Body::from_stream(stream),
+            )
+                .into_response();
+        }
+        if request["stream_options"]["include_usage"] == true {
+            let usage = json!({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": usage - 1, "total_tokens": usage}});
+            events.push(Ok(Bytes::from(format!("data: {usage}\n\n"))));
+        }
+        events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+        return (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            Body::from_stream(futures_util::stream::iter(events)),
+        )
+            .into_response();
+    }
+    Json(json!({
+        "id": "chatcmpl-1",
+        "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": usage - 1, "total_tokens": usage},
+    }))
+    .into_response()
+}
+
+use futures_util::StreamExt as _;
+
+struct Server {
+    url: String,
+    budgets: Arc<BudgetManager>,
+    upstream: Arc<Upstream>,
+    agent: Uuid,
+}
+
+const KEY: &str = "sk-test";
+
+async fn serve_with(
+    budgets: Arc<BudgetManager>,
+    limit: (u64, u64),
+    configure: impl FnOnce(
+        BudgetLayer<BudgetManager, BearerKeys>,
+    ) -> BudgetLayer<BudgetManager, BearerKeys>,
+) -> Server {
+    let agent = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: agent,
+        token_budget: limit.0,
+        calls_budget: limit.1,
+        window_secs: 60,
+    });
+    let upstream = Arc::new(Upstream::default());
+    let layer = configure(
+        BudgetLayer::new(budgets.clone())
+            .identify(BearerKeys::from_iter([(KEY.to_owned(), agent)])),
+    );
+    let app = Router::new()
+        .route("/v1/chat/completions", post(complete))
+        .with_state(upstream.clone())
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Server {
+        url,
+        budgets,
+        upstream,
+        agent,
+    }
+}
+
+async fn serve(limit: (u64, u64)) -> Server {
+    serve_with(Arc::new(BudgetManager::new()), limit, |l| l).await
+}
+
+impl Server {
+    fn info(&self) -> FullBudgetInfo {
+        self.budgets.full_info(&self.agent).unwrap()
+    }
+
+    async fn chat(&self, client: &reqwest::Client, body: Value) -> reqwest::Response {
+        client
+            .post(format!("{}/v1/chat/completions", self.url))
+            .bearer_auth(KEY)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Waits (at most 5 s) until the agent's usage is `tokens`.
+    async fn settled_to(&self, tokens: u64) {
+        for _ in 0..500 {
+            if self.info().tokens_used == tokens {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("usage is {}, never {tokens}", self.info().tokens_used);
+    }
+}
+
+fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+}
+
+/// One message "hi" with the byte counter: 3 framing + 2 bytes + 3
+/// priming.
+const PROMPT: u64 = 8;
+
+fn hi(max_tokens: u64) -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": max_tokens})
+}
+
+#[tokio::test]
+async fn an_admitted_request_carries_the_headers_and_settles_its_usage() {
+    let s = serve((1_000, 10)).await;
+    let client = reqwest::Client::new();
+    let mut body = hi(100);
+    body["mock_usage"] = json!(30);
+    let r = s.chat(&client, body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "10");
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "1000");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "9");
+    // Remaining after the reservation of prompt + max_tokens.
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens"),
+        (1_000 - PROMPT - 100).to_string()
+    );
+    assert!(header(&r, "x-ratelimit-reset-tokens").ends_with('s'));
+    assert!(
+        r.headers().get("ratelimit").is_none(),
+        "IETF fields are opt-in"
+    );
+    let json: Value = r.json().await.unwrap();
+    assert_eq!(json["usage"]["total_tokens"], 30);
+    s.settled_to(30).await;
+    assert_eq!(s.info().calls_used, 1);
+}
+
+#[tokio::test]
+async fn a_refusal_is_429_with_retry_after_rounded_up_and_nothing_forwarded() {
+    let (clock, mock) = quanta::Clock::mock();
+    let budgets = Arc::new(BudgetManager::with_clock(clock));
+    let s = serve_with(budgets, (200, 10), |l| {
+        l.headers(HeaderStyle {
+            openai: true,
+            ietf: true,
+        })
+    })
+    .await;
+    let client = reqwest::Client::new();
+    assert_eq!(s.chat(&client, hi(150)).await.status(), StatusCode::OK);
+    s.settled_to(10).await;
+    // 59.7 s into the 60 s window: 300 ms left.
+    mock.increment(Duration::from_millis(59_700));
+    let r = s.chat(&client, hi(190)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        header(&r, "retry-after"),
+        "1",
+        "300 ms rounds up to 1 s, not 0"
+    );
+    assert_eq!(header(&r, "x-ratelimit-reset-tokens"), "300ms");
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "190");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "9");
+    assert_eq!(
+        header(&r, "ratelimit-policy"),
+        r#""tokens";q=200;w=60, "requests";q=10;w=60"#
+    );
+    assert_eq!(
+        header(&r, "ratelimit"),
+        r#""tokens";r=190;t=1, "requests";r=9;t=1"#
+    );
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "rate_limit_exceeded");
+    assert_eq!(error["error"]["type"], "tokens");
+    assert_eq!(
+        s.upstream.calls.load(Ordering::SeqCst),
+        1,
+        "the refusal was not forwarded"
+    );
+    // The window ends: the same request fits.
+    mock.increment(Duration::from_millis(300));
+    assert_eq!(s.chat(&client, hi(190)).await.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_request_that_can_never_fit_has_no_retry_after() {
+    let s = serve((100, 10)).await;
+    let r = s.chat(&reqwest::Client::new(), hi(1_000)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(r.headers().get("retry-after").is_none());
+    let error: Value = r.json().await.unwrap();
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("never admitted"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn overuse_is_charged_past_the_limit_and_the_next_request_refused() {
+    let s = serve((100, 10)).await;
+    let client = reqwest::Client::new();
+    let mut body = hi(10);
+    body["mock_usage"] = json!(150);
+    assert_eq!(s.chat(&client, body).await.status(), StatusCode::OK);
+    s.settled_to(150).await;
+    assert_eq!(s.info().tokens_remaining, 0);
+    assert_eq!(
+        s.chat(&client, hi(1)).await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}
+
+#[tokio::test]
+async fn unknown_keys_bad_bodies_and_agents_without_budget_are_not_forwarded() {
+    let s = serve((1_000, 10)).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/v1/chat/completions", s.url);
+    let r = client.post(&url).json(&hi(1)).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client
+        .post(&url)
+        .bearer_auth("sk-nobody")
+        .json(&hi(1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "invalid_api_key");
+    for bad in [
+        "{not json",
+        r#"{"messages":[],"max_tokens":-1}"#,
+        r#"{"messages":[],"max_tokens":1e30}"#,
+    ] {
+        let r = client
+            .post(&url)
+            .bearer_auth(KEY)
+            .body(bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+    }
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 0);
+    assert_eq!((s.info().tokens_used, s.info().calls_used), (0, 0));
+    s.budgets.remove_budget(&s.agent);
+    let r = s.chat(&client, hi(1)).await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN);
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_stream_settles_from_its_usage_chunk_which_the_client_did_not_ask_for() {
+    let s = serve((1_000, 10)).await;
+    let client = reqwest::Client::new();
+    let mut body = hi(100);
+    body["stream"] = json!(true);
+    body["mock_usage"] = json!(44);
+    let r = s.chat(&client, body.clone()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("three") && text.ends_with("data: [DONE]\n\n"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("total_tokens"),
+        "the usage chunk is hidden: {text}"
+    );
+    s.settled_to(44).await;
+
+    // A client that asks for usage gets it.
+    body["stream_options"] = json!({"include_usage": true});
+    let text = s.chat(&client, body).await.text().await.unwrap();
+    assert!(text.contains("\"total_tokens\":44"), "{text}");
+    s.settled_to(88).await;
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_mid_stream_pays_the_prompt_and_what_streamed() {
+    let s = serve((1_000, 10)).await;
+    let client = reqwest::Client::new();
+    let mut body = hi(500);
+    body["stream"] = json!(true);
+    body["mock_endless"] = json!(true);
+    let mut r = s.chat(&client, body).await;
+    let mut received = Vec::new();
+    while !String::from_utf8_lossy(&received).contains("three") {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+            .await
+            .expect("the deltas arrive")
+            .unwrap()
+            .expect("the stream is endless");
+        received.extend_from_slice(&chunk);
+    }
+    // Still streaming: the whole estimate is held.
+    assert_eq!(s.info().tokens_used, PROMPT + 500);
+    drop(r);
+    // Three deltas of 3 to 5 bytes: three chunks with text, 11 bytes → 3.
+    s.settled_to(PROMPT + 3).await;
+}
+
+#[tokio::test]
+async fn every_connection_enforces_the_same_budget() {
+    let s = Arc::new(serve((1_000_000, 10)).await);
+    let tasks: Vec<_> = (0..24)
+        .map(|_| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                // A client of its own: a connection of its own, and so a
+                // clone of the service of its own.
+                let client = reqwest::Client::new();
+                s.chat(&client, hi(1)).await.status()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        if task.await.unwrap() == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 10);
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 10);
+}
+
+#[tokio::test]
+async fn with_a_maximum_wait_a_request_waits_for_a_refund() {
+    let s = Arc::new(
+        serve_with(Arc::new(BudgetManager::new()), (200, 10), |l| {
+            l.max_wait(Duration::from_secs(10))
+        })
+        .await,
+    );
+    let client = reqwest::Client::new();
+    let mut held = hi(150);
+    held["mock_hold"] = json!(true);
+    held["mock_usage"] = json!(20);
+    let first = {
+        let (s, client) = (s.clone(), client.clone());
+        tokio::spawn(async move { s.chat(&client, held).await.status() })
+    };
+    for _ in 0..500 {
+        if s.upstream.calls.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // 158 reserved: 120 more does not fit until the first settles at 20.
+    let second = {
+        let (s, client) = (s.clone(), client.clone());
+        tokio::spawn(async move { s.chat(&client, hi(112)).await.status() })
+    };
+    for _ in 0..500 {
+        if s.budgets.waiting() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.budgets.waiting(), 1, "the second request waits");
+    s.upstream.release.notify_one();
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    assert_eq!(second.await.unwrap(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn an_inner_service_error_cancels_the_reservation() {
+    use tower::{Layer, ServiceExt};
+    let budgets = Arc::new(BudgetManager::new());
+    let agent = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: agent,
+        token_budget: 1_000,
+        calls_budget: 10,
+        window_secs: 60,
+    });
+    let failing = tower::service_fn(|_: axum::http::Request<Body>| async {
+        Err::<axum::http::Response<Body>, _>(std::io::Error::other("upstream unreachable"))
+    });
+    let service = BudgetLayer::new(budgets.clone()).layer(failing);
+    let request = axum::http::Request::post("/v1/chat/completions")
+        .header("x-agent-id", agent.to_string())
+        .body(Body::from(hi(100).to_string()))
+        .unwrap();
+    let error = service.oneshot(request).await.unwrap_err();
+    assert_eq!(error.to_string(), "upstream unreachable");
+    let info = budgets.full_info(&agent).unwrap();
+    assert_eq!((info.tokens_used, info.calls_used), (0, 0));
+}
+
+#[tokio::test]
+async fn other_parts_and_the_locked_manager_plug_in_the_same_way() {
+    use agent_budget::LockedBudgetManager;
+    use agent_budget_tower::{AgentIdExtension, FixedCost, HeaderUsage};
+    use axum::http::HeaderName;
+    use tower::{Layer, ServiceExt};
+
+    let budgets = Arc::new(LockedBudgetManager::new());
+    let agent = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: agent,
+        token_budget: 1_000,
+        calls_budget: 2,
+        window_secs: 60,
+    });
+    // The upstream reports its usage in a header.
+    let upstream = tower::service_fn(|_: axum::http::Request<Body>| async {
+        Ok::<_, Infallible>(
+            axum::http::Response::builder()
+                .header("x-usage-total-tokens", "77")
+                .body(Body::empty())
+                .unwrap(),
+        )
+    });
+    let service = BudgetLayer::new(budgets.clone())
+        .identify(AgentIdExtension)
+        .estimator(FixedCost {
+            tokens: 100,
+            calls: 1,
+        })
+        .meter(HeaderUsage::new(HeaderName::from_static(
+            "x-usage-total-tokens",
+        )))
+        .layer(upstream);
+    let request = || {
+        let mut r = axum::http::Request::get("/anything")
+            .body(Body::empty())
+            .unwrap();
+        r.extensions_mut().insert(agent);
+        r
+    };
+    let response = service.clone().oneshot(request()).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-ratelimit-remaining-tokens"], "900");
+    // An empty body is at its end at once: settled without being polled.
+    drop(response);
+    let info = budgets.full_info(&agent).unwrap();
+    assert_eq!((info.tokens_used, info.calls_used), (77, 1));
+    let no_agent = axum::http::Request::get("/").body(Body::empty()).unwrap();
+    let response = service.clone().oneshot(no_agent).await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+}

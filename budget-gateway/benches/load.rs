@@ -1,0 +1,338 @@
+//! Load and overhead of the gateway, on loopback: the same proxy with the
+//! budget layer, with nothing (a plain proxy) and with `tower_governor` in
+//! its place, side by side in one run; then 64 clients on one key against
+//! a budget, checked against the upstream's own count.
+//!
+//! ```text
+//! cargo bench -p budget-gateway --bench load                  # 5 rounds of 2 s per variant and concurrency
+//! cargo bench -p budget-gateway --bench load -- --seconds 1 --rounds 2
+//! ```
+//!
+//! It starts the mock upstream and the three gateways as processes of the
+//! release binary, and drives them with a load generator written with
+//! hyper: each connection sends a chat completion (a 35-token prompt,
+//! `max_tokens` 16), waits for the whole response, and sends the next (a
+//! closed loop). Rounds rotate the order of the variants, so drift in a
+//! shared machine's speed hits all three alike; each variant's latencies
+//! from all rounds go into one histogram.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_budget-gateway");
+const LOAD_KEY: &str = "sk-load";
+const EXACT_KEY: &str = "sk-exact";
+const EXACT_AGENT: &str = "0b3c9a30-4f2e-4b8a-9d41-6c0e2f7a1b55";
+const EXACT_CALLS: u64 = 5_000;
+const VARIANTS: [&str; 3] = ["none", "budget", "governor"];
+
+struct Options {
+    seconds: u64,
+    rounds: usize,
+    concurrency: Vec<usize>,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        seconds: 2,
+        rounds: 5,
+        concurrency: vec![1, 32],
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().unwrap_or_else(|| panic!("{arg} needs a value"));
+        match arg.as_str() {
+            "--seconds" => o.seconds = value().parse().expect("--seconds N"),
+            "--rounds" => o.rounds = value().parse().expect("--rounds N"),
+            "--concurrency" => {
+                o.concurrency = value()
+                    .split(',')
+                    .map(|c| c.parse().expect("--concurrency 1,32"))
+                    .collect()
+            }
+            "--bench" => {}
+            other => panic!("unknown argument {other}"),
+        }
+    }
+    o
+}
+
+/// A child process, killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn start(args: &[&str], addr: SocketAddr) -> Process {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the budget-gateway binary runs");
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{addr} never listened"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Process(child)
+}
+
+fn request_body() -> Bytes {
+    Bytes::from(
+        json!({
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "Please summarise the history of the Roman empire in three short sentences, with the emperors' names."}
+            ],
+            "max_tokens": 16
+        })
+        .to_string(),
+    )
+}
+
+/// One connection's closed loop until `until`: latencies in nanoseconds,
+/// and the count of each status.
+async fn connection(
+    addr: SocketAddr,
+    key: &'static str,
+    until: Instant,
+    max_requests: u64,
+) -> (Histogram<u64>, u64, u64) {
+    let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let body = request_body();
+    let (mut ok, mut refused, mut sent) = (0, 0, 0);
+    while Instant::now() < until && sent < max_requests {
+        let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
+            .header("host", addr.to_string())
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))
+            .unwrap();
+        let started = Instant::now();
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        response.into_body().collect().await.unwrap();
+        let _ = hist.record(started.elapsed().as_nanos() as u64);
+        sent += 1;
+        match status.as_u16() {
+            200 => ok += 1,
+            429 => refused += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    (hist, ok, refused)
+}
+
+async fn load(addr: SocketAddr, connections: usize, seconds: u64) -> (Histogram<u64>, u64) {
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| tokio::spawn(connection(addr, LOAD_KEY, until, u64::MAX)))
+        .collect();
+    let mut all = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
+    let mut ok = 0;
+    for t in tasks {
+        let (h, o, refused) = t.await.unwrap();
+        assert_eq!(refused, 0, "the load key's budget is too large to refuse");
+        all.add(h).unwrap();
+        ok += o;
+    }
+    (all, ok)
+}
+
+async fn get_json(addr: SocketAddr, path: &str, key: Option<&str>) -> Value {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut request =
+        http::Request::get(format!("http://{addr}{path}")).header("host", addr.to_string());
+    if let Some(key) = key {
+        request = request.header("authorization", format!("Bearer {key}"));
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).unwrap()
+}
+
+fn micros(ns: u64) -> String {
+    format!("{:.1} µs", ns as f64 / 1_000.0)
+}
+
+fn main() {
+    let o = options();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"admin_key = "admin"
+
+[[agents]]
+api_key = "{LOAD_KEY}"
+agent_id = "7f9c24e8-3b1a-4c5d-9e2f-1a2b3c4d5e6f"
+token_budget = 1000000000000000
+calls_budget = 4000000000
+window_secs = 86400
+
+[[agents]]
+api_key = "{EXACT_KEY}"
+agent_id = "{EXACT_AGENT}"
+token_budget = 1000000000000000
+calls_budget = {EXACT_CALLS}
+window_secs = 86400
+"#
+        ),
+    )
+    .unwrap();
+    let mock_addr = free_addr();
+    let _mock = start(
+        &["--mock-upstream", "--listen", &mock_addr.to_string()],
+        mock_addr,
+    );
+    let upstream = format!("http://{mock_addr}");
+    let gateways: Vec<(SocketAddr, Process)> = VARIANTS
+        .iter()
+        .map(|limiter| {
+            let addr = free_addr();
+            let process = start(
+                &[
+                    "--config",
+                    config.to_str().unwrap(),
+                    "--listen",
+                    &addr.to_string(),
+                    "--upstream",
+                    &upstream,
+                    "--limiter",
+                    limiter,
+                ],
+                addr,
+            );
+            (addr, process)
+        })
+        .collect();
+
+    println!(
+        "machine: {} cores; {} s per variant per round, {} rounds, order rotated each round",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        o.seconds,
+        o.rounds
+    );
+    runtime.block_on(async {
+        for (addr, _) in &gateways {
+            load(*addr, 4, 1).await; // warm up: pools, caches, the tokenizer
+        }
+        for &connections in &o.concurrency {
+            let mut hists: Vec<Histogram<u64>> = (0..VARIANTS.len())
+                .map(|_| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap())
+                .collect();
+            let mut counts = vec![0u64; VARIANTS.len()];
+            // Each round's p50 and p99, per variant: a shared machine's
+            // slow patches move whole rounds, and the median of the rounds
+            // shrugs them off where one merged histogram would not.
+            let mut per_round = vec![Vec::new(); VARIANTS.len()];
+            for round in 0..o.rounds {
+                for k in 0..VARIANTS.len() {
+                    let v = (round + k) % VARIANTS.len();
+                    let (h, ok) = load(gateways[v].0, connections, o.seconds).await;
+                    per_round[v].push((h.value_at_quantile(0.5), h.value_at_quantile(0.99), ok));
+                    hists[v].add(h).unwrap();
+                    counts[v] += ok;
+                }
+            }
+            let median = |v: usize, pick: fn(&(u64, u64, u64)) -> u64| {
+                let mut xs: Vec<u64> = per_round[v].iter().map(pick).collect();
+                xs.sort_unstable();
+                xs[xs.len() / 2]
+            };
+            println!("\n{connections} connection(s); p50, p99 and requests/s are medians of the rounds, p99.9 over all:\n");
+            println!("| variant | requests/s | p50 | p99 | p99.9 | p50 vs none | p99 vs none |");
+            println!("|---|---|---|---|---|---|---|");
+            let (base50, base99) = (median(0, |r| r.0), median(0, |r| r.1));
+            for (v, name) in VARIANTS.iter().enumerate() {
+                let rate = median(v, |r| r.2) as f64 / o.seconds as f64;
+                let (p50, p99) = (median(v, |r| r.0), median(v, |r| r.1));
+                println!(
+                    "| {name} | {rate:.0} | {} | {} | {} | {:+.1} µs | {:+.1}% |",
+                    micros(p50),
+                    micros(p99),
+                    micros(hists[v].value_at_quantile(0.999)),
+                    (p50 as f64 - base50 as f64) / 1_000.0,
+                    (p99 as f64 / base99 as f64 - 1.0) * 100.0
+                );
+            }
+            let total: u64 = counts.iter().sum();
+            println!("({total} requests in all)");
+        }
+
+        // 64 clients on one key, against the budget layer.
+        let budget_addr = gateways[1].0;
+        let before = get_json(mock_addr, "/mock/stats", None).await;
+        let until = Instant::now() + Duration::from_secs(60);
+        // Each client stops after a bounded number of requests: together
+        // they ask for twice the budget.
+        let per_client = EXACT_CALLS * 2 / 64 + 1;
+        let tasks: Vec<_> = (0..64)
+            .map(|_| tokio::spawn(connection(budget_addr, EXACT_KEY, until, per_client)))
+            .collect();
+        let (mut admitted, mut refused) = (0, 0);
+        for t in tasks {
+            let (_, ok, no) = t.await.unwrap();
+            admitted += ok;
+            refused += no;
+        }
+        let after = get_json(mock_addr, "/mock/stats", None).await;
+        let upstream_calls = after["calls"].as_u64().unwrap() - before["calls"].as_u64().unwrap();
+        let upstream_tokens =
+            after["total_tokens"].as_u64().unwrap() - before["total_tokens"].as_u64().unwrap();
+        let info = get_json(budget_addr, &format!("/v1/budgets/{EXACT_AGENT}"), Some("admin")).await;
+        println!(
+            "\n64 clients on one key, calls budget {EXACT_CALLS}: {admitted} admitted, {refused} refused; \
+             the upstream served {upstream_calls} calls and reported {upstream_tokens} tokens; \
+             the gateway charged {} calls and {} tokens",
+            info["calls_used"], info["tokens_used"]
+        );
+        let exact = admitted == EXACT_CALLS
+            && upstream_calls == EXACT_CALLS
+            && info["calls_used"] == EXACT_CALLS
+            && info["tokens_used"] == upstream_tokens;
+        println!("exact: {exact}");
+        assert!(exact, "the budget was not enforced exactly");
+    });
+}

@@ -1,0 +1,23 @@
+//! `budget-gateway`: an HTTP reverse proxy that enforces token and call
+//! budgets per API key in front of an OpenAI-compatible upstream, built on
+//! the `agent-budget-tower` layer.
+//!
+//! ```text
+//! budget-gateway --config gateway.toml --listen 127.0.0.1:8080 --upstream http://127.0.0.1:9000
+//! budget-gateway --mock-upstream --listen 127.0.0.1:9000
+//! ```
+//!
+//! The binary is a thin shell over this library, which tests drive in
+//! process: [`config`] reads and checks the TOML, [`gateway::Gateway`]
+//! builds the routes and serves them, [`proxy`] forwards, [`admin`] shows
+//! the budgets, [`tokenizer`] counts prompts, [`mock`] is a small upstream
+//! to try it all against.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod gateway;
+pub mod mock;
+pub mod proxy;
+pub mod tokenizer;

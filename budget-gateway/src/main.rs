@@ -1,0 +1,172 @@
+//! `budget-gateway`: see the library's docs, or `budget-gateway --help`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_budget::BudgetManager;
+use budget_gateway::gateway::{stop_signal, Gateway, Limiter};
+
+const USAGE: &str = "\
+budget-gateway: token and call budgets per API key in front of an OpenAI-compatible upstream
+
+USAGE:
+    budget-gateway --config FILE --listen ADDR --upstream URL [--state FILE]
+    budget-gateway --mock-upstream --listen ADDR
+
+OPTIONS:
+    --config FILE            the TOML configuration (admin_key, [[agents]], ...)
+    --listen ADDR            where to listen, e.g. 127.0.0.1:8080
+    --upstream URL           the upstream's base, e.g. http://127.0.0.1:9000; /v1/... is forwarded there
+    --state FILE             restore usage from FILE at start, save it periodically and on shutdown
+    --upstream-timeout SECS  answer 504 when the upstream has not answered by then (default 600)
+    --threads N              worker threads (default: one per core)
+    --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
+    --mock-upstream          serve a small OpenAI-compatible mock instead (for trying the gateway)
+    -h, --help               this text
+";
+
+struct Args {
+    config: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    upstream: Option<String>,
+    state: Option<PathBuf>,
+    upstream_timeout: Duration,
+    limiter: Limiter,
+    threads: Option<usize>,
+    mock: bool,
+}
+
+fn parse_args() -> Result<Args, String> {
+    use lexopt::prelude::*;
+    let mut args = Args {
+        config: None,
+        listen: None,
+        upstream: None,
+        state: None,
+        upstream_timeout: Duration::from_secs(600),
+        limiter: Limiter::Budget,
+        threads: None,
+        mock: false,
+    };
+    let mut parser = lexopt::Parser::from_env();
+    let text = |v: std::ffi::OsString| v.into_string().map_err(|v| format!("not UTF-8: {v:?}"));
+    while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
+        match arg {
+            Long("config") => args.config = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("listen") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.listen = Some(v.parse().map_err(|e| format!("--listen {v:?}: {e}"))?);
+            }
+            Long("upstream") => {
+                args.upstream = Some(text(parser.value().map_err(|e| e.to_string())?)?)
+            }
+            Long("state") => args.state = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("upstream-timeout") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|e| format!("--upstream-timeout {v:?}: {e}"))?;
+                args.upstream_timeout = Duration::from_secs(secs.max(1));
+            }
+            Long("limiter") => {
+                args.limiter = text(parser.value().map_err(|e| e.to_string())?)?.parse()?
+            }
+            Long("threads") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                let n: usize = v.parse().map_err(|e| format!("--threads {v:?}: {e}"))?;
+                args.threads = Some(n.max(1));
+            }
+            Long("mock-upstream") => args.mock = true,
+            Short('h') | Long("help") => {
+                print!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => return Err(other.unexpected().to_string()),
+        }
+    }
+    Ok(args)
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args() {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("budget-gateway: {e}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("budget-gateway: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("budget-gateway: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let listen = args.listen.ok_or("--listen ADDR is required")?;
+    if args.mock {
+        let listener = bind(listen).await?;
+        let (router, _) = budget_gateway::mock::router();
+        eprintln!(
+            "budget-gateway: mock upstream on http://{}",
+            local(&listener)
+        );
+        return axum::serve(listener, router)
+            .with_graceful_shutdown(stop_signal())
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let config_path = args.config.ok_or("--config FILE is required")?;
+    let upstream = args.upstream.ok_or("--upstream URL is required")?;
+    let config = budget_gateway::config::load(&config_path).map_err(|e| e.to_string())?;
+    let agents = config.agents.len();
+    let gateway = Gateway::new(
+        config,
+        Arc::new(BudgetManager::new()),
+        &upstream,
+        args.upstream_timeout,
+        args.limiter,
+        args.state,
+    )
+    .map_err(|e| e.to_string())?;
+    let listener = bind(listen).await?;
+    eprintln!(
+        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, limiter {:?}",
+        local(&listener),
+        args.limiter
+    );
+    gateway
+        .serve(listener, stop_signal())
+        .await
+        .map_err(|e| e.to_string())?;
+    eprintln!("budget-gateway: stopped");
+    Ok(())
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))
+}
+
+fn local(listener: &tokio::net::TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|_| "?".to_owned(), |a| a.to_string())
+}
