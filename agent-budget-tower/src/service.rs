@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use agent_budget::{AgentId, BudgetExceeded, BudgetLimiter, BudgetManager, OwnedReservation};
+use agent_budget::{AgentId, BudgetLimiter, BudgetManager, OwnedReservation, Refused};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -421,14 +421,17 @@ where
 
     /// The `429` for a refusal: `Retry-After` when waiting can help, the
     /// rate-limit headers, and OpenAI's error body.
-    fn refusal(&self, refused: BudgetExceeded) -> Rejection {
-        let info = self.manager.full_info(&refused.agent_id);
+    fn refusal(&self, refused: Refused) -> Rejection {
+        let info = match refused.reason {
+            agent_budget::RefusalReason::NoBudget => None,
+            _ => self.manager.full_info(&refused.agent_id),
+        };
         let Some(info) = info else {
             self.telemetry
                 .refused(Some(&refused.agent_id), RefusalReason::NoBudget);
             return Rejection::new(
                 StatusCode::FORBIDDEN,
-                refused.message,
+                refused.to_string(),
                 "invalid_request_error",
                 "no_budget",
             );
@@ -441,7 +444,7 @@ where
         };
         let mut rejection = Rejection::new(
             StatusCode::TOO_MANY_REQUESTS,
-            refused.message,
+            refused.to_string(),
             error_type,
             "rate_limit_exceeded",
         );

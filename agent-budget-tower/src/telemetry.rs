@@ -182,6 +182,11 @@ impl Telemetry {
                     .saturating_sub(refunded_tokens)
                     .saturating_add(charged_tokens)
             }
+            // The window had ended; the overuse went to the current one.
+            Settlement::CarriedOver { charged_tokens } => {
+                h.overrun.increment(charged_tokens);
+                reserved.saturating_add(charged_tokens)
+            }
             // Nothing changed: the reservation stays charged where it was.
             Settlement::WindowEnded | Settlement::AgentRemoved => reserved,
         };
