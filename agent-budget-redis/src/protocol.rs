@@ -333,10 +333,18 @@ impl LeasePlan {
             share(limit.tokens, policy.fraction),
             share(limit.calls, policy.fraction),
         );
-        // The mark is at most the lease less one, so a full lease is never
-        // "low"; with a lease of one, the mark is zero and the node refills
-        // when a request finds it empty.
-        let mark = |lease: u64| share(lease, policy.low_water).min(lease.saturating_sub(1));
+        // The mark is the fraction rounded up, at most the lease less one,
+        // so a full lease is never "low"; with a lease of one, or a
+        // fraction of zero, the mark is zero and the node refills only
+        // when a request finds the lease short.
+        let mark = |lease: u64| {
+            let low = if policy.low_water.is_nan() {
+                0.0
+            } else {
+                policy.low_water.clamp(0.0, 1.0)
+            };
+            ((lease as f64 * low).ceil() as u64).min(lease.saturating_sub(1))
+        };
         LeasePlan {
             lease,
             low_water: Amount::new(mark(lease.tokens), mark(lease.calls)),
@@ -534,8 +542,9 @@ mod tests {
             min: amount(1, 1),
         };
         let out = take(record, amount(200, 20), &request, true);
-        // 100 - 40 + 30 = 90; -5 = 85; +2 = 87; +20 = 107.
-        assert_eq!(out.record.taken, amount(107, 11));
+        // Tokens: 100 - 40 + 30 = 90; -5 = 85; +2 = 87; +20 = 107. Calls:
+        // 10 - 4 + 3 = 9; -1 = 8; +0; +2 = 10.
+        assert_eq!(out.record.taken, amount(107, 10));
         assert_eq!(out.record.mine, amount(47, 4));
         assert_eq!(out.granted, amount(20, 2));
         assert!(!out.short);
@@ -703,6 +712,14 @@ mod tests {
         let tiny = LeasePlan::new(amount(7, 1), policy);
         assert_eq!(tiny.lease, amount(1, 1));
         assert_eq!(tiny.low_water, Amount::ZERO);
+        let never = LeasePlan::new(
+            amount(100_000, 1_000),
+            LeasePolicy {
+                fraction: 0.01,
+                low_water: 0.0,
+            },
+        );
+        assert_eq!(never.low_water, Amount::ZERO);
         let none = LeasePlan::new(Amount::ZERO, policy);
         assert_eq!((none.lease, none.low_water), (Amount::ZERO, Amount::ZERO));
         for fraction in [f64::NAN, -1.0, 0.0, 2.0, f64::INFINITY] {

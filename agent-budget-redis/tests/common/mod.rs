@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use agent_budget::{AgentId, BudgetLimit};
 use agent_budget_redis::{
-    Denied, FailMode, FakeClock, FleetConfig, FleetManager, LeasePolicy, Timeline,
+    Amount, Denied, FailMode, FakeClock, FleetConfig, FleetManager, LeasePolicy, Timeline,
 };
 
 /// A `redis-server` of the test's own, on a free loopback port, with no
@@ -188,4 +188,79 @@ where
 /// Whether a denial is the budget's refusal.
 pub fn is_refused(denied: &Denied) -> bool {
     matches!(denied, Denied::Refused(_))
+}
+
+/// The key of `agent`'s record for the window of `window_secs` holding
+/// `now_ms`, under the default prefix.
+pub fn window_key(agent: &AgentId, window_secs: u64, now_ms: u64) -> String {
+    let length = window_secs * 1_000;
+    format!("agent-budget:w:{agent}:{length}:{}", now_ms / length)
+}
+
+fn read_pair(conn: &mut redis::Connection, key: &str, t: &str, c: &str) -> Amount {
+    let (t, c): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+        .arg(key)
+        .arg(t)
+        .arg(c)
+        .query(conn)
+        .expect("read the window's record");
+    Amount::new(t.unwrap_or(0), c.unwrap_or(0))
+}
+
+/// What the fleet has taken in a window, as Redis says.
+pub fn taken(conn: &mut redis::Connection, key: &str) -> Amount {
+    read_pair(conn, key, "t", "c")
+}
+
+/// What one node has taken in a window, as Redis says.
+pub fn taken_by(conn: &mut redis::Connection, key: &str, node: &str) -> Amount {
+    read_pair(conn, key, &format!("n:{node}:t"), &format!("n:{node}:c"))
+}
+
+/// What a node's local cell says: (granted in the window, consumed plus
+/// given back, left).
+pub fn local(node: &FleetManager, agent: &AgentId) -> (Amount, Amount, Amount) {
+    let info = node
+        .local()
+        .full_info(agent)
+        .expect("the node knows the agent");
+    (
+        Amount::new(info.token_limit, info.calls_limit),
+        Amount::new(info.tokens_used, info.calls_used),
+        Amount::new(info.tokens_remaining, info.calls_remaining),
+    )
+}
+
+/// `n` nodes named `node-0`... on `server`, sharing `clock` if given.
+pub async fn nodes(
+    server: &RedisServer,
+    clock: Option<&FakeClock>,
+    n: usize,
+) -> Vec<Arc<FleetManager>> {
+    let mut nodes = Vec::new();
+    for i in 0..n {
+        nodes.push(Arc::new(
+            node(config(server, &format!("node-{i}"), clock)).await,
+        ));
+    }
+    nodes
+}
+
+/// Waits until every node knows `agent`'s budget.
+pub async fn known_everywhere(nodes: &[Arc<FleetManager>], agent: AgentId) {
+    for node in nodes {
+        let node = node.clone();
+        eventually(
+            Duration::from_secs(5),
+            "every node knows the budget",
+            move || node.budget(&agent).is_some(),
+        )
+        .await;
+    }
+}
+
+/// A fake fleet clock at the start of a 60 s window (so the fleet record,
+/// made now, fences nothing).
+pub fn window_start_clock() -> FakeClock {
+    FakeClock::new(60_000 * 1_000)
 }
