@@ -99,6 +99,7 @@ pub struct Store {
     prefix: String,
     node: String,
     candidate: String,
+    made: AtomicU64,
     grace_ms: u64,
     timeout: Duration,
     timeline: Timeline,
@@ -159,6 +160,7 @@ impl Store {
             conn,
             prefix: options.prefix,
             candidate: format!("{}:{}", options.node, uuid::Uuid::new_v4().simple()),
+            made: AtomicU64::new(0),
             node: options.node,
             grace_ms: ms(options.grace),
             timeout: options.timeout,
@@ -197,6 +199,14 @@ impl Store {
         )
     }
 
+    /// The epoch this call makes if the fleet record is missing: unique to
+    /// the call, so a node that made the record before Redis lost it sees
+    /// the new one as new.
+    fn candidate(&self) -> String {
+        let n = self.made.fetch_add(1, Ordering::Relaxed);
+        format!("{}:{n}", self.candidate)
+    }
+
     /// The time argument: the shared clock's, or empty for Redis's `TIME`.
     fn now_arg(&self) -> String {
         match &self.timeline {
@@ -225,7 +235,7 @@ impl Store {
         call.key(self.budgets_key())
             .key(self.window_key(agent, window))
             .arg(&self.node)
-            .arg(&self.candidate)
+            .arg(self.candidate())
             .arg(self.grace_ms)
             .arg(self.now_arg())
             .arg(agent.to_string())
@@ -272,7 +282,7 @@ impl Store {
     /// the fleet record, fenced, if it is missing).
     pub async fn beat(&self) -> Result<Beat, FleetError> {
         let mut call = self.beat.key(self.fleet_key());
-        call.arg(&self.candidate)
+        call.arg(self.candidate())
             .arg(self.grace_ms)
             .arg(self.now_arg());
         let reply = self.run(&call).await?;
@@ -292,7 +302,7 @@ impl Store {
     ) -> Result<(u64, bool), FleetError> {
         let mut call = self.budget.key(self.fleet_key());
         call.key(self.budgets_key())
-            .arg(&self.candidate)
+            .arg(self.candidate())
             .arg(self.grace_ms)
             .arg(self.now_arg())
             .arg(agent.to_string())
@@ -326,7 +336,7 @@ impl Store {
     pub async fn budgets(&self) -> Result<(u64, Vec<BudgetLimit>), FleetError> {
         let mut call = self.list.key(self.fleet_key());
         call.key(self.budgets_key())
-            .arg(&self.candidate)
+            .arg(self.candidate())
             .arg(self.grace_ms)
             .arg(self.now_arg());
         let reply = self.run(&call).await?;
