@@ -207,7 +207,7 @@ fn main() {
         .build()
         .expect("runtime");
     let server = common::RedisServer::start();
-    let fractions = [0.001, 0.01, 0.1];
+    let fractions = [0.0001, 0.001, 0.01, 0.1];
     // name -> per round: (ops/s, p50, p99, p99.9, redis calls per request)
     let mut results: Vec<(String, Vec<[f64; 5]>)> = Vec::new();
     let mut record = |name: String, run: &Run| {
@@ -237,16 +237,28 @@ fn main() {
     println!(
         "{CONCURRENCY} tasks on 2 tokio workers, {TOKENS} tokens + 1 call per request, medians of {rounds} rounds\n"
     );
-    println!("| limiter | requests/s | p50 | p99 | p99.9 | Redis calls per request | stranded at worst, per node |");
-    println!("|---|---|---|---|---|---|---|");
+    let budget_requests = 2 * fast * CONCURRENCY as u64;
+    println!(
+        "fleet budget: {budget_requests} requests per window ({} tokens); each run takes half\n",
+        budget_requests * TOKENS
+    );
+    println!("| limiter | requests/s | p50 | p99 | p99.9 | Redis calls per request | lease, in requests | stranded at worst, per node |");
+    println!("|---|---|---|---|---|---|---|---|");
     for (name, rows) in &mut results {
         let column = |i: usize| median(&mut rows.iter().map(|r| r[i]).collect::<Vec<_>>());
-        let stranded = match name.strip_prefix("lease ") {
-            Some(pct) => format!("one lease: {pct} of the budget"),
-            None => "none".into(),
+        let (lease, stranded) = match name.strip_prefix("lease ") {
+            Some(pct) => {
+                let fraction = pct.trim_end_matches('%').parse::<f64>().unwrap_or(0.0) / 100.0;
+                let requests = (budget_requests as f64 * fraction).ceil();
+                (
+                    format!("{requests:.0}"),
+                    format!("one lease: {pct} of the budget"),
+                )
+            }
+            None => ("-".into(), "none".into()),
         };
         println!(
-            "| {name} | {:.0} | {:.2} µs | {:.2} µs | {:.2} µs | {:.5} | {stranded} |",
+            "| {name} | {:.0} | {:.2} µs | {:.2} µs | {:.2} µs | {:.5} | {lease} | {stranded} |",
             column(0),
             column(1),
             column(2),

@@ -52,10 +52,12 @@ pub struct FleetConfig {
     /// Prefix of every key this fleet keeps in Redis; fleets that share a
     /// Redis must use different ones. Default `agent-budget`.
     pub prefix: String,
-    /// This node's id, unique in the fleet: its takes are recorded under
-    /// it. Default: a random UUID. A node that restarts under the same id
-    /// takes over its former self's records (and so its leases, which it
-    /// no longer holds: they count as consumed).
+    /// A name for this node (its host name, say). Its takes are recorded
+    /// under this name followed by a random suffix drawn at
+    /// [`connect`](FleetManager::connect), so two processes never share a
+    /// record, even under one name: a node that restarts must not take
+    /// over its former self's record, whose lease it no longer holds (and
+    /// whose consumption it would otherwise hand back). Default `node`.
     pub node_id: String,
     /// Lease size and low-water mark.
     pub lease: LeasePolicy,
@@ -88,7 +90,7 @@ impl FleetConfig {
         FleetConfig {
             url: url.into(),
             prefix: "agent-budget".into(),
-            node_id: uuid::Uuid::new_v4().to_string(),
+            node_id: "node".into(),
             lease: LeasePolicy::default(),
             fail_mode: FailMode::Closed,
             heartbeat: Duration::from_millis(100),
@@ -172,6 +174,11 @@ struct Agent {
     touched: AtomicBool,
     /// A background refill is queued.
     queued: AtomicBool,
+    /// The budgets' version this agent's budget was applied at: a list of
+    /// budgets older than that neither removes nor changes it.
+    since: AtomicU64,
+    /// The budget, for readers that do not wait for the book.
+    limit: StdMutex<BudgetLimit>,
     /// The low-water mark, read by the request path.
     low_tokens: AtomicU64,
     low_calls: AtomicU64,
@@ -296,7 +303,11 @@ impl FleetManager {
         let store = Store::connect(StoreOptions {
             url: config.url.clone(),
             prefix: config.prefix.clone(),
-            node: config.node_id.clone(),
+            node: format!(
+                "{}.{}",
+                config.node_id,
+                &uuid::Uuid::new_v4().simple().to_string()[..12]
+            ),
             grace: config.recovery_grace,
             timeout: config.timeout,
             timeline: config.timeline.clone(),
@@ -384,8 +395,8 @@ impl FleetManager {
     /// window, judged against the new limit from now on.
     pub async fn set_budget(&self, limit: BudgetLimit) -> Result<(), FleetError> {
         self.inner.check_open()?;
-        self.inner.store.set_budget(&limit).await?;
-        self.inner.apply_budget(limit).await;
+        let (version, _) = self.inner.store.set_budget(&limit).await?;
+        self.inner.apply_budget(limit, version).await;
         Ok(())
     }
 
@@ -403,8 +414,8 @@ impl FleetManager {
     pub fn budget(&self, agent_id: &AgentId) -> Option<BudgetLimit> {
         let agents = self.inner.agents.pin();
         let agent = agents.get(agent_id)?;
-        let book = agent.book.try_lock().ok()?;
-        Some(book.limit.clone())
+        let limit = lock(&agent.limit).clone();
+        Some(limit)
     }
 
     /// The fleet's view of one agent, read from Redis now; `None` if the
@@ -448,7 +459,8 @@ impl FleetManager {
         self.inner.up.load(Ordering::Relaxed)
     }
 
-    /// This node's id in the fleet.
+    /// This node's id in the fleet's records: its name and a suffix of its
+    /// own.
     pub fn node_id(&self) -> &str {
         self.inner.store.node()
     }
@@ -1058,32 +1070,38 @@ impl Inner {
         let listed: HashMap<AgentId, BudgetLimit> =
             budgets.into_iter().map(|b| (b.agent_id, b)).collect();
         for agent in self.all_agents() {
-            if !listed.contains_key(&agent.id) {
+            let older = agent.since.load(Ordering::SeqCst) <= version;
+            if older && !listed.contains_key(&agent.id) {
                 self.remove_agent(&agent.id);
             }
         }
         for limit in listed.into_values() {
-            self.apply_budget(limit).await;
+            self.apply_budget(limit, version).await;
         }
         *lock(&self.budgets_version) = Some(version);
         Ok(())
     }
 
-    /// Adds the agent, or applies a changed budget to it.
-    async fn apply_budget(&self, limit: BudgetLimit) {
+    /// Adds the agent, or applies a changed budget to it, as of the
+    /// budgets' `version`.
+    async fn apply_budget(&self, limit: BudgetLimit, version: u64) {
         let existing = self.agents.pin().get(&limit.agent_id).cloned();
         match existing {
             Some(agent) => {
                 let mut book = agent.book.lock().await;
+                if agent.since.load(Ordering::SeqCst) > version {
+                    return; // a newer change was applied already
+                }
+                agent.since.store(version, Ordering::SeqCst);
                 if book.limit != limit {
                     self.apply_limit(&agent, &mut book, limit).await;
                 }
             }
-            None => self.add_agent(limit),
+            None => self.add_agent(limit, version),
         }
     }
 
-    fn add_agent(&self, limit: BudgetLimit) {
+    fn add_agent(&self, limit: BudgetLimit, version: u64) {
         let id = limit.agent_id;
         self.set_local(id, Amount::ZERO);
         let Some(handle) = self.local.handle_owned(&id) else {
@@ -1097,6 +1115,8 @@ impl Inner {
             handle,
             touched: AtomicBool::new(false),
             queued: AtomicBool::new(false),
+            since: AtomicU64::new(version),
+            limit: StdMutex::new(limit.clone()),
             low_tokens: AtomicU64::new(0),
             low_calls: AtomicU64::new(0),
             book: Mutex::new(Book {
@@ -1106,7 +1126,8 @@ impl Inner {
                 net: Amount::ZERO,
                 granted: Amount::ZERO,
                 allowance_used: Amount::ZERO,
-                activity: Activity::new(self.settings.clock.now_ms()),
+                // Nothing asked for yet: no lease is fetched ahead.
+                activity: Activity::default(),
             }),
         });
         agent.set_low_water(&plan);
@@ -1116,6 +1137,7 @@ impl Inner {
     async fn apply_limit(&self, agent: &Agent, book: &mut Book, limit: BudgetLimit) {
         let length = Window::length_ms(limit.window_secs);
         book.plan = LeasePlan::new(amount_of(&limit), self.settings.lease);
+        *lock(&agent.limit) = limit.clone();
         book.limit = limit;
         agent.set_low_water(&book.plan);
         if length != book.window.length_ms {

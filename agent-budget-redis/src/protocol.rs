@@ -452,17 +452,17 @@ pub fn allowance_grant(ask: Ask, used: Amount, allowance: Amount) -> Option<Amou
 }
 
 /// Whether an agent still has demand on this node: the last time a tick
-/// saw it touched.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// saw it touched, if ever.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Activity {
-    last_active_ms: u64,
+    last_active_ms: Option<u64>,
 }
 
 impl Activity {
     /// Active at `now_ms`.
     pub fn new(now_ms: u64) -> Self {
         Activity {
-            last_active_ms: now_ms,
+            last_active_ms: Some(now_ms),
         }
     }
 
@@ -470,14 +470,15 @@ impl Activity {
     /// last tick.
     pub fn observe(&mut self, touched: bool, now_ms: u64) {
         if touched {
-            self.last_active_ms = self.last_active_ms.max(now_ms);
+            self.last_active_ms = Some(self.last_active_ms.map_or(now_ms, |t| t.max(now_ms)));
         }
     }
 
-    /// Whether no request came for at least `idle_after`.
+    /// Whether no request came for at least `idle_after` (or ever).
     pub fn is_idle(&self, now_ms: u64, idle_after: Duration) -> bool {
         let idle_ms = u64::try_from(idle_after.as_millis()).unwrap_or(u64::MAX);
-        now_ms.saturating_sub(self.last_active_ms) >= idle_ms
+        self.last_active_ms
+            .is_none_or(|t| now_ms.saturating_sub(t) >= idle_ms)
     }
 }
 
@@ -878,6 +879,13 @@ mod tests {
         // An older observation never moves it back.
         activity.observe(true, 1_000);
         assert!(activity.is_idle(1_950, idle_after));
+        // Never active is idle, at any time.
+        let mut never = Activity::default();
+        assert!(never.is_idle(0, idle_after));
+        never.observe(false, 10);
+        assert!(never.is_idle(10, idle_after));
+        never.observe(true, 10);
+        assert!(!never.is_idle(10, idle_after));
     }
 
     #[test]

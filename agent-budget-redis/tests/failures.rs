@@ -189,7 +189,7 @@ async fn redis_gone_fail_open_admits_up_to_the_allowance_and_charges_it_afterwar
     eventually(
         Duration::from_secs(10),
         "the allowance is charged to the fleet",
-        || taken_by(&mut conn, &key, "a").tokens == 600,
+        || taken_by(&mut conn, &key, node.node_id()).tokens == 600,
     )
     .await;
     assert_eq!(taken(&mut conn, &key).tokens, 600);
@@ -225,7 +225,7 @@ async fn a_crashed_nodes_lease_is_lost_for_its_window_and_never_counted_twice() 
         .await
         .expect("fits")
         .settle(5);
-    let lease = taken_by(&mut server.connection(), &key, "crashing").tokens;
+    let lease = taken_by(&mut server.connection(), &key, crashing.node_id()).tokens;
     assert_eq!(lease, tokens / 100);
     drop(crashing); // no shutdown: its tasks die with it, its lease is not given back
 

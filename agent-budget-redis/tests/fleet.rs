@@ -304,7 +304,7 @@ async fn an_idle_nodes_lease_goes_back_so_another_node_can_have_all_that_is_left
 
     a.acquire(&agent, 5, 1).await.expect("fits").settle(5);
     assert_eq!(
-        taken_by(&mut conn, &key, "a").tokens,
+        taken_by(&mut conn, &key, a.node_id()).tokens,
         100,
         "a holds a lease"
     );
@@ -317,7 +317,7 @@ async fn an_idle_nodes_lease_goes_back_so_another_node_can_have_all_that_is_left
     // 10 ms per look) its lease goes back, and not before.
     let stopped = clock.now_ms();
     eventually(Duration::from_secs(5), "a gives its lease back", || {
-        let back = taken_by(&mut conn, &key, "a") == Amount::new(5, 1);
+        let back = taken_by(&mut conn, &key, a.node_id()) == Amount::new(5, 1);
         assert!(
             !back || clock.now_ms() - stopped >= 500,
             "given back while active"
