@@ -469,3 +469,34 @@ async fn windows_follow_redis_time_and_the_admin_view_shows_the_fleet() {
     assert_eq!(b.all_fleet_info().await.expect("redis").len(), 1);
     drop(reservation);
 }
+
+#[tokio::test]
+async fn a_lease_below_its_low_water_mark_is_topped_up_in_the_background() {
+    let server = RedisServer::start();
+    let clock = window_start_clock();
+    let node = node(config(&server, "a", Some(&clock))).await;
+    let agent = agent();
+    node.set_budget(budget(agent, 10_000, 1_000, 60))
+        .await
+        .expect("set");
+    let key = window_key(&agent, 60, clock.now_ms());
+    let lease = Amount::new(100, 10);
+    node.acquire(&agent, 10, 1).await.expect("fits").settle(10);
+    assert_eq!(node.stats().waited, 1, "the first request found no lease");
+    assert_eq!(local(&node, &agent).2, Amount::new(90, 9));
+    // Down to 45 tokens, below the mark of 50: the request is served from
+    // the lease, and the lease is topped up behind it.
+    node.acquire(&agent, 45, 1).await.expect("fits").settle(45);
+    let mut conn = server.connection();
+    eventually(Duration::from_secs(5), "the lease is topped up", || {
+        local(&node, &agent).2 == lease
+    })
+    .await;
+    assert_eq!(
+        taken(&mut conn, &key),
+        Amount::new(155, 12),
+        "to a lease, no more"
+    );
+    assert_eq!(node.stats().waited, 1, "no request waited for it");
+    assert_eq!(node.stats().leases, 2);
+}
