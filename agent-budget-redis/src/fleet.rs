@@ -506,7 +506,9 @@ async fn refills(inner: Arc<Inner>, mut woken: mpsc::UnboundedReceiver<AgentId>)
 /// Every heartbeat: the fleet's time, epoch and budgets, then each agent's
 /// upkeep.
 async fn heartbeats(inner: Arc<Inner>) {
-    let mut ticks = tokio::time::interval(inner.settings.heartbeat);
+    // `connect` made the first beat: the next is one period later.
+    let period = inner.settings.heartbeat;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;

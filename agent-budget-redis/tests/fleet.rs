@@ -474,7 +474,11 @@ async fn windows_follow_redis_time_and_the_admin_view_shows_the_fleet() {
 async fn a_lease_below_its_low_water_mark_is_topped_up_in_the_background() {
     let server = RedisServer::start();
     let clock = window_start_clock();
-    let node = node(config(&server, "a", Some(&clock))).await;
+    let mut config = config(&server, "a", Some(&clock));
+    // No heartbeat within the test: only the request path can ask for the
+    // refill.
+    config.heartbeat = Duration::from_secs(3_600);
+    let node = node(config).await;
     let agent = agent();
     node.set_budget(budget(agent, 10_000, 1_000, 60))
         .await
