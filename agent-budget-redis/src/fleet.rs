@@ -179,6 +179,11 @@ struct Agent {
     since: AtomicU64,
     /// The budget, for readers that do not wait for the book.
     limit: StdMutex<BudgetLimit>,
+    /// What the fleet had taken in the current window at this node's last
+    /// call, and when the window ends (ms on the fleet's timeline).
+    seen_tokens: AtomicU64,
+    seen_calls: AtomicU64,
+    window_end_ms: AtomicU64,
     /// The low-water mark, read by the request path.
     low_tokens: AtomicU64,
     low_calls: AtomicU64,
@@ -212,6 +217,11 @@ impl Agent {
     fn left(&self) -> Amount {
         let info = self.handle.remaining();
         Amount::new(info.tokens_remaining, info.calls_remaining)
+    }
+
+    fn seen(&self, taken: Amount) {
+        self.seen_tokens.store(taken.tokens, Ordering::Relaxed);
+        self.seen_calls.store(taken.calls, Ordering::Relaxed);
     }
 
     fn set_low_water(&self, plan: &LeasePlan) {
@@ -416,6 +426,39 @@ impl FleetManager {
         let agent = agents.get(agent_id)?;
         let limit = lock(&agent.limit).clone();
         Some(limit)
+    }
+
+    /// Where the agent's budget stands fleet-wide, in the core's shape,
+    /// without calling Redis (for a gateway's rate-limit headers): "used"
+    /// is what the fleet had taken at this node's last call to Redis for
+    /// the agent, "remaining" what was left then plus this node's unused
+    /// lease (what this node could still admit). `None` if the agent has no
+    /// budget. [`fleet_info`](Self::fleet_info) reads Redis instead.
+    pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
+        let agents = self.inner.agents.pin();
+        let agent = agents.get(agent_id)?;
+        let limit = lock(&agent.limit).clone();
+        let seen = Amount::new(
+            agent.seen_tokens.load(Ordering::Relaxed),
+            agent.seen_calls.load(Ordering::Relaxed),
+        );
+        let remaining = amount_of(&limit)
+            .saturating_sub(seen)
+            .clamped_add(agent.left());
+        let end = agent.window_end_ms.load(Ordering::Relaxed);
+        let now = self.inner.fleet_now().unwrap_or(end);
+        Some(FullBudgetInfo {
+            agent_id: *agent_id,
+            token_limit: limit.token_budget,
+            tokens_used: seen.tokens,
+            tokens_remaining: remaining.tokens,
+            calls_limit: limit.calls_budget,
+            calls_used: seen.calls,
+            calls_remaining: remaining.calls,
+            window_secs: limit.window_secs,
+            window_remaining_secs: end.saturating_sub(now) / 1_000,
+            is_exhausted: remaining.tokens == 0 || remaining.calls == 0,
+        })
     }
 
     /// The fleet's view of one agent, read from Redis now; `None` if the
@@ -661,6 +704,7 @@ impl Inner {
                 self.note_epoch(&reply.epoch);
                 if !matches!(reply.status, TakeStatus::Config | TakeStatus::NoBudget) {
                     book.net = reply.mine;
+                    agent.seen(reply.taken);
                     let raise = force.clamped().clamped_add(reply.granted);
                     if !raise.is_zero() {
                         book.granted = book.granted.clamped_add(raise);
@@ -942,6 +986,8 @@ impl Inner {
         let close = close_window(book.granted, used, book.net);
         self.local.reset_window(&agent.id);
         let (old, net) = (book.window, book.net);
+        agent.seen(Amount::ZERO);
+        agent.window_end_ms.store(next.end_ms(), Ordering::Relaxed);
         book.window = next;
         book.net = Amount::ZERO;
         book.granted = Amount::ZERO;
@@ -1118,6 +1164,9 @@ impl Inner {
             touched: AtomicBool::new(false),
             queued: AtomicBool::new(false),
             since: AtomicU64::new(version),
+            seen_tokens: AtomicU64::new(0),
+            seen_calls: AtomicU64::new(0),
+            window_end_ms: AtomicU64::new(window.end_ms()),
             limit: StdMutex::new(limit.clone()),
             low_tokens: AtomicU64::new(0),
             low_calls: AtomicU64::new(0),

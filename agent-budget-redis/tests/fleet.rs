@@ -155,6 +155,22 @@ async fn a_request_larger_than_a_lease_takes_exactly_what_it_needs_and_a_small_o
         Amount::new(3 * lease.tokens + 50, lease.calls)
     );
     assert_eq!(local(&node, &agent).2, Amount::new(0, lease.calls - 1));
+    // The node's view without a call: what the fleet had taken at its last
+    // call, and what it could still admit.
+    let info = node.full_info(&agent).expect("known");
+    assert_eq!(
+        (
+            info.tokens_used,
+            info.tokens_remaining,
+            info.calls_remaining
+        ),
+        (
+            3 * lease.tokens + 50,
+            tokens - 3 * lease.tokens - 50,
+            calls - 1
+        )
+    );
+    assert_eq!(info.window_remaining_secs, 60);
     let small = node.acquire(&agent, 30, 1).await.expect("fits");
     // Tokens: a lease; calls: topped back up to a lease.
     assert_eq!(
