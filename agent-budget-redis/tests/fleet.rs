@@ -21,15 +21,7 @@ async fn three_nodes_racing_admit_exactly_the_budget_and_never_more_at_any_momen
         .set_budget(budget(agent, tokens, 1_000_000, 60))
         .await
         .expect("set the budget");
-    for node in &nodes {
-        let node = node.clone();
-        eventually(
-            Duration::from_secs(5),
-            "every node knows the budget",
-            move || node.budget(&agent).is_some(),
-        )
-        .await;
-    }
+    known_everywhere(&nodes, agent).await;
 
     let admitted = Arc::new(AtomicU64::new(0));
     let racing = Arc::new(AtomicBool::new(true));
@@ -131,18 +123,44 @@ async fn on_demand_node(server: &RedisServer, name: &str, clock: &FakeClock) -> 
     node(config).await
 }
 
-#[tokio::test]
-async fn a_request_larger_than_a_lease_takes_exactly_what_it_needs_and_a_small_one_a_lease() {
+/// One node refilling on demand, on a server of its own, and an agent
+/// with a budget of 10,000 tokens and 1,000 calls per 60 s window.
+struct Solo {
+    /// Kept for its drop: the server lives as long as the test's `Solo`.
+    _server: RedisServer,
+    clock: FakeClock,
+    node: FleetManager,
+    agent: uuid::Uuid,
+    /// The key of the agent's record for the current window.
+    key: String,
+    conn: redis::Connection,
+}
+
+async fn solo() -> Solo {
     let server = RedisServer::start();
     let clock = window_start_clock();
     let node = on_demand_node(&server, "a", &clock).await;
     let agent = agent();
-    let (tokens, calls) = (10_000, 1_000);
-    node.set_budget(budget(agent, tokens, calls, 60))
+    node.set_budget(budget(agent, 10_000, 1_000, 60))
         .await
         .expect("set");
     let key = window_key(&agent, 60, clock.now_ms());
-    let mut conn = server.connection();
+    let conn = server.connection();
+    Solo {
+        _server: server,
+        clock,
+        node,
+        agent,
+        key,
+        conn,
+    }
+}
+
+#[tokio::test]
+async fn a_request_larger_than_a_lease_takes_exactly_what_it_needs_and_a_small_one_a_lease() {
+    let (tokens, calls) = (10_000, 1_000);
+    let solo = solo().await;
+    let (node, agent, key, mut conn) = (solo.node, solo.agent, solo.key, solo.conn);
     let lease = Amount::new(tokens / 100, calls / 100);
 
     let big = node
@@ -197,15 +215,8 @@ async fn a_request_larger_than_a_lease_takes_exactly_what_it_needs_and_a_small_o
 
 #[tokio::test]
 async fn settles_refund_into_the_lease_and_overuse_is_charged_to_the_fleet() {
-    let server = RedisServer::start();
-    let clock = window_start_clock();
-    let node = on_demand_node(&server, "a", &clock).await;
-    let agent = agent();
-    node.set_budget(budget(agent, 10_000, 1_000, 60))
-        .await
-        .expect("set");
-    let key = window_key(&agent, 60, clock.now_ms());
-    let mut conn = server.connection();
+    let solo = solo().await;
+    let (node, agent, key, mut conn) = (solo.node, solo.agent, solo.key, solo.conn);
 
     let reservation = node.acquire(&agent, 60, 1).await.expect("fits");
     assert_eq!(taken(&mut conn, &key).tokens, 100, "one lease");
@@ -247,15 +258,9 @@ async fn settles_refund_into_the_lease_and_overuse_is_charged_to_the_fleet() {
 
 #[tokio::test]
 async fn a_window_end_gives_the_unused_lease_back_to_its_window_and_starts_afresh() {
-    let server = RedisServer::start();
-    let clock = window_start_clock();
-    let node = on_demand_node(&server, "a", &clock).await;
-    let agent = agent();
-    node.set_budget(budget(agent, 10_000, 1_000, 60))
-        .await
-        .expect("set");
-    let first = window_key(&agent, 60, clock.now_ms());
-    let mut conn = server.connection();
+    let solo = solo().await;
+    let (clock, node, agent, first, mut conn) =
+        (solo.clock, solo.node, solo.agent, solo.key, solo.conn);
 
     let kept = node.acquire(&agent, 30, 1).await.expect("fits");
     let overused = node.acquire(&agent, 10, 1).await.expect("fits");
@@ -357,15 +362,8 @@ async fn an_idle_nodes_lease_goes_back_so_another_node_can_have_all_that_is_left
 
 #[tokio::test]
 async fn shutdown_gives_every_lease_back_and_refuses_afterwards() {
-    let server = RedisServer::start();
-    let clock = window_start_clock();
-    let node = on_demand_node(&server, "a", &clock).await;
-    let agent = agent();
-    node.set_budget(budget(agent, 10_000, 1_000, 60))
-        .await
-        .expect("set");
-    let key = window_key(&agent, 60, clock.now_ms());
-    let mut conn = server.connection();
+    let solo = solo().await;
+    let (node, agent, key, mut conn) = (solo.node, solo.agent, solo.key, solo.conn);
     let open = node.acquire(&agent, 40, 2).await.expect("fits");
     node.shutdown().await.expect("shut down");
     assert_eq!(
