@@ -1029,11 +1029,12 @@ impl Inner {
         let now = self.settings.clock.now_ms();
         let fleet_now = self.fleet_now();
         for agent in self.all_agents() {
-            let touched = agent.touched.swap(false, Ordering::Relaxed);
             let Ok(mut book) = agent.book.try_lock() else {
-                // A request or refill is at it; it counts as active.
+                // A request or refill is at it; the next heartbeat will see
+                // its touch.
                 continue;
             };
+            let touched = agent.touched.swap(false, Ordering::Relaxed);
             book.activity.observe(touched, now);
             let due = fleet_now.is_some_and(|t| {
                 Window::containing(t, book.window.length_ms).index > book.window.index
