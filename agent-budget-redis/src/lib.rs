@@ -112,3 +112,8 @@ pub use clock::{FakeClock, FleetClock, MonotonicClock, Timeline, WallClock};
 pub use error::{Denied, FleetError};
 pub use fleet::{FailMode, FleetConfig, FleetInfo, FleetManager, FleetStats};
 pub use protocol::{Amount, LeasePolicy};
+
+/// The README's example, compiled as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
