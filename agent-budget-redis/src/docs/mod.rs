@@ -1,0 +1,4 @@
+//! Long-form documentation.
+
+#[doc = include_str!("fleet.md")]
+pub mod fleet {}
