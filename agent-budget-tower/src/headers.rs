@@ -20,13 +20,15 @@
 //!   `Retry-After`).
 //!
 //! A budget's tokens and calls share one fixed window, so both resets are
-//! the time until that window ends. Everything here is pure: a
+//! the time until that window ends. Under nested budgets each resource
+//! reports the level that binds it (the one with the least left, or the
+//! one that refused), with that level's window. Everything here is pure: a
 //! [`RateLimitSnapshot`] in, header values out.
 
 use std::fmt::Write as _;
 use std::time::Duration;
 
-use agent_budget::FullBudgetInfo;
+use agent_budget::{BudgetKind, FullBudgetInfo, Refused};
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
 /// `x-ratelimit-limit-requests`: calls admitted per window.
@@ -52,49 +54,124 @@ pub const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-poli
 /// `RateLimit` (IETF draft-11): what is left and when it resets.
 pub const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// Where an agent's budget stands, as the headers report it.
+/// Where an agent's budget stands, as the headers report it: for tokens
+/// and for calls (requests), the limit, what is left, and when it resets.
+///
+/// An agent with a budget of its own only reports that budget. Under
+/// parents (a key under its team under its organisation), each resource
+/// reports the level of the chain with the least of it left, which is
+/// what binds the agent: its remainder is what the agent can still use,
+/// its reset when that level's window ends. A refusal reports, for the
+/// resource refused, the level that refused it, with the refusal's own
+/// `retry_after` as its reset.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimitSnapshot {
     /// Tokens admitted per window.
     pub token_limit: u64,
     /// Tokens left in the current window.
     pub tokens_remaining: u64,
+    /// Time until the tokens' window ends.
+    pub tokens_reset: Duration,
+    /// Length of the tokens' window.
+    pub tokens_window: Duration,
     /// Calls admitted per window.
     pub calls_limit: u64,
     /// Calls left in the current window.
     pub calls_remaining: u64,
-    /// Time until the current window ends.
-    pub reset: Duration,
-    /// Length of a window.
-    pub window: Duration,
+    /// Time until the calls' window ends.
+    pub calls_reset: Duration,
+    /// Length of the calls' window.
+    pub calls_window: Duration,
 }
 
 impl RateLimitSnapshot {
-    /// The snapshot of a manager's `full_info`. Its window end is known to
-    /// the second only (the core reports whole seconds, rounded down).
+    /// The snapshot of one budget's `full_info`. Its window end is known
+    /// to the second only (the core reports whole seconds, rounded down).
     pub fn from_info(info: &FullBudgetInfo) -> Self {
+        let reset = Duration::from_secs(info.window_remaining_secs);
+        let window = Duration::from_secs(info.window_secs);
         RateLimitSnapshot {
             token_limit: info.token_limit,
             tokens_remaining: info.tokens_remaining,
+            tokens_reset: reset,
+            tokens_window: window,
             calls_limit: info.calls_limit,
             calls_remaining: info.calls_remaining,
-            reset: Duration::from_secs(info.window_remaining_secs),
-            window: Duration::from_secs(info.window_secs),
+            calls_reset: reset,
+            calls_window: window,
+        }
+    }
+
+    /// The snapshot of an agent's chain (its own `full_info`, then its
+    /// ancestors', as `chain_info` lists them): for each resource, the
+    /// level with the least left (the nearest, on a tie). `None` for an
+    /// empty chain (no budget).
+    pub fn from_chain(chain: &[FullBudgetInfo]) -> Option<Self> {
+        let (tokens, calls) = binding_levels(chain)?;
+        Some(Self::of_levels(tokens, calls))
+    }
+
+    /// The snapshot for a refusal: [`from_chain`](Self::from_chain), except
+    /// that the resource refused reports the level that refused it, and
+    /// each resource reported from that level resets at the refusal's
+    /// `retry_after` (known to the millisecond), when it has one. `None`
+    /// for an empty chain.
+    pub fn from_refusal(chain: &[FullBudgetInfo], refused: &Refused) -> Option<Self> {
+        let (mut tokens, mut calls) = binding_levels(chain)?;
+        let refusing = chain.iter().find(|l| l.agent_id == refused.refused_by);
+        if let Some(level) = refusing {
+            match refused.kind {
+                BudgetKind::Token => tokens = level,
+                BudgetKind::Call => calls = level,
+            }
+        }
+        let mut snapshot = Self::of_levels(tokens, calls);
+        if let Some(wait) = refused.retry_after {
+            if tokens.agent_id == refused.refused_by {
+                snapshot.tokens_reset = wait;
+            }
+            if calls.agent_id == refused.refused_by {
+                snapshot.calls_reset = wait;
+            }
+        }
+        Some(snapshot)
+    }
+
+    /// Tokens as `tokens` reports them, calls as `calls` does.
+    fn of_levels(tokens: &FullBudgetInfo, calls: &FullBudgetInfo) -> Self {
+        RateLimitSnapshot {
+            token_limit: tokens.token_limit,
+            tokens_remaining: tokens.tokens_remaining,
+            tokens_reset: Duration::from_secs(tokens.window_remaining_secs),
+            tokens_window: Duration::from_secs(tokens.window_secs),
+            calls_limit: calls.calls_limit,
+            calls_remaining: calls.calls_remaining,
+            calls_reset: Duration::from_secs(calls.window_remaining_secs),
+            calls_window: Duration::from_secs(calls.window_secs),
         }
     }
 
     /// Writes OpenAI's six `x-ratelimit-*` headers.
     pub fn write_openai(&self, headers: &mut HeaderMap) {
         headers.reserve(6);
-        let reset = go_duration(self.reset);
         headers.insert(X_RATELIMIT_LIMIT_REQUESTS, self.calls_limit.into());
         headers.insert(X_RATELIMIT_LIMIT_TOKENS, self.token_limit.into());
         headers.insert(X_RATELIMIT_REMAINING_REQUESTS, self.calls_remaining.into());
         headers.insert(X_RATELIMIT_REMAINING_TOKENS, self.tokens_remaining.into());
-        if let Ok(value) = HeaderValue::from_str(&reset) {
-            headers.insert(X_RATELIMIT_RESET_REQUESTS, value.clone());
-            headers.insert(X_RATELIMIT_RESET_TOKENS, value);
-        }
+        let Ok(tokens_reset) = HeaderValue::from_str(&go_duration(self.tokens_reset)) else {
+            return;
+        };
+        // One budget (the common case): one value, formatted once.
+        let calls_reset = if self.calls_reset == self.tokens_reset {
+            tokens_reset.clone()
+        } else {
+            match HeaderValue::from_str(&go_duration(self.calls_reset)) {
+                Ok(value) => value,
+                Err(_) => return,
+            }
+        };
+        headers.insert(X_RATELIMIT_RESET_REQUESTS, calls_reset);
+        headers.insert(X_RATELIMIT_RESET_TOKENS, tokens_reset);
     }
 
     /// Writes the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -109,21 +186,41 @@ impl RateLimitSnapshot {
 
     /// The `RateLimit-Policy` value: `"tokens";q=…;w=…, "requests";q=…;w=…`.
     pub fn ietf_policy(&self) -> String {
-        let w = ceil_secs(self.window);
         format!(
-            "\"tokens\";q={};w={w}, \"requests\";q={};w={w}",
-            self.token_limit, self.calls_limit
+            "\"tokens\";q={};w={}, \"requests\";q={};w={}",
+            self.token_limit,
+            ceil_secs(self.tokens_window),
+            self.calls_limit,
+            ceil_secs(self.calls_window)
         )
     }
 
     /// The `RateLimit` value: `"tokens";r=…;t=…, "requests";r=…;t=…`.
     pub fn ietf_state(&self) -> String {
-        let t = ceil_secs(self.reset);
         format!(
-            "\"tokens\";r={};t={t}, \"requests\";r={};t={t}",
-            self.tokens_remaining, self.calls_remaining
+            "\"tokens\";r={};t={}, \"requests\";r={};t={}",
+            self.tokens_remaining,
+            ceil_secs(self.tokens_reset),
+            self.calls_remaining,
+            ceil_secs(self.calls_reset)
         )
     }
+}
+
+/// The levels of `chain` with the fewest tokens and the fewest calls
+/// left, the nearest on a tie; `None` for an empty chain.
+fn binding_levels(chain: &[FullBudgetInfo]) -> Option<(&FullBudgetInfo, &FullBudgetInfo)> {
+    let (own, ancestors) = chain.split_first()?;
+    let (mut tokens, mut calls) = (own, own);
+    for level in ancestors {
+        if level.tokens_remaining < tokens.tokens_remaining {
+            tokens = level;
+        }
+        if level.calls_remaining < calls.calls_remaining {
+            calls = level;
+        }
+    }
+    Some((tokens, calls))
 }
 
 /// Writes `Retry-After` for a wait of `wait`: whole seconds rounded up,
@@ -234,8 +331,10 @@ mod tests {
             tokens_remaining: 8_766,
             calls_limit: 100,
             calls_remaining: 99,
-            reset: ms(41_200),
-            window: ms(60_000),
+            calls_reset: ms(41_200),
+            calls_window: ms(60_000),
+            tokens_reset: ms(41_200),
+            tokens_window: ms(60_000),
         }
     }
 
@@ -266,5 +365,112 @@ mod tests {
         let mut headers = HeaderMap::new();
         snapshot().write_ietf(&mut headers);
         assert_eq!(headers.len(), 2);
+    }
+
+    /// A key (5 calls a minute, plenty of tokens) under a team (1,000
+    /// tokens an hour, plenty of calls), on a mock clock; 4 requests of 200
+    /// tokens made, 1.5 s into both windows.
+    fn nested() -> (agent_budget::BudgetManager, AgentId, AgentId) {
+        use agent_budget::{BudgetLimit, BudgetManager};
+        let (clock, mock) = quanta::Clock::mock();
+        let budgets = BudgetManager::with_clock(clock);
+        let (key, team) = (AgentId::from_u128(1), AgentId::from_u128(2));
+        budgets.set_budget(BudgetLimit {
+            agent_id: key,
+            token_budget: 1_000_000,
+            calls_budget: 5,
+            window_secs: 60,
+        });
+        budgets.set_budget(BudgetLimit {
+            agent_id: team,
+            token_budget: 1_000,
+            calls_budget: 1_000_000,
+            window_secs: 3_600,
+        });
+        budgets.set_parent(&key, Some(&team)).unwrap();
+        for _ in 0..4 {
+            budgets.acquire(&key, 200, 1).unwrap().settle(200);
+        }
+        mock.increment(ms(1_500));
+        (budgets, key, team)
+    }
+
+    use agent_budget::AgentId;
+
+    #[test]
+    fn under_a_parent_each_resource_reports_the_level_that_binds_it() {
+        let (budgets, key, _) = nested();
+        let s = RateLimitSnapshot::from_chain(&budgets.chain_info(&key)).unwrap();
+        // Tokens: the team's 200 left of 1,000 an hour.
+        assert_eq!((s.token_limit, s.tokens_remaining), (1_000, 200));
+        assert_eq!(
+            (s.tokens_window, s.tokens_reset),
+            (ms(3_600_000), ms(3_598_000))
+        );
+        // Calls: the key's 1 left of 5 a minute.
+        assert_eq!((s.calls_limit, s.calls_remaining), (5, 1));
+        assert_eq!((s.calls_window, s.calls_reset), (ms(60_000), ms(58_000)));
+        let mut headers = HeaderMap::new();
+        s.write_openai(&mut headers);
+        assert_eq!(headers[X_RATELIMIT_RESET_TOKENS], "59m58s");
+        assert_eq!(headers[X_RATELIMIT_RESET_REQUESTS], "58s");
+        assert_eq!(
+            s.ietf_policy(),
+            r#""tokens";q=1000;w=3600, "requests";q=5;w=60"#
+        );
+        assert_eq!(
+            s.ietf_state(),
+            r#""tokens";r=200;t=3598, "requests";r=1;t=58"#
+        );
+        assert_eq!(RateLimitSnapshot::from_chain(&[]), None);
+    }
+
+    #[test]
+    fn a_refusal_reports_the_refusing_level_with_its_exact_reset() {
+        let (budgets, key, team) = nested();
+        let chain = || budgets.chain_info(&key);
+        // 300 tokens: the team, 200 left, refuses.
+        let refused = budgets.acquire(&key, 300, 1).unwrap_err();
+        assert_eq!(
+            (refused.refused_by, refused.kind),
+            (team, BudgetKind::Token)
+        );
+        let s = RateLimitSnapshot::from_refusal(&chain(), &refused).unwrap();
+        assert_eq!((s.token_limit, s.tokens_remaining), (1_000, 200));
+        assert_eq!(s.tokens_reset, ms(3_598_500), "the refusal's own wait");
+        assert_eq!((s.calls_limit, s.calls_reset), (5, ms(58_000)));
+        // The key's last call, then its calls refuse.
+        budgets.acquire(&key, 1, 1).unwrap().settle(1);
+        let refused = budgets.acquire(&key, 1, 1).unwrap_err();
+        assert_eq!((refused.refused_by, refused.kind), (key, BudgetKind::Call));
+        let s = RateLimitSnapshot::from_refusal(&chain(), &refused).unwrap();
+        assert_eq!((s.calls_limit, s.calls_remaining), (5, 0));
+        assert_eq!(s.calls_reset, ms(58_500));
+        assert_eq!((s.token_limit, s.tokens_reset), (1_000, ms(3_598_000)));
+    }
+
+    #[test]
+    fn a_refusal_at_the_agent_itself_resets_both_resources_exactly() {
+        use agent_budget::{BudgetLimit, BudgetManager};
+        let (clock, mock) = quanta::Clock::mock();
+        let budgets = BudgetManager::with_clock(clock);
+        let agent = AgentId::from_u128(7);
+        budgets.set_budget(BudgetLimit {
+            agent_id: agent,
+            token_budget: 100,
+            calls_budget: 10,
+            window_secs: 60,
+        });
+        mock.increment(ms(1_250));
+        let refused = budgets.acquire(&agent, 101, 1).unwrap_err();
+        assert_eq!(refused.retry_after, None, "larger than the limit");
+        let refused = budgets
+            .acquire(&agent, 60, 1)
+            .map(|r| r.settle(60))
+            .and_then(|_| budgets.acquire(&agent, 60, 1))
+            .unwrap_err();
+        let s = RateLimitSnapshot::from_refusal(&budgets.chain_info(&agent), &refused).unwrap();
+        assert_eq!((s.tokens_reset, s.calls_reset), (ms(58_750), ms(58_750)));
+        assert_eq!((s.tokens_remaining, s.calls_remaining), (40, 9));
     }
 }

@@ -21,6 +21,7 @@
 //! | who the agent is | [`Identify`] | [`AgentIdHeader`] (`x-agent-id: <uuid>`) | [`BearerKeys`] (`Authorization: Bearer <key>` through a map), [`AgentIdExtension`], closures |
 //! | what to reserve | [`Estimator`] | [`OpenAiEstimator`]: prompt + `max_tokens`, one call | [`FixedCost`] |
 //! | what was used | [`Meter`] | [`OpenAiUsage`]: `usage` from the JSON body or the stream's last chunk | [`HeaderUsage`] |
+//! | what admits | [`Admission`] | any [`BudgetLimiter`](agent_budget::BudgetLimiter) (`Arc<BudgetManager>`, the argument of [`BudgetLayer::new`]) | `agent-budget-redis`'s `FleetManager` (its `tower` feature): one budget for a fleet |
 //!
 //! # What a client sees
 //!
@@ -35,6 +36,12 @@
 //!   or charged for any of these.
 //! - With [`BudgetLayer::max_wait`], a request that does not fit waits
 //!   for budget (a refund or the window's end) up to that long first.
+//! - Under nested budgets (`set_parent`: a key under its team), the
+//!   headers report, for each resource, the level that binds the agent
+//!   (the one with the least left, or the one that refused it).
+//! - `503 Service Unavailable` with `Retry-After` when the budget could
+//!   not be checked at all (only a budget kept elsewhere, such as a
+//!   fleet's in Redis, answers that: see [`Admission`]).
 //!
 //! # Settling
 //!
@@ -56,6 +63,7 @@
 // save a copy.
 #![allow(clippy::result_large_err)]
 
+mod admission;
 mod body;
 mod estimate;
 pub mod headers;
@@ -66,6 +74,7 @@ mod rejection;
 mod service;
 mod telemetry;
 
+pub use admission::{Admission, Denial, POLL_INTERVAL};
 pub use body::BudgetBody;
 pub use estimate::{Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};

@@ -7,13 +7,16 @@
 //!
 //! 1. asks the [`Identify`] who the agent is (`401` if no one);
 //! 2. asks the [`Estimator`] what to reserve (`400` for a bad body);
-//! 3. takes the estimate's tokens and calls in one `acquire_owned`, or
-//!    neither. Refused, and with a maximum wait configured, it waits for
-//!    budget (`acquire_owned_wait` under a timeout) before it gives up;
+//! 3. takes the estimate's tokens and calls in one [`Admission::admit`]
+//!    (`acquire_owned` on the core's manager), or neither. Refused, and
+//!    with a maximum wait configured, it waits for budget
+//!    ([`Admission::admit_wait`] under a timeout) before it gives up;
 //!    given up, it answers `429` with `Retry-After` and the
-//!    `x-ratelimit-*` headers, and nothing is forwarded;
-//! 4. reads where the budget now stands (`full_info`) for the admitted
-//!    response's headers, and calls the inner service;
+//!    `x-ratelimit-*` headers (`503` with `Retry-After` if the budget
+//!    could not be checked), and nothing is forwarded;
+//! 4. reads where the budget now stands ([`Admission::budget_chain`]:
+//!    `chain_info` on the core's manager) for the admitted response's
+//!    headers, and calls the inner service;
 //! 5. wraps the response's body in a [`BudgetBody`] that settles the
 //!    reservation with the [`Meter`]'s reading when the body ends, or when
 //!    it is dropped.
@@ -35,7 +38,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use agent_budget::{AgentId, BudgetLimiter, BudgetManager, OwnedReservation, Refused};
+use agent_budget::{AgentId, BudgetManager, OwnedReservation, Refused};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -45,7 +48,8 @@ use crate::body::{BudgetBody, Settle};
 use crate::headers::{write_retry_after, RateLimitSnapshot};
 use crate::telemetry::{RefusalReason, Telemetry};
 use crate::{
-    AgentIdHeader, Estimate, Estimator, Identify, Meter, OpenAiEstimator, OpenAiUsage, Rejection,
+    Admission, AgentIdHeader, Denial, Estimate, Estimator, Identify, Meter, OpenAiEstimator,
+    OpenAiUsage, Rejection,
 };
 
 /// Which rate-limit headers responses carry.
@@ -81,8 +85,9 @@ impl HeaderStyle {
 /// A tower [`Layer`] that enforces token and call budgets per agent on the
 /// requests through it.
 ///
-/// `M` is the budget manager ([`BudgetManager`] unless you pick another
-/// [`BudgetLimiter`]), `I` tells the agent, `E` estimates the request, `U`
+/// `M` is what admits requests: the budget manager ([`BudgetManager`]
+/// unless you pick another [`BudgetLimiter`](agent_budget::BudgetLimiter)),
+/// or any other [`Admission`] (a fleet-wide budget, say), `I` tells the agent, `E` estimates the request, `U`
 /// reads the response's real usage; each has a default and a builder
 /// method that replaces it.
 ///
@@ -164,7 +169,7 @@ impl<M, I, E, U> Parts<M, I, E, U> {
     }
 }
 
-impl<M: BudgetLimiter + 'static> BudgetLayer<M> {
+impl<M: Admission> BudgetLayer<M> {
     /// A layer over `manager` with the default parts: the agent from the
     /// `x-agent-id` header, the estimate from an OpenAI-style body (prompt
     /// counted conservatively, one token per byte), the usage from the
@@ -281,7 +286,7 @@ where
     S::Error: Send,
     ResB: Body<Data = Bytes> + Send + 'static,
     ReqB: Send + 'static,
-    M: BudgetLimiter + 'static,
+    M: Admission,
     I: Identify,
     E: Estimator<ReqB>,
     U: Meter,
@@ -306,7 +311,7 @@ where
 
 impl<M, I, E, U> Parts<M, I, E, U>
 where
-    M: BudgetLimiter + 'static,
+    M: Admission,
     I: Identify,
     U: Meter,
 {
@@ -361,7 +366,7 @@ where
     }
 
     /// Takes the estimate, waiting for it if configured; returns the
-    /// reservation and where the budget stands after it, or the `429`.
+    /// reservation and where the budget stands after it, or the refusal.
     async fn admit(
         &self,
         agent: &AgentId,
@@ -370,25 +375,22 @@ where
         let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let started = Instant::now();
         let reservation = match (
-            self.manager.acquire_owned(agent, tokens, calls),
+            self.manager.admit(agent, tokens, calls).await,
             self.max_wait,
         ) {
             (Ok(reservation), _) => reservation,
-            (Err(refused), Some(max_wait)) if refused.retry_after.is_some() => {
+            (Err(denial), Some(max_wait)) if denial.retry_after().is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
                 // Boxed: the waiting future is large, and the common path
                 // should not carry its room in every request's future.
                 Box::pin(self.wait(agent, (tokens, calls), max_wait)).await?
             }
-            (Err(refused), _) => {
+            (Err(denial), _) => {
                 self.telemetry.checked(agent, started.elapsed());
-                return Err(self.refusal(refused));
+                return Err(self.rejection(denial));
             }
         };
-        let snapshot = self
-            .manager
-            .full_info(agent)
-            .map(|info| RateLimitSnapshot::from_info(&info));
+        let snapshot = RateLimitSnapshot::from_chain(&self.manager.budget_chain(agent));
         self.telemetry.admitted(agent, tokens, started.elapsed());
         Ok((reservation, snapshot))
     }
@@ -401,32 +403,58 @@ where
         max_wait: Duration,
     ) -> Result<OwnedReservation, Rejection> {
         let waiting = Instant::now();
-        let waited = tokio::time::timeout(
-            max_wait,
-            self.manager.acquire_owned_wait(agent, tokens, calls),
-        )
-        .await;
+        let waited =
+            tokio::time::timeout(max_wait, self.manager.admit_wait(agent, tokens, calls)).await;
         self.telemetry.waited(agent, waiting.elapsed());
         match waited {
             Ok(Ok(reservation)) => Ok(reservation),
-            Ok(Err(refused)) => Err(self.refusal(refused)),
+            Ok(Err(denial)) => Err(self.rejection(denial)),
             // Out of time: one last try, for a fresh refusal (and a fresh
             // `Retry-After`) or a late admission.
             Err(_) => self
                 .manager
-                .acquire_owned(agent, tokens, calls)
-                .map_err(|refused| self.refusal(refused)),
+                .admit(agent, tokens, calls)
+                .await
+                .map_err(|denial| self.rejection(denial)),
+        }
+    }
+
+    /// The answer to a denial: the budget's refusal, or `503` when it
+    /// could not be checked.
+    fn rejection(&self, denial: Denial) -> Rejection {
+        match denial {
+            Denial::Refused(refused) => self.refusal(refused),
+            Denial::Unavailable {
+                agent_id,
+                retry_after,
+                message,
+            } => {
+                self.telemetry
+                    .refused(Some(&agent_id), RefusalReason::Unavailable);
+                let mut rejection = Rejection::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    message,
+                    "server_error",
+                    "budget_unavailable",
+                );
+                write_retry_after(&mut rejection.headers, retry_after);
+                rejection
+            }
         }
     }
 
     /// The `429` for a refusal: `Retry-After` when waiting can help, the
-    /// rate-limit headers, and OpenAI's error body.
+    /// rate-limit headers (of the level that refused, for the resource it
+    /// refused), and OpenAI's error body; `403` if the agent has no budget.
     fn refusal(&self, refused: Refused) -> Rejection {
-        let info = match refused.reason {
+        let snapshot = match refused.reason {
             agent_budget::RefusalReason::NoBudget => None,
-            _ => self.manager.full_info(&refused.agent_id),
+            _ => RateLimitSnapshot::from_refusal(
+                &self.manager.budget_chain(&refused.agent_id),
+                &refused,
+            ),
         };
-        let Some(info) = info else {
+        let Some(snapshot) = snapshot else {
             self.telemetry
                 .refused(Some(&refused.agent_id), RefusalReason::NoBudget);
             return Rejection::new(
@@ -448,10 +476,7 @@ where
             error_type,
             "rate_limit_exceeded",
         );
-        let mut snapshot = RateLimitSnapshot::from_info(&info);
         if let Some(wait) = refused.retry_after {
-            // The refusal knows the window's end to the millisecond.
-            snapshot.reset = wait;
             write_retry_after(&mut rejection.headers, wait);
         }
         self.headers.write(&snapshot, &mut rejection.headers);

@@ -11,7 +11,7 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `agent_budget_requests_admitted_total` | counter | |
-//! | `agent_budget_requests_refused_total` | counter | `reason`: `unidentified`, `bad_request`, `tokens`, `calls`, `no_budget` |
+//! | `agent_budget_requests_refused_total` | counter | `reason`: `unidentified`, `bad_request`, `tokens`, `calls`, `no_budget`, `unavailable` |
 //! | `agent_budget_tokens_reserved_total` | counter | |
 //! | `agent_budget_tokens_refunded_total` | counter | |
 //! | `agent_budget_tokens_charged_total` | counter | (what requests finally cost) |
@@ -46,15 +46,19 @@ pub enum RefusalReason {
     Calls,
     /// The agent has no budget.
     NoBudget,
+    /// The budget could not be checked (`503`: a fleet's store is
+    /// unreachable, say).
+    Unavailable,
 }
 
 impl RefusalReason {
-    const ALL: [RefusalReason; 5] = [
+    const ALL: [RefusalReason; 6] = [
         RefusalReason::Unidentified,
         RefusalReason::BadRequest,
         RefusalReason::Tokens,
         RefusalReason::Calls,
         RefusalReason::NoBudget,
+        RefusalReason::Unavailable,
     ];
 
     /// The `reason` label's value.
@@ -65,6 +69,7 @@ impl RefusalReason {
             RefusalReason::Tokens => "tokens",
             RefusalReason::Calls => "calls",
             RefusalReason::NoBudget => "no_budget",
+            RefusalReason::Unavailable => "unavailable",
         }
     }
 

@@ -502,3 +502,185 @@ async fn other_parts_and_the_locked_manager_plug_in_the_same_way() {
     let response = service.clone().oneshot(no_agent).await.unwrap();
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
 }
+
+/// A budget source that cannot be checked for its first `outages` tries
+/// (as a fleet's store that is down), then admits from a local manager.
+struct Flaky {
+    budgets: Arc<BudgetManager>,
+    outages: AtomicU64,
+    tries: AtomicU64,
+}
+
+impl agent_budget_tower::Admission for Flaky {
+    fn admit(
+        self: &Arc<Self>,
+        agent_id: &Uuid,
+        tokens: u64,
+        calls: u64,
+    ) -> impl std::future::Future<
+        Output = Result<agent_budget::OwnedReservation, agent_budget_tower::Denial>,
+    > + Send {
+        self.tries.fetch_add(1, Ordering::SeqCst);
+        let down = self
+            .outages
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        std::future::ready(if down {
+            Err(agent_budget_tower::Denial::Unavailable {
+                agent_id: *agent_id,
+                retry_after: Duration::from_millis(1_500),
+                message: "the budget store is down".to_owned(),
+            })
+        } else {
+            self.budgets
+                .acquire_owned(agent_id, tokens, calls)
+                .map_err(agent_budget_tower::Denial::Refused)
+        })
+    }
+
+    fn budget_chain(&self, agent_id: &Uuid) -> Vec<FullBudgetInfo> {
+        self.budgets.chain_info(agent_id)
+    }
+}
+
+/// The layer over `flaky` (down for `outages` tries), with `max_wait`.
+async fn serve_flaky(outages: u64, max_wait: Option<Duration>) -> (Server, Arc<Flaky>) {
+    let budgets = Arc::new(BudgetManager::new());
+    let agent = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: agent,
+        token_budget: 1_000,
+        calls_budget: 10,
+        window_secs: 60,
+    });
+    let flaky = Arc::new(Flaky {
+        budgets: budgets.clone(),
+        outages: AtomicU64::new(outages),
+        tries: AtomicU64::new(0),
+    });
+    let mut layer =
+        BudgetLayer::new(flaky.clone()).identify(BearerKeys::from_iter([(KEY.to_owned(), agent)]));
+    if let Some(max_wait) = max_wait {
+        layer = layer.max_wait(max_wait);
+    }
+    let upstream = Arc::new(Upstream::default());
+    let app = Router::new()
+        .route("/v1/chat/completions", post(complete))
+        .with_state(upstream.clone())
+        .layer(layer);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let server = Server {
+        url,
+        budgets,
+        upstream,
+        agent,
+    };
+    (server, flaky)
+}
+
+#[tokio::test]
+async fn a_budget_that_cannot_be_checked_is_503_with_retry_after_and_nothing_forwarded() {
+    let (s, flaky) = serve_flaky(1, None).await;
+    let client = reqwest::Client::new();
+    let r = s.chat(&client, hi(10)).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(header(&r, "retry-after"), "2", "1.5 s rounds up");
+    assert!(r.headers().get("x-ratelimit-remaining-tokens").is_none());
+    let error: Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "budget_unavailable");
+    assert_eq!(error["error"]["type"], "server_error");
+    assert_eq!(error["error"]["message"], "the budget store is down");
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 0);
+    assert_eq!((s.info().tokens_used, s.info().calls_used), (0, 0));
+    // Back: admitted, through the same `Admission`.
+    assert_eq!(s.chat(&client, hi(10)).await.status(), StatusCode::OK);
+    assert_eq!(flaky.tries.load(Ordering::SeqCst), 2);
+    s.settled_to(10).await;
+}
+
+#[tokio::test]
+async fn with_a_maximum_wait_an_unavailable_budget_is_asked_again_until_it_answers() {
+    // Down for three tries: asked again every 50 ms at most (not at the
+    // denial's 1.5 s), so admitted within the 2 s wait.
+    let (s, flaky) = serve_flaky(3, Some(Duration::from_secs(2))).await;
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    let r = s.chat(&client, hi(10)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(flaky.tries.load(Ordering::SeqCst), 4);
+    assert!(
+        started.elapsed() < Duration::from_millis(1_500),
+        "polled at 50 ms, took {:?}",
+        started.elapsed()
+    );
+    // Down for good: given up at the wait's end, with a last try.
+    let (s, flaky) = serve_flaky(u64::MAX, Some(Duration::from_millis(200))).await;
+    let r = s.chat(&client, hi(10)).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let tries = flaky.tries.load(Ordering::SeqCst);
+    assert!((3..=8).contains(&tries), "{tries} tries in 200 ms");
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn a_key_under_a_team_is_refused_by_the_team_with_the_teams_headers() {
+    let (clock, mock) = quanta::Clock::mock();
+    let budgets = Arc::new(BudgetManager::with_clock(clock));
+    let team = Uuid::new_v4();
+    budgets.set_budget(BudgetLimit {
+        agent_id: team,
+        token_budget: 300,
+        calls_budget: 100,
+        window_secs: 3_600,
+    });
+    let s = serve_with(budgets.clone(), (10_000, 5), |l| {
+        l.headers(HeaderStyle {
+            openai: true,
+            ietf: true,
+        })
+    })
+    .await;
+    budgets.set_parent(&s.agent, Some(&team)).unwrap();
+    let client = reqwest::Client::new();
+    // Admitted: tokens are the team's to give (300 - 158 left), calls the
+    // key's (4 of 5 left).
+    let mut body = hi(150);
+    body["mock_usage"] = json!(150);
+    let r = s.chat(&client, body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "300");
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "142");
+    assert_eq!(header(&r, "x-ratelimit-reset-tokens"), "1h0m0s");
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "5");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "4");
+    assert_eq!(header(&r, "x-ratelimit-reset-requests"), "1m0s");
+    r.bytes().await.unwrap();
+    s.settled_to(150).await;
+    // 10 s on, 158 more tokens: the key has 9,850 left, the team 150.
+    mock.increment(Duration::from_millis(10_000));
+    let r = s.chat(&client, hi(150)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(header(&r, "retry-after"), "3590", "the team's window end");
+    assert_eq!(header(&r, "x-ratelimit-limit-tokens"), "300");
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "150");
+    assert_eq!(header(&r, "x-ratelimit-reset-tokens"), "59m50s");
+    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "4");
+    assert_eq!(header(&r, "x-ratelimit-reset-requests"), "50s");
+    assert_eq!(
+        header(&r, "ratelimit-policy"),
+        r#""tokens";q=300;w=3600, "requests";q=5;w=60"#
+    );
+    assert_eq!(
+        header(&r, "ratelimit"),
+        r#""tokens";r=150;t=3590, "requests";r=4;t=50"#
+    );
+    let error: Value = r.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("at its ancestor {team}")),
+        "{message}"
+    );
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
+}
