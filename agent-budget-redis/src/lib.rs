@@ -98,9 +98,19 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Features
+//!
+//! - `tower`: [`FleetManager`] implements `agent_budget_tower::Admission`,
+//!   so `BudgetLayer::new(Arc::new(fleet))` enforces the fleet's budgets on
+//!   HTTP requests (`Denied::Refused` a `429`, `Denied::Unavailable` a
+//!   `503`, both with `Retry-After`). `budget-gateway --redis URL` is built
+//!   on it.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "tower")]
+mod admission;
 mod clock;
 pub mod docs;
 mod error;
