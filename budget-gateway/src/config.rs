@@ -23,13 +23,34 @@
 //! calls_budget = 1000
 //! window_secs = 60
 //! metrics_label = "search-bot"           # optional: an `agent` label on the metrics
+//! parent = "5d1e7c2a-0000-4000-8000-00000000a11a"  # optional: the team's budget, below
+//!
+//! [[agents]]                             # a team: a budget without a key of its own
+//! agent_id = "5d1e7c2a-0000-4000-8000-00000000a11a"
+//! token_budget = 500000
+//! calls_budget = 5000
+//! window_secs = 3600
 //! ```
+//!
+//! # Nested budgets
+//!
+//! An agent with a `parent` spends from its own budget and from its
+//! parent's, and from the parent's parent's, up to
+//! [`MAX_LEVELS`] levels: a request is admitted
+//! only if every level can take it, and charged to every level (see
+//! `agent_budget::BudgetManager::set_parent`). The parent must be another
+//! `[[agents]]` entry of the file. An entry may leave out `api_key`: it is
+//! then a budget no client can spend directly, only through its children
+//! (a team, an organisation), and it must be some agent's parent. A parent
+//! that is not configured, an agent that is its own ancestor, and a chain
+//! deeper than `MAX_LEVELS` are refused, with the line of the `parent`
+//! that is to blame.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use agent_budget::{AgentId, BudgetLimit};
+use agent_budget::{AgentId, BudgetLimit, MAX_LEVELS};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -70,12 +91,15 @@ pub enum Tokenizer {
 /// One agent: its key, id and budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Agent {
-    /// The key clients send as `Authorization: Bearer …`.
-    pub api_key: String,
+    /// The key clients send as `Authorization: Bearer …`; `None` for a
+    /// budget that only its children spend (a team's).
+    pub api_key: Option<String>,
     /// Its budget.
     pub limit: BudgetLimit,
     /// Its own `agent` label on the metrics, if the operator wants one.
     pub metrics_label: Option<String>,
+    /// The agent whose budget it also spends from, if any.
+    pub parent: Option<AgentId>,
 }
 
 impl Config {
@@ -83,7 +107,15 @@ impl Config {
     pub fn keys(&self) -> HashMap<String, AgentId> {
         self.agents
             .iter()
-            .map(|a| (a.api_key.clone(), a.limit.agent_id))
+            .filter_map(|a| Some((a.api_key.clone()?, a.limit.agent_id)))
+            .collect()
+    }
+
+    /// Each agent that has a parent, and its parent.
+    pub fn parents(&self) -> HashMap<AgentId, AgentId> {
+        self.agents
+            .iter()
+            .filter_map(|a| Some((a.limit.agent_id, a.parent?)))
             .collect()
     }
 
@@ -158,13 +190,16 @@ fn default_persist_interval() -> Spanned<u64> {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAgent {
-    api_key: Spanned<String>,
+    #[serde(default)]
+    api_key: Option<Spanned<String>>,
     agent_id: Spanned<String>,
     token_budget: u64,
     calls_budget: u64,
     window_secs: Spanned<u64>,
     #[serde(default)]
     metrics_label: Option<String>,
+    #[serde(default)]
+    parent: Option<Spanned<String>>,
 }
 
 /// Reads and checks the configuration in `path`.
@@ -214,19 +249,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut ids = HashMap::new();
     let mut agents = Vec::with_capacity(raw.agents.len());
     for a in &raw.agents {
-        let api_key = nonblank(&a.api_key, "an API key")?;
-        if api_key == admin_key {
-            return Err(invalid(
-                Some(a.api_key.span()),
-                "an agent's API key must not be the admin key".to_owned(),
-            ));
-        }
-        if keys.insert(api_key.clone(), ()).is_some() {
-            return Err(invalid(
-                Some(a.api_key.span()),
-                "this API key is given to another agent already".to_owned(),
-            ));
-        }
+        let api_key = match &a.api_key {
+            None => None,
+            Some(spanned) => {
+                let api_key = nonblank(spanned, "an API key")?;
+                if api_key == admin_key {
+                    return Err(invalid(
+                        Some(spanned.span()),
+                        "an agent's API key must not be the admin key".to_owned(),
+                    ));
+                }
+                if keys.insert(api_key.clone(), ()).is_some() {
+                    return Err(invalid(
+                        Some(spanned.span()),
+                        "this API key is given to another agent already".to_owned(),
+                    ));
+                }
+                Some(api_key)
+            }
+        };
         let agent_id = AgentId::try_parse(a.agent_id.get_ref().trim()).map_err(|e| {
             invalid(
                 Some(a.agent_id.span()),
@@ -254,8 +295,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 window_secs: *a.window_secs.get_ref(),
             },
             metrics_label: a.metrics_label.clone(),
+            parent: None,
         });
     }
+    link_parents(&raw.agents, &mut agents, &invalid)?;
     Ok(Config {
         admin_key,
         upstream_api_key,
@@ -266,6 +309,104 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         persist_interval_secs: *raw.persist_interval_secs.get_ref(),
         agents,
     })
+}
+
+/// Reads each agent's `parent` and checks the links as a whole: every
+/// parent configured, no agent its own ancestor, no chain deeper than
+/// [`MAX_LEVELS`], and every agent without a key some agent's parent.
+/// `agents[i]` is `raw[i]`, checked; `invalid` makes an error at a span.
+fn link_parents(
+    raw: &[RawAgent],
+    agents: &mut [Agent],
+    invalid: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    let index: HashMap<AgentId, usize> = agents
+        .iter()
+        .enumerate()
+        .map(|(i, a)| (a.limit.agent_id, i))
+        .collect();
+    let mut parent_of = vec![None; agents.len()];
+    for (i, a) in raw.iter().enumerate() {
+        let Some(parent) = &a.parent else { continue };
+        let id = agents[i].limit.agent_id;
+        let parent_id = AgentId::try_parse(parent.get_ref().trim()).map_err(|e| {
+            invalid(
+                Some(parent.span()),
+                format!("not a UUID ({e}): {:?}", parent.get_ref()),
+            )
+        })?;
+        if parent_id == id {
+            return Err(invalid(
+                Some(parent.span()),
+                format!("agent {id} cannot be its own parent"),
+            ));
+        }
+        let Some(&p) = index.get(&parent_id) else {
+            return Err(invalid(
+                Some(parent.span()),
+                format!(
+                    "agent {id}'s parent {parent_id} is not configured: a parent must have an \
+                     [[agents]] entry of its own (it may leave out `api_key`)"
+                ),
+            ));
+        };
+        parent_of[i] = Some(p);
+        agents[i].parent = Some(parent_id);
+    }
+    // Walk up from each agent: a walk longer than there are agents loops.
+    for (i, a) in raw.iter().enumerate() {
+        let Some(parent) = &a.parent else { continue };
+        let mut chain = vec![i];
+        let mut at = i;
+        while let Some(p) = parent_of[at] {
+            if p == i {
+                let names: Vec<String> = chain
+                    .iter()
+                    .chain(std::iter::once(&i))
+                    .map(|&k| agents[k].limit.agent_id.to_string())
+                    .collect();
+                return Err(invalid(
+                    Some(parent.span()),
+                    format!(
+                        "agent {}'s parents loop back to it: {}",
+                        agents[i].limit.agent_id,
+                        names.join(" -> ")
+                    ),
+                ));
+            }
+            if chain.len() > agents.len() {
+                // A loop above this agent, not through it: reported from
+                // an agent on it.
+                break;
+            }
+            chain.push(p);
+            at = p;
+        }
+        if chain.len() > MAX_LEVELS && chain.len() <= agents.len() {
+            return Err(invalid(
+                Some(parent.span()),
+                format!(
+                    "agent {}'s chain of budgets has {} levels (itself and its ancestors); \
+                     at most {MAX_LEVELS} are allowed",
+                    agents[i].limit.agent_id,
+                    chain.len()
+                ),
+            ));
+        }
+    }
+    for (i, a) in raw.iter().enumerate() {
+        if a.api_key.is_none() && !parent_of.contains(&Some(i)) {
+            return Err(invalid(
+                Some(a.agent_id.span()),
+                format!(
+                    "agent {} has no api_key and is no agent's parent: nothing could spend \
+                     its budget (give it a key, or make it some agent's parent)",
+                    agents[i].limit.agent_id
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The 1-based line and column of byte `at` in `text`.
@@ -446,5 +587,125 @@ metrics_label = "two"
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/nonexistent/gw.toml: cannot read"), "{e}");
+    }
+
+    /// The id of agent `i` in [`chain`]'s configurations.
+    fn id(i: usize) -> String {
+        format!("00000000-0000-4000-8000-{i:012}")
+    }
+
+    /// Agents 0..n, each with a key, agent `i` under `parents[i]` (an index).
+    fn chain(n: usize, parents: &[(usize, usize)]) -> String {
+        let mut text = "admin_key = \"admin\"\n".to_owned();
+        for i in 0..n {
+            text += &format!(
+                "\n[[agents]]\napi_key = \"sk-{i}\"\nagent_id = \"{}\"\ntoken_budget = 100\ncalls_budget = 10\nwindow_secs = 60\n",
+                id(i)
+            );
+            if let Some((_, p)) = parents.iter().find(|(c, _)| *c == i) {
+                text += &format!("parent = \"{}\"\n", id(*p));
+            }
+        }
+        text
+    }
+
+    #[test]
+    fn parents_link_agents_and_a_parent_may_have_no_key() {
+        let text = format!(
+            "{}\n[[agents]]\nagent_id = \"{}\"\ntoken_budget = 150\ncalls_budget = 15\nwindow_secs = 3600\n",
+            chain(2, &[(0, 2), (1, 2)]),
+            id(2)
+        );
+        let c = parse(Path::new("gw.toml"), &text).unwrap();
+        assert_eq!(c.agents.len(), 3);
+        assert_eq!(c.agents[2].api_key, None);
+        assert_eq!(c.keys().len(), 2, "the team has no key");
+        let parents = c.parents();
+        assert_eq!(parents.len(), 2);
+        assert_eq!(parents[&id(0).parse().unwrap()].to_string(), id(2));
+        assert_eq!(parents[&id(1).parse().unwrap()].to_string(), id(2));
+        // The deepest chain allowed: MAX_LEVELS levels.
+        let links: Vec<_> = (0..MAX_LEVELS - 1).map(|i| (i, i + 1)).collect();
+        parse(Path::new("gw.toml"), &chain(MAX_LEVELS, &links)).unwrap();
+    }
+
+    #[test]
+    fn an_unknown_parent_is_refused_at_its_line_naming_the_agent() {
+        let text = chain(2, &[(1, 5)]);
+        let e = error(&text);
+        assert!(
+            e.starts_with("gw.toml:16:10: field `agents[1].parent`: "),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "agent {}'s parent {} is not configured",
+                id(1),
+                id(5)
+            )),
+            "{e}"
+        );
+        let e = error(&text.replace(&id(5), "team-a"));
+        assert!(
+            e.starts_with("gw.toml:16:10: field `agents[1].parent`: not a UUID"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_cycle_is_refused_naming_its_agents() {
+        let e = error(&chain(2, &[(0, 0)]));
+        assert!(
+            e.starts_with("gw.toml:9:10: field `agents[0].parent`"),
+            "{e}"
+        );
+        assert!(e.contains("cannot be its own parent"), "{e}");
+        let e = error(&chain(3, &[(0, 1), (1, 2), (2, 0)]));
+        assert!(
+            e.starts_with("gw.toml:9:10: field `agents[0].parent`"),
+            "{e}"
+        );
+        let want = format!("{} -> {} -> {} -> {}", id(0), id(1), id(2), id(0));
+        assert!(e.contains(&want), "{e}");
+        // A loop above an agent is reported at an agent on it.
+        let e = error(&chain(3, &[(0, 1), (1, 2), (2, 1)]));
+        assert!(
+            e.starts_with("gw.toml:17:10: field `agents[1].parent`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_chain_deeper_than_the_core_allows_is_refused() {
+        let n = MAX_LEVELS + 1;
+        let links: Vec<_> = (0..n - 1).map(|i| (i, i + 1)).collect();
+        let e = error(&chain(n, &links));
+        assert!(
+            e.starts_with("gw.toml:9:10: field `agents[0].parent`"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "agent {}'s chain of budgets has 9 levels (itself and its ancestors); at most 8 are allowed",
+                id(0)
+            )),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_agent_without_a_key_must_be_a_parent() {
+        let e = error(&chain(2, &[]).replace("api_key = \"sk-1\"\n", ""));
+        assert!(
+            e.starts_with("gw.toml:11:12: field `agents[1].agent_id`"),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "agent {} has no api_key and is no agent's parent",
+                id(1)
+            )),
+            "{e}"
+        );
     }
 }

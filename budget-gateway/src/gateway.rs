@@ -4,7 +4,12 @@
 //! # How it works
 //!
 //! One [`BudgetManager`] holds every agent's budget, set from the
-//! configuration. The router sends
+//! configuration, with the parents it names linked once every budget is
+//! set. Or, with [`Gateway::fleet`] (`--redis URL`), a
+//! [`FleetManager`] does: every budget is then shared by all the gateways
+//! given the same Redis, each request still admitted in-process from this
+//! gateway's lease (see `agent_budget_redis::docs::fleet`). The router
+//! sends
 //!
 //! - `GET /v1/budgets` and `GET /v1/budgets/{agent_id}` to the admin view;
 //! - `GET /metrics` to the Prometheus exporter;
@@ -14,11 +19,14 @@
 //!   from the upstream's `usage`.
 //!
 //! With a state file, the budgets' usage is restored at start (the limits
-//! come from the configuration, which wins), saved every
+//! and parents come from the configuration, which wins), saved every
 //! `persist_interval_secs`, and saved once more after the server has
 //! stopped: on SIGTERM or Ctrl-C it stops accepting connections, lets the
 //! requests in flight finish (their bodies end, and settle), saves, and
-//! returns.
+//! returns. A fleet gateway keeps no state file (usage lives in Redis,
+//! which persists it if configured to); once the requests in flight have
+//! finished it gives its unused leases back to the fleet
+//! ([`FleetManager::shutdown`]).
 //!
 //! [`Limiter`] swaps the budget layer for nothing or for `tower_governor`:
 //! the same proxy three ways, for measuring what the layer costs.
@@ -28,9 +36,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use agent_budget::BudgetManager;
+use agent_budget::{AgentId, BudgetManager, HierarchyError};
+use agent_budget_redis::{FleetError, FleetManager};
 use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage};
-use agent_budget_tower::{bearer_key, BearerKeys, BudgetLayer, HeaderStyle};
+use agent_budget_tower::{bearer_key, Admission, BearerKeys, BudgetLayer, HeaderStyle};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -70,10 +79,19 @@ impl std::str::FromStr for Limiter {
     }
 }
 
+/// Where the gateway's budgets live.
+#[derive(Clone, Debug)]
+pub enum Budgets {
+    /// In this process.
+    Local(Arc<BudgetManager>),
+    /// Shared by every gateway on the same Redis.
+    Fleet(Arc<FleetManager>),
+}
+
 /// A configured gateway, ready to serve.
 pub struct Gateway {
     config: Config,
-    budgets: Arc<BudgetManager>,
+    budgets: Budgets,
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
@@ -91,6 +109,23 @@ pub enum GatewayError {
     /// The server failed.
     #[error("the server failed: {0}")]
     Serve(#[from] std::io::Error),
+    /// An agent could not be put under its parent (the configuration's
+    /// checks make this unreachable for a parsed configuration).
+    #[error("agent {agent} cannot be put under {parent}: {source}")]
+    Parent {
+        /// The agent.
+        agent: AgentId,
+        /// Its parent.
+        parent: AgentId,
+        /// Why.
+        source: HierarchyError,
+    },
+    /// The configuration asks for what a fleet does not do.
+    #[error("{0}")]
+    Unsupported(String),
+    /// Redis refused or failed an operation on the fleet's budgets.
+    #[error("the fleet's budgets in Redis: {0}")]
+    Fleet(#[from] FleetError),
 }
 
 /// The process's Prometheus recorder, installed on first use. The layer
@@ -144,18 +179,71 @@ impl Gateway {
         for agent in &config.agents {
             budgets.set_budget(agent.limit.clone());
         }
+        // Parents once every budget exists; detached first, so links a
+        // state file brought back (or an order of linking) cannot close a
+        // loop with the configuration's.
+        for agent in &config.agents {
+            let _ = budgets.set_parent(&agent.limit.agent_id, None);
+        }
+        for agent in &config.agents {
+            if let Some(parent) = &agent.parent {
+                budgets
+                    .set_parent(&agent.limit.agent_id, Some(parent))
+                    .map_err(|source| GatewayError::Parent {
+                        agent: agent.limit.agent_id,
+                        parent: *parent,
+                        source,
+                    })?;
+            }
+        }
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
-            budgets,
+            budgets: Budgets::Local(budgets),
             proxy,
             limiter,
             state,
         })
     }
 
+    /// A gateway for `config` in front of `upstream` whose budgets are the
+    /// fleet's: every configured budget is set in Redis (for every gateway
+    /// on it; a budget already there keeps what the fleet used in its
+    /// window), and requests are admitted from `fleet`'s leases. Budgets in
+    /// a fleet do not nest: a configuration with a `parent` is refused.
+    pub async fn fleet(
+        config: Config,
+        fleet: Arc<FleetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+    ) -> Result<Self, GatewayError> {
+        if let Some(agent) = config.agents.iter().find(|a| a.parent.is_some()) {
+            return Err(GatewayError::Unsupported(format!(
+                "agent {} has a parent, and budgets shared through Redis cannot nest: \
+                 remove `parent` (and the keyless parents' entries), or run without --redis",
+                agent.limit.agent_id
+            )));
+        }
+        let proxy = Proxy::new(
+            upstream,
+            config.upstream_api_key.as_deref(),
+            upstream_timeout,
+        )?;
+        for agent in &config.agents {
+            fleet.set_budget(agent.limit.clone()).await?;
+        }
+        Counter::new(config.tokenizer).warm_up();
+        Ok(Gateway {
+            config,
+            budgets: Budgets::Fleet(fleet),
+            proxy,
+            limiter: Limiter::Budget,
+            state: None,
+        })
+    }
+
     /// The budgets the gateway enforces.
-    pub fn budgets(&self) -> &Arc<BudgetManager> {
+    pub fn budgets(&self) -> &Budgets {
         &self.budgets
     }
 
@@ -165,6 +253,13 @@ impl Gateway {
         let admin = Admin {
             budgets: self.budgets.clone(),
             admin_key: self.config.admin_key.as_str().into(),
+            agents: self
+                .config
+                .agents
+                .iter()
+                .map(|a| a.limit.agent_id)
+                .collect(),
+            parents: Arc::new(self.config.parents()),
         };
         let router = Router::new()
             .route("/v1/budgets", get(all_budgets))
@@ -176,10 +271,16 @@ impl Gateway {
             );
         let proxy = self.proxy.clone();
         match self.limiter {
-            Limiter::Budget => router.route_service(
-                "/v1/{*path}",
-                tower::Layer::layer(&self.budget_layer(), proxy),
-            ),
+            Limiter::Budget => match &self.budgets {
+                Budgets::Local(budgets) => router.route_service(
+                    "/v1/{*path}",
+                    tower::Layer::layer(&self.budget_layer(budgets.clone()), proxy),
+                ),
+                Budgets::Fleet(fleet) => router.route_service(
+                    "/v1/{*path}",
+                    tower::Layer::layer(&self.budget_layer(fleet.clone()), proxy),
+                ),
+            },
             Limiter::None => router.route_service("/v1/{*path}", proxy),
             Limiter::Governor => {
                 let config = GovernorConfigBuilder::default()
@@ -196,13 +297,16 @@ impl Gateway {
         }
     }
 
-    fn budget_layer(&self) -> BudgetLayer<BudgetManager, BearerKeys, OpenAiEstimator<Counter>> {
+    fn budget_layer<M: Admission>(
+        &self,
+        budgets: Arc<M>,
+    ) -> BudgetLayer<M, BearerKeys, OpenAiEstimator<Counter>> {
         let c = &self.config;
         let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer)).options(EstimateOptions {
             default_max_tokens: c.default_max_tokens,
             ..EstimateOptions::default()
         });
-        let layer = BudgetLayer::new(self.budgets.clone())
+        let layer = BudgetLayer::new(budgets)
             .identify(BearerKeys::new(c.keys()))
             .estimator(estimator)
             .meter(OpenAiUsage::default())
@@ -219,34 +323,45 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets requests
-    /// in flight finish and saves the state.
+    /// in flight finish and saves the state (or, in a fleet, gives the
+    /// unused leases back).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
-        let saver = self.state.clone().map(|path| {
-            let budgets = self.budgets.clone();
-            let every = Duration::from_secs(self.config.persist_interval_secs);
-            tokio::spawn(async move {
-                let mut ticks = tokio::time::interval(every);
-                ticks.tick().await;
-                loop {
+        let local = match &self.budgets {
+            Budgets::Local(budgets) => Some(budgets.clone()),
+            Budgets::Fleet(_) => None,
+        };
+        let saver = self
+            .state
+            .clone()
+            .zip(local.clone())
+            .map(|(path, budgets)| {
+                let every = Duration::from_secs(self.config.persist_interval_secs);
+                tokio::spawn(async move {
+                    let mut ticks = tokio::time::interval(every);
                     ticks.tick().await;
-                    if let Err(e) = budgets.persist(&path) {
-                        eprintln!("budget-gateway: {e}");
+                    loop {
+                        ticks.tick().await;
+                        if let Err(e) = budgets.persist(&path) {
+                            eprintln!("budget-gateway: {e}");
+                        }
                     }
-                }
-            })
-        });
+                })
+            });
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await;
         if let Some(saver) = saver {
             saver.abort();
         }
-        if let Some(path) = &self.state {
-            self.budgets.persist(path)?;
+        if let Some((path, budgets)) = self.state.as_ref().zip(local) {
+            budgets.persist(path)?;
+        }
+        if let Budgets::Fleet(fleet) = &self.budgets {
+            fleet.shutdown().await?;
         }
         Ok(served?)
     }

@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_budget::BudgetManager;
+use agent_budget_redis::{FleetConfig, FleetManager};
 use budget_gateway::gateway::{stop_signal, Gateway, Limiter};
 
 const USAGE: &str = "\
 budget-gateway: token and call budgets per API key in front of an OpenAI-compatible upstream
 
 USAGE:
-    budget-gateway --config FILE --listen ADDR --upstream URL [--state FILE]
+    budget-gateway --config FILE --listen ADDR --upstream URL [--state FILE | --redis URL]
     budget-gateway --mock-upstream --listen ADDR
 
 OPTIONS:
@@ -21,6 +22,8 @@ OPTIONS:
     --listen ADDR            where to listen, e.g. 127.0.0.1:8080
     --upstream URL           the upstream's base, e.g. http://127.0.0.1:9000; /v1/... is forwarded there
     --state FILE             restore usage from FILE at start, save it periodically and on shutdown
+    --redis URL              share every budget with all gateways on this Redis (redis://host:port);
+                             usage lives in Redis, so not with --state; budgets cannot nest (no `parent`)
     --upstream-timeout SECS  answer 504 when the upstream has not answered by then (default 600)
     --threads N              worker threads (default: one per core)
     --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
@@ -33,6 +36,7 @@ struct Args {
     listen: Option<SocketAddr>,
     upstream: Option<String>,
     state: Option<PathBuf>,
+    redis: Option<String>,
     upstream_timeout: Duration,
     limiter: Limiter,
     threads: Option<usize>,
@@ -46,6 +50,7 @@ fn parse_args() -> Result<Args, String> {
         listen: None,
         upstream: None,
         state: None,
+        redis: None,
         upstream_timeout: Duration::from_secs(600),
         limiter: Limiter::Budget,
         threads: None,
@@ -64,6 +69,7 @@ fn parse_args() -> Result<Args, String> {
                 args.upstream = Some(text(parser.value().map_err(|e| e.to_string())?)?)
             }
             Long("state") => args.state = Some(parser.value().map_err(|e| e.to_string())?.into()),
+            Long("redis") => args.redis = Some(text(parser.value().map_err(|e| e.to_string())?)?),
             Long("upstream-timeout") => {
                 let v = text(parser.value().map_err(|e| e.to_string())?)?;
                 let secs: u64 = v
@@ -85,6 +91,18 @@ fn parse_args() -> Result<Args, String> {
                 std::process::exit(0);
             }
             other => return Err(other.unexpected().to_string()),
+        }
+    }
+    if args.redis.is_some() {
+        if args.state.is_some() {
+            return Err(
+                "--state cannot be used with --redis: the fleet's usage lives in Redis \
+                        (keep it across Redis restarts with Redis's own persistence, AOF)"
+                    .to_owned(),
+            );
+        }
+        if args.limiter != Limiter::Budget {
+            return Err("--limiter none|governor cannot be used with --redis".to_owned());
         }
     }
     Ok(args)
@@ -136,20 +154,48 @@ async fn run(args: Args) -> Result<(), String> {
     let upstream = args.upstream.ok_or("--upstream URL is required")?;
     let config = budget_gateway::config::load(&config_path).map_err(|e| e.to_string())?;
     let agents = config.agents.len();
-    let gateway = Gateway::new(
-        config,
-        Arc::new(BudgetManager::new()),
-        &upstream,
-        args.upstream_timeout,
-        args.limiter,
-        args.state,
-    )
-    .map_err(|e| e.to_string())?;
+    let (gateway, budgets) = match &args.redis {
+        None => {
+            let gateway = Gateway::new(
+                config,
+                Arc::new(BudgetManager::new()),
+                &upstream,
+                args.upstream_timeout,
+                args.limiter,
+                args.state,
+            )
+            .map_err(|e| e.to_string())?;
+            (gateway, format!("limiter {:?}", args.limiter))
+        }
+        Some(url) => {
+            if let Some(agent) = config.agents.iter().find(|a| a.parent.is_some()) {
+                return Err(format!(
+                    "{}: agent {} has a parent, and budgets shared through Redis cannot nest: \
+                     remove `parent` (and the keyless parents' entries), or run without --redis",
+                    config_path.display(),
+                    agent.limit.agent_id
+                ));
+            }
+            let mut fleet = FleetConfig::new(url.as_str());
+            fleet.node_id = node_name();
+            let fleet = FleetManager::connect(fleet)
+                .await
+                .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
+            let fleet = Arc::new(fleet);
+            let node = fleet.node_id().to_owned();
+            let gateway = Gateway::fleet(config, fleet, &upstream, args.upstream_timeout)
+                .await
+                .map_err(|e| e.to_string())?;
+            (
+                gateway,
+                format!("budgets shared through {url} as node {node}"),
+            )
+        }
+    };
     let listener = bind(listen).await?;
     eprintln!(
-        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, limiter {:?}",
+        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}",
         local(&listener),
-        args.limiter
     );
     gateway
         .serve(listener, stop_signal())
@@ -157,6 +203,22 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     eprintln!("budget-gateway: stopped");
     Ok(())
+}
+
+/// This node's name in the fleet's records: the host's name, or
+/// `budget-gateway` (the fleet adds a random suffix either way).
+fn node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| {
+            !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        })
+        .unwrap_or_else(|| "budget-gateway".to_owned())
 }
 
 async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {

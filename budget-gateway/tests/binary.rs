@@ -189,3 +189,174 @@ async fn sigterm_lets_requests_in_flight_finish_and_keeps_usage_across_a_restart
     assert_eq!(info["tokens_used"], tokens(&stats));
     assert_eq!(info["calls_used"], 2);
 }
+
+/// Runs the binary with `args` (after `--listen 127.0.0.1:0 --upstream
+/// http://127.0.0.1:9`) to its end: its exit code and its stderr.
+fn run_to_end(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            "http://127.0.0.1:9",
+        ])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn redis_is_refused_with_state_with_parents_and_when_unreachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gw.toml");
+    std::fs::write(&path, config_text(1_000, 10, "")).unwrap();
+    let config = path.to_str().unwrap();
+    let closed = format!("redis://{}", free_addr());
+
+    let (code, err) = run_to_end(&["--config", config, "--redis", &closed, "--state", "s.json"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--state cannot be used with --redis"), "{err}");
+    let (code, err) = run_to_end(&["--config", config, "--redis", &closed, "--limiter", "none"]);
+    assert_eq!(code, Some(2), "{err}");
+
+    // Nothing listens there: a clear error, exit 1, no panic.
+    let (code, err) = run_to_end(&["--config", config, "--redis", &closed]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.starts_with(&format!(
+            "budget-gateway: cannot connect to Redis at {closed}: "
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    let (code, err) = run_to_end(&["--config", config, "--redis", "http://127.0.0.1:6379"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("cannot connect to Redis at http://127.0.0.1:6379"),
+        "{err}"
+    );
+
+    // Budgets in a fleet do not nest: refused before Redis is asked.
+    let nested = config_text(1_000, 10, "").replace(
+        "metrics_label = \"agent-a\"\n",
+        &format!("metrics_label = \"agent-a\"\nparent = \"{AGENT_B}\"\n"),
+    );
+    std::fs::write(&path, nested).unwrap();
+    let (code, err) = run_to_end(&["--config", config, "--redis", &closed]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("{config}: agent {AGENT_A} has a parent")),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_gateway_processes_on_one_redis_share_a_budget_and_stop_cleanly() {
+    let redis = common::redis::RedisServer::start();
+    let (upstream, stats) = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    // A: 6 calls a day, fleet-wide (days, so no window ends mid-test).
+    let text = config_text(1_000_000, 6, "").replace("window_secs = 60", "window_secs = 86400");
+    std::fs::write(&config, text).unwrap();
+    let url = redis.url();
+    let addrs = [free_addr(), free_addr()];
+    let mut gateways: Vec<Gateway> = addrs
+        .iter()
+        .map(|addr| {
+            let mut gateway = spawn(&[
+                "--config",
+                config.to_str().unwrap(),
+                "--listen",
+                addr,
+                "--upstream",
+                &upstream,
+                "--redis",
+                &url,
+            ]);
+            wait_listening(addr, &mut gateway);
+            gateway
+        })
+        .collect();
+    let client = reqwest::Client::new();
+    let chat = |addr: &str, key: &str| {
+        client
+            .post(format!("http://{addr}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}))
+            .send()
+    };
+    // One request to each in turn, until both refuse and the upstream has
+    // served the budget (a lease in flight may need one more round).
+    let mut admitted = 0;
+    for _ in 0..20 {
+        let mut refused = 0;
+        for addr in &addrs {
+            match chat(addr, KEY_A).await.unwrap().status() {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => refused += 1,
+                other => panic!("unexpected {other}"),
+            }
+        }
+        if refused == 2 && calls(&stats) == 6 {
+            break;
+        }
+    }
+    assert_eq!((admitted, calls(&stats)), (6, 6));
+    for addr in &addrs {
+        let info: Value = client
+            .get(format!("http://{addr}/v1/budgets/{AGENT_A}"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(info["calls_used"], 6, "{info}");
+        assert_eq!(info["calls_remaining"], 0, "{info}");
+    }
+    // B through the first gateway (which leases 10,000 of B's calls), then
+    // SIGTERM: it exits 0 and its lease is back, as the other one sees.
+    assert_eq!(
+        chat(&addrs[0], KEY_B).await.unwrap().status(),
+        StatusCode::OK
+    );
+    let mut first = gateways.remove(0);
+    let pid = rustix::process::Pid::from_raw(first.0.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        let status = wait_exit(&mut first);
+        let mut err = String::new();
+        first
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (status, err)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{status}: {err}");
+    assert!(
+        err.contains(&format!("budgets shared through {url} as node ")),
+        "{err}"
+    );
+    assert!(err.contains("budget-gateway: stopped"), "{err}");
+    let info: Value = client
+        .get(format!("http://{}/v1/budgets/{AGENT_B}", addrs[1]))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["calls_used"], 1, "{info}");
+}

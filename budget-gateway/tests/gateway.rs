@@ -514,3 +514,127 @@ async fn headers_are_forwarded_but_hop_by_hop_ones_and_the_clients_key_are_not()
     // Any request under /v1/ costs a call.
     eventually("the settle", || g.used(AGENT_A).1 == 1).await;
 }
+
+const TEAM: &str = "5d1e7c2a-0000-4000-8000-00000000a11a";
+
+/// Keys A and B (100 calls a minute each) under a team without a key of
+/// its own (7 calls a minute).
+fn team_config() -> String {
+    let under = |id: &str| format!("agent_id = \"{id}\"\nparent = \"{TEAM}\"");
+    format!(
+        "{}\n[[agents]]\nagent_id = \"{TEAM}\"\ntoken_budget = 1000000\ncalls_budget = 7\nwindow_secs = 60\n",
+        config_text(1_000_000, 100, "")
+            .replace("calls_budget = 1000000", "calls_budget = 100")
+            .replace(&format!("agent_id = \"{AGENT_A}\""), &under(AGENT_A))
+            .replace(&format!("agent_id = \"{AGENT_B}\""), &under(AGENT_B))
+    )
+}
+
+#[tokio::test]
+async fn two_keys_under_one_team_get_exactly_the_teams_budget_between_them() {
+    let g = Arc::new(start_with(BudgetManager::new(), &team_config(), None).await);
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let g = g.clone();
+            tokio::spawn(async move {
+                let key = if i % 2 == 0 { KEY_A } else { KEY_B };
+                let r = g.chat(key, &question(4)).await;
+                let status = r.status();
+                if status == StatusCode::TOO_MANY_REQUESTS {
+                    // The team refused: its figures, its window.
+                    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "7");
+                    assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+                    let error: Value = r.json().await.unwrap();
+                    let message = error["error"]["message"].as_str().unwrap();
+                    assert!(
+                        message.contains(&format!("at its ancestor {TEAM}")),
+                        "{message}"
+                    );
+                } else {
+                    r.bytes().await.unwrap();
+                }
+                (key, status)
+            })
+        })
+        .collect();
+    let mut admitted = Vec::new();
+    for task in tasks {
+        let (key, status) = task.await.unwrap();
+        if status == StatusCode::OK {
+            admitted.push(key);
+        } else {
+            assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    assert_eq!(admitted.len(), 7, "the team's budget, whoever asked");
+    assert_eq!(calls(&g.stats), 7);
+    let by_a = admitted.iter().filter(|k| **k == KEY_A).count() as u64;
+    assert_eq!(g.used(AGENT_A).1, by_a);
+    assert_eq!(g.used(AGENT_B).1, 7 - by_a);
+    assert_eq!(g.used(TEAM).1, 7);
+    // The admin view lists the team, and each key's parent.
+    let all: Vec<Value> = g
+        .admin("/v1/budgets", Some(ADMIN_KEY))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 3);
+    for info in &all {
+        let id = info["agent_id"].as_str().unwrap();
+        if id == TEAM {
+            assert!(info.get("parent").is_none(), "{info}");
+            assert_eq!(info["calls_used"], 7);
+            assert_eq!(info["is_exhausted"], true);
+        } else {
+            assert_eq!(info["parent"], TEAM, "{info}");
+        }
+    }
+    // The team has no key: nobody can spend it directly.
+    assert_eq!(
+        g.chat(TEAM, &question(4)).await.status(),
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn the_configuration_decides_parents_over_a_restored_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let (a, b) = (AGENT_A.parse().unwrap(), AGENT_B.parse().unwrap());
+    // A state saved when A was under B.
+    let old = BudgetManager::new();
+    let config = config::parse(Path::new("old.toml"), &config_text(1_000, 10, "")).unwrap();
+    for agent in &config.agents {
+        old.set_budget(agent.limit.clone());
+    }
+    old.set_parent(&a, Some(&b)).unwrap();
+    old.persist(&state).unwrap();
+    // Now B is under A: linked as the file says, though linking B under A
+    // while A is still under B would close a loop.
+    let text = config_text(1_000, 10, "").replace(
+        &format!("agent_id = \"{AGENT_B}\""),
+        &format!("agent_id = \"{AGENT_B}\"\nparent = \"{AGENT_A}\""),
+    );
+    let budgets = Arc::new(BudgetManager::new());
+    let config = config::parse(Path::new("new.toml"), &text).unwrap();
+    let (mock_url, _) = start_mock().await;
+    Gateway::new(
+        config,
+        budgets.clone(),
+        &mock_url,
+        Duration::from_secs(10),
+        Limiter::Budget,
+        Some(state),
+    )
+    .unwrap();
+    let chain = |agent| -> Vec<String> {
+        budgets
+            .chain_info(&agent)
+            .iter()
+            .map(|i| i.agent_id.to_string())
+            .collect()
+    };
+    assert_eq!(chain(a), [AGENT_A]);
+    assert_eq!(chain(b), [AGENT_B, AGENT_A]);
+}

@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod redis;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
