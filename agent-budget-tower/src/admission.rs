@@ -81,8 +81,20 @@ impl std::error::Error for Denial {}
 /// agent's tokens and calls together, or neither, and tells where its
 /// budget stands.
 ///
-/// Implemented for every [`BudgetLimiter`]; see the [module
-/// docs](self) for what each method is for and how the layer uses it.
+/// The layer calls [`admit`](Self::admit) for each request, and
+/// [`admit_wait`](Self::admit_wait) under its `max_wait` when that was
+/// denied with a `retry_after`; it reads [`budget_chain`](Self::budget_chain)
+/// for the rate-limit headers. A [`Denial::Refused`] is answered `429`
+/// (`403` without a budget), a [`Denial::Unavailable`] `503`, both with
+/// `Retry-After` when they have one.
+///
+/// Every [`BudgetLimiter`] is one, as the layer's managers always were:
+/// `admit` is `acquire_owned`, ready at once (nothing allocated or
+/// scheduled), `admit_wait` is `acquire_owned_wait` (woken by refunds and
+/// the window's end), `budget_chain` is `chain_info`. A budget kept
+/// elsewhere implements it too: `agent-budget-redis`'s `FleetManager` does
+/// (its `tower` feature), admitting from the node's lease and answering
+/// `Unavailable` when Redis cannot be reached and the lease is spent.
 pub trait Admission: Send + Sync + 'static {
     /// Takes `tokens` and `calls` from the agent's budget (at every level
     /// of its chain), or nothing, without waiting for budget to come back.
