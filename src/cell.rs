@@ -91,10 +91,12 @@ fn unpack_fields(word: u128) -> (u64, u64, u64) {
     )
 }
 
+#[inline]
 pub(crate) fn pack(state: State) -> u128 {
     pack_fields(state.tokens, state.calls, state.mark.0)
 }
 
+#[inline]
 pub(crate) fn unpack(word: u128) -> State {
     let (tokens, calls, mark) = unpack_fields(word);
     State {
@@ -124,6 +126,7 @@ fn pack_policy(enforced: Enforced) -> u128 {
     pack_fields(policy.tokens, policy.calls, high)
 }
 
+#[inline]
 fn unpack_policy(word: u128) -> Enforced {
     let (tokens, calls, high) = unpack_fields(word);
     let refill = if high & BUCKET_FLAG != 0 {
@@ -200,6 +203,7 @@ impl AgentCell {
         }
     }
 
+    #[inline]
     pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
@@ -227,6 +231,7 @@ impl AgentCell {
 
     /// The policy the hot paths enforce: one 16-byte load, no pointer to
     /// follow.
+    #[inline]
     pub(crate) fn enforced(&self) -> Enforced {
         // Acquire: pairs with the Release in `set_limit`, so the usage this
         // operation then loads is at least the conversion to this policy.
@@ -264,6 +269,7 @@ impl AgentCell {
     }
 
     /// The state, unless the cell is retired.
+    #[inline]
     pub(crate) fn load(&self) -> Option<State> {
         // Relaxed: see "Orderings" above; the word publishes nothing else.
         let state = unpack(self.usage.load(Ordering::Relaxed));
@@ -282,6 +288,7 @@ impl AgentCell {
     /// `order` is the compare-and-swap's: `Relaxed` (see "Orderings"
     /// above) except for the transitions that give budget back, which
     /// are `SeqCst` to pair with waiting futures (see `wait::Waiters::wake`).
+    #[inline]
     pub(crate) fn update<R>(
         &self,
         order: Ordering,

@@ -46,6 +46,7 @@ impl Clock {
     }
 
     /// The one clock read of an operation.
+    #[inline]
     pub(crate) fn now(&self) -> Now {
         Now::from_nanos(self.stopwatch.nanos())
     }

@@ -31,6 +31,7 @@ struct Grip {
 }
 
 impl Grip {
+    #[inline]
     fn admit(
         &self,
         manager: &BudgetManager,

@@ -434,6 +434,7 @@ impl BudgetManager {
     /// another request may be refused by a level that is about to get the
     /// budget back: the one exception to all-or-nothing being atomic, and
     /// never an over-admission (see `docs::semantics`).
+    #[inline]
     pub(crate) fn admit_from(
         &self,
         agent_id: &AgentId,

@@ -11,11 +11,13 @@ use super::{judge, rebook, Now, Policy, Reading, Refund, State, Tick};
 impl State {
     /// Whether this window has run its full length at `now`. A window of
     /// the longest length stands for any longer one, and never ends.
+    #[inline]
     pub(super) fn is_expired(&self, policy: &Policy, now: Now) -> bool {
         policy.period < Policy::MAX_PERIOD && now.tick().millis_since(self.mark) >= policy.period
     }
 
     /// Milliseconds left in this window at `now` (zero once expired).
+    #[inline]
     pub(super) fn millis_left(&self, policy: &Policy, now: Now) -> u64 {
         policy
             .period
@@ -25,6 +27,7 @@ impl State {
     /// Itself, or a fresh window if it has expired. Writes store it, which
     /// is how "the next operation that observes the expiry starts a new
     /// window at that instant" comes about.
+    #[inline]
     pub(super) fn current_window(self, policy: &Policy, now: Now) -> State {
         if self.is_expired(policy, now) {
             // An expiry comes at least one tick after the start (every
@@ -50,6 +53,7 @@ impl State {
     /// The state to store is the current window even on a refusal, so a
     /// refused operation that observes an expiry still starts the new
     /// window (the seed's rule).
+    #[inline]
     pub(super) fn admit_window(
         self,
         policy: &Policy,

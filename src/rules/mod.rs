@@ -259,6 +259,7 @@ impl State {
     /// first, so `retry_after` is `None` whenever waiting cannot help. Zero
     /// of a resource always fits, even when that resource is exhausted (the
     /// seed's `reserve(0)` succeeds).
+    #[inline]
     pub(crate) fn admit(
         self,
         policy: &Policy,
@@ -402,6 +403,7 @@ fn rebook(current: u64, reserved: u64, used: u64, max: u64) -> u64 {
 /// The verdict on `request` against `used` under `policy`, both resources
 /// at once. `wait_ms(resource, short_by)` says how long until `short_by`
 /// more of `resource` is available, for requests that fit the limit.
+#[inline]
 fn judge(
     policy: &Policy,
     used: (u64, u64),
