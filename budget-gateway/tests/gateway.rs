@@ -638,3 +638,85 @@ async fn the_configuration_decides_parents_over_a_restored_state() {
     assert_eq!(chain(a), [AGENT_A]);
     assert_eq!(chain(b), [AGENT_B, AGENT_A]);
 }
+
+/// The binary's way to serve: worker runtimes of their own on one socket.
+/// Clients on connections of their own, spread over the workers, are
+/// admitted exactly up to the one budget they share; the stop lets a
+/// request in flight finish, and the state is saved after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_runtimes_share_the_budgets_and_stop_gracefully() {
+    let (mock_url, stats) = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state.json");
+    let config = config::parse(Path::new("test.toml"), &config_text(1_000_000, 20, "")).unwrap();
+    let budgets = Arc::new(BudgetManager::new());
+    let gateway = Gateway::new(
+        config,
+        budgets.clone(),
+        &mock_url,
+        Duration::from_secs(10),
+        Limiter::Budget,
+        Some(state.clone()),
+    )
+    .unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = tokio::spawn(gateway.serve_workers(listener, 2, async {
+        let _ = stopped.await;
+    }));
+    let chat = move |client: &reqwest::Client, key: &str, delay_ms: u64| {
+        client
+            .post(format!("{url}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8, "mock_delay_ms": delay_ms}))
+            .send()
+    };
+    // 8 clients, 5 requests each: twice A's 20 calls.
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (client, chat) = (reqwest::Client::new(), chat.clone());
+            tokio::spawn(async move {
+                let mut admitted = 0;
+                for _ in 0..5 {
+                    match chat(&client, KEY_A, 0).await.unwrap().status() {
+                        StatusCode::OK => admitted += 1,
+                        StatusCode::TOO_MANY_REQUESTS => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for client in clients {
+        admitted += client.await.unwrap();
+    }
+    assert_eq!((admitted, calls(&stats)), (20, 20));
+
+    // A slow request is admitted (reserved before it is forwarded), then
+    // the stop comes.
+    let client = reqwest::Client::new();
+    let slow = tokio::spawn(chat(&client, KEY_B, 500));
+    let b = AGENT_B.parse().unwrap();
+    eventually("the slow request is admitted", || {
+        budgets.full_info(&b).unwrap().calls_used == 1
+    })
+    .await;
+    stop.send(()).unwrap();
+    let slow = slow.await.unwrap().unwrap();
+    assert_eq!(
+        slow.status(),
+        StatusCode::OK,
+        "the request in flight finished"
+    );
+    slow.bytes().await.unwrap();
+    served.await.unwrap().unwrap();
+    assert_eq!(calls(&stats), 21);
+    let saved: Value = serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    assert_eq!(saved["usage"][AGENT_A]["calls_used"], 20);
+    assert_eq!(saved["usage"][AGENT_B]["calls_used"], 1);
+    let charged = |agent: &str| saved["usage"][agent]["tokens_used"].as_u64().unwrap();
+    assert_eq!(charged(AGENT_A) + charged(AGENT_B), tokens(&stats));
+}
