@@ -28,13 +28,6 @@
 //! finished it gives its unused leases back to the fleet
 //! ([`FleetManager::shutdown`]).
 //!
-//! The binary serves with [`Gateway::serve_workers`]: one single-threaded
-//! tokio runtime per worker thread, all accepting from one socket, each
-//! with its own pool of upstream connections, so that a request stays on
-//! the thread that accepted it; the main thread keeps the signals, the
-//! periodic save and a fleet's background tasks. [`Gateway::serve`] runs
-//! it all on the current runtime instead (tests use it).
-//!
 //! [`Limiter`] swaps the budget layer for nothing or for `tower_governor`:
 //! the same proxy three ways, for measuring what the layer costs.
 
@@ -256,11 +249,6 @@ impl Gateway {
 
     /// The gateway's routes.
     pub fn router(&self) -> Router {
-        self.router_with(self.proxy.clone())
-    }
-
-    /// The routes, forwarding through `proxy`.
-    fn router_with(&self, proxy: Proxy) -> Router {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
@@ -281,6 +269,7 @@ impl Gateway {
                 "/metrics",
                 get(move || std::future::ready(metrics.render())),
             );
+        let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
                 Budgets::Local(budgets) => router.route_service(
@@ -335,157 +324,47 @@ impl Gateway {
 
     /// Serves on `listener` until `shutdown` resolves, then lets requests
     /// in flight finish and saves the state (or, in a fleet, gives the
-    /// unused leases back). Everything runs on the current runtime.
+    /// unused leases back).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
-        let saver = self.start_saver();
+        let local = match &self.budgets {
+            Budgets::Local(budgets) => Some(budgets.clone()),
+            Budgets::Fleet(_) => None,
+        };
+        let saver = self
+            .state
+            .clone()
+            .zip(local.clone())
+            .map(|(path, budgets)| {
+                let every = Duration::from_secs(self.config.persist_interval_secs);
+                tokio::spawn(async move {
+                    let mut ticks = tokio::time::interval(every);
+                    ticks.tick().await;
+                    loop {
+                        ticks.tick().await;
+                        if let Err(e) = budgets.persist(&path) {
+                            eprintln!("budget-gateway: {e}");
+                        }
+                    }
+                })
+            });
         let served = axum::serve(listener, self.router())
             .with_graceful_shutdown(shutdown)
             .await;
-        self.finish(saver).await?;
-        Ok(served?)
-    }
-
-    /// Serves on `listener` with `workers` threads (at least one) until
-    /// `shutdown` resolves; then, like [`serve`](Self::serve), lets the
-    /// requests in flight on every worker finish and saves the state (or
-    /// gives a fleet's leases back).
-    ///
-    /// Each worker is a single-threaded tokio runtime on a thread of its
-    /// own, accepting connections from the same socket, with a connection
-    /// pool to the upstream of its own ([`Proxy::with_own_pool`]): a
-    /// connection is served on the thread that accepted it from start to
-    /// end. The budget layer reads a request's body before forwarding it,
-    /// which wakes the connection's task from within itself; on a
-    /// multi-threaded runtime that wake-up goes to the back of the queue
-    /// and rouses a parked sibling worker, which often takes the request
-    /// to another core (two `futex` calls and a migration per request). A
-    /// single-threaded runtime has nobody to hand it to.
-    ///
-    /// The runtime this is awaited on is the control runtime: it waits for
-    /// `shutdown`, saves the state periodically, and runs whatever the
-    /// budgets need in the background (a fleet's lease refills: create the
-    /// [`FleetManager`] on it). It must keep running until this returns.
-    pub async fn serve_workers(
-        self,
-        listener: std::net::TcpListener,
-        workers: usize,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> Result<(), GatewayError> {
-        listener.set_nonblocking(true)?;
-        let saver = self.start_saver();
-        let (stop, stopping) = tokio::sync::watch::channel(false);
-        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel();
-        let mut started = 0;
-        let mut failed = None;
-        for n in 0..workers.max(1) {
-            let spawned = listener.try_clone().and_then(|listener| {
-                let router = self.router_with(self.proxy.with_own_pool());
-                let (stopping, done) = (stopping.clone(), done.clone());
-                std::thread::Builder::new()
-                    .name(format!("gateway-worker-{n}"))
-                    .spawn(move || {
-                        let _ = done.send(serve_worker(listener, router, stopping));
-                    })
-            });
-            match spawned {
-                Ok(_) => started += 1,
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        drop(done);
-        drop(listener);
-        let mut results = Vec::with_capacity(started);
-        if failed.is_none() {
-            tokio::select! {
-                () = shutdown => {}
-                // A worker only returns before the stop when it failed:
-                // the others stop too, rather than serve short-handed.
-                Some(result) = finished.recv() => results.push(result),
-            }
-        }
-        let _ = stop.send(true);
-        // Bounded: every worker returns once its connections have closed,
-        // and the channel ends when the last worker's thread has.
-        while let Some(result) = finished.recv().await {
-            results.push(result);
-        }
-        self.finish(saver).await?;
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        // A worker whose thread ended without a word panicked.
-        if results.len() < started {
-            return Err(std::io::Error::other("a worker thread panicked").into());
-        }
-        match results.into_iter().find_map(Result::err) {
-            Some(e) => Err(e.into()),
-            None => Ok(()),
-        }
-    }
-
-    /// Saves the state every `persist_interval_secs`, if there is a state
-    /// file.
-    fn start_saver(&self) -> Option<tokio::task::JoinHandle<()>> {
-        let Budgets::Local(budgets) = &self.budgets else {
-            return None;
-        };
-        let (path, budgets) = (self.state.clone()?, budgets.clone());
-        let every = Duration::from_secs(self.config.persist_interval_secs);
-        Some(tokio::spawn(async move {
-            let mut ticks = tokio::time::interval(every);
-            ticks.tick().await;
-            loop {
-                ticks.tick().await;
-                if let Err(e) = budgets.persist(&path) {
-                    eprintln!("budget-gateway: {e}");
-                }
-            }
-        }))
-    }
-
-    /// After the server has stopped: the last save, or the leases back.
-    async fn finish(&self, saver: Option<tokio::task::JoinHandle<()>>) -> Result<(), GatewayError> {
         if let Some(saver) = saver {
             saver.abort();
         }
-        match &self.budgets {
-            Budgets::Local(budgets) => {
-                if let Some(path) = &self.state {
-                    budgets.persist(path)?;
-                }
-            }
-            Budgets::Fleet(fleet) => fleet.shutdown().await?,
+        if let Some((path, budgets)) = self.state.as_ref().zip(local) {
+            budgets.persist(path)?;
         }
-        Ok(())
+        if let Budgets::Fleet(fleet) = &self.budgets {
+            fleet.shutdown().await?;
+        }
+        Ok(served?)
     }
-}
-
-/// One worker: a single-threaded runtime serving `router` on `listener`
-/// until `stopping` turns true (or its sender is gone), then until its
-/// connections have closed.
-fn serve_worker(
-    listener: std::net::TcpListener,
-    router: Router,
-    mut stopping: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::from_std(listener)?;
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopping.wait_for(|stop| *stop).await;
-            })
-            .await
-    })
 }
 
 /// tower_governor's key: the bearer key.

@@ -25,7 +25,7 @@ OPTIONS:
     --redis URL              share every budget with all gateways on this Redis (redis://host:port);
                              usage lives in Redis, so not with --state; budgets cannot nest (no `parent`)
     --upstream-timeout SECS  answer 504 when the upstream has not answered by then (default 600)
-    --threads N              worker threads, each a single-threaded runtime (default: one per core)
+    --threads N              worker threads (default: one per core)
     --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
     --mock-upstream          serve a small OpenAI-compatible mock instead (for trying the gateway)
     -h, --help               this text
@@ -116,20 +116,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // The gateway's workers run runtimes of their own (see
-    // `Gateway::serve_workers`); this one, on the main thread, only waits
-    // for the signal, saves the state and runs a fleet's background tasks.
-    // The mock upstream is served by a multi-threaded runtime, as tests
-    // and benchmarks expect of an upstream.
-    let mut builder = if args.mock {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = args.threads {
-            builder.worker_threads(n);
-        }
-        builder
-    } else {
-        tokio::runtime::Builder::new_current_thread()
-    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        builder.worker_threads(n);
+    }
     let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -202,20 +192,13 @@ async fn run(args: Args) -> Result<(), String> {
             )
         }
     };
-    let listener = std::net::TcpListener::bind(listen)
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-    let workers = args
-        .threads
-        .or_else(|| std::thread::available_parallelism().ok().map(usize::from))
-        .unwrap_or(1);
+    let listener = bind(listen).await?;
     eprintln!(
-        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}, {workers} worker threads",
-        listener
-            .local_addr()
-            .map_or_else(|_| "?".to_owned(), |a| a.to_string()),
+        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}",
+        local(&listener),
     );
     gateway
-        .serve_workers(listener, workers, stop_signal())
+        .serve(listener, stop_signal())
         .await
         .map_err(|e| e.to_string())?;
     eprintln!("budget-gateway: stopped");

@@ -3,11 +3,10 @@
 //! # How it works
 //!
 //! The proxy keeps one pooled HTTP/1 client (hyper-util's) to the
-//! upstream (one per worker runtime: [`Proxy::with_own_pool`]). A request
-//! keeps its method, path, query, body and headers, less the hop-by-hop
-//! ones (`Connection` and those it names, `Keep-Alive`, `Proxy-*`, `TE`,
-//! `Trailer`, `Transfer-Encoding`, `Upgrade`) and `Host` (the client sets
-//! the upstream's). If the
+//! upstream. A request keeps its method, path, query, body and headers,
+//! less the hop-by-hop ones (`Connection` and those it names,
+//! `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
+//! `Upgrade`) and `Host` (the client sets the upstream's). If the
 //! configuration has an `upstream_api_key`, it replaces the client's
 //! `Authorization`: clients never see the upstream's key, and the upstream
 //! never sees the clients'. Without one, the client's `Authorization` goes
@@ -97,32 +96,20 @@ impl Proxy {
             .map(|key| HeaderValue::from_str(&format!("Bearer {key}")))
             .transpose()
             .map_err(|_| bad("the upstream API key is not a valid header value"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(1024)
+            .build(connector);
         Ok(Proxy {
             inner: Arc::new(Inner {
-                client: pooled_client(),
+                client,
                 base,
                 authorization,
                 timeout,
             }),
         })
-    }
-
-    /// The same proxy with a connection pool of its own.
-    ///
-    /// hyper-util's client drives each upstream connection from a task on
-    /// the runtime that opened it. A gateway worker with a runtime of its
-    /// own takes one of these, so that its requests never pick a pooled
-    /// connection whose task lives on another worker's thread (each
-    /// response would then wake that thread, and come back across).
-    pub fn with_own_pool(&self) -> Proxy {
-        Proxy {
-            inner: Arc::new(Inner {
-                client: pooled_client(),
-                base: self.inner.base.clone(),
-                authorization: self.inner.authorization.clone(),
-                timeout: self.inner.timeout,
-            }),
-        }
     }
 
     /// Forwards `request` and returns the upstream's response, or the
@@ -175,15 +162,6 @@ impl Proxy {
             )),
         }
     }
-}
-
-fn pooled_client() -> Client<HttpConnector, Body> {
-    let mut connector = HttpConnector::new();
-    connector.set_nodelay(true);
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_max_idle_per_host(1024)
-        .build(connector)
 }
 
 /// `e` and its sources, joined: hyper's top-level errors say little.
