@@ -25,7 +25,6 @@
 //! one that refused), with that level's window. Everything here is pure: a
 //! [`RateLimitSnapshot`] in, header values out.
 
-use std::fmt::Write as _;
 use std::time::Duration;
 
 use agent_budget::{BudgetKind, FullBudgetInfo, Refused};
@@ -158,17 +157,12 @@ impl RateLimitSnapshot {
         headers.insert(X_RATELIMIT_LIMIT_TOKENS, self.token_limit.into());
         headers.insert(X_RATELIMIT_REMAINING_REQUESTS, self.calls_remaining.into());
         headers.insert(X_RATELIMIT_REMAINING_TOKENS, self.tokens_remaining.into());
-        let Ok(tokens_reset) = HeaderValue::from_str(&go_duration(self.tokens_reset)) else {
-            return;
-        };
+        let tokens_reset = go_duration_value(self.tokens_reset);
         // One budget (the common case): one value, formatted once.
         let calls_reset = if self.calls_reset == self.tokens_reset {
             tokens_reset.clone()
         } else {
-            match HeaderValue::from_str(&go_duration(self.calls_reset)) {
-                Ok(value) => value,
-                Err(_) => return,
-            }
+            go_duration_value(self.calls_reset)
         };
         headers.insert(X_RATELIMIT_RESET_REQUESTS, calls_reset);
         headers.insert(X_RATELIMIT_RESET_TOKENS, tokens_reset);
@@ -245,31 +239,72 @@ fn ceil_secs(d: Duration) -> u64 {
 /// `1.5s`, `6m0s`, `2h30m0s`. This is the format of OpenAI's
 /// `x-ratelimit-reset-*` values.
 pub fn go_duration(d: Duration) -> String {
-    let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
-    if millis == 0 {
-        return "0s".to_owned();
+    GoDuration::of(d).as_str().to_owned()
+}
+
+/// [`go_duration`] as a header value: formatted on the stack, so the value
+/// is the one allocation (every admitted response carries two).
+fn go_duration_value(d: Duration) -> HeaderValue {
+    HeaderValue::from_str(GoDuration::of(d).as_str())
+        .expect("digits, '.' and unit letters make a valid header value")
+}
+
+/// A Go duration's text, on the stack. The longest, `Duration::MAX`'s, is
+/// `5124095576030431h0m16s` (22 bytes).
+struct GoDuration {
+    bytes: [u8; 40],
+    len: usize,
+}
+
+impl GoDuration {
+    fn of(d: Duration) -> Self {
+        let mut out = GoDuration {
+            bytes: [0; 40],
+            len: 0,
+        };
+        let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        if millis == 0 {
+            out.push(b"0s");
+            return out;
+        }
+        let mut digits = itoa::Buffer::new();
+        if millis < 1_000 {
+            out.push(digits.format(millis).as_bytes());
+            out.push(b"ms");
+            return out;
+        }
+        let (secs, frac) = (millis / 1_000, (millis % 1_000) as u16);
+        let (hours, minutes, seconds) = (secs / 3_600, secs / 60 % 60, secs % 60);
+        // Go writes the hours if any, then the minutes if any hours or
+        // minutes, then always the seconds: `2h0m5s`, `6m0s`, `5s`.
+        if hours > 0 {
+            out.push(digits.format(hours).as_bytes());
+            out.push(b"h");
+        }
+        if secs >= 60 {
+            out.push(digits.format(minutes).as_bytes());
+            out.push(b"m");
+        }
+        out.push(digits.format(seconds).as_bytes());
+        if frac > 0 {
+            // Three digits, without the trailing zeros: `.5`, `.02`, `.999`.
+            let three = [frac / 100, frac / 10 % 10, frac % 10].map(|d| b'0' + d as u8);
+            let kept = 3 - three.iter().rev().take_while(|&&d| d == b'0').count();
+            out.push(b".");
+            out.push(&three[..kept]);
+        }
+        out.push(b"s");
+        out
     }
-    if millis < 1_000 {
-        return format!("{millis}ms");
+
+    fn push(&mut self, text: &[u8]) {
+        self.bytes[self.len..self.len + text.len()].copy_from_slice(text);
+        self.len += text.len();
     }
-    let (secs, frac) = (millis / 1_000, millis % 1_000);
-    let (hours, minutes, seconds) = (secs / 3_600, secs / 60 % 60, secs % 60);
-    let mut out = String::new();
-    // Go writes the hours if any, then the minutes if any hours or
-    // minutes, then always the seconds: `2h0m5s`, `6m0s`, `5s`.
-    if hours > 0 {
-        let _ = write!(out, "{hours}h");
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..self.len]).expect("ASCII only")
     }
-    if secs >= 60 {
-        let _ = write!(out, "{minutes}m");
-    }
-    let _ = write!(out, "{seconds}");
-    if frac > 0 {
-        let digits = format!("{frac:03}");
-        let _ = write!(out, ".{}", digits.trim_end_matches('0'));
-    }
-    out.push('s');
-    out
 }
 
 #[cfg(test)]
@@ -311,7 +346,18 @@ mod tests {
 
     #[test]
     fn go_durations_of_huge_values_do_not_panic() {
-        assert!(go_duration(Duration::MAX).ends_with('s'));
+        assert_eq!(go_duration(Duration::MAX), "5124095576030431h0m16s");
+        assert_eq!(
+            go_duration(Duration::MAX - ms(1)),
+            "5124095576030431h0m15.999s"
+        );
+    }
+
+    #[test]
+    fn header_values_are_the_go_durations() {
+        for d in [ms(0), ms(20), ms(1_020), ms(90_061_001), Duration::MAX] {
+            assert_eq!(go_duration_value(d), go_duration(d).as_str(), "{d:?}");
+        }
     }
 
     #[test]

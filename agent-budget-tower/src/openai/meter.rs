@@ -71,8 +71,10 @@ pub struct OpenAiSession {
 #[derive(Debug)]
 enum Reading {
     Json {
-        /// The body's chunks so far (shared, not copied).
-        chunks: Vec<Bytes>,
+        /// The body's first chunk: most bodies are one, and need no list.
+        first: Option<Bytes>,
+        /// The chunks after the first (shared, not copied).
+        more: Vec<Bytes>,
         length: usize,
         limit: usize,
         overflowed: bool,
@@ -107,7 +109,8 @@ impl Meter for OpenAiUsage {
             }
         } else {
             Reading::Json {
-                chunks: Vec::new(),
+                first: None,
+                more: Vec::new(),
                 length: 0,
                 limit: self.max_buffered,
                 overflowed: false,
@@ -136,7 +139,8 @@ impl MeterSession for OpenAiSession {
     fn data(&mut self, chunk: Bytes) -> Option<Bytes> {
         match &mut self.reading {
             Reading::Json {
-                chunks,
+                first,
+                more,
                 length,
                 limit,
                 overflowed,
@@ -145,9 +149,11 @@ impl MeterSession for OpenAiSession {
                     *length = length.saturating_add(chunk.len());
                     if *length > *limit {
                         *overflowed = true;
-                        *chunks = Vec::new();
+                        (*first, *more) = (None, Vec::new());
+                    } else if first.is_none() {
+                        *first = Some(chunk.clone());
                     } else {
-                        chunks.push(chunk.clone());
+                        more.push(chunk.clone());
                     }
                 }
                 Some(chunk)
@@ -210,15 +216,21 @@ impl MeterSession for OpenAiSession {
 
     fn finish(&mut self) -> Outcome {
         if let Reading::Json {
-            chunks,
+            first: Some(first),
+            more,
             overflowed: false,
             ..
         } = &self.reading
         {
             // One chunk (the usual case) is read where it lies.
-            let usage = match chunks.as_slice() {
-                [one] => json_usage(one),
-                many => json_usage(&many.concat()),
+            let usage = if more.is_empty() {
+                json_usage(first)
+            } else {
+                let mut whole = first.to_vec();
+                for chunk in more {
+                    whole.extend_from_slice(chunk);
+                }
+                json_usage(&whole)
             };
             self.usage = self.usage.or(usage);
         }
