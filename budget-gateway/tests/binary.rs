@@ -177,15 +177,12 @@ async fn sigterm_lets_requests_in_flight_finish_and_keeps_usage_across_a_restart
     args[3] = addr.clone();
     let mut gateway = spawn(&args.each_ref().map(String::as_str));
     wait_listening(&addr, &mut gateway);
-    let info: Value = client
-        .get(format!("http://{addr}/v1/budgets/{AGENT_A}"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = admin_view(
+        &client,
+        &format!("http://{addr}"),
+        &format!("/v1/budgets/{AGENT_A}"),
+    )
+    .await;
     assert_eq!(info["tokens_used"], tokens(&stats));
     assert_eq!(info["calls_used"], 2);
 }
@@ -308,15 +305,12 @@ async fn two_gateway_processes_on_one_redis_share_a_budget_and_stop_cleanly() {
     }
     assert_eq!((admitted, calls(&stats)), (6, 6));
     for addr in &addrs {
-        let info: Value = client
-            .get(format!("http://{addr}/v1/budgets/{AGENT_A}"))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let info: Value = admin_view(
+            &client,
+            &format!("http://{addr}"),
+            &format!("/v1/budgets/{AGENT_A}"),
+        )
+        .await;
         assert_eq!(info["calls_used"], 6, "{info}");
         assert_eq!(info["calls_remaining"], 0, "{info}");
     }
@@ -349,14 +343,11 @@ async fn two_gateway_processes_on_one_redis_share_a_budget_and_stop_cleanly() {
         "{err}"
     );
     assert!(err.contains("budget-gateway: stopped"), "{err}");
-    let info: Value = client
-        .get(format!("http://{}/v1/budgets/{AGENT_B}", addrs[1]))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let info: Value = admin_view(
+        &client,
+        &format!("http://{}", addrs[1]),
+        &format!("/v1/budgets/{AGENT_B}"),
+    )
+    .await;
     assert_eq!(info["calls_used"], 1, "{info}");
 }

@@ -86,14 +86,7 @@ async fn chat(client: &reqwest::Client, node: &Node, key: &str) -> reqwest::Resp
 }
 
 async fn admin(client: &reqwest::Client, node: &Node, agent: &str) -> Value {
-    let r = client
-        .get(format!("{}/v1/budgets/{agent}", node.url))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::OK);
-    r.json().await.unwrap()
+    admin_view(client, &node.url, &format!("/v1/budgets/{agent}")).await
 }
 
 fn header(r: &reqwest::Response, name: &str) -> String {
@@ -194,15 +187,7 @@ async fn two_gateways_on_one_redis_admit_exactly_the_budget_between_them() {
         assert_eq!(info["window_remaining_secs"], 60, "{info}");
     }
     // Agent B, untouched, is listed with A on both.
-    let all: Vec<Value> = client
-        .get(format!("{}/v1/budgets", nodes[1].url))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let all: Vec<Value> = admin_view(&client, &nodes[1].url, "/v1/budgets").await;
     assert_eq!(all.len(), 2);
     assert!(all
         .iter()

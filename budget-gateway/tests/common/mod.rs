@@ -69,3 +69,21 @@ pub async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
     panic!("never happened: {what}");
 }
+
+/// The admin view at `base` (`http://host:port`) and `path` (`/v1/budgets`
+/// or `/v1/budgets/{agent}`), read with the admin key; anything but `200`
+/// fails the test.
+pub async fn admin_view<T: serde::de::DeserializeOwned>(
+    client: &reqwest::Client,
+    base: &str,
+    path: &str,
+) -> T {
+    let r = client
+        .get(format!("{base}{path}"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK, "GET {base}{path}");
+    r.json().await.unwrap()
+}
