@@ -87,18 +87,7 @@ impl RateLimitSnapshot {
     /// The snapshot of one budget's `full_info`. Its window end is known
     /// to the second only (the core reports whole seconds, rounded down).
     pub fn from_info(info: &FullBudgetInfo) -> Self {
-        let reset = Duration::from_secs(info.window_remaining_secs);
-        let window = Duration::from_secs(info.window_secs);
-        RateLimitSnapshot {
-            token_limit: info.token_limit,
-            tokens_remaining: info.tokens_remaining,
-            tokens_reset: reset,
-            tokens_window: window,
-            calls_limit: info.calls_limit,
-            calls_remaining: info.calls_remaining,
-            calls_reset: reset,
-            calls_window: window,
-        }
+        Self::of_levels(info, info)
     }
 
     /// The snapshot of an agent's chain (its own `full_info`, then its
