@@ -217,13 +217,7 @@ impl Gateway {
         upstream: &str,
         upstream_timeout: Duration,
     ) -> Result<Self, GatewayError> {
-        if let Some(agent) = config.agents.iter().find(|a| a.parent.is_some()) {
-            return Err(GatewayError::Unsupported(format!(
-                "agent {} has a parent, and budgets shared through Redis cannot nest: \
-                 remove `parent` (and the keyless parents' entries), or run without --redis",
-                agent.limit.agent_id
-            )));
-        }
+        Self::check_fleet_config(&config)?;
         let proxy = Proxy::new(
             upstream,
             config.upstream_api_key.as_deref(),
@@ -240,6 +234,20 @@ impl Gateway {
             limiter: Limiter::Budget,
             state: None,
         })
+    }
+
+    /// Refuses a configuration a fleet cannot enforce (budgets with a
+    /// `parent`: fleet budgets are flat). [`fleet`](Self::fleet) checks
+    /// it; callers may check it first, before connecting to Redis.
+    pub fn check_fleet_config(config: &Config) -> Result<(), GatewayError> {
+        match config.agents.iter().find(|a| a.parent.is_some()) {
+            Some(agent) => Err(GatewayError::Unsupported(format!(
+                "agent {} has a parent, and budgets shared through Redis cannot nest: \
+                 remove `parent` (and the keyless parents' entries), or run without --redis",
+                agent.limit.agent_id
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The budgets the gateway enforces.

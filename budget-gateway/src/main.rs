@@ -168,14 +168,10 @@ async fn run(args: Args) -> Result<(), String> {
             (gateway, format!("limiter {:?}", args.limiter))
         }
         Some(url) => {
-            if let Some(agent) = config.agents.iter().find(|a| a.parent.is_some()) {
-                return Err(format!(
-                    "{}: agent {} has a parent, and budgets shared through Redis cannot nest: \
-                     remove `parent` (and the keyless parents' entries), or run without --redis",
-                    config_path.display(),
-                    agent.limit.agent_id
-                ));
-            }
+            // Before connecting: a configuration a fleet cannot enforce is
+            // refused whether or not Redis is up.
+            Gateway::check_fleet_config(&config)
+                .map_err(|e| format!("{}: {e}", config_path.display()))?;
             let mut fleet = FleetConfig::new(url.as_str());
             fleet.node_id = node_name();
             let fleet = FleetManager::connect(fleet)
