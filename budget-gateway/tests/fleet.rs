@@ -89,15 +89,6 @@ async fn admin(client: &reqwest::Client, node: &Node, agent: &str) -> Value {
     admin_view(client, &node.url, &format!("/v1/budgets/{agent}")).await
 }
 
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header"))
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_gateways_on_one_redis_admit_exactly_the_budget_between_them() {
     let redis = RedisServer::start();

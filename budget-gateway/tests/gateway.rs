@@ -82,15 +82,6 @@ impl Running {
     }
 }
 
-fn header(r: &reqwest::Response, name: &str) -> String {
-    r.headers()
-        .get(name)
-        .unwrap_or_else(|| panic!("no {name} header"))
-        .to_str()
-        .unwrap()
-        .to_owned()
-}
-
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
 
 fn question(max_tokens: u64) -> Value {
@@ -344,12 +335,7 @@ async fn the_admin_view_needs_the_admin_key() {
         g.admin(&path, Some(KEY_B)).await.status(),
         StatusCode::FORBIDDEN
     );
-    let all: Vec<Value> = g
-        .admin("/v1/budgets", Some(ADMIN_KEY))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let all: Vec<Value> = admin_view(&g.client, &g.url, "/v1/budgets").await;
     let mut ids: Vec<&str> = all
         .iter()
         .map(|i| i["agent_id"].as_str().unwrap())
@@ -573,12 +559,7 @@ async fn two_keys_under_one_team_get_exactly_the_teams_budget_between_them() {
     assert_eq!(g.used(AGENT_B).1, 7 - by_a);
     assert_eq!(g.used(TEAM).1, 7);
     // The admin view lists the team, and each key's parent.
-    let all: Vec<Value> = g
-        .admin("/v1/budgets", Some(ADMIN_KEY))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let all: Vec<Value> = admin_view(&g.client, &g.url, "/v1/budgets").await;
     assert_eq!(all.len(), 3);
     for info in &all {
         let id = info["agent_id"].as_str().unwrap();

@@ -87,3 +87,13 @@ pub async fn admin_view<T: serde::de::DeserializeOwned>(
     assert_eq!(r.status(), reqwest::StatusCode::OK, "GET {base}{path}");
     r.json().await.unwrap()
 }
+
+/// The value of header `name`; a missing one fails the test with its name.
+pub fn header(r: &reqwest::Response, name: &str) -> String {
+    r.headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
