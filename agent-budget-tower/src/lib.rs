@@ -19,8 +19,8 @@
 //! | part | trait | default | others |
 //! |---|---|---|---|
 //! | who the agent is | [`Identify`] | [`AgentIdHeader`] (`x-agent-id: <uuid>`) | [`BearerKeys`] (`Authorization: Bearer <key>` through a map), [`AgentIdExtension`], closures |
-//! | what to reserve | [`Estimator`] | [`OpenAiEstimator`]: prompt + `max_tokens`, one call | [`FixedCost`] |
-//! | what was used | [`Meter`] | [`OpenAiUsage`]: `usage` from the JSON body or the stream's last chunk | [`HeaderUsage`] |
+//! | what to reserve | [`Estimator`] | [`OpenAiEstimator`]: for chat completions, completions, responses and embeddings, the prompt and the most the completion may use, and one call; reads one call; other requests refused (see [`OtherRequests`]) | [`FixedCost`] |
+//! | what was used | [`Meter`] | [`OpenAiUsage`]: `usage` from the JSON body or the stream's usage event | [`HeaderUsage`] |
 //! | what admits | [`Admission`] | any [`BudgetLimiter`](agent_budget::BudgetLimiter) (`Arc<BudgetManager>`, the argument of [`BudgetLayer::new`]) | `agent-budget-redis`'s `FleetManager` (its `tower` feature): one budget for a fleet |
 //!
 //! # What a client sees
@@ -32,7 +32,9 @@
 //! - Refused: `429 Too Many Requests` with `Retry-After` in whole seconds
 //!   (rounded up, never `0`), the same headers, and an OpenAI-style error
 //!   body; `403` if the agent has no budget at all; `401` if no agent can
-//!   be told; `400` if the body cannot be estimated. Nothing is forwarded
+//!   be told; `400` if the body cannot be estimated or the path has a
+//!   spelling servers disagree on ([`path`]); `404` for a request the
+//!   estimator will not forward ([`OtherRequests`]). Nothing is forwarded
 //!   or charged for any of these.
 //! - With [`BudgetLayer::max_wait`], a request that does not fit waits
 //!   for budget (a refund or the window's end) up to that long first.
@@ -70,6 +72,7 @@ pub mod headers;
 mod identify;
 mod meter;
 pub mod openai;
+pub mod path;
 mod rejection;
 mod service;
 mod telemetry;
@@ -79,7 +82,7 @@ pub use body::BudgetBody;
 pub use estimate::{Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
 pub use meter::{HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome};
-pub use openai::{OpenAiEstimator, OpenAiUsage};
+pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests};
 pub use rejection::Rejection;
 pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};
 pub use telemetry::RefusalReason;

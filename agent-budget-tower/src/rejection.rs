@@ -84,6 +84,17 @@ impl Rejection {
         )
     }
 
+    /// `404 Not Found`: a path the layer will not forward, as OpenAI
+    /// answers a URL it does not know.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            message,
+            "invalid_request_error",
+            "unknown_endpoint",
+        )
+    }
+
     /// The OpenAI-style JSON body of this rejection.
     pub fn json_body(&self) -> Bytes {
         let body = serde_json::json!({

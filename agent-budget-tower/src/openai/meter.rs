@@ -16,6 +16,13 @@
 //!   sends each event in one write, so in practice nothing waits);
 //!   otherwise the chunks pass through untouched.
 //!
+//! - **Compressed** (a `content-encoding` other than `identity`): the
+//!   usage cannot be read as the bytes go by, so the body passes through
+//!   untouched and the estimate stays charged (an error status cancels).
+//!   The gateway asks its upstream for `identity`, so this is a fallback
+//!   for upstreams that compress regardless, and for services that
+//!   compress inside the layer (put compression outside it).
+//!
 //! The outcome, once the body is over:
 //!
 //! | the body | reported usage | no usage, status 2xx | no usage, error status |
@@ -23,13 +30,14 @@
 //! | ended | `Used(usage)` | `Reserved` | `Cancel` |
 //! | dropped or failed, JSON | `Used(usage)` | `Reserved`: the upstream generated it all before answering | `Cancel` |
 //! | dropped or failed, stream | `Used(usage)` | `Used(prompt + streamed)` | `Cancel` |
+//! | compressed, in any way | | `Reserved` | `Cancel` |
 //!
 //! Streamed tokens are estimated from the text the client received: the
 //! number of chunks with text, or a quarter of its bytes if that is more
 //! (OpenAI sends about one token per chunk; others batch).
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::response::Parts;
 
 use super::response::{json_usage, read_event, EventSplitter, StreamEvent};
@@ -85,6 +93,8 @@ enum Reading {
         text_chunks: u64,
         text_bytes: u64,
     },
+    /// Compressed: nothing can be read as it goes by.
+    Opaque,
 }
 
 impl Meter for OpenAiUsage {
@@ -96,7 +106,13 @@ impl Meter for OpenAiUsage {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        let reading = if is_stream {
+        let compressed = response
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+        let reading = if compressed {
+            Reading::Opaque
+        } else if is_stream {
             if estimate.hide_usage_chunk {
                 // The body will be shorter than the upstream said.
                 response.headers.remove(CONTENT_LENGTH);
@@ -190,6 +206,7 @@ impl MeterSession for OpenAiSession {
                     Some(chunk)
                 }
             }
+            Reading::Opaque => Some(chunk),
         }
     }
 
@@ -242,7 +259,7 @@ impl MeterSession for OpenAiSession {
             return outcome;
         }
         match &self.reading {
-            Reading::Json { .. } => Outcome::Reserved,
+            Reading::Json { .. } | Reading::Opaque => Outcome::Reserved,
             Reading::Stream {
                 text_chunks,
                 text_bytes,
@@ -358,6 +375,46 @@ mod tests {
         let mut s = session("text/event-stream", StatusCode::OK, true);
         assert_eq!(s.data(Bytes::from_static(b"data: tail")), None);
         assert_eq!(s.flush().as_deref(), Some(&b"data: tail"[..]));
+    }
+
+    #[test]
+    fn a_compressed_body_passes_untouched_and_keeps_the_estimate() {
+        for content_type in ["application/json", "text/event-stream"] {
+            let (mut parts, ()) = Response::builder()
+                .header(CONTENT_TYPE, content_type)
+                .header(CONTENT_ENCODING, "gzip")
+                .body(())
+                .unwrap()
+                .into_parts();
+            let estimate = Estimate {
+                prompt_tokens: 10,
+                completion_tokens: 100,
+                calls: 1,
+                hide_usage_chunk: true,
+            };
+            let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
+            let gzipped = Bytes::from_static(b"\x1f\x8b\x08\x00garbage");
+            assert_eq!(s.data(gzipped.clone()), Some(gzipped));
+            assert!(s.preserves_body());
+            assert_eq!(s.flush(), None);
+            assert_eq!(s.abandon(), Outcome::Reserved, "{content_type}");
+            assert_eq!(s.finish(), Outcome::Reserved, "{content_type}");
+        }
+    }
+
+    #[test]
+    fn a_responses_stream_settles_from_response_completed() {
+        let mut s = session("text/event-stream", StatusCode::OK, false);
+        let delta = b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"delta\":\"Hello\"}\n\n";
+        let done = b"event: response.completed\ndata: {\"type\":\"response.completed\",\"response\":{\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11}}}\n\n";
+        let all = [&delta[..], delta, done].concat();
+        assert_eq!(s.data(Bytes::from(all.clone())).unwrap(), all);
+        assert_eq!(s.finish(), Outcome::Used(11));
+        // Abandoned after two deltas: the prompt and what streamed.
+        let mut s = session("text/event-stream", StatusCode::OK, false);
+        s.data(Bytes::from([&delta[..], delta].concat()));
+        // Two chunks of 5 bytes: max(2, ceil(10 / 4) = 3).
+        assert_eq!(s.abandon(), Outcome::Used(10 + 3));
     }
 
     #[test]

@@ -4,12 +4,15 @@
 //! [`EventSplitter`]) are public so other layers and tests can use them;
 //! [`OpenAiEstimator`] and [`OpenAiUsage`] plug them into the layer.
 
+mod chat;
+mod embeddings;
 mod estimator;
 mod meter;
 mod request;
 mod response;
+mod responses;
 
-pub use estimator::OpenAiEstimator;
+pub use estimator::{OpenAiEstimator, OtherRequests};
 pub use meter::{OpenAiSession, OpenAiUsage};
 pub use request::{
     estimate_body, ByteCount, Endpoint, EstimateOptions, RequestEstimate, TokenCounter,

@@ -1,21 +1,25 @@
-//! The estimate of an OpenAI-style request, from its JSON body (pure).
+//! The estimate of an OpenAI-style request, from its path and JSON body
+//! (pure).
 //!
 //! # How it works
 //!
-//! `/v1/chat/completions` and `/v1/completions` bodies are read into a
-//! narrow view that borrows the text where it can: only the fields that
-//! bear on the cost are looked at, the rest is skipped. The estimate is
+//! Four endpoints consume tokens, and each is estimated from its body
+//! ([`estimate_body`]), read into a narrow view that borrows the text
+//! where it can (only the fields that bear on the cost are looked at):
 //!
-//! - **prompt**: the tokens of every message's text (plain content, text
-//!   parts, names, tool calls' arguments) plus the per-message framing
-//!   OpenAI documents (3 tokens per message, 1 per name, 3 to prime the
-//!   reply), and the tool definitions' JSON; each non-text content part
-//!   (an image, audio) counts [`NON_TEXT_PART_TOKENS`]. For completions,
-//!   the prompt's text (a string, strings, or token arrays, whose length is
-//!   their count).
-//! - **completion**: `max_completion_tokens`, else `max_tokens`, else the
-//!   configured default, times `n` (and times the number of prompts for
-//!   completions), saturating.
+//! | endpoint | prompt | completion |
+//! |---|---|---|
+//! | `…/chat/completions` | every message's text, names, tool calls, plus OpenAI's framing (3 tokens a message, 1 a name, 3 to prime the reply); tool definitions and `response_format` as their JSON | `max_completion_tokens`, else `max_tokens`, else the default, × `n` |
+//! | `…/completions` | the prompt: a string, strings, or token arrays (whose length is their count) | `max_tokens`, else the default (16), × `max(n, best_of)` × the number of prompts |
+//! | `…/responses` | `instructions`, and `input` (a string, or items: messages counted like chat's, any other item as its JSON), tools and `text` as their JSON | `max_output_tokens` (reasoning included), else the default |
+//! | `…/embeddings` | `input`, in the same shapes as a completions prompt | none |
+//!
+//! Each non-text content part (an image, audio, a file) counts
+//! [`NON_TEXT_PART_TOKENS`]. Every estimate is at least one token, so that
+//! an exhausted token budget refuses every metered request. State the
+//! upstream keeps (a Responses request's `previous_response_id` or
+//! `conversation`, stored files) cannot be counted here: it is charged
+//! when the response reports its usage.
 //!
 //! The counting itself is a [`TokenCounter`]: a real tokenizer where the
 //! caller has one, or [`ByteCount`], the conservative bound (a byte-level
@@ -27,30 +31,22 @@
 //! that matters (`"max_tokens": "lots"`, `-1`, `1e30`) is an error, which
 //! the layer answers with `400` before anything is charged.
 //!
-//! For `"stream": true` the layer needs the upstream's usage, which
-//! OpenAI sends only when asked: if the client did not set
-//! `stream_options.include_usage`, the body is rewritten to ask, and the
-//! estimate says to hide the usage chunk from the client.
-
-use std::borrow::Cow;
+//! For a streamed chat or completions request the layer needs the
+//! upstream's usage, which OpenAI sends only when asked: if the client did
+//! not set `stream_options.include_usage`, the body is rewritten to ask,
+//! and the estimate says to hide the usage chunk from the client. A
+//! Responses stream always ends with its usage (in `response.completed`),
+//! so nothing is rewritten.
 
 use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::{chat, embeddings, responses};
 use crate::Estimate;
 
-/// Tokens counted for a content part that is not text (an image, audio).
+/// Tokens counted for a content part that is not text (an image, audio, a
+/// file).
 pub const NON_TEXT_PART_TOKENS: u64 = 1_000;
-/// Framing tokens per chat message.
-const TOKENS_PER_MESSAGE: u64 = 3;
-/// Framing tokens per message name.
-const TOKENS_PER_NAME: u64 = 1;
-/// Tokens that prime the assistant's reply.
-const REPLY_PRIMING: u64 = 3;
-/// The most choices (`n`) a request may ask for.
-const MAX_CHOICES: u64 = 128;
 
 /// Counts the tokens of a text.
 pub trait TokenCounter: Send + Sync + 'static {
@@ -72,23 +68,34 @@ impl TokenCounter for ByteCount {
 
 /// Which OpenAI endpoint a path is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Endpoint {
     /// `…/chat/completions`.
     Chat,
     /// `…/completions` (the legacy text completions).
     Completions,
+    /// `…/responses`: the Responses API.
+    Responses,
+    /// `…/embeddings`.
+    Embeddings,
     /// Anything else: not estimated from its body.
     Other,
 }
 
 impl Endpoint {
-    /// The endpoint of a request path.
+    /// The endpoint of a request path, by its last segments (a trailing
+    /// `/` allowed). The path should be [normalized](crate::path::normalize)
+    /// first: this compares it as it is spelled.
     pub fn of_path(path: &str) -> Self {
-        let path = path.trim_end_matches('/');
+        let path = path.strip_suffix('/').unwrap_or(path);
         if path.ends_with("/chat/completions") {
             Endpoint::Chat
         } else if path.ends_with("/completions") {
             Endpoint::Completions
+        } else if path.ends_with("/responses") {
+            Endpoint::Responses
+        } else if path.ends_with("/embeddings") {
+            Endpoint::Embeddings
         } else {
             Endpoint::Other
         }
@@ -98,7 +105,8 @@ impl Endpoint {
 /// Knobs of the estimate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct EstimateOptions {
-    /// Completion tokens reserved when a chat request sets no maximum.
+    /// Completion tokens reserved when a chat or Responses request sets no
+    /// maximum.
     pub default_max_tokens: u64,
     /// Completion tokens reserved when a completions request sets no
     /// maximum (OpenAI's default there is 16).
@@ -119,76 +127,21 @@ impl Default for EstimateOptions {
 pub struct RequestEstimate {
     /// What to reserve (one call).
     pub estimate: Estimate,
-    /// The body with `stream_options.include_usage` set, when the request
-    /// streams and did not ask for usage itself.
+    /// The body with `stream_options.include_usage` set, when a chat or
+    /// completions request streams and did not ask for usage itself.
     pub rewritten_body: Option<Bytes>,
 }
 
-/// The narrow view of a chat or completions body.
-#[derive(Deserialize)]
-struct Body<'a> {
-    #[serde(default, borrow)]
-    messages: Option<Vec<Message<'a>>>,
-    #[serde(default, borrow)]
-    prompt: Option<Prompt<'a>>,
-    #[serde(default, borrow)]
-    tools: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    functions: Option<&'a RawValue>,
-    #[serde(default)]
-    max_tokens: Option<Value>,
-    #[serde(default)]
-    max_completion_tokens: Option<Value>,
-    #[serde(default)]
-    n: Option<Value>,
-    #[serde(default)]
-    stream: Option<bool>,
-    #[serde(default)]
-    stream_options: Option<StreamOptions>,
+/// What an endpoint's view of a body says about its cost.
+pub(super) struct Cost {
+    pub(super) prompt_tokens: u64,
+    pub(super) completion_tokens: u64,
+    /// Streams without asking for usage (chat and completions only).
+    pub(super) needs_usage_asked: bool,
 }
 
-#[derive(Deserialize)]
-struct StreamOptions {
-    #[serde(default)]
-    include_usage: Option<bool>,
-}
-
-#[derive(Deserialize)]
-struct Message<'a> {
-    #[serde(default, borrow)]
-    content: Option<Content<'a>>,
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    tool_calls: Option<&'a RawValue>,
-    #[serde(default, borrow)]
-    function_call: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Content<'a> {
-    Text(#[serde(borrow)] Cow<'a, str>),
-    Parts(#[serde(borrow)] Vec<Part<'a>>),
-}
-
-#[derive(Deserialize)]
-struct Part<'a> {
-    #[serde(default, borrow)]
-    text: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum Prompt<'a> {
-    Text(#[serde(borrow)] Cow<'a, str>),
-    Texts(#[serde(borrow)] Vec<Cow<'a, str>>),
-    Tokens(Vec<u64>),
-    TokenLists(Vec<Vec<u64>>),
-}
-
-/// The estimate of a chat or completions request body. Errors are
-/// messages for a `400`.
+/// The estimate of a request body to `endpoint`. Errors are messages for
+/// a `400`; [`Endpoint::Other`] is one (it has no body to estimate).
 pub fn estimate_body(
     endpoint: Endpoint,
     body: &[u8],
@@ -199,57 +152,38 @@ pub fn estimate_body(
     if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
         return Err("the request body must be a JSON object".to_owned());
     }
-    let parsed: Body<'_> = serde_json::from_slice(body)
-        .map_err(|e| format!("the request body is not a valid request: {e}"))?;
-    let max = non_negative(
-        "max_completion_tokens",
-        parsed.max_completion_tokens.as_ref(),
-    )?
-    .or(non_negative("max_tokens", parsed.max_tokens.as_ref())?);
-    let n = non_negative("n", parsed.n.as_ref())?.unwrap_or(1);
-    if n == 0 || n > MAX_CHOICES {
-        return Err(format!("n must be between 1 and {MAX_CHOICES}"));
-    }
-    let (prompt_tokens, prompts, default_max) = match endpoint {
-        Endpoint::Completions => {
-            let (tokens, prompts) = count_prompt(parsed.prompt.as_ref(), counter);
-            (tokens, prompts, options.default_completions_max_tokens)
-        }
-        Endpoint::Chat | Endpoint::Other => (
-            count_messages(&parsed, counter),
-            1,
-            options.default_max_tokens,
-        ),
+    let cost = match endpoint {
+        Endpoint::Chat => chat::chat_cost(body, counter, options)?,
+        Endpoint::Completions => chat::completions_cost(body, counter, options)?,
+        Endpoint::Responses => responses::cost(body, counter, options)?,
+        Endpoint::Embeddings => embeddings::cost(body, counter)?,
+        Endpoint::Other => return Err("this endpoint is not estimated from its body".to_owned()),
     };
-    let completion_tokens = max
-        .unwrap_or(default_max)
-        .saturating_mul(n)
-        .saturating_mul(prompts);
-    let streams = parsed.stream == Some(true);
-    let client_asked_usage = parsed
-        .stream_options
-        .as_ref()
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    let hide_usage_chunk = streams && !client_asked_usage;
-    let rewritten_body = if hide_usage_chunk {
+    let rewritten_body = if cost.needs_usage_asked {
         Some(ask_for_usage(body)?)
     } else {
         None
     };
     Ok(RequestEstimate {
         estimate: Estimate {
-            prompt_tokens,
-            completion_tokens,
+            prompt_tokens: cost.prompt_tokens.max(1),
+            completion_tokens: cost.completion_tokens,
             calls: 1,
-            hide_usage_chunk,
+            hide_usage_chunk: cost.needs_usage_asked,
         },
         rewritten_body,
     })
 }
 
+/// Parses a body into an endpoint's view, with the message the `400`
+/// gives when it cannot.
+pub(super) fn parse<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, String> {
+    serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not a valid request: {e}"))
+}
+
 /// A field that must be a non-negative integer, if present and not null.
-fn non_negative(field: &str, value: Option<&Value>) -> Result<Option<u64>, String> {
+pub(super) fn non_negative(field: &str, value: Option<&Value>) -> Result<Option<u64>, String> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(v) => v
@@ -259,61 +193,9 @@ fn non_negative(field: &str, value: Option<&Value>) -> Result<Option<u64>, Strin
     }
 }
 
-fn count_messages(body: &Body<'_>, counter: &dyn TokenCounter) -> u64 {
-    let mut tokens = 0u64;
-    for message in body.messages.iter().flatten() {
-        tokens = tokens.saturating_add(TOKENS_PER_MESSAGE);
-        match &message.content {
-            Some(Content::Text(text)) => tokens = tokens.saturating_add(counter.count(text)),
-            Some(Content::Parts(parts)) => {
-                for part in parts {
-                    let part_tokens = match &part.text {
-                        Some(text) => counter.count(text),
-                        None => NON_TEXT_PART_TOKENS,
-                    };
-                    tokens = tokens.saturating_add(part_tokens);
-                }
-            }
-            None => {}
-        }
-        if let Some(name) = &message.name {
-            tokens = tokens
-                .saturating_add(counter.count(name))
-                .saturating_add(TOKENS_PER_NAME);
-        }
-        for raw in [message.tool_calls, message.function_call]
-            .into_iter()
-            .flatten()
-        {
-            tokens = tokens.saturating_add(counter.count(raw.get()));
-        }
-    }
-    for raw in [body.tools, body.functions].into_iter().flatten() {
-        tokens = tokens.saturating_add(counter.count(raw.get()));
-    }
-    if body.messages.is_some() {
-        tokens = tokens.saturating_add(REPLY_PRIMING);
-    }
-    tokens
-}
-
-/// The prompt's tokens, and how many prompts it holds (each gets its own
-/// completions).
-fn count_prompt(prompt: Option<&Prompt<'_>>, counter: &dyn TokenCounter) -> (u64, u64) {
-    let sum = |it: &mut dyn Iterator<Item = u64>| it.fold(0u64, u64::saturating_add);
-    match prompt {
-        None => (0, 1),
-        Some(Prompt::Text(text)) => (counter.count(text), 1),
-        Some(Prompt::Texts(texts)) => (
-            sum(&mut texts.iter().map(|t| counter.count(t))),
-            texts.len().max(1) as u64,
-        ),
-        Some(Prompt::Tokens(tokens)) => (tokens.len() as u64, 1),
-        Some(Prompt::TokenLists(lists)) => (
-            sum(&mut lists.iter().map(|l| l.len() as u64)),
-            lists.len().max(1) as u64,
-        ),
-    }
+/// The sum of `counts`, saturating.
+pub(super) fn saturating_sum(counts: impl IntoIterator<Item = u64>) -> u64 {
+    counts.into_iter().fold(0, u64::saturating_add)
 }
 
 /// The body with `stream_options.include_usage` set to `true`, everything
@@ -339,29 +221,23 @@ fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     /// One token per whitespace-separated word: easy to count by eye.
-    struct Words;
+    pub(in crate::openai) struct Words;
     impl TokenCounter for Words {
         fn count(&self, text: &str) -> u64 {
             text.split_whitespace().count() as u64
         }
     }
 
-    fn chat(body: &str) -> Result<RequestEstimate, String> {
+    pub(in crate::openai) fn estimate(
+        endpoint: Endpoint,
+        body: &str,
+    ) -> Result<RequestEstimate, String> {
         estimate_body(
-            Endpoint::Chat,
-            body.as_bytes(),
-            &Words,
-            &EstimateOptions::default(),
-        )
-    }
-
-    fn completions(body: &str) -> Result<RequestEstimate, String> {
-        estimate_body(
-            Endpoint::Completions,
+            endpoint,
             body.as_bytes(),
             &Words,
             &EstimateOptions::default(),
@@ -370,142 +246,53 @@ mod tests {
 
     #[test]
     fn endpoints_are_told_apart_by_path() {
-        assert_eq!(Endpoint::of_path("/v1/chat/completions"), Endpoint::Chat);
-        assert_eq!(Endpoint::of_path("/v1/chat/completions/"), Endpoint::Chat);
-        assert_eq!(Endpoint::of_path("/v1/completions"), Endpoint::Completions);
-        assert_eq!(Endpoint::of_path("/v1/embeddings"), Endpoint::Other);
-        assert_eq!(Endpoint::of_path("/"), Endpoint::Other);
-    }
-
-    #[test]
-    fn a_chat_estimate_is_framed_prompt_plus_max_tokens() {
-        let e = chat(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there you","name":"bob"}],"max_tokens":50}"#).unwrap();
-        // 2 messages × 3 + 2 + 3 words + name (1 + 1) + priming 3.
-        assert_eq!(e.estimate.prompt_tokens, 6 + 5 + 2 + 3);
-        assert_eq!(e.estimate.completion_tokens, 50);
-        assert_eq!(e.estimate.calls, 1);
-        assert!(!e.estimate.hide_usage_chunk);
-        assert_eq!(e.rewritten_body, None);
-    }
-
-    #[test]
-    fn max_completion_tokens_wins_and_n_multiplies() {
-        let e =
-            chat(r#"{"messages":[],"max_tokens":50,"max_completion_tokens":70,"n":3}"#).unwrap();
-        assert_eq!(e.estimate.completion_tokens, 210);
-        let e = chat(r#"{"messages":[],"max_tokens":null}"#).unwrap();
-        assert_eq!(e.estimate.completion_tokens, 4_096);
-    }
-
-    #[test]
-    fn content_parts_count_text_and_a_flat_rate_for_the_rest() {
-        let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"one two"},{"type":"image_url","image_url":{"url":"data:..."}}]}],"max_tokens":1}"#).unwrap();
-        assert_eq!(
-            e.estimate.prompt_tokens,
-            3 + 2 + NON_TEXT_PART_TOKENS + REPLY_PRIMING
-        );
-    }
-
-    #[test]
-    fn tools_and_tool_calls_count_as_their_json() {
-        let e = chat(r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"a b"}]}],"tools":[{"x": "y z"}],"max_tokens":0}"#).unwrap();
-        // tool_calls `[{"id":"a b"}]` is 2 words, tools `[{"x": "y z"}]` 3.
-        assert_eq!(e.estimate.prompt_tokens, 3 + 2 + 3 + REPLY_PRIMING);
-    }
-
-    #[test]
-    fn completions_prompts_in_every_shape() {
-        assert_eq!(
-            completions(r#"{"prompt":"a b c"}"#).unwrap().estimate,
-            Estimate {
-                prompt_tokens: 3,
-                completion_tokens: 16,
-                calls: 1,
-                hide_usage_chunk: false
-            }
-        );
-        let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();
-        assert_eq!(
-            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
-            (3, 40)
-        );
-        let e = completions(r#"{"prompt":[1,2,3,4],"max_tokens":5}"#).unwrap();
-        assert_eq!(
-            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
-            (4, 5)
-        );
-        let e = completions(r#"{"prompt":[[1,2],[3]],"max_tokens":5}"#).unwrap();
-        assert_eq!(
-            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
-            (3, 10)
-        );
-    }
-
-    #[test]
-    fn a_stream_without_usage_is_rewritten_to_ask_for_it() {
-        let e =
-            chat(r#"{"messages":[],"stream":true,"max_tokens":5,"extra":{"kept":[1,2]}}"#).unwrap();
-        assert!(e.estimate.hide_usage_chunk);
-        let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
-        assert_eq!(body["stream_options"]["include_usage"], true);
-        assert_eq!(body["extra"]["kept"][1], 2);
-        assert_eq!(body["stream"], true);
-
-        let e = chat(r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true}}"#)
-            .unwrap();
-        assert!(!e.estimate.hide_usage_chunk);
-        assert_eq!(e.rewritten_body, None);
-
-        let e = chat(
-            r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#,
-        )
-        .unwrap();
-        let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
-        assert_eq!(body["stream_options"]["include_usage"], true);
-        assert_eq!(body["stream_options"]["other"], 1);
-    }
-
-    #[test]
-    fn bad_bodies_are_errors_not_panics() {
-        for bad in [
-            "",
-            "not json",
-            "[1,2]",
-            "[]",
-            "[[], null]",
-            "null",
-            r#"{"messages":"x"}"#,
-            r#"{"messages":[],"max_tokens":-1}"#,
-            r#"{"messages":[],"max_tokens":1e30}"#,
-            r#"{"messages":[],"max_tokens":"lots"}"#,
-            r#"{"messages":[],"max_tokens":1.5}"#,
-            r#"{"messages":[],"max_tokens":99999999999999999999999}"#,
-            r#"{"messages":[],"n":0}"#,
-            r#"{"messages":[],"n":1000}"#,
-            r#"{"messages":[],"stream":"yes"}"#,
-            r#"{"messages":[{"content":5}]}"#,
-            "{\"messages\":[{\"content\":\"\u{0}\"}]",
+        for (path, endpoint) in [
+            ("/v1/chat/completions", Endpoint::Chat),
+            ("/v1/chat/completions/", Endpoint::Chat),
+            ("/v1/completions", Endpoint::Completions),
+            ("/v1/responses", Endpoint::Responses),
+            ("/openai/v1/responses/", Endpoint::Responses),
+            ("/v1/embeddings", Endpoint::Embeddings),
+            ("/v1/responses/resp_1", Endpoint::Other),
+            ("/v1/responses/resp_1/cancel", Endpoint::Other),
+            ("/v1/chat/completions/chatcmpl-1", Endpoint::Other),
+            ("/v1/chat/xcompletions", Endpoint::Other),
+            ("/v1/audio/speech", Endpoint::Other),
+            ("/v1/models", Endpoint::Other),
+            ("/", Endpoint::Other),
         ] {
-            assert!(chat(bad).is_err(), "{bad}");
+            assert_eq!(Endpoint::of_path(path), endpoint, "{path}");
         }
     }
 
     #[test]
-    fn huge_but_valid_numbers_saturate() {
-        let e = chat(&format!(
-            r#"{{"messages":[],"max_tokens":{},"n":128}}"#,
-            u64::MAX
-        ))
-        .unwrap();
-        assert_eq!(e.estimate.completion_tokens, u64::MAX);
-        assert_eq!(e.estimate.tokens(), u64::MAX);
+    fn bodies_that_are_not_objects_are_errors_for_every_endpoint() {
+        for endpoint in [
+            Endpoint::Chat,
+            Endpoint::Completions,
+            Endpoint::Responses,
+            Endpoint::Embeddings,
+        ] {
+            for bad in ["", "not json", "[1,2]", "[]", "null", "{", "{\"a\":1} x"] {
+                assert!(estimate(endpoint, bad).is_err(), "{endpoint:?} {bad:?}");
+            }
+        }
+        assert!(estimate(Endpoint::Other, "{}").is_err());
     }
 
     #[test]
-    fn escaped_text_is_counted_too() {
-        let e = chat(r#"{"messages":[{"content":"a\nb \u00e9"}],"max_tokens":0}"#).unwrap();
-        // Three words once unescaped: "a", "b", "é".
-        assert_eq!(e.estimate.prompt_tokens, 3 + 3 + REPLY_PRIMING);
+    fn every_estimate_is_at_least_one_token() {
+        for (endpoint, body) in [
+            (Endpoint::Embeddings, r#"{"input":""}"#),
+            (Endpoint::Embeddings, r#"{"input":[]}"#),
+            (Endpoint::Completions, r#"{"prompt":"","max_tokens":0}"#),
+            (Endpoint::Responses, r#"{"max_output_tokens":0}"#),
+        ] {
+            assert!(
+                estimate(endpoint, body).unwrap().estimate.tokens() >= 1,
+                "{body}"
+            );
+        }
     }
 
     #[test]

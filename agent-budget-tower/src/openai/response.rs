@@ -3,23 +3,34 @@
 //!
 //! # How it works
 //!
-//! A JSON response carries `"usage": {"prompt_tokens", "completion_tokens",
-//! "total_tokens"}`; [`json_usage`] reads it, skipping everything else.
+//! A JSON response carries `"usage"`: `{"prompt_tokens",
+//! "completion_tokens", "total_tokens"}` from chat, completions and
+//! embeddings, `{"input_tokens", "output_tokens", "total_tokens"}` from the
+//! Responses API; [`json_usage`] reads either, skipping everything else.
 //!
 //! A streamed response (`text/event-stream`) is a sequence of events, each
 //! one or more `data:` lines ended by a blank line. An [`EventSplitter`]
 //! cuts the bytes as they arrive into whole events (a chunk may hold
 //! several events, or part of one). [`read_event`] then says what each
-//! event is: a delta with some text (streamed tokens), the final chunk
-//! with the usage, or something else (`[DONE]`, comments). The usage chunk
-//! of a stream that asked for usage has empty `choices` and a `usage`
-//! object; every other chunk has `"usage": null` or none.
+//! event is: a delta with some text (streamed tokens), the event with the
+//! usage, or something else (`[DONE]`, comments). The two APIs stream
+//! differently:
+//!
+//! - chat and completions: the usage chunk of a stream that asked for
+//!   usage has empty `choices` and a `usage` object; every other chunk has
+//!   `"usage": null` or none, and its text in `choices[].delta.content`
+//!   (chat) or `choices[].text` (completions);
+//! - Responses: text comes in `*.delta` events (`"delta": "…"`), and the
+//!   last event (`response.completed`, `response.incomplete` or
+//!   `response.failed`) carries the whole response, with its usage in
+//!   `response.usage`.
 //!
 //! Numbers that are not non-negative integers, or fields of the wrong
 //! shape, read as "no usage": the caller falls back to its estimate.
 
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Number;
 
 /// An OpenAI `usage` object, read without allocating: numbers stay
@@ -32,17 +43,27 @@ struct Usage {
     prompt_tokens: Option<Number>,
     #[serde(default)]
     completion_tokens: Option<Number>,
+    /// The Responses API's names for the prompt and completion.
+    #[serde(default)]
+    input_tokens: Option<Number>,
+    #[serde(default)]
+    output_tokens: Option<Number>,
 }
 
 impl Usage {
-    /// `total_tokens`, or `prompt_tokens + completion_tokens` when the
-    /// total is missing; `None` unless they are non-negative integers.
+    /// `total_tokens`, or the prompt's plus the completion's when the total
+    /// is missing (`prompt_tokens + completion_tokens`, or the Responses
+    /// API's `input_tokens + output_tokens`); `None` unless they are
+    /// non-negative integers. Half a usage is no usage: the estimate is
+    /// kept rather than trusting a count that may leave the completion out.
     fn total(&self) -> Option<u64> {
         if let Some(total) = self.total_tokens.as_ref() {
             return total.as_u64();
         }
         let part = |n: &Option<Number>| n.as_ref().and_then(Number::as_u64);
-        Some(part(&self.prompt_tokens)?.saturating_add(part(&self.completion_tokens)?))
+        let input = part(&self.prompt_tokens).or(part(&self.input_tokens))?;
+        let output = part(&self.completion_tokens).or(part(&self.output_tokens))?;
+        Some(input.saturating_add(output))
     }
 }
 
@@ -79,12 +100,21 @@ pub enum StreamEvent {
     Other,
 }
 
+/// An event's data: a chat or completions chunk, or a Responses event.
 #[derive(Deserialize)]
 struct Chunk<'a> {
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default, borrow)]
     choices: Option<Vec<Choice<'a>>>,
+    /// A Responses event's response (the final one has its usage).
+    #[serde(default)]
+    response: Option<WithUsage>,
+    /// A Responses `*.delta` event's text, as raw JSON: its length is
+    /// all that is wanted, and a string's raw length (less its quotes) is
+    /// never less than its text's.
+    #[serde(default, borrow)]
+    delta: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
@@ -111,19 +141,29 @@ pub fn read_event(event: &[u8]) -> StreamEvent {
         return StreamEvent::Other;
     };
     let choices = chunk.choices.unwrap_or_default();
-    if let Some(total_tokens) = chunk.usage.as_ref().and_then(Usage::total) {
+    let usage = chunk
+        .usage
+        .as_ref()
+        .or(chunk.response.as_ref().and_then(|r| r.usage.as_ref()));
+    if let Some(total_tokens) = usage.and_then(Usage::total) {
         return StreamEvent::Usage {
             total_tokens,
             bare: choices.is_empty(),
         };
     }
+    let responses_delta = chunk
+        .delta
+        .map(RawValue::get)
+        .filter(|raw| raw.starts_with('"'))
+        .map_or(0, |raw| raw.len().saturating_sub(2) as u64);
     let text_bytes = choices
         .iter()
         .map(|c| {
             let delta = c.delta.as_ref().and_then(|d| d.content.as_deref());
             delta.or(c.text.as_deref()).map_or(0, str::len) as u64
         })
-        .sum();
+        .sum::<u64>()
+        .saturating_add(responses_delta);
     StreamEvent::Delta { text_bytes }
 }
 
@@ -246,6 +286,51 @@ mod tests {
         ] {
             assert_eq!(json_usage(none), None, "{}", String::from_utf8_lossy(none));
         }
+    }
+
+    #[test]
+    fn json_usage_reads_the_responses_apis_names_too() {
+        assert_eq!(
+            json_usage(br#"{"object":"response","usage":{"input_tokens":5,"output_tokens":7,"total_tokens":12}}"#),
+            Some(12)
+        );
+        assert_eq!(
+            json_usage(br#"{"usage":{"input_tokens":5,"output_tokens":7}}"#),
+            Some(12)
+        );
+        assert_eq!(json_usage(br#"{"usage":{"input_tokens":5}}"#), None);
+        assert_eq!(
+            json_usage(br#"{"object":"list","usage":{"prompt_tokens":8,"total_tokens":8}}"#),
+            Some(8)
+        );
+    }
+
+    #[test]
+    fn responses_events_are_told_apart() {
+        assert_eq!(
+            read_event(b"event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"item_id\":\"m\",\"delta\":\"h\xc3\xa9\"}\n\n"),
+            StreamEvent::Delta { text_bytes: 3 }
+        );
+        assert_eq!(
+            read_event(b"event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"usage\":null}}\n\n"),
+            StreamEvent::Delta { text_bytes: 0 }
+        );
+        for kind in ["completed", "incomplete", "failed"] {
+            let event = format!("event: response.{kind}\ndata: {{\"type\":\"response.{kind}\",\"response\":{{\"id\":\"r\",\"output\":[],\"usage\":{{\"input_tokens\":4,\"output_tokens\":6,\"total_tokens\":10}}}}}}\n\n");
+            assert_eq!(
+                read_event(event.as_bytes()),
+                StreamEvent::Usage {
+                    total_tokens: 10,
+                    bare: true
+                },
+                "{kind}"
+            );
+        }
+        // A delta that is not text (an object) counts no text.
+        assert_eq!(
+            read_event(b"data: {\"type\":\"x.delta\",\"delta\":{\"a\":1}}\n\n"),
+            StreamEvent::Delta { text_bytes: 0 }
+        );
     }
 
     #[test]

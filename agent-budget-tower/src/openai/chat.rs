@@ -1,0 +1,400 @@
+//! Chat completions and the legacy completions: their bodies' cost.
+//!
+//! A chat body's prompt is its messages (text, names, tool calls) with
+//! OpenAI's framing, its tool definitions and its `response_format`; its
+//! completion is `max_completion_tokens` (else `max_tokens`, else the
+//! default) for each of its `n` choices. A completions body's prompt is a
+//! string, strings, or token arrays, each prompt getting `max_tokens` for
+//! each of `max(n, best_of)` completions (the upstream generates `best_of`
+//! and returns `n`).
+
+use std::borrow::Cow;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use super::request::{
+    non_negative, parse, saturating_sum, Cost, EstimateOptions, TokenCounter, NON_TEXT_PART_TOKENS,
+};
+
+/// Framing tokens per chat message.
+pub(super) const TOKENS_PER_MESSAGE: u64 = 3;
+/// Framing tokens per message name.
+const TOKENS_PER_NAME: u64 = 1;
+/// Tokens that prime the assistant's reply.
+pub(super) const REPLY_PRIMING: u64 = 3;
+/// The most choices (`n`, `best_of`) a request may ask for.
+const MAX_CHOICES: u64 = 128;
+
+/// The narrow view of a chat body.
+#[derive(Deserialize)]
+struct ChatBody<'a> {
+    #[serde(default, borrow)]
+    messages: Option<Vec<Message<'a>>>,
+    #[serde(default, borrow)]
+    tools: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    functions: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    response_format: Option<&'a RawValue>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    max_completion_tokens: Option<Value>,
+    #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// The narrow view of a completions body.
+#[derive(Deserialize)]
+struct CompletionsBody<'a> {
+    #[serde(default, borrow)]
+    prompt: Option<Prompt<'a>>,
+    #[serde(default)]
+    max_tokens: Option<Value>,
+    #[serde(default)]
+    n: Option<Value>,
+    #[serde(default)]
+    best_of: Option<Value>,
+    #[serde(default)]
+    stream: Option<bool>,
+    #[serde(default)]
+    stream_options: Option<StreamOptions>,
+}
+
+/// Whether a body streams without asking for its usage (so the layer
+/// must ask).
+fn needs_usage_asked(stream: Option<bool>, options: Option<&StreamOptions>) -> bool {
+    let asked = options.and_then(|o| o.include_usage).unwrap_or(false);
+    stream == Some(true) && !asked
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(default, borrow)]
+    content: Option<Content<'a>>,
+    #[serde(default, borrow)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    tool_calls: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    function_call: Option<&'a RawValue>,
+}
+
+/// A message's content: a string, or parts (text and otherwise). The
+/// Responses API's input messages have the same shape.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Content<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Parts(#[serde(borrow)] Vec<Part<'a>>),
+}
+
+#[derive(Deserialize)]
+pub(super) struct Part<'a> {
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
+}
+
+impl Content<'_> {
+    /// The content's tokens: its text, and a flat rate per part that is
+    /// not text.
+    pub(super) fn tokens(&self, counter: &dyn TokenCounter) -> u64 {
+        match self {
+            Content::Text(text) => counter.count(text),
+            Content::Parts(parts) => saturating_sum(parts.iter().map(|part| match &part.text {
+                Some(text) => counter.count(text),
+                None => NON_TEXT_PART_TOKENS,
+            })),
+        }
+    }
+}
+
+/// A completions prompt, or an embeddings input: text, texts, or token
+/// arrays.
+#[derive(Deserialize)]
+#[serde(untagged)]
+pub(super) enum Prompt<'a> {
+    Text(#[serde(borrow)] Cow<'a, str>),
+    Texts(#[serde(borrow)] Vec<Cow<'a, str>>),
+    Tokens(Vec<u64>),
+    TokenLists(Vec<Vec<u64>>),
+}
+
+impl Prompt<'_> {
+    /// The tokens of every prompt, and how many prompts there are (each
+    /// gets its own completions).
+    pub(super) fn tokens(&self, counter: &dyn TokenCounter) -> (u64, u64) {
+        match self {
+            Prompt::Text(text) => (counter.count(text), 1),
+            Prompt::Texts(texts) => (
+                saturating_sum(texts.iter().map(|t| counter.count(t))),
+                texts.len().max(1) as u64,
+            ),
+            Prompt::Tokens(tokens) => (tokens.len() as u64, 1),
+            Prompt::TokenLists(lists) => (
+                saturating_sum(lists.iter().map(|l| l.len() as u64)),
+                lists.len().max(1) as u64,
+            ),
+        }
+    }
+}
+
+/// The cost of a chat completions body.
+pub(super) fn chat_cost(
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<Cost, String> {
+    let parsed: ChatBody<'_> = parse(body)?;
+    let max = non_negative(
+        "max_completion_tokens",
+        parsed.max_completion_tokens.as_ref(),
+    )?
+    .or(non_negative("max_tokens", parsed.max_tokens.as_ref())?);
+    let n = choices("n", parsed.n.as_ref())?;
+    Ok(Cost {
+        prompt_tokens: count_messages(&parsed, counter),
+        completion_tokens: max.unwrap_or(options.default_max_tokens).saturating_mul(n),
+        needs_usage_asked: needs_usage_asked(parsed.stream, parsed.stream_options.as_ref()),
+    })
+}
+
+/// The cost of a legacy completions body.
+pub(super) fn completions_cost(
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<Cost, String> {
+    let parsed: CompletionsBody<'_> = parse(body)?;
+    let max = non_negative("max_tokens", parsed.max_tokens.as_ref())?;
+    let n = choices("n", parsed.n.as_ref())?;
+    let best_of = choices("best_of", parsed.best_of.as_ref())?;
+    let (prompt_tokens, prompts) = parsed.prompt.as_ref().map_or((0, 1), |p| p.tokens(counter));
+    Ok(Cost {
+        prompt_tokens,
+        completion_tokens: max
+            .unwrap_or(options.default_completions_max_tokens)
+            .saturating_mul(n.max(best_of))
+            .saturating_mul(prompts),
+        needs_usage_asked: needs_usage_asked(parsed.stream, parsed.stream_options.as_ref()),
+    })
+}
+
+/// A count of choices (`n`, `best_of`): 1 when absent, else 1 to
+/// [`MAX_CHOICES`].
+fn choices(field: &str, value: Option<&Value>) -> Result<u64, String> {
+    let n = non_negative(field, value)?.unwrap_or(1);
+    if n == 0 || n > MAX_CHOICES {
+        return Err(format!("{field} must be between 1 and {MAX_CHOICES}"));
+    }
+    Ok(n)
+}
+
+fn count_messages(body: &ChatBody<'_>, counter: &dyn TokenCounter) -> u64 {
+    let mut tokens = 0u64;
+    for message in body.messages.iter().flatten() {
+        tokens = tokens.saturating_add(TOKENS_PER_MESSAGE);
+        if let Some(content) = &message.content {
+            tokens = tokens.saturating_add(content.tokens(counter));
+        }
+        if let Some(name) = &message.name {
+            tokens = tokens
+                .saturating_add(counter.count(name))
+                .saturating_add(TOKENS_PER_NAME);
+        }
+        for raw in [message.tool_calls, message.function_call]
+            .into_iter()
+            .flatten()
+        {
+            tokens = tokens.saturating_add(counter.count(raw.get()));
+        }
+    }
+    for raw in [body.tools, body.functions, body.response_format]
+        .into_iter()
+        .flatten()
+    {
+        tokens = tokens.saturating_add(counter.count(raw.get()));
+    }
+    if body.messages.is_some() {
+        tokens = tokens.saturating_add(REPLY_PRIMING);
+    }
+    tokens
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::request::tests::estimate;
+    use super::super::request::{Endpoint, RequestEstimate};
+    use super::*;
+    use crate::Estimate;
+
+    fn chat(body: &str) -> Result<RequestEstimate, String> {
+        estimate(Endpoint::Chat, body)
+    }
+
+    fn completions(body: &str) -> Result<RequestEstimate, String> {
+        estimate(Endpoint::Completions, body)
+    }
+
+    #[test]
+    fn a_chat_estimate_is_framed_prompt_plus_max_tokens() {
+        let e = chat(r#"{"model":"m","messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hello there you","name":"bob"}],"max_tokens":50}"#).unwrap();
+        // 2 messages × 3 + 2 + 3 words + name (1 + 1) + priming 3.
+        assert_eq!(e.estimate.prompt_tokens, 6 + 5 + 2 + 3);
+        assert_eq!(e.estimate.completion_tokens, 50);
+        assert_eq!(e.estimate.calls, 1);
+        assert!(!e.estimate.hide_usage_chunk);
+        assert_eq!(e.rewritten_body, None);
+    }
+
+    #[test]
+    fn max_completion_tokens_wins_and_n_multiplies() {
+        let e =
+            chat(r#"{"messages":[],"max_tokens":50,"max_completion_tokens":70,"n":3}"#).unwrap();
+        assert_eq!(e.estimate.completion_tokens, 210);
+        let e = chat(r#"{"messages":[],"max_tokens":null}"#).unwrap();
+        assert_eq!(e.estimate.completion_tokens, 4_096);
+    }
+
+    #[test]
+    fn content_parts_count_text_and_a_flat_rate_for_the_rest() {
+        let e = chat(r#"{"messages":[{"role":"user","content":[{"type":"text","text":"one two"},{"type":"image_url","image_url":{"url":"data:..."}}]}],"max_tokens":1}"#).unwrap();
+        assert_eq!(
+            e.estimate.prompt_tokens,
+            3 + 2 + NON_TEXT_PART_TOKENS + REPLY_PRIMING
+        );
+    }
+
+    #[test]
+    fn tools_tool_calls_and_response_formats_count_as_their_json() {
+        let e = chat(r#"{"messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"a b"}]}],"tools":[{"x": "y z"}],"response_format":{"type": "json_schema", "s": 1},"max_tokens":0}"#).unwrap();
+        // tool_calls `[{"id":"a b"}]` is 2 words, tools `[{"x": "y z"}]` 3,
+        // the response format 4.
+        assert_eq!(e.estimate.prompt_tokens, 3 + 2 + 3 + 4 + REPLY_PRIMING);
+    }
+
+    #[test]
+    fn completions_prompts_in_every_shape() {
+        assert_eq!(
+            completions(r#"{"prompt":"a b c"}"#).unwrap().estimate,
+            Estimate {
+                prompt_tokens: 3,
+                completion_tokens: 16,
+                calls: 1,
+                hide_usage_chunk: false
+            }
+        );
+        let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (3, 40)
+        );
+        let e = completions(r#"{"prompt":[1,2,3,4],"max_tokens":5}"#).unwrap();
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (4, 5)
+        );
+        let e = completions(r#"{"prompt":[[1,2],[3]],"max_tokens":5}"#).unwrap();
+        assert_eq!(
+            (e.estimate.prompt_tokens, e.estimate.completion_tokens),
+            (3, 10)
+        );
+    }
+
+    #[test]
+    fn best_of_generates_more_completions_than_n_returns() {
+        let e = completions(r#"{"prompt":"a","max_tokens":10,"n":2,"best_of":5}"#).unwrap();
+        assert_eq!(e.estimate.completion_tokens, 50);
+        let e = completions(r#"{"prompt":"a","max_tokens":10,"n":3,"best_of":1}"#).unwrap();
+        assert_eq!(e.estimate.completion_tokens, 30);
+        assert!(completions(r#"{"prompt":"a","best_of":0}"#).is_err());
+        assert!(completions(r#"{"prompt":"a","best_of":129}"#).is_err());
+    }
+
+    #[test]
+    fn a_stream_without_usage_is_rewritten_to_ask_for_it() {
+        let e =
+            chat(r#"{"messages":[],"stream":true,"max_tokens":5,"extra":{"kept":[1,2]}}"#).unwrap();
+        assert!(e.estimate.hide_usage_chunk);
+        let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["extra"]["kept"][1], 2);
+        assert_eq!(body["stream"], true);
+
+        let e = chat(r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true}}"#)
+            .unwrap();
+        assert!(!e.estimate.hide_usage_chunk);
+        assert_eq!(e.rewritten_body, None);
+
+        let e = chat(
+            r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1}}"#,
+        )
+        .unwrap();
+        let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        assert_eq!(body["stream_options"]["other"], 1);
+
+        let e = completions(r#"{"prompt":"a","stream":true}"#).unwrap();
+        assert!(e.estimate.hide_usage_chunk);
+        let body: Value = serde_json::from_slice(&e.rewritten_body.unwrap()).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
+    }
+
+    #[test]
+    fn bad_bodies_are_errors_not_panics() {
+        for bad in [
+            "[[], null]",
+            r#"{"messages":"x"}"#,
+            r#"{"messages":[],"max_tokens":-1}"#,
+            r#"{"messages":[],"max_tokens":1e30}"#,
+            r#"{"messages":[],"max_tokens":"lots"}"#,
+            r#"{"messages":[],"max_tokens":1.5}"#,
+            r#"{"messages":[],"max_tokens":99999999999999999999999}"#,
+            r#"{"messages":[],"max_tokens":1,"max_tokens":99999}"#,
+            r#"{"messages":[],"n":0}"#,
+            r#"{"messages":[],"n":1000}"#,
+            r#"{"messages":[],"stream":"yes"}"#,
+            r#"{"messages":[{"content":5}]}"#,
+            "{\"messages\":[{\"content\":\"\u{0}\"}]",
+        ] {
+            assert!(chat(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            r#"{"prompt":5}"#,
+            r#"{"prompt":"a","max_tokens":-1}"#,
+            r#"{"prompt":"a","best_of":"x"}"#,
+        ] {
+            assert!(completions(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn huge_but_valid_numbers_saturate() {
+        let e = chat(&format!(
+            r#"{{"messages":[],"max_tokens":{},"n":128}}"#,
+            u64::MAX
+        ))
+        .unwrap();
+        assert_eq!(e.estimate.completion_tokens, u64::MAX);
+        assert_eq!(e.estimate.tokens(), u64::MAX);
+    }
+
+    #[test]
+    fn escaped_text_is_counted_too() {
+        let e = chat(r#"{"messages":[{"content":"a\nb \u00e9"}],"max_tokens":0}"#).unwrap();
+        // Three words once unescaped: "a", "b", "é".
+        assert_eq!(e.estimate.prompt_tokens, 3 + 3 + REPLY_PRIMING);
+    }
+}
