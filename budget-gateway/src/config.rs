@@ -15,6 +15,8 @@
 //! ```toml
 //! admin_key = "admin-secret"
 //! upstream_api_key = "sk-upstream"       # optional: replaces clients' Authorization upstream
+//! other_endpoints = "fixed"              # optional: POSTs to endpoints not metered from their
+//! other_endpoint_tokens = 1000           #   body cost this much; "refuse" (404) is the default
 //!
 //! [[agents]]
 //! api_key = "sk-agent-1"
@@ -51,6 +53,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use agent_budget::{AgentId, BudgetLimit, MAX_LEVELS};
+use agent_budget_tower::openai::OtherRequests;
+use agent_budget_tower::FixedCost;
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -72,8 +76,23 @@ pub struct Config {
     pub tokenizer: Tokenizer,
     /// Seconds between two saves of the state (with `--state`).
     pub persist_interval_secs: u64,
+    /// What a write to any other endpoint than chat completions,
+    /// completions, responses and embeddings does: refused (the default),
+    /// or admitted at a fixed cost.
+    pub other_endpoints: OtherRequests,
     /// The agents.
     pub agents: Vec<Agent>,
+}
+
+/// `other_endpoints` in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OtherEndpoints {
+    /// `404`, nothing forwarded.
+    Refuse,
+    /// `other_endpoint_tokens` and one call, settled from the response's
+    /// `usage` if it has one.
+    Fixed,
 }
 
 /// Which token counter estimates prompts.
@@ -172,6 +191,10 @@ struct RawConfig {
     #[serde(default = "default_persist_interval")]
     persist_interval_secs: Spanned<u64>,
     #[serde(default)]
+    other_endpoints: Option<Spanned<OtherEndpoints>>,
+    #[serde(default)]
+    other_endpoint_tokens: Option<Spanned<u64>>,
+    #[serde(default)]
     agents: Vec<RawAgent>,
 }
 
@@ -245,6 +268,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             "must be at least 1".to_owned(),
         ));
     }
+    let other_endpoints = other_endpoints(&raw, &invalid)?;
     let mut keys = HashMap::new();
     let mut ids = HashMap::new();
     let mut agents = Vec::with_capacity(raw.agents.len());
@@ -307,8 +331,38 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ietf_headers: raw.ietf_headers,
         tokenizer: raw.tokenizer,
         persist_interval_secs: *raw.persist_interval_secs.get_ref(),
+        other_endpoints,
         agents,
     })
+}
+
+/// `other_endpoints` and `other_endpoint_tokens`, which go together: a
+/// fixed cost must be given, and a cost without `"fixed"` would be
+/// ignored, which is refused rather than left to surprise.
+fn other_endpoints(
+    raw: &RawConfig,
+    invalid: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<OtherRequests, ConfigError> {
+    let policy = raw.other_endpoints.as_ref();
+    match (policy.map(|p| *p.get_ref()), &raw.other_endpoint_tokens) {
+        (None | Some(OtherEndpoints::Refuse), None) => Ok(OtherRequests::Refuse),
+        (Some(OtherEndpoints::Fixed), Some(tokens)) => Ok(OtherRequests::Fixed(FixedCost {
+            tokens: *tokens.get_ref(),
+            calls: 1,
+        })),
+        (Some(OtherEndpoints::Fixed), None) => Err(invalid(
+            policy.map(Spanned::span),
+            "`other_endpoints = \"fixed\"` needs `other_endpoint_tokens`, the tokens reserved \
+             for each such request"
+                .to_owned(),
+        )),
+        (_, Some(tokens)) => Err(invalid(
+            Some(tokens.span()),
+            "applies only with `other_endpoints = \"fixed\"` (other endpoints are refused \
+             without it)"
+                .to_owned(),
+        )),
+    }
 }
 
 /// Reads each agent's `parent` and checks the links as a whole: every
@@ -498,6 +552,45 @@ metrics_label = "two"
         assert_eq!(c.metrics_labels().len(), 1);
         assert_eq!(c.tokenizer, Tokenizer::O200kBase);
         assert_eq!((c.default_max_tokens, c.max_wait_ms), (4_096, 0));
+    }
+
+    #[test]
+    fn other_endpoints_are_refused_unless_given_a_fixed_cost() {
+        let c = parse(Path::new("gw.toml"), &good()).unwrap();
+        assert_eq!(c.other_endpoints, OtherRequests::Refuse);
+        let with =
+            |lines: &str| good().replace("upstream_api_key", &format!("{lines}\nupstream_api_key"));
+        let c = parse(Path::new("gw.toml"), &with("other_endpoints = \"refuse\"")).unwrap();
+        assert_eq!(c.other_endpoints, OtherRequests::Refuse);
+        let c = parse(
+            Path::new("gw.toml"),
+            &with("other_endpoints = \"fixed\"\nother_endpoint_tokens = 500"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.other_endpoints,
+            OtherRequests::Fixed(FixedCost {
+                tokens: 500,
+                calls: 1
+            })
+        );
+        let e = error(&with("other_endpoints = \"fixed\""));
+        assert!(
+            e.starts_with(
+                "gw.toml:2:19: field `other_endpoints`: `other_endpoints = \"fixed\"` needs"
+            ),
+            "{e}"
+        );
+        let e = error(&with("other_endpoint_tokens = 5"));
+        assert!(
+            e.starts_with("gw.toml:2:25: field `other_endpoint_tokens`: applies only with"),
+            "{e}"
+        );
+        let e = error(&with("other_endpoints = \"free\""));
+        assert!(
+            e.starts_with("gw.toml:2:19: field `other_endpoints`: unknown variant `free`"),
+            "{e}"
+        );
     }
 
     #[test]

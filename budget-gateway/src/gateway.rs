@@ -14,9 +14,14 @@
 //! - `GET /v1/budgets` and `GET /v1/budgets/{agent_id}` to the admin view;
 //! - `GET /metrics` to the Prometheus exporter;
 //! - everything else under `/v1/` through the budget layer to the proxy:
-//!   the agent from its bearer key, the estimate from the body (prompt
-//!   tokens by the configured tokenizer, plus `max_tokens`), the settle
-//!   from the upstream's `usage`.
+//!   the agent from its bearer key, the estimate from the body for the
+//!   endpoints that consume tokens (prompt tokens by the configured
+//!   tokenizer, plus the most the completion may use), one call for reads,
+//!   the configured policy for anything else; the settle from the
+//!   upstream's `usage`.
+//!
+//! Before routing, every path is normalized ([`crate::paths`]), so routing,
+//! the layer and the proxy see the same path.
 //!
 //! With a state file, the budgets' usage is restored at start (the limits
 //! and parents come from the configuration, which wins), saved every
@@ -40,8 +45,9 @@ use agent_budget::{AgentId, BudgetManager, HierarchyError};
 use agent_budget_redis::{FleetError, FleetManager};
 use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage};
 use agent_budget_tower::{bearer_key, Admission, BearerKeys, BudgetLayer, HeaderStyle};
+use axum::extract::Request;
 use axum::routing::get;
-use axum::Router;
+use axum::{Router, ServiceExt};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
@@ -49,6 +55,7 @@ use tower_governor::{GovernorError, GovernorLayer};
 
 use crate::admin::{all_budgets, one_budget, Admin};
 use crate::config::Config;
+use crate::paths::normalize_path;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
 
@@ -255,8 +262,9 @@ impl Gateway {
         &self.budgets
     }
 
-    /// The gateway's routes.
-    pub fn router(&self) -> Router {
+    /// The gateway's routes (which [`serve`](Self::serve) puts behind
+    /// path normalization).
+    fn router(&self) -> Router {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
@@ -310,10 +318,12 @@ impl Gateway {
         budgets: Arc<M>,
     ) -> BudgetLayer<M, BearerKeys, OpenAiEstimator<Counter>> {
         let c = &self.config;
-        let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer)).options(EstimateOptions {
-            default_max_tokens: c.default_max_tokens,
-            ..EstimateOptions::default()
-        });
+        let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer))
+            .options(EstimateOptions {
+                default_max_tokens: c.default_max_tokens,
+                ..EstimateOptions::default()
+            })
+            .other_requests(c.other_endpoints);
         let layer = BudgetLayer::new(budgets)
             .identify(BearerKeys::new(c.keys()))
             .estimator(estimator)
@@ -359,7 +369,8 @@ impl Gateway {
                     }
                 })
             });
-        let served = axum::serve(listener, self.router())
+        let app = tower::Layer::layer(&axum::middleware::from_fn(normalize_path), self.router());
+        let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)
             .await;
         if let Some(saver) = saver {

@@ -9,7 +9,8 @@
 //!
 //! The binary is a thin shell over this library, which tests drive in
 //! process: [`config`] reads and checks the TOML, [`gateway::Gateway`]
-//! builds the routes and serves them, [`proxy`] forwards, [`admin`] shows
+//! builds the routes and serves them behind [`paths`]' normalization,
+//! [`proxy`] forwards, [`admin`] shows
 //! the budgets, [`tokenizer`] counts prompts, [`mock`] is a small upstream
 //! to try it all against.
 #![forbid(unsafe_code)]
@@ -19,5 +20,6 @@ pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod mock;
+pub mod paths;
 pub mod proxy;
 pub mod tokenizer;

@@ -10,7 +10,10 @@
 //! configuration has an `upstream_api_key`, it replaces the client's
 //! `Authorization`: clients never see the upstream's key, and the upstream
 //! never sees the clients'. Without one, the client's `Authorization` goes
-//! through as it is.
+//! through as it is. `Accept-Encoding` is replaced by `identity`: the
+//! budget layer reads the usage from the response's bytes, which a
+//! compressed response would hide (the client gets an uncompressed
+//! response, which HTTP allows whatever it asked for).
 //!
 //! The response streams back as it arrives (hop-by-hop headers dropped),
 //! so server-sent events reach the client event by event. An upstream
@@ -132,6 +135,12 @@ impl Proxy {
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.headers.remove(header::HOST);
+        // The budget layer reads the response's usage as it goes by: a
+        // compressed response would hide it.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         if let Some(authorization) = &self.inner.authorization {
             parts
                 .headers

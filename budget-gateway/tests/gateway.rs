@@ -12,75 +12,10 @@ use agent_budget::BudgetManager;
 use agent_budget_tower::openai::TokenCounter;
 use budget_gateway::config::{self, Tokenizer};
 use budget_gateway::gateway::{Gateway, Limiter};
-use budget_gateway::mock::MockStats;
 use budget_gateway::tokenizer::Counter;
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-struct Running {
-    url: String,
-    budgets: Arc<BudgetManager>,
-    stats: Arc<MockStats>,
-    client: reqwest::Client,
-}
-
-async fn start_with(budgets: BudgetManager, text: &str, upstream: Option<String>) -> Running {
-    let (mock_url, stats) = start_mock().await;
-    let config = config::parse(Path::new("test.toml"), text).unwrap();
-    let budgets = Arc::new(budgets);
-    let gateway = Gateway::new(
-        config,
-        budgets.clone(),
-        upstream.as_deref().unwrap_or(&mock_url),
-        Duration::from_secs(10),
-        Limiter::Budget,
-        None,
-    )
-    .unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(gateway.serve(listener, std::future::pending()));
-    Running {
-        url,
-        budgets,
-        stats,
-        client: reqwest::Client::new(),
-    }
-}
-
-async fn start(tokens: u64, calls: u64) -> Running {
-    start_with(BudgetManager::new(), &config_text(tokens, calls, ""), None).await
-}
-
-impl Running {
-    async fn post(&self, path: &str, key: &str, body: &Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(key)
-            .json(body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn chat(&self, key: &str, body: &Value) -> reqwest::Response {
-        self.post("/v1/chat/completions", key, body).await
-    }
-
-    async fn admin(&self, path: &str, key: Option<&str>) -> reqwest::Response {
-        let mut request = self.client.get(format!("{}{path}", self.url));
-        if let Some(key) = key {
-            request = request.bearer_auth(key);
-        }
-        request.send().await.unwrap()
-    }
-
-    fn used(&self, agent: &str) -> (u64, u64) {
-        let info = self.budgets.full_info(&agent.parse().unwrap()).unwrap();
-        (info.tokens_used, info.calls_used)
-    }
-}
 
 const QUESTION: &str = "What is the capital of France? Answer in one word.";
 
