@@ -79,10 +79,10 @@ mod telemetry;
 
 pub use admission::{Admission, Denial, POLL_INTERVAL};
 pub use body::BudgetBody;
-pub use estimate::{Estimate, Estimator, FixedCost};
+pub use estimate::{DeferredCount, Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
 pub use meter::{HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome};
-pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests};
+pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests, PromptCount};
 pub use rejection::Rejection;
 pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};
 pub use telemetry::RefusalReason;

@@ -293,7 +293,8 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 16,
                 calls: 1,
-                hide_usage_chunk: false
+                hide_usage_chunk: false,
+                deferred_count: None,
             }
         );
         let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();

@@ -11,6 +11,11 @@
 //! | `POST` to chat completions, completions, responses or embeddings | the body is read whole (up to a limit: `413` beyond it), estimated by [`estimate_body`](super::estimate_body) (`400` if it is not a valid request), and put back, rewritten if the upstream must be asked for a stream's usage |
 //! | `GET` or `HEAD` (a read: models, files, a stored response) | the reads' [`FixedCost`]: one call and no tokens by default; a read with a body is `400` (an upstream that routed it like a `POST` would serve tokens nobody estimated) |
 //! | anything else (another `POST`, `PUT`, `DELETE`, …) | [`OtherRequests`]: refused with `404` by default, nothing forwarded; or a fixed cost, settled from the `usage` its response may report |
+//!
+//! The prompt is counted with the estimator's [`TokenCounter`] before
+//! admission, or, with [`PromptCount::WhenTight`], bounded at one token per
+//! byte of its text and counted only where that bound does not fit the
+//! budget (see [`DeferredCount`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -21,9 +26,12 @@ use http::{Method, Request};
 use http_body::Body;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::request::{estimate_body, ByteCount, Endpoint, EstimateOptions, TokenCounter};
+use super::request::{
+    estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
+    TokenCounter,
+};
 use crate::path::normalize_uri;
-use crate::{Estimate, Estimator, FixedCost, Rejection};
+use crate::{DeferredCount, Estimate, Estimator, FixedCost, Rejection};
 
 /// What [`OpenAiEstimator`] does with a request it cannot estimate: one
 /// that is neither a read (`GET`, `HEAD`) nor a `POST` to an endpoint whose
@@ -40,6 +48,36 @@ pub enum OtherRequests {
     Fixed(FixedCost),
 }
 
+/// When [`OpenAiEstimator`] counts a prompt with its [`TokenCounter`].
+///
+/// A tokenizer's count costs far more than the rest of the check (about
+/// 37,000 instructions for a 35-token prompt with `bpe-openai`'s o200k,
+/// where the whole layer costs 30,000 more), and it is an estimate all the
+/// same: the settle replaces it with the upstream's usage. Only where the
+/// budget is tight does the tighter figure decide anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptCount {
+    /// Before every admission (the default).
+    #[default]
+    Always,
+    /// Only where it matters. The prompt is first reserved at one token
+    /// per byte of its text ([`ByteCount`]: an upper bound of the count
+    /// of a byte-level BPE tokenizer, GPT's or Llama 3's, about four times
+    /// it for English), and the count is deferred
+    /// ([`DeferredCount`](crate::DeferredCount)): the layer has it made
+    /// when the bound does not fit the budget (the request is then
+    /// admitted, or refused, on the count), and when the prompt alone is
+    /// charged (a client that hung up, a response without usage). Settles
+    /// are the upstream's usage either way.
+    ///
+    /// The price: a request in flight holds its bound until its response
+    /// ends, so near a budget's end a request can be refused (or wait)
+    /// for room that the requests in flight would not have held had they
+    /// been counted, at most three quarters of their prompts' bytes. The
+    /// counter must never count more tokens than a text has bytes.
+    WhenTight,
+}
+
 /// Estimates OpenAI-style requests from their JSON bodies, counting the
 /// prompt with a [`TokenCounter`] (the conservative [`ByteCount`] unless
 /// given a tokenizer).
@@ -49,6 +87,7 @@ pub struct OpenAiEstimator<C = ByteCount> {
     max_body_bytes: usize,
     reads: FixedCost,
     other: OtherRequests,
+    prompt_count: PromptCount,
 }
 
 impl<C> Clone for OpenAiEstimator<C> {
@@ -59,6 +98,7 @@ impl<C> Clone for OpenAiEstimator<C> {
             max_body_bytes: self.max_body_bytes,
             reads: self.reads,
             other: self.other,
+            prompt_count: self.prompt_count,
         }
     }
 }
@@ -70,6 +110,7 @@ impl<C> std::fmt::Debug for OpenAiEstimator<C> {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("reads", &self.reads)
             .field("other", &self.other)
+            .field("prompt_count", &self.prompt_count)
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +131,7 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
             max_body_bytes: 16 << 20,
             reads: FixedCost::default(),
             other: OtherRequests::default(),
+            prompt_count: PromptCount::default(),
         }
     }
 
@@ -117,6 +159,31 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     pub fn other_requests(mut self, other: OtherRequests) -> Self {
         self.other = other;
         self
+    }
+
+    /// Sets when prompts are counted with the counter: before every
+    /// admission ([`PromptCount::Always`], the default), or only where the
+    /// budget is tight ([`PromptCount::WhenTight`]).
+    pub fn prompt_count(mut self, when: PromptCount) -> Self {
+        self.prompt_count = when;
+        self
+    }
+
+    /// The estimate of a body (read whole) to `endpoint`, with its prompt
+    /// counted or bounded as configured.
+    fn estimate_body(&self, endpoint: Endpoint, body: &Bytes) -> Result<RequestEstimate, String> {
+        match self.prompt_count {
+            PromptCount::Always => estimate_body(endpoint, body, &*self.counter, &self.options),
+            PromptCount::WhenTight => {
+                let mut bounded = estimate_body(endpoint, body, &ByteCount, &self.options)?;
+                let (counter, options, body) = (self.counter.clone(), self.options, body.clone());
+                let bound = bounded.estimate.prompt_tokens;
+                bounded.estimate.deferred_count = Some(DeferredCount::new(move || {
+                    prompt_tokens(endpoint, &body, &*counter, &options).unwrap_or(bound)
+                }));
+                Ok(bounded)
+            }
+        }
     }
 
     /// What `request`'s method and (normalized) path cost, when the body
@@ -186,7 +253,8 @@ where
                     )))
                 }
             };
-            let estimated = estimate_body(endpoint, &bytes, &*this.counter, &this.options)
+            let estimated = this
+                .estimate_body(endpoint, &bytes)
                 .map_err(Rejection::bad_request)?;
             let body = match estimated.rewritten_body {
                 Some(rewritten) => {
@@ -219,8 +287,8 @@ mod tests {
             .unwrap()
     }
 
-    fn run(
-        estimator: &OpenAiEstimator,
+    fn run<C: TokenCounter>(
+        estimator: &OpenAiEstimator<C>,
         request: Request<Full<Bytes>>,
     ) -> Result<(Request<Full<Bytes>>, Estimate), Rejection> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -244,6 +312,84 @@ mod tests {
         assert_eq!(forwarded.uri().path(), "/v1/chat/completions");
         assert_eq!(forwarded.uri().query(), Some("x=%2F"));
         assert_eq!(estimate.completion_tokens, 7);
+    }
+
+    /// One token per word, and how many times it counted.
+    #[derive(Default)]
+    struct Words(std::sync::atomic::AtomicU64);
+
+    impl TokenCounter for Words {
+        fn count(&self, text: &str) -> u64 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            text.split_whitespace().count() as u64
+        }
+    }
+
+    #[test]
+    fn counted_when_tight_a_prompt_is_bounded_by_its_bytes_and_counted_on_demand() {
+        let e = OpenAiEstimator::new(Words::default()).prompt_count(PromptCount::WhenTight);
+        let body = r#"{"messages":[{"role":"user","content":"one two three"}],"max_tokens":5,"stream":true}"#;
+        let (forwarded, mut estimate) =
+            run(&e, request("POST", "/v1/chat/completions", body)).unwrap();
+        // 3 + 13 bytes + 3, and nothing counted yet.
+        assert_eq!(estimate.prompt_tokens, 19);
+        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(
+            estimate.hide_usage_chunk,
+            "the stream is still asked for usage"
+        );
+        assert_eq!(
+            forwarded.headers()[CONTENT_LENGTH],
+            (body.len() + r#","stream_options":{"include_usage":true}"#.len()).to_string()
+        );
+        // Counted once, however often asked.
+        assert_eq!(estimate.counted_prompt_tokens(), 3 + 3 + 3);
+        assert_eq!(estimate.clone().counted_tokens(), 9 + 5);
+        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(estimate.count_prompt());
+        assert_eq!((estimate.prompt_tokens, estimate.tokens()), (9, 14));
+        assert_eq!(estimate.deferred_count, None);
+        assert!(!estimate.count_prompt(), "counted already");
+
+        // Always (the default) counts before admission.
+        let e = OpenAiEstimator::new(Words::default());
+        let (_, estimate) = run(&e, request("POST", "/v1/chat/completions", body)).unwrap();
+        assert_eq!((estimate.prompt_tokens, estimate.deferred_count), (9, None));
+    }
+
+    #[test]
+    fn the_bound_is_never_below_the_count() {
+        let e = OpenAiEstimator::new(Words::default()).prompt_count(PromptCount::WhenTight);
+        for (path, body) in [
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"role":"user","content":"a b c","name":"x y"},{"role":"assistant","content":null,"tool_calls":[{"id":"a b"}]}],"tools":[{"x":"y z"}]}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"content":[{"type":"text","text":"é ü"},{"type":"image_url"}]}]}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"content":"\u00e9\n\t x"}]}"#,
+            ),
+            ("/v1/chat/completions", r#"{"messages":[]}"#),
+            ("/v1/completions", r#"{"prompt":["a b","c"],"n":2}"#),
+            ("/v1/completions", r#"{"prompt":[1,2,3]}"#),
+            (
+                "/v1/responses",
+                r#"{"instructions":"be brief","input":[{"role":"user","content":"hi there"},{"type":"function_call","arguments":"{}"}]}"#,
+            ),
+            ("/v1/embeddings", r#"{"input":""}"#),
+        ] {
+            let (_, estimate) = run(&e, request("POST", path, body)).unwrap();
+            let counted = estimate.counted_prompt_tokens();
+            assert!(
+                estimate.prompt_tokens >= counted && counted >= 1,
+                "{body}: bound {} < count {counted}",
+                estimate.prompt_tokens
+            );
+        }
     }
 
     #[test]

@@ -148,17 +148,7 @@ pub fn estimate_body(
     counter: &dyn TokenCounter,
     options: &EstimateOptions,
 ) -> Result<RequestEstimate, String> {
-    // serde would read a struct from an array too; a request is an object.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err("the request body must be a JSON object".to_owned());
-    }
-    let cost = match endpoint {
-        Endpoint::Chat => chat::chat_cost(body, counter, options)?,
-        Endpoint::Completions => chat::completions_cost(body, counter, options)?,
-        Endpoint::Responses => responses::cost(body, counter, options)?,
-        Endpoint::Embeddings => embeddings::cost(body, counter)?,
-        Endpoint::Other => return Err("this endpoint is not estimated from its body".to_owned()),
-    };
+    let cost = cost(endpoint, body, counter, options)?;
     let rewritten_body = if cost.needs_usage_asked {
         Some(ask_for_usage(body)?)
     } else {
@@ -170,9 +160,42 @@ pub fn estimate_body(
             completion_tokens: cost.completion_tokens,
             calls: 1,
             hide_usage_chunk: cost.needs_usage_asked,
+            deferred_count: None,
         },
         rewritten_body,
     })
+}
+
+/// The prompt tokens of a body [`estimate_body`] accepts, as it counts
+/// them (at least one); `None` for a body it refuses.
+pub fn prompt_tokens(
+    endpoint: Endpoint,
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Option<u64> {
+    cost(endpoint, body, counter, options)
+        .ok()
+        .map(|cost| cost.prompt_tokens.max(1))
+}
+
+fn cost(
+    endpoint: Endpoint,
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<Cost, String> {
+    // serde would read a struct from an array too; a request is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("the request body must be a JSON object".to_owned());
+    }
+    match endpoint {
+        Endpoint::Chat => chat::chat_cost(body, counter, options),
+        Endpoint::Completions => chat::completions_cost(body, counter, options),
+        Endpoint::Responses => responses::cost(body, counter, options),
+        Endpoint::Embeddings => embeddings::cost(body, counter),
+        Endpoint::Other => Err("this endpoint is not estimated from its body".to_owned()),
+    }
 }
 
 /// Parses a body into an endpoint's view, with the message the `400`
