@@ -28,6 +28,7 @@
 use std::time::Duration;
 
 use agent_budget::{BudgetKind, FullBudgetInfo, Refused};
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
 /// `x-ratelimit-limit-requests`: calls admitted per window.
@@ -140,21 +141,37 @@ impl RateLimitSnapshot {
     }
 
     /// Writes OpenAI's six `x-ratelimit-*` headers.
+    ///
+    /// The six values are formatted into one buffer on the stack and
+    /// share one allocation, each header a slice of it (every admitted
+    /// response carries them: a value each was six allocations more).
     pub fn write_openai(&self, headers: &mut HeaderMap) {
-        headers.reserve(6);
-        headers.insert(X_RATELIMIT_LIMIT_REQUESTS, self.calls_limit.into());
-        headers.insert(X_RATELIMIT_LIMIT_TOKENS, self.token_limit.into());
-        headers.insert(X_RATELIMIT_REMAINING_REQUESTS, self.calls_remaining.into());
-        headers.insert(X_RATELIMIT_REMAINING_TOKENS, self.tokens_remaining.into());
-        let tokens_reset = go_duration_value(self.tokens_reset);
-        // One budget (the common case): one value, formatted once.
+        let mut text = ValueText::default();
+        let mut digits = itoa::Buffer::new();
+        let mut number = |text: &mut ValueText, n: u64| text.push(digits.format(n).as_bytes());
+        let calls_limit = number(&mut text, self.calls_limit);
+        let token_limit = number(&mut text, self.token_limit);
+        let calls_remaining = number(&mut text, self.calls_remaining);
+        let tokens_remaining = number(&mut text, self.tokens_remaining);
+        let tokens_reset = text.push(GoDuration::of(self.tokens_reset).as_str().as_bytes());
+        // One budget (the common case): one reset, formatted once.
         let calls_reset = if self.calls_reset == self.tokens_reset {
             tokens_reset.clone()
         } else {
-            go_duration_value(self.calls_reset)
+            text.push(GoDuration::of(self.calls_reset).as_str().as_bytes())
         };
-        headers.insert(X_RATELIMIT_RESET_REQUESTS, calls_reset);
-        headers.insert(X_RATELIMIT_RESET_TOKENS, tokens_reset);
+        let shared = Bytes::from_owner(text.bytes);
+        let value = |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range))
+                .expect("digits, '.' and unit letters make a valid header value")
+        };
+        headers.reserve(6);
+        headers.insert(X_RATELIMIT_LIMIT_REQUESTS, value(calls_limit));
+        headers.insert(X_RATELIMIT_LIMIT_TOKENS, value(token_limit));
+        headers.insert(X_RATELIMIT_REMAINING_REQUESTS, value(calls_remaining));
+        headers.insert(X_RATELIMIT_REMAINING_TOKENS, value(tokens_remaining));
+        headers.insert(X_RATELIMIT_RESET_REQUESTS, value(calls_reset));
+        headers.insert(X_RATELIMIT_RESET_TOKENS, value(tokens_reset));
     }
 
     /// Writes the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -231,11 +248,30 @@ pub fn go_duration(d: Duration) -> String {
     GoDuration::of(d).as_str().to_owned()
 }
 
-/// [`go_duration`] as a header value: formatted on the stack, so the value
-/// is the one allocation (every admitted response carries two).
-fn go_duration_value(d: Duration) -> HeaderValue {
-    HeaderValue::from_str(GoDuration::of(d).as_str())
-        .expect("digits, '.' and unit letters make a valid header value")
+/// The text of OpenAI's six header values: four numbers of at most 20
+/// digits and two Go durations of at most 22 bytes.
+struct ValueText {
+    bytes: [u8; 128],
+    len: usize,
+}
+
+impl Default for ValueText {
+    fn default() -> Self {
+        ValueText {
+            bytes: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl ValueText {
+    /// Appends `text`; where it lies.
+    fn push(&mut self, text: &[u8]) -> std::ops::Range<usize> {
+        let start = self.len;
+        self.bytes[start..start + text.len()].copy_from_slice(text);
+        self.len += text.len();
+        start..self.len
+    }
 }
 
 /// A Go duration's text, on the stack. The longest, `Duration::MAX`'s, is
@@ -343,10 +379,36 @@ mod tests {
     }
 
     #[test]
-    fn header_values_are_the_go_durations() {
-        for d in [ms(0), ms(20), ms(1_020), ms(90_061_001), Duration::MAX] {
-            assert_eq!(go_duration_value(d), go_duration(d).as_str(), "{d:?}");
-        }
+    fn the_longest_values_fit_in_one_buffer() {
+        let widest = RateLimitSnapshot {
+            token_limit: u64::MAX,
+            tokens_remaining: u64::MAX,
+            calls_limit: u64::MAX,
+            calls_remaining: u64::MAX,
+            tokens_reset: Duration::MAX,
+            calls_reset: Duration::MAX - ms(1),
+            tokens_window: Duration::MAX,
+            calls_window: Duration::MAX,
+        };
+        let mut headers = HeaderMap::new();
+        widest.write_openai(&mut headers);
+        assert_eq!(headers.len(), 6);
+        assert_eq!(
+            headers[X_RATELIMIT_LIMIT_TOKENS],
+            u64::MAX.to_string().as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_REMAINING_REQUESTS],
+            u64::MAX.to_string().as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_RESET_TOKENS],
+            go_duration(Duration::MAX).as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_RESET_REQUESTS],
+            go_duration(Duration::MAX - ms(1)).as_str()
+        );
     }
 
     #[test]
