@@ -5,7 +5,7 @@
 //!
 //! ```text
 //! budget-gateway/benches/instructions.sh                      # builds, runs, prints the tables
-//! budget-gateway/benches/instructions.sh --requests 1000 --top 40
+//! budget-gateway/benches/instructions.sh --runs 5 --requests 1000 --top 40
 //! ```
 //!
 //! Run it through the script, which builds the binary with line tables
@@ -18,10 +18,15 @@
 //! load) is time-driven, not request-driven, and slower under valgrind:
 //! its thread is left out, and its count printed apart.
 //!
-//! The tables: instructions per request of each variant (the median batch,
-//! and the spread of the batches), then the difference the layer makes,
-//! by crate (self cost: these rows add up to the difference) and by
-//! function (inclusive cost: each row holds its callees).
+//! Counts are steady within a process (its batches agree within a few
+//! hundred instructions) but move by up to 1% between processes of the same
+//! binary, so each variant runs in several processes (`--runs`, 3), in
+//! rotated order. The tables: instructions per request of each variant
+//! (the median over its processes of each one's median batch, and the
+//! spread of the processes), then the difference the layer makes, by
+//! crate (self cost: these rows add up to the difference) and by function
+//! (inclusive cost: each row holds its callees), averaged over the
+//! processes.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -39,6 +44,7 @@ use support::{
 struct Options {
     requests: u64,
     batches: usize,
+    runs: usize,
     warmup: u64,
     top: usize,
     variants: Vec<String>,
@@ -49,6 +55,7 @@ fn options() -> Options {
     let mut o = Options {
         requests: 500,
         batches: 3,
+        runs: 3,
         warmup: 200,
         top: 30,
         variants: VARIANTS.map(str::to_owned).to_vec(),
@@ -60,6 +67,7 @@ fn options() -> Options {
         match arg.as_str() {
             "--requests" => o.requests = value().parse().expect("--requests N"),
             "--batches" => o.batches = value().parse().expect("--batches N"),
+            "--runs" => o.runs = value().parse().expect("--runs N"),
             "--warmup" => o.warmup = value().parse().expect("--warmup N"),
             "--top" => o.top = value().parse().expect("--top N"),
             "--variants" => o.variants = value().split(',').map(str::to_owned).collect(),
@@ -70,7 +78,10 @@ fn options() -> Options {
             other => panic!("unknown argument {other}"),
         }
     }
-    assert!(o.requests > 0 && o.batches > 0, "nothing to count");
+    assert!(
+        o.requests > 0 && o.batches > 0 && o.runs > 0,
+        "nothing to count"
+    );
     assert!(
         o.variants.iter().all(|v| VARIANTS.contains(&v.as_str())),
         "--variants takes some of none,budget,governor"
@@ -196,7 +207,7 @@ fn read_thread(file: &Path) -> ThreadDump {
     }
 }
 
-/// What one variant executed per request.
+/// What one process of a variant executed per request.
 struct Counted {
     /// Instructions per request in each batch.
     per_batch: Vec<f64>,
@@ -206,11 +217,50 @@ struct Counted {
     costs: Costs,
 }
 
-impl Counted {
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.into_iter().collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// What a variant executed per request in each of its processes. Counts
+/// are steady within a process (its batches agree to a few hundred
+/// instructions) but move by up to 1% from one process to the next (hash
+/// seeds, where the threads happen to park), so each variant runs in
+/// several.
+#[derive(Default)]
+struct Runs(Vec<Counted>);
+
+impl Runs {
+    /// The median over the processes of each one's median batch.
     fn median(&self) -> f64 {
-        let mut v = self.per_batch.clone();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        median(
+            self.0
+                .iter()
+                .map(|run| median(run.per_batch.iter().copied())),
+        )
+    }
+
+    /// The lowest and highest of the processes' medians.
+    fn range(&self) -> (f64, f64) {
+        self.0
+            .iter()
+            .map(|run| median(run.per_batch.iter().copied()))
+            .fold((f64::MAX, f64::MIN), |(lo, hi), x| (lo.min(x), hi.max(x)))
+    }
+
+    fn upkeep(&self) -> f64 {
+        self.0.iter().map(|run| run.upkeep).sum::<f64>() / self.0.len() as f64
+    }
+
+    /// The costs per request, averaged over the processes.
+    fn costs(&mut self) -> Costs {
+        let mut costs = Costs::default();
+        let share = 1.0 / self.0.len() as f64;
+        for run in &mut self.0 {
+            costs.add(std::mem::take(&mut run.costs), share);
+        }
+        costs
     }
 }
 
@@ -411,28 +461,35 @@ fn main() {
     };
     let config = write_config(&dir, "");
     let (_mock, upstream) = start_mock();
-    let mut counted = HashMap::new();
-    for variant in &o.variants {
-        eprintln!("counting {variant} under callgrind...");
-        counted.insert(variant.clone(), count(variant, &o, &config, upstream, &dir));
+    let mut counted: HashMap<String, Runs> = HashMap::new();
+    for run in 0..o.runs {
+        // Rotated, as a timing bench would: nothing here should depend on
+        // the order, and this shows it does not.
+        for k in 0..o.variants.len() {
+            let variant = &o.variants[(run + k) % o.variants.len()];
+            eprintln!(
+                "run {}/{}: counting {variant} under callgrind...",
+                run + 1,
+                o.runs
+            );
+            let one = count(variant, &o, &config, upstream, &dir);
+            counted.entry(variant.clone()).or_default().0.push(one);
+        }
     }
     if o.keep.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     println!(
-        "\nInstructions per request (callgrind; {} batches of {} requests after {} of warm-up, one keep-alive connection):\n",
-        o.batches, o.requests, o.warmup
+        "\nInstructions per request (callgrind; {} processes per variant, each {} batches of {} requests after {} of warm-up, on one keep-alive connection):\n",
+        o.runs, o.batches, o.requests, o.warmup
     );
-    println!("| variant | instructions per request | batches (min–max) | vs plain proxy |");
+    println!("| variant | instructions per request | processes (min–max) | vs plain proxy |");
     println!("|---|---|---|---|");
-    let base = counted.get("none").map(Counted::median);
+    let base = counted.get("none").map(Runs::median);
     for variant in &o.variants {
         let c = &counted[variant];
-        let (min, max) = c
-            .per_batch
-            .iter()
-            .fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+        let (min, max) = c.range();
         let vs = match base {
             Some(base) if variant != "none" => signed(c.median() - base),
             _ => String::new(),
@@ -448,21 +505,25 @@ fn main() {
     let upkeep: Vec<String> = o
         .variants
         .iter()
-        .map(|v| format!("{v} {}", thousands(counted[v].upkeep)))
+        .map(|v| format!("{v} {}", thousands(counted[v].upkeep())))
         .collect();
     println!(
         "\n(Left out: quanta's upkeep thread, time-driven, per request: {}.)",
         upkeep.join(", ")
     );
 
-    let (Some(none), Some(budget)) = (counted.get("none"), counted.get("budget")) else {
+    let plain_total = counted.get("none").map(Runs::median).unwrap_or_default();
+    let (Some(none), Some(budget)) = (
+        counted.get_mut("none").map(Runs::costs),
+        counted.get_mut("budget").map(Runs::costs),
+    ) else {
         return;
     };
     let mut groups: HashMap<String, (f64, f64)> = HashMap::new();
-    for (function, cost) in &budget.costs.exclusive {
+    for (function, cost) in &budget.exclusive {
         groups.entry(group(function)).or_default().1 += cost;
     }
-    for (function, cost) in &none.costs.exclusive {
+    for (function, cost) in &none.exclusive {
         groups.entry(group(function)).or_default().0 += cost;
     }
     let mut groups: Vec<_> = groups.into_iter().collect();
@@ -486,7 +547,7 @@ fn main() {
     println!("| (the rest, under 100 each) | | | {} |", signed(rest));
     println!("| **all** | | | **{}** |", signed(total));
 
-    let (plain, layer) = (none.costs.inclusive(), budget.costs.inclusive());
+    let (plain, layer) = (none.inclusive(), budget.inclusive());
     let mut functions: Vec<(&str, f64, f64)> = layer
         .iter()
         .map(|(f, cost)| (*f, plain.get(f).copied().unwrap_or(0.0), *cost))
@@ -496,7 +557,7 @@ fn main() {
                 .filter(|(f, _)| !layer.contains_key(*f))
                 .map(|(f, cost)| (*f, *cost, 0.0)),
         )
-        .filter(|(f, p, _)| !is_server_frame(f) && *p < 0.9 * none.median())
+        .filter(|(f, p, _)| !is_server_frame(f) && *p < 0.9 * plain_total)
         .collect();
     functions.sort_by(|a, b| (b.2 - b.1).abs().total_cmp(&(a.2 - a.1).abs()));
     println!(
