@@ -20,11 +20,10 @@
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
 use super::request::{
     estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
@@ -239,20 +238,7 @@ where
                 return cost.map(|estimate| (request, estimate));
             }
             let (mut parts, body) = request.into_parts();
-            let bytes = match Limited::new(body, this.max_body_bytes).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<LengthLimitError>() => {
-                    return Err(Rejection::too_large(format!(
-                        "the request body is larger than {} bytes",
-                        this.max_body_bytes
-                    )))
-                }
-                Err(e) => {
-                    return Err(Rejection::bad_request(format!(
-                        "cannot read the request body: {e}"
-                    )))
-                }
-            };
+            let bytes = read_body(body, this.max_body_bytes).await?;
             let estimated = this
                 .estimate_body(endpoint, &bytes)
                 .map_err(Rejection::bad_request)?;
@@ -273,11 +259,60 @@ where
     }
 }
 
+/// Reads `body` whole: `413` beyond `limit` bytes (at once if its length
+/// says so), `400` if it fails. A body of one chunk, the usual (hyper hands
+/// a small body over in one), is kept as it came, and a body that says it
+/// has ended is not polled again.
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, Rejection>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large =
+        || Rejection::too_large(format!("the request body is larger than {limit} bytes"));
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let (mut first, mut joined): (Option<Bytes>, Option<BytesMut>) = (None, None);
+    let mut length = 0usize;
+    while !body.is_end_stream() {
+        let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await else {
+            break;
+        };
+        let frame = frame.map_err(|e| {
+            Rejection::bad_request(format!("cannot read the request body: {}", e.into()))
+        })?;
+        // Trailers say nothing about the cost.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        length = length.saturating_add(data.len());
+        if length > limit {
+            return Err(too_large());
+        }
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+            (Some(head), None) => {
+                let mut both = BytesMut::with_capacity(length);
+                both.extend_from_slice(head);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::StatusCode;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
 
     fn request(method: &str, uri: &str, body: &'static str) -> Request<Full<Bytes>> {
         Request::builder()
@@ -390,6 +425,61 @@ mod tests {
                 estimate.prompt_tokens
             );
         }
+    }
+
+    fn read(
+        body: impl Body<Data = Bytes, Error = std::io::Error>,
+        limit: usize,
+    ) -> Result<Bytes, Rejection> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(read_body(body, limit))
+    }
+
+    /// A body of `frames`, of unknown length.
+    fn streamed(
+        frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>>,
+    ) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    fn data(text: &'static str) -> Result<http_body::Frame<Bytes>, std::io::Error> {
+        Ok(http_body::Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
+    fn whole(text: &'static str) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        Full::new(Bytes::from_static(text.as_bytes())).map_err(|e| match e {})
+    }
+
+    #[test]
+    fn a_body_of_one_chunk_is_kept_as_it_came() {
+        let text = r#"{"messages":[]}"#;
+        let read = read(whole(text), 100).unwrap();
+        assert_eq!(read.as_ptr(), text.as_ptr(), "not copied");
+        assert_eq!(read, text);
+    }
+
+    #[test]
+    fn chunks_are_joined_and_trailers_skipped() {
+        let trailers = Ok(http_body::Frame::trailers(http::HeaderMap::new()));
+        let body = streamed(vec![data(r#"{"a""#), data(":"), trailers, data("1}")]);
+        assert_eq!(read(body, 100).unwrap(), r#"{"a":1}"#);
+        assert_eq!(read(streamed(vec![]), 100).unwrap(), "");
+    }
+
+    #[test]
+    fn bodies_beyond_the_limit_are_413_and_failures_400() {
+        let r = read(whole("0123456789"), 9).unwrap_err();
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let r = read(streamed(vec![data("01234"), data("56789")]), 9).unwrap_err();
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let fits = read(streamed(vec![data("01234"), data("5678")]), 9).unwrap();
+        assert_eq!(fits, "012345678");
+        let failed = streamed(vec![data("{"), Err(std::io::Error::other("reset"))]);
+        let r = read(failed, 100).unwrap_err();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.message.contains("reset"), "{}", r.message);
     }
 
     #[test]
