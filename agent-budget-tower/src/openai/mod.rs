@@ -11,6 +11,7 @@ mod meter;
 mod request;
 mod response;
 mod responses;
+mod scan;
 
 pub use estimator::{OpenAiEstimator, OtherRequests, PromptCount};
 pub use meter::{OpenAiSession, OpenAiUsage};
