@@ -21,8 +21,9 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
+use bytes::Bytes;
 use http::Request;
 
 use crate::Rejection;
@@ -45,7 +46,7 @@ pub struct Estimate {
     /// the layer, not the client, and should be hidden from the client.
     pub hide_usage_chunk: bool,
     /// The prompt's count, when `prompt_tokens` is a cheap upper bound
-    /// taken instead of it: made when first asked for
+    /// taken instead of it: made when asked for
     /// ([`counted_prompt_tokens`](Self::counted_prompt_tokens)).
     pub deferred_count: Option<DeferredCount>,
 }
@@ -57,8 +58,8 @@ impl Estimate {
     }
 
     /// The prompt's tokens as counted: the [deferred
-    /// count](Self::deferred_count), made now if it was not yet, or
-    /// `prompt_tokens` when nothing was deferred.
+    /// count](Self::deferred_count), made now, or `prompt_tokens` when
+    /// nothing was deferred.
     pub fn counted_prompt_tokens(&self) -> u64 {
         self.deferred_count
             .as_ref()
@@ -81,8 +82,9 @@ impl Estimate {
     }
 }
 
-/// A prompt's token count, made the first time it is asked for and kept,
-/// where the estimator reserved a cheap upper bound in its place.
+/// A prompt's token count, made when it is asked for, where the estimator
+/// reserved a cheap upper bound in its place: a counting function and its
+/// input, both shared (cloning one allocates nothing).
 ///
 /// Counting a prompt with a real tokenizer costs far more than the rest of
 /// the budget check, and the count is only an estimate: the settle
@@ -92,59 +94,41 @@ impl Estimate {
 /// count. The layer has it made only where it matters: when the bound does
 /// not fit the budget (the request is then admitted, or refused, on the
 /// count), and when the prompt alone is charged (a client that hung up
-/// before the answer, a response without usage). Clones share the one
-/// count.
+/// before the answer, a response without usage): rarely, so it is not
+/// kept, and a request that needs it twice counts twice.
 #[derive(Clone)]
-pub struct DeferredCount(Arc<dyn CountOnce>);
-
-trait CountOnce: Send + Sync {
-    fn tokens(&self) -> u64;
-    fn made(&self) -> Option<u64>;
+pub struct DeferredCount {
+    count: Arc<CountTokens>,
+    input: Bytes,
 }
 
-struct Deferred<F> {
-    count: OnceLock<u64>,
-    make: F,
-}
-
-impl<F: Fn() -> u64 + Send + Sync> CountOnce for Deferred<F> {
-    fn tokens(&self) -> u64 {
-        *self.count.get_or_init(&self.make)
-    }
-
-    fn made(&self) -> Option<u64> {
-        self.count.get().copied()
-    }
-}
+/// A function that counts the tokens of a prompt in its input (a request's
+/// body, say).
+pub type CountTokens = dyn Fn(&[u8]) -> u64 + Send + Sync;
 
 impl DeferredCount {
-    /// A count that `make` makes when it is first asked for.
-    pub fn new(make: impl Fn() -> u64 + Send + Sync + 'static) -> Self {
-        DeferredCount(Arc::new(Deferred {
-            count: OnceLock::new(),
-            make,
-        }))
+    /// The count `count` makes of `input` (a request's body, say), when it
+    /// is asked for.
+    pub fn new(count: Arc<CountTokens>, input: Bytes) -> Self {
+        DeferredCount { count, input }
     }
 
-    /// The count: made now if it was not yet.
+    /// The count, made now.
     pub fn tokens(&self) -> u64 {
-        self.0.tokens()
+        (self.count)(&self.input)
     }
 }
 
 impl fmt::Debug for DeferredCount {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0.made() {
-            Some(tokens) => write!(f, "DeferredCount({tokens})"),
-            None => f.write_str("DeferredCount(not yet made)"),
-        }
+        write!(f, "DeferredCount({} bytes of input)", self.input.len())
     }
 }
 
-/// Two handles are equal when they share one count.
+/// Two are equal when they count the same input the same way.
 impl PartialEq for DeferredCount {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
+        Arc::ptr_eq(&self.count, &other.count) && self.input == other.input
     }
 }
 

@@ -287,26 +287,37 @@ impl GoDuration {
             bytes: [0; 40],
             len: 0,
         };
-        let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
-        if millis == 0 {
-            out.push(b"0s");
-            return out;
-        }
+        // Whole seconds and milliseconds, rounded up, in u64 (a u128
+        // division is a call into the compiler's runtime); the carry out of
+        // `Duration::MAX`'s last second, 2^64 seconds, is the one exception.
+        let millis = d.subsec_nanos().div_ceil(1_000_000);
+        let whole = d.as_secs().checked_add(u64::from(millis / 1_000));
+        let frac = (millis % 1_000) as u16;
         let mut digits = itoa::Buffer::new();
-        if millis < 1_000 {
-            out.push(digits.format(millis).as_bytes());
-            out.push(b"ms");
+        if whole == Some(0) {
+            if frac == 0 {
+                out.push(b"0s");
+            } else {
+                out.push(digits.format(frac).as_bytes());
+                out.push(b"ms");
+            }
             return out;
         }
-        let (secs, frac) = (millis / 1_000, (millis % 1_000) as u16);
-        let (hours, minutes, seconds) = (secs / 3_600, secs / 60 % 60, secs % 60);
+        let (hours, minutes, seconds) = match whole {
+            Some(secs) => (secs / 3_600, secs / 60 % 60, secs % 60),
+            None => {
+                let secs = u128::from(u64::MAX) + 1;
+                let split = |n: u128| u64::try_from(n).expect("below 2^64");
+                (split(secs / 3_600), split(secs / 60 % 60), split(secs % 60))
+            }
+        };
         // Go writes the hours if any, then the minutes if any hours or
         // minutes, then always the seconds: `2h0m5s`, `6m0s`, `5s`.
         if hours > 0 {
             out.push(digits.format(hours).as_bytes());
             out.push(b"h");
         }
-        if secs >= 60 {
+        if hours > 0 || minutes > 0 {
             out.push(digits.format(minutes).as_bytes());
             out.push(b"m");
         }
@@ -367,6 +378,54 @@ mod tests {
         assert_eq!(go_duration(Duration::from_nanos(1)), "1ms");
         assert_eq!(go_duration(Duration::from_micros(20_001)), "21ms");
         assert_eq!(go_duration(Duration::from_micros(999_001)), "1s");
+    }
+
+    /// Go's format as first written: in milliseconds, in u128.
+    fn go_duration_in_u128(d: Duration) -> String {
+        let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        if millis < 1_000 {
+            return if millis == 0 {
+                "0s".into()
+            } else {
+                format!("{millis}ms")
+            };
+        }
+        let (secs, frac) = (millis / 1_000, millis % 1_000);
+        let (h, m, s) = (secs / 3_600, secs / 60 % 60, secs % 60);
+        let mut out = String::new();
+        if h > 0 {
+            out += &format!("{h}h");
+        }
+        if secs >= 60 {
+            out += &format!("{m}m");
+        }
+        out += &s.to_string();
+        if frac > 0 {
+            out += format!(".{frac:03}").trim_end_matches('0');
+        }
+        out + "s"
+    }
+
+    #[test]
+    fn go_durations_agree_with_the_u128_arithmetic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let shift = next() % 64;
+            let d = Duration::new(next() >> shift, (next() % 1_000_000_000) as u32);
+            assert_eq!(go_duration(d), go_duration_in_u128(d), "{d:?}");
+        }
+        for secs in [0, 1, 59, 60, 3_599, 3_600, u64::MAX - 1, u64::MAX] {
+            for nanos in [0, 1, 999_999, 1_000_000, 999_000_001, 999_999_999] {
+                let d = Duration::new(secs, nanos);
+                assert_eq!(go_duration(d), go_duration_in_u128(d), "{d:?}");
+            }
+        }
     }
 
     #[test]

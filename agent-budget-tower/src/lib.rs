@@ -79,7 +79,7 @@ mod telemetry;
 
 pub use admission::{Admission, Denial, POLL_INTERVAL};
 pub use body::BudgetBody;
-pub use estimate::{DeferredCount, Estimate, Estimator, FixedCost};
+pub use estimate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
 pub use meter::{HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome};
 pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests, PromptCount};

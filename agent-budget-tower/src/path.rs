@@ -152,22 +152,39 @@ fn is_plain(path: &str) -> bool {
     let bytes = path.as_bytes();
     let mut after_slash = false;
     for (i, &b) in bytes.iter().enumerate() {
-        match b {
-            b'%' | b'\\' => return false,
-            b'/' if after_slash => return false,
-            // Only a segment that starts with a dot can be a dot segment.
-            b'.' if after_slash => {
+        match PATH_BYTE[usize::from(b)] {
+            PLAIN => after_slash = false,
+            ESCAPE => return false,
+            SLASH if after_slash => return false,
+            SLASH => after_slash = true,
+            // A dot: only a segment that starts with one can be a dot
+            // segment.
+            _ if after_slash => {
                 let segment = bytes[i..].split(|&b| b == b'/').next().unwrap_or_default();
                 if is_dot_segment(std::str::from_utf8(segment).unwrap_or_default()) {
                     return false;
                 }
+                after_slash = false;
             }
             _ => {}
         }
-        after_slash = b == b'/';
     }
     true
 }
+
+/// What [`is_plain`] makes of each byte: most are [`PLAIN`].
+const PATH_BYTE: [u8; 256] = {
+    let mut classes = [PLAIN; 256];
+    classes[b'%' as usize] = ESCAPE;
+    classes[b'\\' as usize] = ESCAPE;
+    classes[b'/' as usize] = SLASH;
+    classes[b'.' as usize] = DOT;
+    classes
+};
+const PLAIN: u8 = 0;
+const ESCAPE: u8 = 1;
+const SLASH: u8 = 2;
+const DOT: u8 = 3;
 
 /// `raw` with its unreserved escapes decoded and the rest upper-cased, or
 /// the reason it is refused.

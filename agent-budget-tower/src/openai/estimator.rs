@@ -30,7 +30,7 @@ use super::request::{
     TokenCounter,
 };
 use crate::path::normalize_uri;
-use crate::{DeferredCount, Estimate, Estimator, FixedCost, Rejection};
+use crate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost, Rejection};
 
 /// What [`OpenAiEstimator`] does with a request it cannot estimate: one
 /// that is neither a read (`GET`, `HEAD`) nor a `POST` to an endpoint whose
@@ -83,6 +83,10 @@ pub enum PromptCount {
 pub struct OpenAiEstimator<C = ByteCount> {
     counter: Arc<C>,
     options: EstimateOptions,
+    /// The counting of each metered endpoint's prompt, for
+    /// [`PromptCount::WhenTight`]'s deferred counts: built with the
+    /// options, shared by every request.
+    deferred: [Arc<CountTokens>; 4],
     max_body_bytes: usize,
     reads: FixedCost,
     other: OtherRequests,
@@ -94,6 +98,7 @@ impl<C> Clone for OpenAiEstimator<C> {
         OpenAiEstimator {
             counter: self.counter.clone(),
             options: self.options,
+            deferred: self.deferred.clone(),
             max_body_bytes: self.max_body_bytes,
             reads: self.reads,
             other: self.other,
@@ -124,9 +129,12 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     /// Counts prompts with `counter`; bodies up to 16 MiB; reads cost one
     /// call; other requests are refused.
     pub fn new(counter: C) -> Self {
+        let counter = Arc::new(counter);
+        let options = EstimateOptions::default();
         OpenAiEstimator {
-            counter: Arc::new(counter),
-            options: EstimateOptions::default(),
+            deferred: deferred_counts(&counter, options),
+            counter,
+            options,
             max_body_bytes: 16 << 20,
             reads: FixedCost::default(),
             other: OtherRequests::default(),
@@ -137,6 +145,7 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     /// Sets the defaults for requests without a maximum.
     pub fn options(mut self, options: EstimateOptions) -> Self {
         self.options = options;
+        self.deferred = deferred_counts(&self.counter, options);
         self
     }
 
@@ -175,11 +184,14 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
             PromptCount::Always => estimate_body(endpoint, body, &*self.counter, &self.options),
             PromptCount::WhenTight => {
                 let mut bounded = estimate_body(endpoint, body, &ByteCount, &self.options)?;
-                let (counter, options, body) = (self.counter.clone(), self.options, body.clone());
-                let bound = bounded.estimate.prompt_tokens;
-                bounded.estimate.deferred_count = Some(DeferredCount::new(move || {
-                    prompt_tokens(endpoint, &body, &*counter, &options).unwrap_or(bound)
-                }));
+                let count = match endpoint {
+                    Endpoint::Chat => &self.deferred[0],
+                    Endpoint::Completions => &self.deferred[1],
+                    Endpoint::Responses => &self.deferred[2],
+                    _ => &self.deferred[3],
+                };
+                bounded.estimate.deferred_count =
+                    Some(DeferredCount::new(count.clone(), body.clone()));
                 Ok(bounded)
             }
         }
@@ -226,7 +238,7 @@ where
         &self,
         mut request: Request<B>,
     ) -> impl Future<Output = Result<(Request<B>, Estimate), Rejection>> + Send {
-        let this = self.clone();
+        let this = self;
         async move {
             match normalize_uri(request.uri()) {
                 Ok(None) => {}
@@ -257,6 +269,27 @@ where
             ))
         }
     }
+}
+
+/// How each metered endpoint's prompt is counted later: chat,
+/// completions, responses, embeddings. Only bodies [`estimate_body`]
+/// accepted (with the byte count: the parse does not depend on the
+/// counter) are counted, so the fallback of one is never taken.
+fn deferred_counts<C: TokenCounter>(
+    counter: &Arc<C>,
+    options: EstimateOptions,
+) -> [Arc<CountTokens>; 4] {
+    [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Responses,
+        Endpoint::Embeddings,
+    ]
+    .map(|endpoint| {
+        let counter = counter.clone();
+        Arc::new(move |body: &[u8]| prompt_tokens(endpoint, body, &*counter, &options).unwrap_or(1))
+            as Arc<CountTokens>
+    })
 }
 
 /// Reads `body` whole: `413` beyond `limit` bytes (at once if its length
@@ -377,10 +410,10 @@ mod tests {
             forwarded.headers()[CONTENT_LENGTH],
             (body.len() + r#","stream_options":{"include_usage":true}"#.len()).to_string()
         );
-        // Counted once, however often asked.
+        // Counted when asked for.
         assert_eq!(estimate.counted_prompt_tokens(), 3 + 3 + 3);
         assert_eq!(estimate.clone().counted_tokens(), 9 + 5);
-        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 2);
         assert!(estimate.count_prompt());
         assert_eq!((estimate.prompt_tokens, estimate.tokens()), (9, 14));
         assert_eq!(estimate.deferred_count, None);

@@ -437,7 +437,10 @@ mod tests {
             completion_tokens: 100,
             calls: 1,
             hide_usage_chunk: false,
-            deferred_count: Some(crate::DeferredCount::new(|| 10)),
+            deferred_count: Some(crate::DeferredCount::new(
+                std::sync::Arc::new(|_: &[u8]| 10),
+                Bytes::new(),
+            )),
         };
         let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
         s.data(Bytes::from([DELTA, DELTA].concat()));
