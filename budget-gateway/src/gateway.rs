@@ -56,7 +56,7 @@ use tower_governor::{GovernorError, GovernorLayer};
 
 use crate::admin::{all_budgets, one_budget, Admin};
 use crate::config::{Config, Tokenizer};
-use crate::paths::normalize_path;
+use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
 
@@ -375,7 +375,7 @@ impl Gateway {
                     }
                 })
             });
-        let app = tower::Layer::layer(&axum::middleware::from_fn(normalize_path), self.router());
+        let app = NormalizePath::new(self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)
             .await;
