@@ -150,6 +150,9 @@ pub fn normalize_uri(uri: &Uri) -> Result<Option<Uri>, PathError> {
 /// (twice in the gateway: before routing, and by the layer).
 fn is_plain(path: &str) -> bool {
     let bytes = path.as_bytes();
+    if has_nothing_to_look_at(bytes) {
+        return true;
+    }
     let mut after_slash = false;
     for (i, &b) in bytes.iter().enumerate() {
         match PATH_BYTE[usize::from(b)] {
@@ -168,6 +171,43 @@ fn is_plain(path: &str) -> bool {
             }
             _ => {}
         }
+    }
+    true
+}
+
+/// Whether `bytes` has no `%`, `\`, `.` or `//` (then it is plain), eight
+/// bytes at a time.
+fn has_nothing_to_look_at(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    // 0x80 in each byte of `word` equal to `byte`, and nowhere else (no
+    // carry crosses a byte: each sum stays below 0x100).
+    let equal = |word: u64, byte: u8| {
+        let x = word ^ (ONES * u64::from(byte));
+        !(((x & LOW7) + LOW7) | x | LOW7)
+    };
+    let mut chunks = bytes.chunks_exact(8);
+    let mut slash_before = false;
+    for chunk in &mut chunks {
+        let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
+        if equal(word, b'%') | equal(word, b'\\') | equal(word, b'.') != 0 {
+            return false;
+        }
+        let slashes = equal(word, b'/');
+        // A slash right after a slash, in this word or across from the
+        // last one.
+        if slashes & (slashes >> 8) != 0 || slash_before && slashes & 0x80 != 0 {
+            return false;
+        }
+        slash_before = slashes >> 63 == 1;
+    }
+    for &b in chunks.remainder() {
+        match b {
+            b'%' | b'\\' | b'.' => return false,
+            b'/' if slash_before => return false,
+            _ => {}
+        }
+        slash_before = b == b'/';
     }
     true
 }
@@ -309,6 +349,28 @@ mod tests {
             }
         }
         assert_eq!(checked, (0..7).map(|n| 7usize.pow(n)).sum::<usize>());
+        // Longer ones, for the eight-bytes-at-a-time check: every piece at
+        // every offset of a plain path, and random mixes.
+        let plain = "/v1/chat/completions/abcdefghijklmnop";
+        for offset in 1..plain.len() {
+            for piece in ["%", "\\", ".", "/", "//", "/.", "/..", "..", "/./", "é"] {
+                let path = format!("{}{piece}{}", &plain[..offset], &plain[offset..]);
+                assert_eq!(is_plain(&path), by_the_rules(&path), "{path:?}");
+            }
+        }
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        for _ in 0..20_000 {
+            let mut path = String::from("/");
+            for _ in 0..8 + state % 32 {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                // Mostly plain characters, now and then another.
+                let c = alphabet[(state % 16) as usize % alphabet.len()];
+                path.push_str(if state % 16 < 9 { "a" } else { c });
+            }
+            assert_eq!(is_plain(&path), by_the_rules(&path), "{path:?}");
+        }
     }
 
     #[test]
