@@ -41,6 +41,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::scan::{Cursor, JsonStr};
 use super::{chat, embeddings, responses};
 use crate::Estimate;
 
@@ -222,25 +223,82 @@ pub(super) fn saturating_sum(counts: impl IntoIterator<Item = u64>) -> u64 {
 }
 
 /// The body with `stream_options.include_usage` set to `true`, everything
-/// else as it was.
+/// else as it was, byte for byte: the few bytes are spliced in where they
+/// go (a number serde_json would round, `99999999999999999999` or
+/// `1e400`, a key's order, the spacing, all stay as the client wrote
+/// them, and nothing is parsed into a tree and written out again).
+///
+/// The body is one that an endpoint's view accepted: an object, with at
+/// most one `stream_options`, an object or `null`.
 fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
-    let mut value: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the request body is not JSON: {e}"))?;
-    let object = value
-        .as_object_mut()
-        .ok_or("the request body must be a JSON object")?;
-    let options = object
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
-    if !options.is_object() {
-        *options = Value::Object(Default::default());
+    let unusable = || "cannot ask the upstream for the stream's usage".to_owned();
+    let mut cursor = Cursor::new(body).ok_or_else(unusable)?;
+    let open = cursor.position();
+    let mut options = None;
+    cursor
+        .members(|c, key| {
+            let start = c.position();
+            let value = c.skip()?;
+            if key_is(key, "stream_options")? {
+                options = Some(start..start + value.len());
+            }
+            Some(())
+        })
+        .ok_or_else(unusable)?;
+    let (at, cut, insert): (usize, usize, &[u8]) = match options {
+        // No options: the field, first in the object.
+        None => {
+            let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            let field: &[u8] = if empty {
+                br#""stream_options":{"include_usage":true}"#
+            } else {
+                br#""stream_options":{"include_usage":true},"#
+            };
+            (open + 1, 0, field)
+        }
+        Some(span) if &body[span.clone()] == b"null" => {
+            (span.start, span.len(), br#"{"include_usage":true}"#)
+        }
+        // Options: their `include_usage` set to true, or added first.
+        Some(span) => {
+            let mut options = Cursor::new(&body[span.clone()]).ok_or_else(unusable)?;
+            let mut usage = None;
+            options
+                .members(|c, key| {
+                    let start = c.position();
+                    let value = c.skip()?;
+                    if key_is(key, "include_usage")? {
+                        usage = Some(start..start + value.len());
+                    }
+                    Some(())
+                })
+                .ok_or_else(unusable)?;
+            match usage {
+                Some(value) => (span.start + value.start, value.len(), b"true"),
+                None if body[span.start + 1..span.end - 1].trim_ascii().is_empty() => {
+                    (span.start + 1, 0, br#""include_usage":true"#)
+                }
+                None => (span.start + 1, 0, br#""include_usage":true,"#),
+            }
+        }
+    };
+    let mut rewritten = Vec::with_capacity(body.len() + insert.len());
+    rewritten.extend_from_slice(&body[..at]);
+    rewritten.extend_from_slice(insert);
+    rewritten.extend_from_slice(&body[at + cut..]);
+    Ok(Bytes::from(rewritten))
+}
+
+/// Whether an object's key is `name`, escapes decoded; `None` if an
+/// escape is malformed.
+fn key_is(key: JsonStr<'_>, name: &str) -> Option<bool> {
+    match key.text() {
+        Some(text) => Some(text == name),
+        None => {
+            let decoded: String = serde_json::from_str(&format!("\"{}\"", key.raw)).ok()?;
+            Some(decoded == name)
+        }
     }
-    if let Some(options) = options.as_object_mut() {
-        options.insert("include_usage".to_owned(), Value::Bool(true));
-    }
-    serde_json::to_vec(&value)
-        .map(Bytes::from)
-        .map_err(|e| format!("cannot rewrite the request body: {e}"))
 }
 
 #[cfg(test)]
@@ -316,6 +374,72 @@ pub(super) mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// The rewritten body of a stream that did not ask for its usage.
+    fn rewritten(body: &str) -> String {
+        let e = estimate(Endpoint::Chat, body).unwrap();
+        assert!(e.estimate.hide_usage_chunk, "{body}");
+        String::from_utf8(e.rewritten_body.unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_streams_body_is_spliced_not_rewritten() {
+        // Numbers serde_json would round or refuse, the keys' order and the
+        // spacing stay as written.
+        let body =
+            r#"{"stream":true, "messages":[], "seed":99999999999999999999, "x":1e400, "y":-0.0}"#;
+        assert_eq!(
+            rewritten(body),
+            r#"{"stream_options":{"include_usage":true},"stream":true, "messages":[], "seed":99999999999999999999, "x":1e400, "y":-0.0}"#
+        );
+        for (before, after) in [
+            (
+                r#" { "messages":[],"stream":true,"stream_options":null } "#,
+                r#" { "messages":[],"stream":true,"stream_options":{"include_usage":true} } "#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1e400}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true,"other":1e400}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":null}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{ }}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true }}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"other":[1,{"include_usage":false}]}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true,"other":[1,{"include_usage":false}]}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stre\u0061m_options":{"include\u005fusage":false}}"#,
+                r#"{"messages":[],"stream":true,"stre\u0061m_options":{"include\u005fusage":true}}"#,
+            ),
+            (
+                r#"{"messages":[{"content":"\"stream_options\":null"}],"stream":true}"#,
+                r#"{"stream_options":{"include_usage":true},"messages":[{"content":"\"stream_options\":null"}],"stream":true}"#,
+            ),
+        ] {
+            assert_eq!(rewritten(before), after, "{before}");
+            #[derive(serde::Deserialize)]
+            struct Asked {
+                stream_options: Options,
+            }
+            #[derive(serde::Deserialize)]
+            struct Options {
+                include_usage: bool,
+            }
+            let asked: Asked = serde_json::from_str(after).unwrap();
+            assert!(asked.stream_options.include_usage, "{after}");
+        }
+        let e = estimate(Endpoint::Completions, r#"{"prompt":"a","stream":true}"#).unwrap();
+        assert_eq!(
+            e.rewritten_body.unwrap(),
+            r#"{"stream_options":{"include_usage":true},"prompt":"a","stream":true}"#
+        );
     }
 
     #[test]

@@ -90,6 +90,13 @@ impl<'a> Cursor<'a> {
         (self.peek()? == byte).then(|| self.pos += 1)
     }
 
+    /// Where the cursor is, after any whitespace: where the next value
+    /// starts.
+    pub(super) fn position(&mut self) -> usize {
+        self.skip_whitespace();
+        self.pos
+    }
+
     /// The end of the text: nothing but whitespace is left.
     pub(super) fn end(&mut self) -> Option<()> {
         self.skip_whitespace();
@@ -326,16 +333,22 @@ impl<'a> Cursor<'a> {
         &mut self,
         mut member: impl FnMut(&mut Self, &'a str) -> Option<()>,
     ) -> Option<()> {
+        self.members(|cursor, key| member(cursor, key.text()?))
+    }
+
+    /// An object: `member` is called with each key as written, escapes
+    /// and all, and must consume its value.
+    pub(super) fn members(
+        &mut self,
+        mut member: impl FnMut(&mut Self, JsonStr<'a>) -> Option<()>,
+    ) -> Option<()> {
         self.eat(b'{')?;
         self.enter()?;
         if self.peek()? != b'}' {
             loop {
                 let key = self.string()?;
-                if key.escaped {
-                    return None;
-                }
                 self.eat(b':')?;
-                member(self, key.raw)?;
+                member(self, key)?;
                 if self.peek()? != b',' {
                     break;
                 }
