@@ -232,19 +232,7 @@ pub(super) fn saturating_sum(counts: impl IntoIterator<Item = u64>) -> u64 {
 /// most one `stream_options`, an object or `null`.
 fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
     let unusable = || "cannot ask the upstream for the stream's usage".to_owned();
-    let mut cursor = Cursor::new(body).ok_or_else(unusable)?;
-    let open = cursor.position();
-    let mut options = None;
-    cursor
-        .members(|c, key| {
-            let start = c.position();
-            let value = c.skip()?;
-            if key_is(key, "stream_options")? {
-                options = Some(start..start + value.len());
-            }
-            Some(())
-        })
-        .ok_or_else(unusable)?;
+    let (open, options) = find_member(body, "stream_options").ok_or_else(unusable)?;
     let (at, cut, insert): (usize, usize, &[u8]) = match options {
         // No options: the field, first in the object.
         None => {
@@ -261,18 +249,8 @@ fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
         }
         // Options: their `include_usage` set to true, or added first.
         Some(span) => {
-            let mut options = Cursor::new(&body[span.clone()]).ok_or_else(unusable)?;
-            let mut usage = None;
-            options
-                .members(|c, key| {
-                    let start = c.position();
-                    let value = c.skip()?;
-                    if key_is(key, "include_usage")? {
-                        usage = Some(start..start + value.len());
-                    }
-                    Some(())
-                })
-                .ok_or_else(unusable)?;
+            let (_, usage) =
+                find_member(&body[span.clone()], "include_usage").ok_or_else(unusable)?;
             match usage {
                 Some(value) => (span.start + value.start, value.len(), b"true"),
                 None if body[span.start + 1..span.end - 1].trim_ascii().is_empty() => {
@@ -287,6 +265,23 @@ fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
     rewritten.extend_from_slice(insert);
     rewritten.extend_from_slice(&body[at + cut..]);
     Ok(Bytes::from(rewritten))
+}
+
+/// The object `json` holds: where its `{` is, and where the value of its
+/// member `name` (escapes in keys decoded) lies, if it has one.
+fn find_member(json: &[u8], name: &str) -> Option<(usize, Option<std::ops::Range<usize>>)> {
+    let mut cursor = Cursor::new(json)?;
+    let open = cursor.position();
+    let mut found = None;
+    cursor.members(|c, key| {
+        let start = c.position();
+        let value = c.skip()?;
+        if key_is(key, name)? {
+            found = Some(start..start + value.len());
+        }
+        Some(())
+    })?;
+    Some((open, found))
 }
 
 /// Whether an object's key is `name`, escapes decoded; `None` if an
