@@ -229,10 +229,14 @@ pub(super) fn saturating_sum(counts: impl IntoIterator<Item = u64>) -> u64 {
 /// them, and nothing is parsed into a tree and written out again).
 ///
 /// The body is one that an endpoint's view accepted: an object, with at
-/// most one `stream_options`, an object or `null`.
+/// most one `stream_options`, an object or `null`. One the strict reader
+/// leaves to serde (nesting past 64, a skipped string that is not UTF-8)
+/// is parsed and written out again.
 fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
+    let Some((open, options)) = find_member(body, "stream_options") else {
+        return rewrite_asking_for_usage(body);
+    };
     let unusable = || "cannot ask the upstream for the stream's usage".to_owned();
-    let (open, options) = find_member(body, "stream_options").ok_or_else(unusable)?;
     let (at, cut, insert): (usize, usize, &[u8]) = match options {
         // No options: the field, first in the object.
         None => {
@@ -265,6 +269,28 @@ fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
     rewritten.extend_from_slice(insert);
     rewritten.extend_from_slice(&body[at + cut..]);
     Ok(Bytes::from(rewritten))
+}
+
+/// [`ask_for_usage`] through a `serde_json::Value`: the body written out
+/// again (numbers beyond `f64` rounded or refused, keys re-ordered).
+fn rewrite_asking_for_usage(body: &[u8]) -> Result<Bytes, String> {
+    let mut value: Value =
+        serde_json::from_slice(body).map_err(|e| format!("the request body is not JSON: {e}"))?;
+    let object = value
+        .as_object_mut()
+        .ok_or("the request body must be a JSON object")?;
+    let options = object
+        .entry("stream_options")
+        .or_insert_with(|| Value::Object(Default::default()));
+    if !options.is_object() {
+        *options = Value::Object(Default::default());
+    }
+    if let Some(options) = options.as_object_mut() {
+        options.insert("include_usage".to_owned(), Value::Bool(true));
+    }
+    serde_json::to_vec(&value)
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot rewrite the request body: {e}"))
 }
 
 /// The object `json` holds: where its `{` is, and where the value of its
@@ -430,6 +456,14 @@ pub(super) mod tests {
             let asked: Asked = serde_json::from_str(after).unwrap();
             assert!(asked.stream_options.include_usage, "{after}");
         }
+        // Deeper than the strict reader goes: serde's tree, written out.
+        let deep = format!(
+            r#"{{"messages":[],"stream":true,"x":{}1{}}}"#,
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        let body: Value = serde_json::from_str(&rewritten(&deep)).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
         let e = estimate(Endpoint::Completions, r#"{"prompt":"a","stream":true}"#).unwrap();
         assert_eq!(
             e.rewritten_body.unwrap(),
