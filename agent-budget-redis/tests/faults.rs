@@ -315,7 +315,7 @@ async fn links_that_keep_dropping_lose_nothing_and_count_nothing_twice() {
             let mut round = 0usize;
             while flapping.load(Ordering::SeqCst) && round < 10_000 {
                 for (i, link) in f.links.iter().enumerate() {
-                    let down = (round + i) % 3 == 0;
+                    let down = (round + i).is_multiple_of(3);
                     link.set(if down { Fault::Down } else { Fault::Pass });
                 }
                 round += 1;
