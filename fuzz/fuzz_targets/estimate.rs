@@ -28,6 +28,9 @@ fuzz_target!(|input: (u8, &[u8])| {
         let again = estimate_body(endpoint, &rewritten, &ByteCount, &options)
             .expect("a rewritten body is a valid request");
         assert!(again.rewritten_body.is_none(), "asked for usage twice");
-        assert_eq!(again.estimate.completion_tokens, estimated.estimate.completion_tokens);
+        assert_eq!(
+            again.estimate.completion_tokens,
+            estimated.estimate.completion_tokens
+        );
     }
 });

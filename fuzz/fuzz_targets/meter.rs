@@ -29,7 +29,11 @@ fuzz_target!(|case: Case<'_>| {
         .status(if case.status_ok { 200 } else { 500 })
         .header(
             "content-type",
-            if case.stream { "text/event-stream" } else { "application/json" },
+            if case.stream {
+                "text/event-stream"
+            } else {
+                "application/json"
+            },
         );
     if case.compressed {
         builder = builder.header("content-encoding", "gzip");
@@ -46,7 +50,10 @@ fuzz_target!(|case: Case<'_>| {
     let mut rest = case.body;
     let mut cuts = case.cuts.iter();
     while !rest.is_empty() {
-        let n = cuts.next().map_or(rest.len(), |&c| usize::from(c).max(1)).min(rest.len());
+        let n = cuts
+            .next()
+            .map_or(rest.len(), |&c| usize::from(c).max(1))
+            .min(rest.len());
         let (chunk, tail) = rest.split_at(n);
         rest = tail;
         if let Some(out) = session.data(Bytes::copy_from_slice(chunk)) {

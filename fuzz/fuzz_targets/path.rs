@@ -19,8 +19,14 @@ fuzz_target!(|path: &str| {
     );
     let body = normalized.strip_suffix('/').unwrap_or(&normalized);
     for segment in body.split('/').skip(1) {
-        assert!(!segment.is_empty() || body.is_empty(), "{path:?} -> {normalized:?}");
-        assert!(segment != "." && segment != "..", "{path:?} -> {normalized:?}");
+        assert!(
+            !segment.is_empty() || body.is_empty(),
+            "{path:?} -> {normalized:?}"
+        );
+        assert!(
+            segment != "." && segment != "..",
+            "{path:?} -> {normalized:?}"
+        );
     }
     let upper = normalized.to_ascii_uppercase();
     for banned in ["%2F", "%5C", "%25", "\\"] {

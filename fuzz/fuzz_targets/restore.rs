@@ -30,7 +30,13 @@ fn sorted(infos: Vec<FullBudgetInfo>) -> Vec<(agent_budget::AgentId, [u64; 5])> 
     let mut rows: Vec<_> = infos
         .into_iter()
         .map(|i| {
-            let row = [i.token_limit, i.tokens_used, i.calls_limit, i.calls_used, i.window_secs];
+            let row = [
+                i.token_limit,
+                i.tokens_used,
+                i.calls_limit,
+                i.calls_used,
+                i.window_secs,
+            ];
             (i.agent_id, row)
         })
         .collect();
@@ -47,14 +53,20 @@ fuzz_target!(|bytes: &[u8]| {
     let (a, b) = (lock_free.restore(&file), locked.restore(&file));
     assert_eq!(a.is_ok(), b.is_ok(), "{a:?} / {b:?}");
     if a.is_err() {
-        assert!(lock_free.all_full_info().is_empty(), "a refused file changed nothing");
+        assert!(
+            lock_free.all_full_info().is_empty(),
+            "a refused file changed nothing"
+        );
         return;
     }
     let restored = sorted(lock_free.all_full_info());
-    let ids = |rows: &[(agent_budget::AgentId, [u64; 5])]| rows.iter().map(|r| r.0).collect::<Vec<_>>();
+    let ids =
+        |rows: &[(agent_budget::AgentId, [u64; 5])]| rows.iter().map(|r| r.0).collect::<Vec<_>>();
     assert_eq!(ids(&restored), ids(&sorted(locked.all_full_info())));
     let again = scratch("again.json");
-    lock_free.persist(&again).expect("persist what was restored");
+    lock_free
+        .persist(&again)
+        .expect("persist what was restored");
     let second = BudgetManager::with_clock(clock);
     second.restore(&again).expect("our own file restores");
     assert_eq!(sorted(second.all_full_info()), restored);
