@@ -8,6 +8,7 @@ mod chat;
 mod embeddings;
 mod estimator;
 mod meter;
+pub mod pricing;
 mod request;
 mod response;
 mod responses;
