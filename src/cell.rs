@@ -165,6 +165,10 @@ pub(crate) trait Layout: Sized + Send + Sync + 'static {
     type Side: Send + Sync;
 
     fn atomic(raw: Self::Raw) -> Self::Atomic;
+    /// The raw word in a `u128` (a narrow one in the low half), so code
+    /// that handles both widths has one loop.
+    fn to_wide(raw: Self::Raw) -> u128;
+    fn from_wide(raw: u128) -> Self::Raw;
     fn load(word: &Self::Atomic, order: Ordering) -> Self::Raw;
     fn store(word: &Self::Atomic, raw: Self::Raw, order: Ordering);
     fn compare_exchange_weak(
@@ -239,6 +243,14 @@ impl Layout for Wide {
     fn atomic(raw: u128) -> AtomicU128 {
         AtomicU128::new(raw)
     }
+    #[inline(always)]
+    fn to_wide(raw: u128) -> u128 {
+        raw
+    }
+    #[inline(always)]
+    fn from_wide(raw: u128) -> u128 {
+        raw
+    }
     #[inline]
     fn load(word: &AtomicU128, order: Ordering) -> u128 {
         word.load(order)
@@ -262,7 +274,7 @@ impl Layout for Wide {
         Some(pack_wide(state.tokens, state.calls, state.mark.0))
     }
 
-    #[inline]
+    #[inline(always)]
     fn decode(raw: u128, _: Now, _: &dyn Fn() -> Now) -> Word {
         let (tokens, calls, mark) = unpack_wide(raw);
         if mark != WIDE_SENTINEL_MARK {
@@ -417,6 +429,14 @@ impl Layout for Narrow {
     fn atomic(raw: u64) -> AtomicU64 {
         AtomicU64::new(raw)
     }
+    #[inline(always)]
+    fn to_wide(raw: u64) -> u128 {
+        u128::from(raw)
+    }
+    #[inline(always)]
+    fn from_wide(raw: u128) -> u64 {
+        raw as u64
+    }
     #[inline]
     fn load(word: &AtomicU64, order: Ordering) -> u64 {
         word.load(order)
@@ -448,7 +468,7 @@ impl Layout for Narrow {
     /// clock is read again, so the reading comes after the clock read that
     /// stored the start, and a start ahead of it by more than rounding is
     /// an old one.
-    #[inline]
+    #[inline(always)]
     fn decode(raw: u64, now: Now, fresh: &dyn Fn() -> Now) -> Word {
         let (tokens, calls, low) = Self::unpack(raw);
         if calls == NARROW_SENTINEL_CALLS {
@@ -595,6 +615,38 @@ impl<L: Layout> Cell<L> {
         )
     }
 
+    /// The usage word, raw (see [`Layout::to_wide`]): `Acquire`, see
+    /// "Orderings".
+    #[inline(always)]
+    pub(crate) fn load_raw(&self) -> u128 {
+        L::to_wide(L::load(&self.usage, Ordering::Acquire))
+    }
+
+    #[inline(always)]
+    pub(crate) fn decode_raw(&self, raw: u128, now: Now, fresh: &dyn Fn() -> Now) -> Word {
+        L::decode(L::from_wide(raw), now, fresh)
+    }
+
+    /// `state` as this cell's raw word, or `None` if it does not fit.
+    #[inline(always)]
+    pub(crate) fn encode(&self, state: State) -> Option<u128> {
+        L::encode(state).map(L::to_wide)
+    }
+
+    /// One compare-and-swap of the raw usage word; on failure, the word
+    /// found (`Acquire`).
+    #[inline(always)]
+    pub(crate) fn compare_exchange_raw(
+        &self,
+        current: u128,
+        new: u128,
+        order: Ordering,
+    ) -> Result<(), u128> {
+        L::compare_exchange_weak(&self.usage, L::from_wide(current), L::from_wide(new), order)
+            .map(drop)
+            .map_err(L::to_wide)
+    }
+
     /// The usage word as it is now.
     #[inline]
     pub(crate) fn word(&self, now: Now, fresh: &dyn Fn() -> Now) -> Word {
@@ -639,10 +691,9 @@ impl<L: Layout> Cell<L> {
         // SeqCst: may refund (a switch can make room); a no-op is not
         // written. A converted state always fits: conversion only arises
         // with a bucket, which is always wide.
-        let converted = self.update(Ordering::SeqCst, now, &|| now, None, |s| {
+        self.update(Ordering::SeqCst, now, |s| {
             (s.convert(&old, &limit.policy, now), ())
         });
-        debug_assert!(!matches!(converted, Updated::TooNarrow));
         L::store_side(&self.side, agent_id, limit);
         // Release: see `enforced`.
         L::store(&self.policy, policy, Ordering::Release);
@@ -700,68 +751,34 @@ impl<L: Layout> Cell<L> {
     }
 
     /// Applies `transition` until its result is stored without
-    /// interference.
+    /// interference; `None` (nothing stored) if the cell holds no live
+    /// state, or the next state does not fit this width. What the writer
+    /// uses to convert a cell's usage; operations go through the
+    /// registry's `CellRef::update`, the same loop over either width.
     ///
-    /// `transition` sees the current state and returns the next one with a
-    /// verdict for the caller; returns the states before and after, and the
-    /// verdict of the attempt that was stored. A transition that changes
-    /// nothing is not written back: the load was its linearization point,
-    /// and a hot agent's cache line stays shared between readers.
-    ///
-    /// `order` is the compare-and-swap's: `Relaxed` except for the
-    /// transitions that give budget back, which are `SeqCst` to pair with
-    /// waiting futures (see `wait::Waiters::wake`).
-    ///
-    /// With `expect`, a word seen beside another incarnation (the slot was
-    /// reused) reads as retired: the check follows every load of the word
-    /// (`Acquire`), see "Orderings".
-    #[inline]
+    /// A transition that changes nothing is not written back: the load was
+    /// its linearization point, and a hot agent's cache line stays shared.
     pub(crate) fn update<R>(
         &self,
         order: Ordering,
         now: Now,
-        fresh: &dyn Fn() -> Now,
-        expect: Option<u64>,
         mut transition: impl FnMut(State) -> (State, R),
-    ) -> Updated<R> {
-        // Acquire: see "Orderings" (the incarnation is checked next).
-        let mut current = L::load(&self.usage, Ordering::Acquire);
+    ) -> Option<(State, State, R)> {
+        let mut current = self.load_raw();
         loop {
-            if expect.is_some_and(|generation| generation != self.generation()) {
-                return Updated::Gone;
-            }
-            let before = match L::decode(current, now, fresh) {
-                Word::Live(state) => state,
-                Word::Retired => return Updated::Gone,
-                Word::Moved(slot) => return Updated::Moved(slot),
+            let Word::Live(before) = self.decode_raw(current, now, &|| now) else {
+                return None;
             };
             let (after, verdict) = transition(before);
             if after == before {
-                return Updated::Done(before, after, verdict);
+                return Some((before, after, verdict));
             }
-            let Some(raw) = L::encode(after) else {
-                return Updated::TooNarrow;
-            };
-            match L::compare_exchange_weak(&self.usage, current, raw, order) {
-                Ok(_) => return Updated::Done(before, after, verdict),
+            match self.compare_exchange_raw(current, self.encode(after)?, order) {
+                Ok(()) => return Some((before, after, verdict)),
                 Err(actual) => current = actual,
             }
         }
     }
-}
-
-/// What [`Cell::update`] did.
-#[derive(Debug)]
-pub(crate) enum Updated<R> {
-    /// Stored (or nothing to store): the states before and after, and the
-    /// verdict.
-    Done(State, State, R),
-    /// The cell is retired: its agent was removed.
-    Gone,
-    /// The cell was replaced by one of the other width, at this slot.
-    Moved(u32),
-    /// The next state does not fit a narrow word: the cell must widen.
-    TooNarrow,
 }
 
 /// The limit a vacant cell's side is made from.
@@ -961,46 +978,35 @@ mod tests {
         let cell = Cell::<Narrow>::vacant();
         assert!(cell.occupy(id, &window(id, 10, 1, 1), State::fresh(Tick::ORIGIN), 7));
         assert!(cell.is(&id) && cell.agent_id() == id);
-        let fresh = || now;
-        let Updated::Done(before, after, verdict) =
-            cell.update(Ordering::Relaxed, now, &fresh, None, |w| (w, "unchanged"))
-        else {
-            panic!("live");
-        };
+        let (before, after, verdict) = cell
+            .update(Ordering::Relaxed, now, |w| (w, "unchanged"))
+            .unwrap();
         assert_eq!((before, after, verdict), (before, before, "unchanged"));
-        let Updated::Done(before, after, verdict) =
-            cell.update(Ordering::SeqCst, now, &fresh, Some(7), |w| {
-                (State { tokens: 4, ..w }, 9)
-            })
-        else {
-            panic!("live");
-        };
+        let (before, after, verdict) = cell
+            .update(Ordering::SeqCst, now, |w| (State { tokens: 4, ..w }, 9))
+            .unwrap();
         assert_eq!((before.tokens, after.tokens, verdict), (0, 4, 9));
         assert_eq!(cell.generation(), 7);
-        // A state past the narrow fields asks to widen, and writes nothing.
-        assert!(matches!(
-            cell.update(Ordering::Relaxed, now, &fresh, None, |w| (
+        // A state past the narrow fields is not written.
+        assert!(cell
+            .update(Ordering::Relaxed, now, |w| (
                 State {
                     tokens: u64::MAX >> 12,
                     ..w
                 },
                 ()
-            )),
-            Updated::TooNarrow
-        ));
+            ))
+            .is_none());
+        assert_eq!(
+            cell.word(now, &|| now),
+            Word::Live(State {
+                tokens: 4,
+                ..before
+            })
+        );
         // A sealed cell refuses every transition.
         assert!(matches!(cell.seal(Word::Retired, now), Word::Live(s) if s.tokens == 4));
-        assert!(matches!(
-            cell.update(Ordering::Relaxed, now, &fresh, None, |w| (w, ())),
-            Updated::Gone
-        ));
-        // So does a live word beside another incarnation.
-        let other = Cell::<Narrow>::vacant();
-        assert!(other.occupy(id, &window(id, 10, 1, 1), State::fresh(Tick::ORIGIN), 8));
-        assert!(matches!(
-            other.update(Ordering::Relaxed, now, &fresh, Some(7), |w| (w, ())),
-            Updated::Gone
-        ));
+        assert!(cell.update(Ordering::Relaxed, now, |w| (w, ())).is_none());
     }
 
     #[test]
@@ -1010,7 +1016,7 @@ mod tests {
         let narrow = Cell::<Narrow>::vacant();
         let limit = window(id, 10, 2, 60);
         assert!(narrow.occupy(id, &limit, State::fresh(Tick::ORIGIN), 3));
-        narrow.update(Ordering::Relaxed, now, &|| now, None, |s| {
+        narrow.update(Ordering::Relaxed, now, |s| {
             (
                 State {
                     tokens: 6,

@@ -47,28 +47,39 @@ impl Grip {
         }
     }
 
-    /// Runs `op` on this incarnation's cell. If it finds no one where the
-    /// hint says (the agent moved to the other width and its old slot was
-    /// reused), looks the agent up once and, if that is still this
-    /// incarnation, runs `op` there and remembers the place.
+    /// Where the hint points, as this incarnation's cell.
     #[inline]
-    fn with<R>(
-        &self,
-        manager: &BudgetManager,
-        mut op: impl FnMut(&Pinned<'_>, CellRef<'_>) -> Option<R>,
-    ) -> Option<R> {
-        let pinned = manager.pin();
+    fn hinted<'p>(&self, pinned: &'p Pinned<'_>) -> Option<CellRef<'p>> {
         // Relaxed: a hint; the cell's incarnation is what is trusted.
         let hint = SlotRef::from_bits(self.slot.load(Ordering::Relaxed));
-        if let Some(done) = op(&pinned, pinned.at(hint, self.generation)) {
-            return Some(done);
-        }
+        pinned.at(hint, self.generation)
+    }
+
+    /// This incarnation's cell, looked up by id, when the hint found no
+    /// one: the agent moved to the other width and its old slot was
+    /// reused. Remembers the new place. `None` if the agent is gone.
+    #[cold]
+    fn moved<'p>(&self, pinned: &'p Pinned<'_>) -> Option<CellRef<'p>> {
+        let hint = self.slot.load(Ordering::Relaxed);
         let found = pinned.get(&self.agent_id)?.current();
-        if found.slot() == hint || found.generation() != self.generation {
+        if found.slot().to_bits() == hint || found.generation() != self.generation {
             return None;
         }
         self.slot.store(found.slot().to_bits(), Ordering::Relaxed);
-        op(&pinned, found.expecting(self.generation))
+        Some(found.expecting(self.generation))
+    }
+
+    /// Runs `op` on this incarnation's cell, found by the hint or, failing
+    /// that, by a lookup; `None` if the agent is gone.
+    fn with<R>(
+        &self,
+        manager: &BudgetManager,
+        op: impl Fn(&Pinned<'_>, CellRef<'_>) -> Option<R>,
+    ) -> Option<R> {
+        let pinned = manager.pin();
+        self.hinted(&pinned)
+            .and_then(|cell| op(&pinned, cell))
+            .or_else(|| op(&pinned, self.moved(&pinned)?))
     }
 
     #[inline]
@@ -78,14 +89,17 @@ impl Grip {
         request: (u64, u64),
         operation: Operation,
     ) -> Result<Ticket, Refused> {
-        let admitted = self.with(manager, |pinned, cell| {
-            match manager.admit_from(pinned, &self.agent_id, cell, request) {
-                Err(Refusal::NoBudget) => None,
-                outcome => Some(outcome),
+        let pinned = manager.pin();
+        let mut admitted = match self.hinted(&pinned) {
+            Some(cell) => manager.admit_from(&pinned, &self.agent_id, cell, request),
+            None => Err(Refusal::NoBudget),
+        };
+        if let Err(Refusal::NoBudget) = admitted {
+            if let Some(cell) = self.moved(&pinned) {
+                admitted = manager.admit_from(&pinned, &self.agent_id, cell, request);
             }
-        });
+        }
         admitted
-            .unwrap_or(Err(Refusal::NoBudget))
             .map(|levels| Ticket::new(request, levels))
             .map_err(|refusal: Refusal| refusal.refused(self.agent_id, operation))
     }

@@ -462,7 +462,7 @@ impl BudgetManager {
     /// another request may be refused by a level that is about to get the
     /// budget back: the one exception to all-or-nothing being atomic, and
     /// never an over-admission (see `docs::semantics`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn admit_from(
         &self,
         pinned: &Pinned<'_>,
@@ -472,27 +472,7 @@ impl BudgetManager {
     ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
         let own_generation = own.generation();
-        // `None`: the cell was retired (its agent removed) meanwhile.
-        let take = |id: AgentId, cell: CellRef<'_>, policy| {
-            // Relaxed: taking budget publishes nothing and wakes no one.
-            let Some((_, after, verdict)) = cell.update(Ordering::Relaxed, now, |s| {
-                s.admit(&policy, now, tokens, calls)
-            }) else {
-                return Ok(None);
-            };
-            let level = Level {
-                agent_id: id,
-                generation: cell.generation(),
-                taken_in: after.mark,
-            };
-            verdict
-                .map(|()| Some(level))
-                .map_err(|shortfall| Refusal::Short {
-                    shortfall,
-                    generation: own_generation,
-                    level: id,
-                })
-        };
+        let take = |id, cell, policy| take(id, cell, policy, now, (tokens, calls), own_generation);
         let enforced = own.enforced();
         let Some(level) = take(*agent_id, own, enforced.policy)? else {
             return Err(Refusal::NoBudget);
@@ -683,6 +663,38 @@ impl BudgetManager {
         self.events.everything_changed();
         Ok(())
     }
+}
+
+/// Takes `request` at one level of a chain, `id`'s `cell` under `policy`;
+/// `Ok(None)` if the cell was retired (its agent removed) meanwhile.
+/// Inlined into each caller, so the verdict is never copied through memory.
+#[inline(always)]
+fn take(
+    id: AgentId,
+    cell: CellRef<'_>,
+    policy: crate::rules::Policy,
+    now: Now,
+    (tokens, calls): (u64, u64),
+    own_generation: u64,
+) -> Result<Option<Level>, Refusal> {
+    // Relaxed: taking budget publishes nothing and wakes no one.
+    let Some((_, after, verdict)) = cell.update(Ordering::Relaxed, now, |s| {
+        s.admit(&policy, now, tokens, calls)
+    }) else {
+        return Ok(None);
+    };
+    let level = Level {
+        agent_id: id,
+        generation: cell.generation(),
+        taken_in: after.mark,
+    };
+    verdict
+        .map(|()| Some(level))
+        .map_err(|shortfall| Refusal::Short {
+            shortfall,
+            generation: own_generation,
+            level: id,
+        })
 }
 
 /// `full_info` of a cell, `None` if it was retired meanwhile.

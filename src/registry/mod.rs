@@ -67,7 +67,7 @@ mod index;
 
 use std::sync::OnceLock;
 
-use crate::cell::{Cell, Enforced, Narrow, Updated, Wide, Word};
+use crate::cell::{Cell, Enforced, Narrow, Wide, Word};
 use crate::clock::Clock;
 use crate::limit::Limit;
 use crate::rules::{Now, State};
@@ -557,7 +557,7 @@ pub(crate) struct Pinned<'r> {
 
 impl<'r> Pinned<'r> {
     /// The cell of `agent_id`, if it has one.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn get(&self, agent_id: &AgentId) -> Option<CellRef<'_>> {
         let registry = self.registry;
         let hash = registry.hash(agent_id);
@@ -573,6 +573,7 @@ impl<'r> Pinned<'r> {
             if on!(target, c => c.is(agent_id)) {
                 return Some(CellRef {
                     pinned: self,
+                    target,
                     at,
                     expect: None,
                 });
@@ -587,12 +588,13 @@ impl<'r> Pinned<'r> {
     /// incarnation (the agent was removed, or moved and its old slot
     /// reused: the handle then looks the agent up again).
     #[inline]
-    pub(crate) fn at(&self, at: SlotRef, generation: u64) -> CellRef<'_> {
-        CellRef {
+    pub(crate) fn at(&self, at: SlotRef, generation: u64) -> Option<CellRef<'_>> {
+        Some(CellRef {
             pinned: self,
+            target: self.registry.target(at)?,
             at,
             expect: Some(generation),
-        }
+        })
     }
 
     /// Every agent and its cell.
@@ -605,6 +607,7 @@ impl<'r> Pinned<'r> {
                     agent_id,
                     CellRef {
                         pinned: self,
+                        target,
                         at,
                         expect: None,
                     },
@@ -623,22 +626,13 @@ impl<'r> Pinned<'r> {
 #[derive(Clone, Copy)]
 pub(crate) struct CellRef<'p> {
     pinned: &'p Pinned<'p>,
+    target: Target<'p>,
     at: SlotRef,
     /// The incarnation a handle or a reservation is for.
     expect: Option<u64>,
 }
 
 impl<'p> CellRef<'p> {
-    #[inline]
-    fn target(&self) -> Target<'p> {
-        // Every slot an entry, a handle or a forwarding word names has its
-        // chunk: the writer makes it before publishing the slot.
-        self.pinned
-            .registry
-            .target(self.at)
-            .expect("a published slot has its chunk")
-    }
-
     /// Where this cell's agent is now, as a handle keeps it.
     pub(crate) fn slot(&self) -> SlotRef {
         self.at
@@ -646,21 +640,21 @@ impl<'p> CellRef<'p> {
 
     #[inline]
     pub(crate) fn generation(&self) -> u64 {
-        on!(self.target(), c => c.generation())
+        on!(self.target, c => c.generation())
     }
 
     /// The policy the hot paths enforce.
     #[inline]
     pub(crate) fn enforced(&self) -> Enforced {
-        on!(self.target(), c => c.enforced())
+        on!(self.target, c => c.enforced())
     }
 
     pub(crate) fn limit(&self, agent_id: AgentId) -> Limit {
-        on!(self.target(), c => c.limit(agent_id))
+        on!(self.target, c => c.limit(agent_id))
     }
 
     pub(crate) fn parent(&self) -> Option<AgentId> {
-        on!(self.target(), c => c.parent())
+        on!(self.target, c => c.parent())
     }
 
     /// The same cell, for incarnation `generation` only: operations find
@@ -682,7 +676,10 @@ impl<'p> CellRef<'p> {
     /// other width, and widens a narrow cell whose next state does not fit
     /// (the only time an operation takes the writer's lock). `None` if the
     /// agent is gone (removed, or another incarnation).
-    #[inline]
+    ///
+    /// One loop for both widths, on the raw word in a `u128`, so that
+    /// `transition` has one call site and is inlined into it.
+    #[inline(always)]
     pub(crate) fn update<R>(
         &self,
         order: Ordering,
@@ -691,16 +688,38 @@ impl<'p> CellRef<'p> {
     ) -> Option<(State, State, R)> {
         let pinned = self.pinned;
         let fresh = || pinned.fresh();
-        let mut at = self.at;
+        let (mut target, mut at) = (self.target, self.at);
+        // Acquire (in `load_raw`): the incarnation is checked next.
+        let mut current = on!(target, c => c.load_raw());
         loop {
-            let target = pinned.registry.target(at)?;
-            let outcome =
-                on!(target, c => c.update(order, now, &fresh, self.expect, &mut transition));
-            match outcome {
-                Updated::Done(before, after, verdict) => return Some((before, after, verdict)),
-                Updated::Gone => return None,
-                Updated::Moved(slot) => at = at.moved_to(slot),
-                Updated::TooNarrow => at = pinned.registry.widen(at, now)?,
+            if let Some(generation) = self.expect {
+                if generation != on!(target, c => c.generation()) {
+                    return None;
+                }
+            }
+            let before = match on!(target, c => c.decode_raw(current, now, &fresh)) {
+                Word::Live(state) => state,
+                Word::Retired => return None,
+                Word::Moved(slot) => {
+                    at = at.moved_to(slot);
+                    target = pinned.registry.target(at)?;
+                    current = on!(target, c => c.load_raw());
+                    continue;
+                }
+            };
+            let (after, verdict) = transition(before);
+            if after == before {
+                return Some((before, after, verdict));
+            }
+            let Some(new) = on!(target, c => c.encode(after)) else {
+                at = pinned.registry.widen(at, now)?;
+                target = pinned.registry.target(at)?;
+                current = on!(target, c => c.load_raw());
+                continue;
+            };
+            match on!(target, c => c.compare_exchange_raw(current, new, order)) {
+                Ok(()) => return Some((before, after, verdict)),
+                Err(actual) => current = actual,
             }
         }
     }
@@ -708,14 +727,15 @@ impl<'p> CellRef<'p> {
     /// This reference, following the agent to wherever it is now.
     pub(crate) fn current(self) -> Self {
         let now = self.pinned.fresh();
-        let mut at = self.at;
-        while let Some(target) = self.pinned.registry.target(at) {
-            match on!(target, c => c.word(now, &|| now)) {
-                Word::Moved(slot) => at = at.moved_to(slot),
-                _ => break,
-            }
+        let mut cell = self;
+        while let Word::Moved(slot) = on!(cell.target, c => c.word(now, &|| now)) {
+            let at = cell.at.moved_to(slot);
+            let Some(target) = self.pinned.registry.target(at) else {
+                break;
+            };
+            cell = CellRef { target, at, ..cell };
         }
-        CellRef { at, ..self }
+        cell
     }
 }
 
