@@ -77,10 +77,11 @@
 //!
 //! # Orderings
 //!
-//! The usage word is the whole of the agent's usage: no other memory is
-//! published through it. Its compare-and-swaps are `Relaxed` where
-//! nothing else rides on them, except that refunds are `SeqCst` (for
-//! waiting futures: see `wait::Waiters::wake`), and its loads are `Acquire`:
+//! The usage word is the whole of the agent's usage. Its compare-and-swaps
+//! are `Relaxed` where nothing else rides on them (a narrow word's are
+//! `Release`, see `Narrow::compare_exchange_weak`), except that refunds are
+//! `SeqCst` (for waiting futures: see `wait::Waiters::wake`), and its loads
+//! are `Acquire`:
 //! a handle, or a reservation, checks the cell's incarnation *after* loading
 //! the word, and the registry stores a reused slot's incarnation before its
 //! first usage word (`Release`), so a word that belongs to the slot's next
@@ -97,7 +98,7 @@ use crate::limit::{Configured, Limit};
 use crate::rules::{
     Now, Policy, Refill, State, Tick, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS,
 };
-use crate::sync::{AtomicU128, AtomicU64, Ordering, Snapshot};
+use crate::sync::{AtomicU128, AtomicU64, Ordering, Published, Snapshot};
 use crate::types::AgentId;
 
 /// What a usage word holds: a state, or one of the sentinels.
@@ -445,6 +446,13 @@ impl Layout for Narrow {
     fn store(word: &AtomicU64, raw: u64, order: Ordering) {
         word.store(raw, order)
     }
+    /// At least `Release`: a narrow word's start is read back against a
+    /// clock reading that must come after the clock read that stored it
+    /// (see `decode`), and that edge is this store's `Release` and the
+    /// next load's `Acquire`. (loom found the interleaving without it: a
+    /// `Relaxed` rollover, then a thread whose fresh clock reading was
+    /// still older than the rollover's start took it for a 49-day-old
+    /// window and rolled it over again.) Free on x86-64.
     #[inline]
     fn compare_exchange_weak(
         word: &AtomicU64,
@@ -452,6 +460,10 @@ impl Layout for Narrow {
         new: u64,
         success: Ordering,
     ) -> Result<u64, u64> {
+        let success = match success {
+            Ordering::Relaxed => Ordering::Release,
+            stronger => stronger,
+        };
         word.compare_exchange_weak(current, new, success, Ordering::Acquire)
     }
 
@@ -539,11 +551,11 @@ impl Layout for Narrow {
 pub(crate) struct Cell<L: Layout> {
     usage: L::Atomic,
     policy: L::Atomic,
-    id: [AtomicU64; 2],
+    id: [Published; 2],
     /// Distinguishes this incarnation of the agent from one made after a
     /// `remove_budget` (a reservation never settles into its successor, a
     /// handle never admits into it). Kept when the cell changes width.
-    generation: AtomicU64,
+    generation: Published,
     side: L::Side,
 }
 
@@ -559,8 +571,8 @@ impl<L: Layout> Cell<L> {
         Cell {
             usage: L::atomic(L::sentinel(Word::Retired)),
             policy: L::atomic(L::sentinel(Word::Retired)),
-            id: [AtomicU64::new(0), AtomicU64::new(0)],
-            generation: AtomicU64::new(u64::MAX),
+            id: [Published::new(0), Published::new(0)],
+            generation: Published::new(u64::MAX),
             side: L::side(AgentId::nil(), &vacant_limit()),
         }
     }

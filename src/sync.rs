@@ -7,7 +7,8 @@
 //!
 //! | here                | normal build                 | loom build                               |
 //! |---------------------|------------------------------|------------------------------------------|
-//! | `AtomicU64`         | `std`'s                      | loom's: narrow words, index entries, ids and incarnations, with their orderings checked |
+//! | `AtomicU64`         | `std`'s                      | loom's: narrow words and index entries, with their orderings checked |
+//! | `Published`         | `std`'s `AtomicU64`          | `std`'s: a cell's id and incarnation, written before the word that publishes them (one step fewer per load) |
 //! | `AtomicU128`        | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
 //! | `Arc`               | `std::sync::Arc`             | loom's: the registry's grace tokens are counted in the model |
 //! | `Shared`            | `arc_swap::ArcSwap` (the registry's header) | a loom `RwLock<Arc<T>>`, cloned out |
@@ -30,6 +31,11 @@ mod imp {
     pub(crate) use std::sync::atomic::{fence, AtomicUsize};
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
     pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
+
+    /// A field the registry's writer stores before the word that publishes
+    /// it (a cell's id and incarnation): an `AtomicU64` in both builds, but
+    /// not one loom tracks (see the loom build's).
+    pub(crate) type Published = AtomicU64;
 
     #[cfg(feature = "async")]
     use crate::types::AgentId;
@@ -236,6 +242,13 @@ mod imp {
     pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::Arc;
     use loom::sync::RwLock;
+
+    /// A cell's id and incarnation: written by the registry's writer before
+    /// the usage word (or index entry) that publishes them, which loom does
+    /// track, with their orderings. Left out of the model so that each
+    /// lookup is three steps fewer: what is checked is that every reader
+    /// gets to them through a loom-tracked `Acquire` load.
+    pub(crate) type Published = std::sync::atomic::AtomicU64;
     pub(crate) use loom::sync::{Mutex, MutexGuard};
     #[cfg(feature = "async")]
     use std::collections::HashMap;

@@ -8,7 +8,7 @@ use std::time::Duration;
 use agent_budget::{AgentId, BudgetLimit, BudgetManager, ClockSource};
 use loom::sync::Arc;
 use loom::thread;
-use loom_tests::explore;
+use loom_tests::{explore, explore_capped};
 
 fn agent(n: u128) -> AgentId {
     AgentId::from_u128(0xa9e7_0000 + n)
