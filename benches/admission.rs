@@ -14,10 +14,10 @@
 //! contains `hot`. `ROUNDS` and `OPS` (operations per thread per round)
 //! override the defaults.
 
+mod common;
+
 use std::hint::black_box;
 use std::num::NonZeroU32;
-use std::sync::Barrier;
-use std::time::Instant;
 
 use agent_budget::{AgentHandle, AgentId, BudgetLimit, BudgetManager, LockedBudgetManager};
 use agent_budget::{BudgetLimiter, MAX_CALLS, MAX_TOKENS};
@@ -159,31 +159,15 @@ fn keyed(ids: &[AgentId], quota: Quota) -> Governor<'_> {
 /// Nanoseconds of wall time per operation: `threads` threads, each doing
 /// `ops` operations on agents drawn from `agents`.
 fn run(contender: &dyn Contender, threads: usize, agents: usize, ops: usize, seed: u64) -> f64 {
-    let barrier = Barrier::new(threads + 1);
-    let admitted = std::sync::atomic::AtomicUsize::new(0);
-    let elapsed = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (barrier, admitted) = (&barrier, &admitted);
-                scope.spawn(move || {
-                    let mut draw = Draw(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (t as u64 + 1));
-                    barrier.wait();
-                    let mut mine = 0;
-                    for _ in 0..ops {
-                        mine += usize::from(black_box(contender.op(draw.below(agents))));
-                    }
-                    admitted.fetch_add(mine, std::sync::atomic::Ordering::Relaxed);
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        for worker in workers {
-            worker.join().expect("bench thread panicked");
-        }
-        start.elapsed()
-    });
-    black_box(admitted.into_inner());
+    let elapsed = common::timed_threads(
+        threads,
+        |t| Draw(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (t as u64 + 1)),
+        |_, mut draw| {
+            for _ in 0..ops {
+                black_box(contender.op(draw.below(agents)));
+            }
+        },
+    );
     elapsed.as_nanos() as f64 / (threads * ops) as f64
 }
 

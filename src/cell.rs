@@ -770,7 +770,7 @@ impl<L: Layout> Cell<L> {
     ///
     /// A transition that changes nothing is not written back: the load was
     /// its linearization point, and a hot agent's cache line stays shared.
-    pub(crate) fn update<R>(
+    fn update<R>(
         &self,
         order: Ordering,
         now: Now,
