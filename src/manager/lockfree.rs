@@ -442,7 +442,18 @@ impl BudgetManager {
         request: (u64, u64),
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
-        let pinned = self.pin();
+        self.admit_under(&self.pin(), agent_id, request, generation)
+    }
+
+    /// [`admit`](Self::admit) under a header the caller holds.
+    #[inline(always)]
+    fn admit_under(
+        &self,
+        pinned: &Pinned<'_>,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<Levels, Refusal> {
         let Some(own) = pinned.get(agent_id) else {
             return Err(Refusal::NoBudget);
         };
@@ -450,7 +461,7 @@ impl BudgetManager {
             Some(generation) => own.expecting(generation),
             None => own,
         };
-        self.admit_from(&pinned, agent_id, own, request)
+        self.admit_from(pinned, agent_id, own, request)
     }
 
     /// [`admit`](Self::admit) for an agent whose cell is at hand (found in
@@ -797,7 +808,10 @@ impl crate::wait::Waitable for BudgetManager {
         request: (u64, u64),
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
-        self.admit(agent_id, request, generation)
+        // A waiter's tries read the usage word by read-modify-write: see
+        // `Registry::pin_confirming`.
+        let pinned = self.agents.pin_confirming(&self.clock);
+        self.admit_under(&pinned, agent_id, request, generation)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

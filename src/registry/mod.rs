@@ -259,6 +259,23 @@ impl Registry {
             registry: self,
             header: self.header.load(),
             clock,
+            confirm: false,
+        }
+    }
+
+    /// [`pin`](Self::pin) for a waiting future's tries: every transition
+    /// that changes nothing is confirmed by a compare-and-swap of the word
+    /// with itself (`SeqCst`), which reads the latest value where a load
+    /// may not. A refund and a waiter's registration form the
+    /// store-buffering shape (see `wait::Waiters::wake`); with the waiter's
+    /// read a read-modify-write, the refund and the waiter's try are two
+    /// writes to one word, one of which sees the other, under any memory
+    /// model loom checks (loom treats `SeqCst` as acquire-release, and
+    /// found the lost wake-up that the plain load allows there).
+    pub(crate) fn pin_confirming<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
+        Pinned {
+            confirm: true,
+            ..self.pin(clock)
         }
     }
 
@@ -560,6 +577,8 @@ pub(crate) struct Pinned<'r> {
     registry: &'r Registry,
     header: Loaded<Header>,
     clock: &'r Clock,
+    /// See [`Registry::pin_confirming`].
+    confirm: bool,
 }
 
 impl<'r> Pinned<'r> {
@@ -716,7 +735,16 @@ impl<'p> CellRef<'p> {
             };
             let (after, verdict) = transition(before);
             if after == before {
-                return Some((before, after, verdict));
+                if !pinned.confirm {
+                    return Some((before, after, verdict));
+                }
+                match on!(target, c => c.compare_exchange_raw(current, current, Ordering::SeqCst)) {
+                    Ok(()) => return Some((before, after, verdict)),
+                    Err(actual) => {
+                        current = actual;
+                        continue;
+                    }
+                }
             }
             let Some(new) = on!(target, c => c.encode(after)) else {
                 at = pinned.registry.widen(at, now)?;
