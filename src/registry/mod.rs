@@ -272,6 +272,7 @@ impl Registry {
     /// writes to one word, one of which sees the other, under any memory
     /// model loom checks (loom treats `SeqCst` as acquire-release, and
     /// found the lost wake-up that the plain load allows there).
+    #[cfg(feature = "async")]
     pub(crate) fn pin_confirming<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
         Pinned {
             confirm: true,
