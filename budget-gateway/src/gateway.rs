@@ -175,7 +175,7 @@ impl Gateway {
         // The configuration decides who has a budget and how large; the
         // state file only brings back usage.
         let configured: std::collections::HashSet<_> =
-            config.agents.iter().map(|a| a.limit.agent_id).collect();
+            config.agents.iter().map(|a| a.agent_id).collect();
         for stale in budgets
             .all_full_info()
             .into_iter()
@@ -184,20 +184,20 @@ impl Gateway {
             budgets.remove_budget(&stale.agent_id);
         }
         for agent in &config.agents {
-            budgets.set_budget(agent.limit.clone());
+            agent.limits.core(agent.agent_id).apply(&budgets);
         }
         // Parents once every budget exists; detached first, so links a
         // state file brought back (or an order of linking) cannot close a
         // loop with the configuration's.
         for agent in &config.agents {
-            let _ = budgets.set_parent(&agent.limit.agent_id, None);
+            let _ = budgets.set_parent(&agent.agent_id, None);
         }
         for agent in &config.agents {
             if let Some(parent) = &agent.parent {
                 budgets
-                    .set_parent(&agent.limit.agent_id, Some(parent))
+                    .set_parent(&agent.agent_id, Some(parent))
                     .map_err(|source| GatewayError::Parent {
-                        agent: agent.limit.agent_id,
+                        agent: agent.agent_id,
                         parent: *parent,
                         source,
                     })?;
@@ -231,7 +231,11 @@ impl Gateway {
             upstream_timeout,
         )?;
         for agent in &config.agents {
-            fleet.set_budget(agent.limit.clone()).await?;
+            let limit = agent
+                .limits
+                .fleet_window(agent.agent_id)
+                .map_err(|e| GatewayError::Unsupported(format!("agent {}: {e}", agent.agent_id)))?;
+            fleet.set_budget(limit).await?;
         }
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
@@ -244,17 +248,24 @@ impl Gateway {
     }
 
     /// Refuses a configuration a fleet cannot enforce (budgets with a
-    /// `parent`: fleet budgets are flat). [`fleet`](Self::fleet) checks
-    /// it; callers may check it first, before connecting to Redis.
+    /// `parent`: fleet budgets are flat; buckets: fleet budgets are fixed
+    /// windows). [`fleet`](Self::fleet) checks it; callers may check it
+    /// first, before connecting to Redis.
     pub fn check_fleet_config(config: &Config) -> Result<(), GatewayError> {
-        match config.agents.iter().find(|a| a.parent.is_some()) {
-            Some(agent) => Err(GatewayError::Unsupported(format!(
-                "agent {} has a parent, and budgets shared through Redis cannot nest: \
-                 remove `parent` (and the keyless parents' entries), or run without --redis",
-                agent.limit.agent_id
-            ))),
-            None => Ok(()),
+        for agent in &config.agents {
+            if agent.parent.is_some() {
+                return Err(GatewayError::Unsupported(format!(
+                    "agent {} has a parent, and budgets shared through Redis cannot nest: \
+                     remove `parent` (and the keyless parents' entries), or run without --redis",
+                    agent.agent_id
+                )));
+            }
+            agent
+                .limits
+                .fleet_window(agent.agent_id)
+                .map_err(|e| GatewayError::Unsupported(format!("agent {}: {e}", agent.agent_id)))?;
         }
+        Ok(())
     }
 
     /// The budgets the gateway enforces.
@@ -269,12 +280,7 @@ impl Gateway {
         let admin = Admin {
             budgets: self.budgets.clone(),
             admin_key: self.config.admin_key.as_str().into(),
-            agents: self
-                .config
-                .agents
-                .iter()
-                .map(|a| a.limit.agent_id)
-                .collect(),
+            agents: self.config.agents.iter().map(|a| a.agent_id).collect(),
             parents: Arc::new(self.config.parents()),
         };
         let router = Router::new()

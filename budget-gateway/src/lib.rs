@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The binary is a thin shell over this library, which tests drive in
-//! process: [`config`] reads and checks the TOML, [`gateway::Gateway`]
+//! process: [`config`] reads and checks the TOML (its limits through
+//! [`limits`]), [`gateway::Gateway`]
 //! builds the routes and serves them behind [`paths`]' normalization,
 //! [`proxy`] forwards, [`admin`] shows
 //! the budgets, [`tokenizer`] counts prompts, [`mock`] is a small upstream
@@ -19,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod limits;
 pub mod mock;
 pub mod paths;
 pub mod proxy;
