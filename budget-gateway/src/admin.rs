@@ -32,6 +32,7 @@ use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 
 use crate::gateway::Budgets;
+use crate::keys::constant_time_eq;
 
 /// What the admin endpoints need.
 #[derive(Clone)]
@@ -109,11 +110,6 @@ impl Admin {
     }
 }
 
-/// `a == b`, in a time that depends on their lengths only.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// `503`: the fleet's view could not be read.
 fn unavailable(fleet: &FleetManager, e: agent_budget_redis::FleetError) -> Response<Body> {
     Rejection::new(
@@ -165,19 +161,5 @@ pub async fn one_budget(
         )
         .into_response(),
         Err(response) => response,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn keys_compare_equal_only_when_equal() {
-        assert!(constant_time_eq(b"admin", b"admin"));
-        assert!(!constant_time_eq(b"admin", b"admim"));
-        assert!(!constant_time_eq(b"admin", b"admin2"));
-        assert!(!constant_time_eq(b"", b"a"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

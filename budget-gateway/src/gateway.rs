@@ -44,7 +44,7 @@ use std::time::Duration;
 use agent_budget::{AgentId, BudgetManager, HierarchyError};
 use agent_budget_redis::{FleetError, FleetManager};
 use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage};
-use agent_budget_tower::{bearer_key, Admission, BearerKeys, BudgetLayer, HeaderStyle};
+use agent_budget_tower::{bearer_key, Admission, BudgetLayer, HeaderStyle};
 use axum::extract::Request;
 use axum::routing::get;
 use axum::{Router, ServiceExt};
@@ -55,6 +55,7 @@ use tower_governor::{GovernorError, GovernorLayer};
 
 use crate::admin::{all_budgets, one_budget, Admin};
 use crate::config::Config;
+use crate::keys::{KeyHash, KeyTable};
 use crate::paths::normalize_path;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
@@ -319,10 +320,19 @@ impl Gateway {
         }
     }
 
+    /// The file's keys, by hash.
+    fn keys(&self) -> KeyTable {
+        let table = KeyTable::default();
+        for (key, agent) in self.config.keys() {
+            table.insert(KeyHash::of(&key), agent, None);
+        }
+        table
+    }
+
     fn budget_layer<M: Admission>(
         &self,
         budgets: Arc<M>,
-    ) -> BudgetLayer<M, BearerKeys, OpenAiEstimator<Counter>> {
+    ) -> BudgetLayer<M, KeyTable, OpenAiEstimator<Counter>> {
         let c = &self.config;
         let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer))
             .options(EstimateOptions {
@@ -331,7 +341,7 @@ impl Gateway {
             })
             .other_requests(c.other_endpoints);
         let layer = BudgetLayer::new(budgets)
-            .identify(BearerKeys::new(c.keys()))
+            .identify(self.keys())
             .estimator(estimator)
             .meter(OpenAiUsage::default())
             .headers(HeaderStyle {

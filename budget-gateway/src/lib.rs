@@ -12,7 +12,7 @@
 //! [`limits`]), [`gateway::Gateway`]
 //! builds the routes and serves them behind [`paths`]' normalization,
 //! [`proxy`] forwards, [`admin`] shows
-//! the budgets, [`tokenizer`] counts prompts, [`mock`] is a small upstream
+//! the budgets, [`keys`] hashes and looks up API keys, [`tokenizer`] counts prompts, [`mock`] is a small upstream
 //! to try it all against.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -20,6 +20,7 @@
 pub mod admin;
 pub mod config;
 pub mod gateway;
+pub mod keys;
 pub mod limits;
 pub mod mock;
 pub mod paths;
