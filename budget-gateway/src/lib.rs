@@ -12,13 +12,15 @@
 //! [`limits`]), [`gateway::Gateway`]
 //! builds the routes and serves them behind [`paths`]' normalization,
 //! [`proxy`] forwards, [`admin`] shows
-//! the budgets, [`keys`] hashes and looks up API keys, [`tokenizer`] counts prompts, [`mock`] is a small upstream
+//! the budgets, [`keys`] hashes and looks up API keys, [`db`] keeps agents
+//! and keys in SQLite or PostgreSQL, [`tokenizer`] counts prompts, [`mock`] is a small upstream
 //! to try it all against.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod admin;
 pub mod config;
+pub mod db;
 pub mod gateway;
 pub mod keys;
 pub mod limits;
