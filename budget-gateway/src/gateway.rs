@@ -11,10 +11,13 @@
 //! gateway's lease (see `agent_budget_redis::docs::fleet`). The router
 //! sends
 //!
-//! - `GET /v1/budgets` and `GET /v1/budgets/{agent_id}` to the admin view;
+//! - `/v1/budgets`, `/v1/agents` and their sub-paths, and `/openapi.json`,
+//!   to the admin API ([`crate::admin`]);
 //! - `GET /metrics` to the Prometheus exporter;
 //! - everything else under `/v1/` through the budget layer to the proxy:
-//!   the agent from its bearer key, the estimate from the body for the
+//!   the agent from its bearer key (looked up by hash in the
+//!   [`KeyTable`](crate::keys::KeyTable), which the file's keys and the
+//!   database's fill), the estimate from the body for the
 //!   endpoints that consume tokens (prompt tokens by the configured
 //!   tokenizer, plus the most the completion may use), one call for reads,
 //!   the configured policy for anything else; the settle from the
@@ -23,8 +26,14 @@
 //! Before routing, every path is normalized ([`crate::paths`]), so routing,
 //! the layer and the proxy see the same path.
 //!
+//! The agents are the [`Catalog`]'s: the file's, and with a database
+//! ([`Gateway::with_database`], `--db`) those of the admin API, whose
+//! changes it applies as they are made here or on another gateway of the
+//! same database.
+//!
 //! With a state file, the budgets' usage is restored at start (the limits
-//! and parents come from the configuration, which wins), saved every
+//! and parents come from the configuration and the database, which win;
+//! the usage of every agent, file or API, is kept), saved every
 //! `persist_interval_secs`, and saved once more after the server has
 //! stopped: on SIGTERM or Ctrl-C it stops accepting connections, lets the
 //! requests in flight finish (their bodies end, and settle), saves, and
@@ -53,9 +62,11 @@ use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
-use crate::admin::{all_budgets, one_budget, Admin};
+use crate::admin::Admin;
+use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::keys::{KeyHash, KeyTable};
+use crate::db::{Database, DbError, Snapshot};
+use crate::keys::KeyTable;
 use crate::paths::normalize_path;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
@@ -100,6 +111,7 @@ pub enum Budgets {
 pub struct Gateway {
     config: Config,
     budgets: Budgets,
+    catalog: Catalog,
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
@@ -134,6 +146,12 @@ pub enum GatewayError {
     /// Redis refused or failed an operation on the fleet's budgets.
     #[error("the fleet's budgets in Redis: {0}")]
     Fleet(#[from] FleetError),
+    /// The database could not be read.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The file and the database both claim an agent.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// The process's Prometheus recorder, installed on first use. The layer
@@ -156,7 +174,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 impl Gateway {
     /// A gateway for `config` in front of `upstream`, with the budgets in
     /// `budgets` (tests pass a manager on a mock clock). With `state`, the
-    /// usage saved there is restored now.
+    /// usage saved there is restored now. Its agents are the file's only.
     pub fn new(
         config: Config,
         budgets: Arc<BudgetManager>,
@@ -164,6 +182,49 @@ impl Gateway {
         upstream_timeout: Duration,
         limiter: Limiter,
         state: Option<PathBuf>,
+    ) -> Result<Self, GatewayError> {
+        Self::local(
+            config,
+            budgets,
+            upstream,
+            upstream_timeout,
+            limiter,
+            state,
+            None,
+        )
+    }
+
+    /// [`new`](Self::new), with the agents and keys of `db` beside the
+    /// file's, managed through the admin API.
+    pub async fn with_database(
+        config: Config,
+        budgets: Arc<BudgetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        limiter: Limiter,
+        state: Option<PathBuf>,
+        db: Database,
+    ) -> Result<Self, GatewayError> {
+        let snapshot = db.snapshot().await?;
+        Self::local(
+            config,
+            budgets,
+            upstream,
+            upstream_timeout,
+            limiter,
+            state,
+            Some((db, snapshot)),
+        )
+    }
+
+    fn local(
+        config: Config,
+        budgets: Arc<BudgetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        limiter: Limiter,
+        state: Option<PathBuf>,
+        db: Option<(Database, Snapshot)>,
     ) -> Result<Self, GatewayError> {
         let proxy = Proxy::new(
             upstream,
@@ -173,41 +234,15 @@ impl Gateway {
         if let Some(path) = &state {
             budgets.restore(path)?;
         }
-        // The configuration decides who has a budget and how large; the
-        // state file only brings back usage.
-        let configured: std::collections::HashSet<_> =
-            config.agents.iter().map(|a| a.agent_id).collect();
-        for stale in budgets
-            .all_full_info()
-            .into_iter()
-            .filter(|i| !configured.contains(&i.agent_id))
-        {
-            budgets.remove_budget(&stale.agent_id);
-        }
-        for agent in &config.agents {
-            agent.limits.core(agent.agent_id).apply(&budgets);
-        }
-        // Parents once every budget exists; detached first, so links a
-        // state file brought back (or an order of linking) cannot close a
-        // loop with the configuration's.
-        for agent in &config.agents {
-            let _ = budgets.set_parent(&agent.agent_id, None);
-        }
-        for agent in &config.agents {
-            if let Some(parent) = &agent.parent {
-                budgets
-                    .set_parent(&agent.agent_id, Some(parent))
-                    .map_err(|source| GatewayError::Parent {
-                        agent: agent.agent_id,
-                        parent: *parent,
-                        source,
-                    })?;
-            }
-        }
+        // The configuration and the database decide who has a budget and
+        // how large; the state file only brings back usage.
+        let catalog = Catalog::new(&config, Budgets::Local(budgets.clone()), db)?;
+        catalog.install_local(&budgets)?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
             budgets: Budgets::Local(budgets),
+            catalog,
             proxy,
             limiter,
             state,
@@ -225,23 +260,50 @@ impl Gateway {
         upstream: &str,
         upstream_timeout: Duration,
     ) -> Result<Self, GatewayError> {
+        Self::fleet_with(config, fleet, upstream, upstream_timeout, None).await
+    }
+
+    /// [`fleet`](Self::fleet), with the agents and keys of `db` beside the
+    /// file's: gateways sharing a database and a Redis see each other's
+    /// agents, keys and budgets.
+    pub async fn fleet_with_database(
+        config: Config,
+        fleet: Arc<FleetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        db: Database,
+    ) -> Result<Self, GatewayError> {
+        let snapshot = db.snapshot().await?;
+        Self::fleet_with(
+            config,
+            fleet,
+            upstream,
+            upstream_timeout,
+            Some((db, snapshot)),
+        )
+        .await
+    }
+
+    async fn fleet_with(
+        config: Config,
+        fleet: Arc<FleetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        db: Option<(Database, Snapshot)>,
+    ) -> Result<Self, GatewayError> {
         Self::check_fleet_config(&config)?;
         let proxy = Proxy::new(
             upstream,
             config.upstream_api_key.as_deref(),
             upstream_timeout,
         )?;
-        for agent in &config.agents {
-            let limit = agent
-                .limits
-                .fleet_window(agent.agent_id)
-                .map_err(|e| GatewayError::Unsupported(format!("agent {}: {e}", agent.agent_id)))?;
-            fleet.set_budget(limit).await?;
-        }
+        let catalog = Catalog::new(&config, Budgets::Fleet(fleet.clone()), db)?;
+        catalog.install_fleet(&fleet).await?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
             budgets: Budgets::Fleet(fleet),
+            catalog,
             proxy,
             limiter: Limiter::Budget,
             state: None,
@@ -274,24 +336,24 @@ impl Gateway {
         &self.budgets
     }
 
+    /// Its agents: reload the file or apply the database's changes
+    /// through it.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
     /// The gateway's routes (which [`serve`](Self::serve) puts behind
     /// path normalization).
     fn router(&self) -> Router {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
-            admin_key: self.config.admin_key.as_str().into(),
-            agents: self.config.agents.iter().map(|a| a.agent_id).collect(),
-            parents: Arc::new(self.config.parents()),
+            catalog: self.catalog.clone(),
         };
-        let router = Router::new()
-            .route("/v1/budgets", get(all_budgets))
-            .route("/v1/budgets/{agent_id}", get(one_budget))
-            .with_state(admin)
-            .route(
-                "/metrics",
-                get(move || std::future::ready(metrics.render())),
-            );
+        let router = admin.router().route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
         let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
@@ -320,15 +382,6 @@ impl Gateway {
         }
     }
 
-    /// The file's keys, by hash.
-    fn keys(&self) -> KeyTable {
-        let table = KeyTable::default();
-        for (key, agent) in self.config.keys() {
-            table.insert(KeyHash::of(&key), agent, None);
-        }
-        table
-    }
-
     fn budget_layer<M: Admission>(
         &self,
         budgets: Arc<M>,
@@ -341,14 +394,14 @@ impl Gateway {
             })
             .other_requests(c.other_endpoints);
         let layer = BudgetLayer::new(budgets)
-            .identify(self.keys())
+            .identify(self.catalog.keys().clone())
             .estimator(estimator)
             .meter(OpenAiUsage::default())
             .headers(HeaderStyle {
                 openai: true,
                 ietf: c.ietf_headers,
             })
-            .agent_labels(c.metrics_labels());
+            .agent_labels(self.catalog.metrics_labels());
         if c.max_wait_ms > 0 {
             layer.max_wait(Duration::from_millis(c.max_wait_ms))
         } else {
@@ -385,6 +438,7 @@ impl Gateway {
                     }
                 })
             });
+        let watchers = self.catalog.spawn_watchers();
         let app = tower::Layer::layer(&axum::middleware::from_fn(normalize_path), self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)
@@ -392,6 +446,10 @@ impl Gateway {
         if let Some(saver) = saver {
             saver.abort();
         }
+        for watcher in watchers {
+            watcher.abort();
+        }
+        self.catalog.record_key_use().await;
         if let Some((path, budgets)) = self.state.as_ref().zip(local) {
             budgets.persist(path)?;
         }

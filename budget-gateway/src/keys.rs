@@ -25,7 +25,7 @@
 //! A key's last use is recorded off the request path: the lookup sets a
 //! flag on the key's entry (once; later requests only read it), and a
 //! background task collects the flags every few seconds and writes them to
-//! the database in one batch (see the catalog).
+//! the database in one batch (see [`crate::catalog`]).
 
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicBool, Ordering};

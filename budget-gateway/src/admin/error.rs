@@ -1,0 +1,122 @@
+//! The admin API's errors: OpenAI's error object, with the field to blame
+//! as `param`.
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use http::StatusCode;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::catalog::ChangeError;
+
+/// An error answer: `{"error": {"message", "type", "param", "code"}}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    param: Option<String>,
+    code: &'static str,
+}
+
+/// The body of every error answer.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub error: ErrorDetail,
+}
+
+/// What went wrong.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// For a person to read.
+    pub message: String,
+    /// `invalid_request_error` (4xx) or `server_error` (5xx).
+    #[serde(rename = "type")]
+    pub error_type: &'static str,
+    /// The field of the request to blame, if one is (`limits[0].window`).
+    pub param: Option<String>,
+    /// For a program to read: `invalid_api_key`, `forbidden`,
+    /// `invalid_request`, `invalid_value`, `not_found`, `conflict`,
+    /// `unavailable`, `budget_unavailable`.
+    pub code: &'static str,
+}
+
+impl ApiError {
+    /// An error with `status`, `code` and `message`.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            code,
+        }
+    }
+
+    /// `400`: the request cannot be read (not JSON, not a UUID).
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// `422`: the request is read, but asks for what cannot be.
+    pub fn invalid(param: Option<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            param,
+            ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_value", message)
+        }
+    }
+
+    /// Its status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+}
+
+impl From<ChangeError> for ApiError {
+    fn from(e: ChangeError) -> Self {
+        match e {
+            ChangeError::Invalid { field, message } => ApiError::invalid(field, message),
+            ChangeError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", message)
+            }
+            ChangeError::NotFound(message) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            ChangeError::Unavailable(message) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response<Body> {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                error_type: if self.status.is_server_error() {
+                    "server_error"
+                } else {
+                    "invalid_request_error"
+                },
+                param: self.param,
+                code: self.code,
+            },
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Reads a JSON body: `400` if it is not JSON, `422` if it is JSON of the
+/// wrong shape (a missing or unknown field, a wrong type), naming where.
+pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        use serde_json::error::Category;
+        match e.classify() {
+            Category::Syntax | Category::Eof | Category::Io => {
+                ApiError::bad_request(format!("the body is not JSON: {e}"))
+            }
+            Category::Data => ApiError::invalid(None, format!("the body: {e}")),
+        }
+    })
+}
