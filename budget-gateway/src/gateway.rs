@@ -450,6 +450,9 @@ impl Gateway {
             watcher.abort();
         }
         self.catalog.record_key_use().await;
+        if let Some(db) = self.catalog.database() {
+            db.close().await;
+        }
         if let Some((path, budgets)) = self.state.as_ref().zip(local) {
             budgets.persist(path)?;
         }

@@ -130,7 +130,7 @@ impl utoipa::PartialSchema for Period {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
-            .pattern(Some("^[1-9][0-9]{0,9}(s|m|h|d)$"))
+            .pattern(Some("^[1-9][0-9]*(s|m|h|d)$"))
             .description(Some(
                 "A whole number and a unit: s, m, h or d (\"30s\", \"1m\", \"1h\", \"1d\").",
             ))
@@ -451,8 +451,7 @@ pub struct Amounts {
 /// A limit and where it stands now.
 #[derive(Clone, Debug, PartialEq, Serialize, ToSchema)]
 pub struct LimitState {
-    /// The limit, as configured.
-    #[serde(flatten)]
+    /// The limit, as configured (what a `PUT` takes back).
     pub limit: LimitSpec,
     /// Used in the current window (for a bucket: taken and not yet
     /// refilled). A settled request may have pushed it past the limit.
@@ -683,7 +682,10 @@ mod tests {
         assert_eq!(state.remaining.requests, Some(7));
         assert_eq!(state.resets_in_secs, 42);
         let json = serde_json::to_value(state).unwrap();
-        assert_eq!(json["window"], "1m");
+        assert_eq!(
+            json["limit"],
+            serde_json::json!({"window": "1m", "requests": 10})
+        );
         assert_eq!(json["used"], serde_json::json!({"requests": 3}));
     }
 }

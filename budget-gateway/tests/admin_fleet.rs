@@ -113,7 +113,7 @@ async fn gateways_on_one_postgres_and_one_redis_see_each_others_changes_within_a
         .await;
     assert_eq!(status, StatusCode::OK, "{body}");
     within_a_second("a change made on B shown by A", || async {
-        a.get(&format!("/v1/agents/{id}")).await["limits"][0]["requests"] == 2000
+        a.get(&format!("/v1/agents/{id}")).await["limits"][0]["limit"]["requests"] == 2000
     })
     .await;
 

@@ -412,7 +412,7 @@ pub async fn delete_agent(
     path = "/v1/agents/{agent_id}/keys",
     tag = "keys",
     params(("agent_id" = Uuid, Path, description = "The agent")),
-    request_body(content = Option<KeyRequest>, content_type = "application/json", description = "Optional: an empty body is `{}`"),
+    request_body(content = Option<KeyRequest>, content_type = "application/json", description = "Optional: no body, or `null`, is `{}`"),
     responses(
         (status = 201, description = "Made: the key is in `api_key`, shown this once", body = NewKeyView),
         (status = 400, description = "Not a UUID, or the body is not JSON", body = ErrorBody),
@@ -433,10 +433,11 @@ pub async fn create_key(
 ) -> Response<Body> {
     admin_only(&admin, &headers, async {
         let agent_id = uuid_in_path("an agent id", &agent_id)?;
+        // No body, or `null`, is `{}`.
         let request: KeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
             KeyRequest::default()
         } else {
-            json_body(&body)?
+            json_body::<Option<KeyRequest>>(&body)?.unwrap_or_default()
         };
         let name = check_label("name", request.name)?;
         let (row, api_key) = admin.catalog.create_key(agent_id, name).await?;

@@ -109,14 +109,17 @@ impl IntoResponse for ApiError {
 
 /// Reads a JSON body: `400` if it is not JSON, `422` if it is JSON of the
 /// wrong shape (a missing or unknown field, a wrong type), naming where.
+///
+/// A list is refused even where serde would read it as a struct's fields
+/// in order: the bodies are objects.
 pub fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| {
-        use serde_json::error::Category;
-        match e.classify() {
-            Category::Syntax | Category::Eof | Category::Io => {
-                ApiError::bad_request(format!("the body is not JSON: {e}"))
-            }
-            Category::Data => ApiError::invalid(None, format!("the body: {e}")),
-        }
-    })
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not JSON: {e}")))?;
+    if value.is_array() {
+        return Err(ApiError::invalid(
+            None,
+            "the body must be a JSON object, not a list",
+        ));
+    }
+    serde_json::from_value(value).map_err(|e| ApiError::invalid(None, format!("the body: {e}")))
 }

@@ -2,6 +2,8 @@
 //! `utoipa` from the handlers' annotations and the types they read and
 //! write, so that it describes what the code does.
 
+use std::sync::OnceLock;
+
 use axum::response::IntoResponse;
 use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
@@ -57,9 +59,54 @@ impl utoipa::Modify for AdminKey {
     }
 }
 
+/// The document as served: [`ApiDoc`], with links from what a creation
+/// answers to the operations on what it created (which clients and test
+/// generators follow). The links are added to the JSON because utoipa
+/// 5.5's `Link` spells `operationId` as `operation_id`.
+pub fn document_json() -> &'static serde_json::Value {
+    static DOCUMENT: OnceLock<serde_json::Value> = OnceLock::new();
+    DOCUMENT.get_or_init(|| {
+        let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
+        let agent = ("agent_id", "$response.body#/agent_id");
+        let targets = [
+            "get_agent",
+            "update_agent",
+            "delete_agent",
+            "create_key",
+            "list_keys",
+        ];
+        link(&mut doc, "/v1/agents", &targets, &[agent]);
+        let key = ("key_id", "$response.body#/key_id");
+        link(
+            &mut doc,
+            "/v1/agents/{agent_id}/keys",
+            &["revoke_key"],
+            &[agent, key],
+        );
+        doc
+    })
+}
+
+/// Links the `201` of `POST path` to the operations `targets` (their ids,
+/// the handlers' names), with `parameters` taken from the answer.
+fn link(doc: &mut serde_json::Value, path: &str, targets: &[&str], parameters: &[(&str, &str)]) {
+    let parameters: serde_json::Map<String, serde_json::Value> = parameters
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).into()))
+        .collect();
+    let links = targets
+        .iter()
+        .map(|target| {
+            let link = serde_json::json!({"operationId": target, "parameters": parameters});
+            ((*target).to_owned(), link)
+        })
+        .collect();
+    doc["paths"][path]["post"]["responses"]["201"]["links"] = serde_json::Value::Object(links);
+}
+
 /// `GET /openapi.json`.
 pub async fn document() -> impl IntoResponse {
-    Json(ApiDoc::openapi())
+    Json(document_json())
 }
 
 #[cfg(test)]
@@ -68,7 +115,7 @@ mod tests {
 
     #[test]
     fn the_document_names_every_admin_path_and_method() {
-        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        let doc = document_json();
         assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
         let paths = doc["paths"].as_object().unwrap();
         let mut operations: Vec<String> = paths
@@ -96,6 +143,29 @@ mod tests {
                 "PUT /v1/agents/{agent_id}",
             ]
         );
+        let links =
+            &doc["paths"]["/v1/agents/{agent_id}/keys"]["post"]["responses"]["201"]["links"];
+        assert_eq!(
+            links["revoke_key"]["parameters"]["key_id"],
+            "$response.body#/key_id"
+        );
+        let operation_ids: Vec<&str> = paths
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .map(|operation| operation["operationId"].as_str().unwrap())
+            .collect();
+        for linked in [
+            "get_agent",
+            "update_agent",
+            "delete_agent",
+            "create_key",
+            "list_keys",
+        ] {
+            assert!(operation_ids.contains(&linked), "{linked}");
+            assert!(
+                doc["paths"]["/v1/agents"]["post"]["responses"]["201"]["links"][linked].is_object()
+            );
+        }
         let schemas = doc["components"]["schemas"].as_object().unwrap();
         for name in [
             "AgentRequest",
