@@ -54,7 +54,7 @@ use crate::config::Config;
 use crate::db::{now_ms, AgentRow, Change, Database, DbError, KeyRow, Snapshot};
 use crate::gateway::{Budgets, GatewayError};
 use crate::keys::{self, constant_time_eq, KeyHash, KeyId, KeyTable};
-use crate::limits::{LegacyFields, LimitSpec, Limits};
+use crate::limits::{LegacyFields, LimitError, LimitSpec, Limits};
 
 /// How often a gateway with a database looks for changes made elsewhere.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -123,6 +123,15 @@ fn invalid(field: &str, message: impl Into<String>) -> ChangeError {
     ChangeError::Invalid {
         field: Some(field.to_owned()),
         message: message.into(),
+    }
+}
+
+impl From<LimitError> for ChangeError {
+    fn from(e: LimitError) -> Self {
+        ChangeError::Invalid {
+            field: e.field,
+            message: e.message,
+        }
     }
 }
 
@@ -210,10 +219,7 @@ impl AgentSettings {
         parent: Option<AgentId>,
         metrics_label: Option<String>,
     ) -> Result<Self, ChangeError> {
-        let limits = Limits::from_fields(limits, legacy).map_err(|e| ChangeError::Invalid {
-            field: e.field,
-            message: e.message,
-        })?;
+        let limits = Limits::from_fields(limits, legacy)?;
         Ok(AgentSettings {
             limits,
             parent,
@@ -585,16 +591,7 @@ impl Catalog {
     /// What a fleet cannot share is refused before anything is written.
     fn check_fleet(&self, agent_id: AgentId, settings: &AgentSettings) -> Result<(), ChangeError> {
         if let Budgets::Fleet(_) = self.inner.budgets {
-            if settings.parent.is_some() {
-                return Err(invalid(
-                    "parent",
-                    "budgets shared through Redis cannot nest: leave out `parent`",
-                ));
-            }
-            fleet_limit(agent_id, settings).map_err(|e| ChangeError::Invalid {
-                field: e.field,
-                message: e.message,
-            })?;
+            fleet_limit(agent_id, settings)?;
         }
         Ok(())
     }
@@ -698,10 +695,7 @@ impl Catalog {
         settings: &AgentSettings,
     ) -> Result<(), ChangeError> {
         if let Budgets::Fleet(fleet) = &self.inner.budgets {
-            let limit = fleet_limit(agent_id, settings).map_err(|e| ChangeError::Invalid {
-                field: e.field,
-                message: e.message,
-            })?;
+            let limit = fleet_limit(agent_id, settings)?;
             fleet
                 .set_budget(limit)
                 .await
@@ -917,14 +911,8 @@ impl Catalog {
         if let Budgets::Fleet(fleet) = &self.inner.budgets {
             let mut limits = Vec::new();
             for id in &changed {
-                let settings = &new[id].settings;
-                if settings.parent.is_some() {
-                    return Err(GatewayError::Unsupported(format!(
-                        "agent {id} has a parent, and budgets shared through Redis cannot nest"
-                    )));
-                }
                 limits.push(
-                    fleet_limit(*id, settings)
+                    fleet_limit(*id, &new[id].settings)
                         .map_err(|e| GatewayError::Unsupported(format!("agent {id}: {e}")))?,
                 );
             }
@@ -999,10 +987,20 @@ fn collision(agent_id: AgentId, db: &str) -> String {
     )
 }
 
+/// The budget a fleet shares for the agent through Redis, or why it
+/// cannot be shared: a fleet's budgets are flat fixed windows.
 fn fleet_limit(
     agent_id: AgentId,
     settings: &AgentSettings,
-) -> Result<agent_budget::BudgetLimit, crate::limits::LimitError> {
+) -> Result<agent_budget::BudgetLimit, LimitError> {
+    if settings.parent.is_some() {
+        return Err(LimitError {
+            field: Some("parent".to_owned()),
+            message: "budgets shared through Redis cannot nest: leave out `parent`, or run \
+                      without --redis"
+                .to_owned(),
+        });
+    }
     settings.limits.fleet_window(agent_id)
 }
 

@@ -810,6 +810,14 @@ metrics_label = "two"
         assert!(e.starts_with("/nonexistent/gw.toml: cannot read"), "{e}");
     }
 
+    #[test]
+    fn the_example_configuration_parses() {
+        let example = include_str!("../gateway.example.toml");
+        let c = parse(Path::new("gateway.example.toml"), example).unwrap();
+        assert_eq!(c.agents.len(), 2);
+        assert_eq!(c.agents[1].limits.specs()[0].requests, Some(10_000));
+    }
+
     /// [`good`] with agent 1's older fields replaced by `limits`.
     fn with_limits(limits: &str) -> String {
         good()

@@ -16,7 +16,7 @@
 //! - `GET /metrics` to the Prometheus exporter;
 //! - everything else under `/v1/` through the budget layer to the proxy:
 //!   the agent from its bearer key (looked up by hash in the
-//!   [`KeyTable`](crate::keys::KeyTable), which the file's keys and the
+//!   [`KeyTable`], which the file's keys and the
 //!   database's fill), the estimate from the body for the
 //!   endpoints that consume tokens (prompt tokens by the configured
 //!   tokenizer, plus the most the completion may use), one call for reads,

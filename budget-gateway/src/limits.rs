@@ -98,7 +98,7 @@ impl fmt::Display for Period {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (unit, scale) = UNITS
             .iter()
-            .find(|(_, scale)| self.secs % scale == 0)
+            .find(|(_, scale)| self.secs.is_multiple_of(*scale))
             .expect("every whole number of seconds divides by one");
         write!(f, "{}{unit}", self.secs / scale)
     }

@@ -659,7 +659,7 @@ async fn the_plaintext_key_is_nowhere_in_the_database_files() {
         // in the right place).
         assert!(anywhere(KeyHash::of(secret).to_hex().as_bytes()));
         assert!(!anywhere(secret.as_bytes()), "{secret} is in the database");
-        assert!(!anywhere(secret["sk-ab-".len()..].as_bytes()));
+        assert!(!anywhere(&secret.as_bytes()["sk-ab-".len()..]));
     }
 }
 

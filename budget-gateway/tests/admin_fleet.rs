@@ -82,6 +82,15 @@ async fn gateways_on_one_postgres_and_one_redis_see_each_others_changes_within_a
         .create_agent(json!({"limits": [{"window": "1m", "requests": 1000, "tokens": 1_000_000}]}))
         .await;
     let id = agent["agent_id"].as_str().unwrap().to_owned();
+    let (status, body) = a
+        .call(
+            Method::POST,
+            "/v1/agents",
+            Some(&json!({"limits": [{"window": "1m", "requests": 5}], "parent": id})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["param"], "parent");
     let (key_id, key) = a.create_key(&id).await;
     assert_eq!(a.chat(&key).await, StatusCode::OK, "at once on A");
     within_a_second("a key made on A admitted by B", || async {
