@@ -620,26 +620,8 @@ impl Catalog {
         if let Some(parent) = settings.parent {
             self.check_parent(&mut change, agent_id, parent, 1).await?;
         }
-        let now = now_ms();
-        let row = AgentRow::new(
-            agent_id,
-            settings.parent,
-            settings.metrics_label.clone(),
-            settings.limits.specs(),
-            now,
-            now,
-        );
-        self.write_budget(agent_id, &settings).await?;
-        change.put_agent(&row).await?;
-        change.commit().await?;
-        self.after_commit(db, &mut applied).await;
-        Ok(AgentEntry {
-            agent_id,
-            source: Source::Api,
-            settings,
-            created_at: Some(now),
-            updated_at: Some(now),
-        })
+        self.save_agent(db, change, &mut applied, agent_id, settings, None)
+            .await
     }
 
     /// Replaces an API agent's limits, parent and label; its usage in the
@@ -665,43 +647,56 @@ impl Catalog {
             self.check_parent(&mut change, agent_id, parent, levels)
                 .await?;
         }
-        let now = now_ms();
-        let row = AgentRow::new(
+        self.save_agent(
+            db,
+            change,
+            &mut applied,
             agent_id,
-            settings.parent,
-            settings.metrics_label.clone(),
-            settings.limits.specs(),
-            before.created_at,
-            now,
-        );
-        self.write_budget(agent_id, &settings).await?;
-        change.put_agent(&row).await?;
-        change.commit().await?;
-        self.after_commit(db, &mut applied).await;
-        Ok(AgentEntry {
-            agent_id,
-            source: Source::Api,
             settings,
-            created_at: Some(before.created_at),
-            updated_at: Some(now),
-        })
+            Some(before.created_at),
+        )
+        .await
     }
 
-    /// In a fleet, writes the agent's budget to Redis (before the change
-    /// commits: if Redis fails, nothing is saved).
-    async fn write_budget(
+    /// Writes a checked agent: in a fleet, its budget to Redis first (if
+    /// Redis fails, nothing is saved); then its row, committed and applied.
+    /// `created_at` is an existing agent's.
+    async fn save_agent(
         &self,
+        db: &Database,
+        mut change: Change<'_>,
+        applied: &mut i64,
         agent_id: AgentId,
-        settings: &AgentSettings,
-    ) -> Result<(), ChangeError> {
+        settings: AgentSettings,
+        created_at: Option<i64>,
+    ) -> Result<AgentEntry, ChangeError> {
         if let Budgets::Fleet(fleet) = &self.inner.budgets {
-            let limit = fleet_limit(agent_id, settings)?;
+            let limit = fleet_limit(agent_id, &settings)?;
             fleet
                 .set_budget(limit)
                 .await
                 .map_err(|e| ChangeError::Unavailable(format!("the fleet's Redis: {e}")))?;
         }
-        Ok(())
+        let now = now_ms();
+        let created_at = created_at.unwrap_or(now);
+        let row = AgentRow::new(
+            agent_id,
+            settings.parent,
+            settings.metrics_label.clone(),
+            settings.limits.specs(),
+            created_at,
+            now,
+        );
+        change.put_agent(&row).await?;
+        change.commit().await?;
+        self.after_commit(db, applied).await;
+        Ok(AgentEntry {
+            agent_id,
+            source: Source::Api,
+            settings,
+            created_at: Some(created_at),
+            updated_at: Some(now),
+        })
     }
 
     /// Checks that `child`, with `levels` levels from itself down to its

@@ -194,8 +194,8 @@ impl Gateway {
         )
     }
 
-    /// [`new`](Self::new), with the agents and keys of `db` beside the
-    /// file's, managed through the admin API.
+    /// [`new`](Self::new), with the agents and keys of `db` (if any)
+    /// beside the file's, managed through the admin API.
     pub async fn with_database(
         config: Config,
         budgets: Arc<BudgetManager>,
@@ -203,9 +203,9 @@ impl Gateway {
         upstream_timeout: Duration,
         limiter: Limiter,
         state: Option<PathBuf>,
-        db: Database,
+        db: Option<Database>,
     ) -> Result<Self, GatewayError> {
-        let snapshot = db.snapshot().await?;
+        let db = with_snapshot(db).await?;
         Self::local(
             config,
             budgets,
@@ -213,7 +213,7 @@ impl Gateway {
             upstream_timeout,
             limiter,
             state,
-            Some((db, snapshot)),
+            db,
         )
     }
 
@@ -260,38 +260,21 @@ impl Gateway {
         upstream: &str,
         upstream_timeout: Duration,
     ) -> Result<Self, GatewayError> {
-        Self::fleet_with(config, fleet, upstream, upstream_timeout, None).await
+        Self::fleet_with_database(config, fleet, upstream, upstream_timeout, None).await
     }
 
-    /// [`fleet`](Self::fleet), with the agents and keys of `db` beside the
-    /// file's: gateways sharing a database and a Redis see each other's
-    /// agents, keys and budgets.
+    /// [`fleet`](Self::fleet), with the agents and keys of `db` (if any)
+    /// beside the file's: gateways sharing a database and a Redis see each
+    /// other's agents, keys and budgets.
     pub async fn fleet_with_database(
         config: Config,
         fleet: Arc<FleetManager>,
         upstream: &str,
         upstream_timeout: Duration,
-        db: Database,
-    ) -> Result<Self, GatewayError> {
-        let snapshot = db.snapshot().await?;
-        Self::fleet_with(
-            config,
-            fleet,
-            upstream,
-            upstream_timeout,
-            Some((db, snapshot)),
-        )
-        .await
-    }
-
-    async fn fleet_with(
-        config: Config,
-        fleet: Arc<FleetManager>,
-        upstream: &str,
-        upstream_timeout: Duration,
-        db: Option<(Database, Snapshot)>,
+        db: Option<Database>,
     ) -> Result<Self, GatewayError> {
         Self::check_fleet_config(&config)?;
+        let db = with_snapshot(db).await?;
         let proxy = Proxy::new(
             upstream,
             config.upstream_api_key.as_deref(),
@@ -460,6 +443,17 @@ impl Gateway {
             fleet.shutdown().await?;
         }
         Ok(served?)
+    }
+}
+
+/// The database, if any, with what it holds now.
+async fn with_snapshot(db: Option<Database>) -> Result<Option<(Database, Snapshot)>, DbError> {
+    match db {
+        Some(db) => {
+            let snapshot = db.snapshot().await?;
+            Ok(Some((db, snapshot)))
+        }
+        None => Ok(None),
     }
 }
 

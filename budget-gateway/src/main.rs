@@ -174,29 +174,16 @@ async fn run(args: Args) -> Result<(), String> {
     };
     let (gateway, budgets) = match &args.redis {
         None => {
-            let budgets = Arc::new(BudgetManager::new());
-            let gateway = match db {
-                Some(db) => {
-                    Gateway::with_database(
-                        config,
-                        budgets,
-                        &upstream,
-                        args.upstream_timeout,
-                        args.limiter,
-                        args.state,
-                        db,
-                    )
-                    .await
-                }
-                None => Gateway::new(
-                    config,
-                    budgets,
-                    &upstream,
-                    args.upstream_timeout,
-                    args.limiter,
-                    args.state,
-                ),
-            }
+            let gateway = Gateway::with_database(
+                config,
+                Arc::new(BudgetManager::new()),
+                &upstream,
+                args.upstream_timeout,
+                args.limiter,
+                args.state,
+                db,
+            )
+            .await
             .map_err(conflict)?;
             (gateway, format!("limiter {:?}", args.limiter))
         }
@@ -212,20 +199,10 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
             let fleet = Arc::new(fleet);
             let node = fleet.node_id().to_owned();
-            let gateway = match db {
-                Some(db) => {
-                    Gateway::fleet_with_database(
-                        config,
-                        fleet,
-                        &upstream,
-                        args.upstream_timeout,
-                        db,
-                    )
+            let gateway =
+                Gateway::fleet_with_database(config, fleet, &upstream, args.upstream_timeout, db)
                     .await
-                }
-                None => Gateway::fleet(config, fleet, &upstream, args.upstream_timeout).await,
-            }
-            .map_err(conflict)?;
+                    .map_err(conflict)?;
             (
                 gateway,
                 format!("budgets shared through {url} as node {node}"),

@@ -14,7 +14,7 @@ use budget_gateway::config;
 use budget_gateway::db::Database;
 use budget_gateway::gateway::{Gateway, GatewayError, Limiter};
 use budget_gateway::keys::KeyHash;
-use common::admin::start_with_db;
+use common::admin::{start_with_db, Served};
 use common::postgres::TestDb;
 use common::*;
 use reqwest::{Method, StatusCode};
@@ -38,6 +38,36 @@ fn unclocked(mut agents: Value) -> Value {
 
 fn sqlite_in(dir: &tempfile::TempDir) -> String {
     dir.path().join("gateway.db").to_str().unwrap().to_owned()
+}
+
+/// A gateway with [`config_text`]'s agents (a thousand calls a minute
+/// for A) on a SQLite file in `dir`, in front of `upstream`.
+async fn on_sqlite(dir: &tempfile::TempDir, upstream: &str) -> Served {
+    start_with_db(
+        &config_text(1_000_000, 1_000, ""),
+        &sqlite_in(dir),
+        upstream,
+        None,
+    )
+    .await
+}
+
+/// Two tests of `check`: on a SQLite file of its own, and on a PostgreSQL
+/// database of its own.
+macro_rules! on_both_databases {
+    ($check:ident: $sqlite:ident, $postgres:ident) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $sqlite() {
+            let dir = tempfile::tempdir().unwrap();
+            $check(&sqlite_in(&dir)).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $postgres() {
+            let db = TestDb::create().await;
+            $check(&db.url()).await;
+        }
+    };
 }
 
 /// Create, key, use, change, rotate, revoke, delete: the budget enforced
@@ -181,17 +211,7 @@ async fn lifecycle(db: &str) {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_whole_lifecycle_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    lifecycle(&sqlite_in(&dir)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_whole_lifecycle_on_postgres() {
-    let db = TestDb::create().await;
-    lifecycle(&db.url()).await;
-}
+on_both_databases!(lifecycle: the_whole_lifecycle_on_sqlite, the_whole_lifecycle_on_postgres);
 
 /// Agents, keys and usage (with `--state`) survive a restart on the same
 /// database; so does the keys' last use.
@@ -225,17 +245,7 @@ async fn restart(db: &str) {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_keys_and_usage_survive_a_restart_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    restart(&sqlite_in(&dir)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agents_keys_and_usage_survive_a_restart_on_postgres() {
-    let db = TestDb::create().await;
-    restart(&db.url()).await;
-}
+on_both_databases!(restart: agents_keys_and_usage_survive_a_restart_on_sqlite, agents_keys_and_usage_survive_a_restart_on_postgres);
 
 /// Requests the API refuses, with their status and the field to blame;
 /// none of them changes anything.
@@ -582,29 +592,13 @@ async fn refusals(db: &str) {
     g.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_are_refused_and_change_nothing_on_sqlite() {
-    let dir = tempfile::tempdir().unwrap();
-    refusals(&sqlite_in(&dir)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_requests_are_refused_and_change_nothing_on_postgres() {
-    let db = TestDb::create().await;
-    refusals(&db.url()).await;
-}
+on_both_databases!(refusals: bad_requests_are_refused_and_change_nothing_on_sqlite, bad_requests_are_refused_and_change_nothing_on_postgres);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nested_api_agents_spend_from_their_parent() {
     let dir = tempfile::tempdir().unwrap();
     let (upstream, stats) = start_mock().await;
-    let g = start_with_db(
-        &config_text(1_000_000, 1_000, ""),
-        &sqlite_in(&dir),
-        &upstream,
-        None,
-    )
-    .await;
+    let g = on_sqlite(&dir, &upstream).await;
     let team = g.create_agent(json!({"limits": per_minute(3)})).await;
     let team = team["agent_id"].as_str().unwrap();
     let mut keys = Vec::new();
@@ -630,13 +624,7 @@ async fn nested_api_agents_spend_from_their_parent() {
 async fn the_plaintext_key_is_nowhere_in_the_database_files() {
     let dir = tempfile::tempdir().unwrap();
     let (upstream, _) = start_mock().await;
-    let g = start_with_db(
-        &config_text(1_000_000, 1_000, ""),
-        &sqlite_in(&dir),
-        &upstream,
-        None,
-    )
-    .await;
+    let g = on_sqlite(&dir, &upstream).await;
     let id = g.create_agent(json!({"limits": per_minute(10)})).await;
     let id = id["agent_id"].as_str().unwrap();
     let mut secrets = Vec::new();
@@ -695,7 +683,7 @@ async fn a_file_that_names_an_api_agent_is_refused_at_start_and_at_reload() {
         std::time::Duration::from_secs(10),
         Limiter::Budget,
         None,
-        Database::open(&db).await.unwrap(),
+        Some(Database::open(&db).await.unwrap()),
     )
     .await;
     assert!(
@@ -779,13 +767,7 @@ async fn a_reload_changes_file_agents_keeping_usage_and_leaves_api_agents_alone(
 async fn every_documented_operation_is_served_as_documented() {
     let dir = tempfile::tempdir().unwrap();
     let (upstream, stats) = start_mock().await;
-    let g = start_with_db(
-        &config_text(1_000_000, 1_000, ""),
-        &sqlite_in(&dir),
-        &upstream,
-        None,
-    )
-    .await;
+    let g = on_sqlite(&dir, &upstream).await;
     let (status, doc) = g.call_as(None, Method::GET, "/openapi.json", None).await;
     assert_eq!(status, StatusCode::OK, "served without a key");
     let unknown = uuid::Uuid::new_v4().to_string();

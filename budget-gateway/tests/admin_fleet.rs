@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agent_budget_redis::{FleetConfig, FleetManager};
+use agent_budget_redis::{FakeClock, FleetConfig, FleetManager, Timeline};
 use budget_gateway::config;
 use budget_gateway::db::Database;
 use budget_gateway::gateway::Gateway;
@@ -20,10 +20,20 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 /// A gateway of the fleet, with the fleet's defaults (a heartbeat every
-/// 100 ms) and the shared database.
-async fn node(redis: &RedisServer, name: &str, text: &str, db: &str, upstream: &str) -> Served {
+/// 100 ms, unused leases back after 500 ms) but windows on `windows`, a
+/// clock the fleet shares that stands still (no window ends during the
+/// test), and the shared database.
+async fn node(
+    redis: &RedisServer,
+    windows: &FakeClock,
+    name: &str,
+    text: &str,
+    db: &str,
+    upstream: &str,
+) -> Served {
     let mut fleet = FleetConfig::new(redis.url());
     fleet.node_id = name.to_owned();
+    fleet.timeline = Timeline::Shared(Arc::new(windows.clone()));
     let fleet = Arc::new(FleetManager::connect(fleet).await.unwrap());
     let config = config::parse(Path::new("fleet.toml"), text).unwrap();
     let gateway = Gateway::fleet_with_database(
@@ -31,7 +41,7 @@ async fn node(redis: &RedisServer, name: &str, text: &str, db: &str, upstream: &
         fleet,
         upstream,
         Duration::from_secs(10),
-        Database::open(db).await.unwrap(),
+        Some(Database::open(db).await.unwrap()),
     )
     .await
     .unwrap();
@@ -63,8 +73,9 @@ async fn gateways_on_one_postgres_and_one_redis_see_each_others_changes_within_a
     let db = TestDb::create().await;
     let (upstream, stats) = start_mock().await;
     let text = config_text(1_000_000, 1_000, "");
-    let a = node(&redis, "gw-a", &text, &db.url(), &upstream).await;
-    let b = node(&redis, "gw-b", &text, &db.url(), &upstream).await;
+    let windows = FakeClock::new(60_000 * 1_000);
+    let a = node(&redis, &windows, "gw-a", &text, &db.url(), &upstream).await;
+    let b = node(&redis, &windows, "gw-b", &text, &db.url(), &upstream).await;
 
     // What a fleet cannot share is refused.
     let (status, body) = a

@@ -12,7 +12,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::error::json_body;
-use super::{uuid_in_path, Admin, ApiError, ErrorBody};
+use super::{uuid_in_path, Admin, ApiError, Denied, ErrorBody};
 use crate::catalog::{AgentEntry, AgentSettings, Source};
 use crate::db::KeyRow;
 use crate::gateway::Budgets;
@@ -244,10 +244,8 @@ where
     tag = "agents",
     responses(
         (status = 200, description = "Every agent", body = Vec<AgentView>),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn list_agents(State(admin): State<Admin>, headers: HeaderMap) -> Response<Body> {
     admin_only(&admin, &headers, async {
@@ -271,13 +269,11 @@ pub async fn list_agents(State(admin): State<Admin>, headers: HeaderMap) -> Resp
     responses(
         (status = 201, description = "Created", body = AgentView),
         (status = 400, description = "The body is not JSON", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 409, description = "The id is taken (by an API agent or the file's), or the gateway keeps no database", body = ErrorBody),
         (status = 422, description = "Limits, parent or label that cannot be", body = ErrorBody),
         (status = 503, description = "The database or Redis failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn create_agent(
     State(admin): State<Admin>,
@@ -305,11 +301,9 @@ pub async fn create_agent(
     responses(
         (status = 200, description = "The agent", body = AgentView),
         (status = 400, description = "Not a UUID", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such agent", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn get_agent(
     State(admin): State<Admin>,
@@ -341,14 +335,12 @@ pub async fn get_agent(
     responses(
         (status = 200, description = "Changed", body = AgentView),
         (status = 400, description = "Not a UUID, or the body is not JSON", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such API agent", body = ErrorBody),
         (status = 409, description = "An agent of the file, or the gateway keeps no database", body = ErrorBody),
         (status = 422, description = "Limits, parent or label that cannot be: an unknown parent, a loop, a chain too deep", body = ErrorBody),
         (status = 503, description = "The database or Redis failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn update_agent(
     State(admin): State<Admin>,
@@ -383,13 +375,11 @@ pub async fn update_agent(
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Not a UUID", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such API agent", body = ErrorBody),
         (status = 409, description = "An agent of the file, a parent of other agents, or the gateway keeps no database", body = ErrorBody),
         (status = 503, description = "The database or Redis failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn delete_agent(
     State(admin): State<Admin>,
@@ -416,14 +406,12 @@ pub async fn delete_agent(
     responses(
         (status = 201, description = "Made: the key is in `api_key`, shown this once", body = NewKeyView),
         (status = 400, description = "Not a UUID, or the body is not JSON", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such API agent", body = ErrorBody),
         (status = 409, description = "An agent of the file (its key is the file's), or the gateway keeps no database", body = ErrorBody),
         (status = 422, description = "A name that cannot be", body = ErrorBody),
         (status = 503, description = "The database failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn create_key(
     State(admin): State<Admin>,
@@ -463,13 +451,11 @@ pub async fn create_key(
     responses(
         (status = 200, description = "Its keys", body = Vec<KeyView>),
         (status = 400, description = "Not a UUID", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such API agent", body = ErrorBody),
         (status = 409, description = "An agent of the file, or the gateway keeps no database", body = ErrorBody),
         (status = 503, description = "The database failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn list_keys(
     State(admin): State<Admin>,
@@ -497,13 +483,11 @@ pub async fn list_keys(
     responses(
         (status = 204, description = "Revoked"),
         (status = 400, description = "Not a UUID", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No such key in use", body = ErrorBody),
         (status = 409, description = "An agent of the file, or the gateway keeps no database", body = ErrorBody),
         (status = 503, description = "The database failed", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn revoke_key(
     State(admin): State<Admin>,

@@ -26,7 +26,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use super::{uuid_in_path, Admin, ApiError, ErrorBody};
+use super::{uuid_in_path, Admin, ApiError, Denied, ErrorBody};
 use crate::gateway::Budgets;
 
 /// One agent's budget as the core sees it (the seed's field names), and
@@ -141,11 +141,9 @@ fn unavailable(fleet: &FleetManager, e: agent_budget_redis::FleetError) -> ApiEr
     tag = "budgets",
     responses(
         (status = 200, description = "Every budget", body = Vec<BudgetView>),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 503, description = "The fleet's Redis cannot be read", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn all_budgets(State(admin): State<Admin>, headers: HeaderMap) -> Response<Body> {
     if let Some(denied) = admin.denial(&headers) {
@@ -172,12 +170,10 @@ pub async fn all_budgets(State(admin): State<Admin>, headers: HeaderMap) -> Resp
     responses(
         (status = 200, description = "The agent's budget", body = BudgetView),
         (status = 400, description = "Not a UUID", body = ErrorBody),
-        (status = 401, description = "No admin key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
         (status = 404, description = "No budget for this agent", body = ErrorBody),
         (status = 503, description = "The fleet's Redis cannot be read", body = ErrorBody),
+        Denied,
     ),
-    security(("admin_key" = [])),
 )]
 pub async fn one_budget(
     State(admin): State<Admin>,

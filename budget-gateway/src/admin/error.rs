@@ -1,6 +1,8 @@
 //! The admin API's errors: OpenAI's error object, with the field to blame
 //! as `param`.
 
+use std::collections::BTreeMap;
+
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -104,6 +106,33 @@ impl IntoResponse for ApiError {
             },
         };
         (self.status, Json(body)).into_response()
+    }
+}
+
+/// What every admin endpoint may answer before it reads the request:
+/// `401` without a bearer key, `403` with another key than the admin key
+/// (for the OpenAPI document, where each operation lists it).
+pub struct Denied;
+
+impl utoipa::IntoResponses for Denied {
+    fn responses() -> BTreeMap<String, utoipa::openapi::RefOr<utoipa::openapi::Response>> {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        [
+            ("401", "No bearer key: send the admin key"),
+            ("403", "Not the admin key"),
+        ]
+        .into_iter()
+        .map(|(status, description)| {
+            let body = ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build();
+            let response = ResponseBuilder::new()
+                .description(description)
+                .content("application/json", body)
+                .build();
+            (status.to_owned(), response.into())
+        })
+        .collect()
     }
 }
 

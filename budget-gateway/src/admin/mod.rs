@@ -50,7 +50,7 @@ use http::{HeaderMap, StatusCode};
 
 pub use agents::{AgentRequest, AgentView, KeyRequest, KeyView, NewKeyView, SourceView};
 pub use budgets::BudgetView;
-pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use error::{ApiError, Denied, ErrorBody, ErrorDetail};
 
 use crate::catalog::Catalog;
 use crate::gateway::Budgets;

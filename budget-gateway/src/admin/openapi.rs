@@ -33,6 +33,7 @@ use super::{agents, budgets};
         agents::revoke_key,
     ),
     modifiers(&AdminKey),
+    security(("admin_key" = [])),
     tags(
         (name = "agents", description = "Agents and their limits"),
         (name = "keys", description = "An agent's API keys"),

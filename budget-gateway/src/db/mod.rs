@@ -204,57 +204,53 @@ impl Database {
 
     /// Every agent and key in use, and the revision they are as of.
     pub async fn snapshot(&self) -> Result<Snapshot, DbError> {
-        let mut tx = self.consistent_read().await?;
-        let revision = revision(&mut tx).await.map_err(|e| self.sql(e))?;
-        let agents = sqlx::query(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE deleted_at IS NULL"
-        ))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.sql(e))?;
-        let keys = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revoked_at IS NULL"
-        ))
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.sql(e))?;
-        tx.commit().await.map_err(|e| self.sql(e))?;
-        Ok(Snapshot {
-            revision,
-            agents: self.decode(&agents, AgentRow::decode)?,
-            keys: self.decode(&keys, KeyRow::decode)?,
-        })
+        let read = self.read(None).await?;
+        Ok(read.expect("a snapshot is always read"))
     }
 
     /// What changed after revision `since` (tombstones included), or
     /// `None` if nothing did.
     pub async fn changes(&self, since: i64) -> Result<Option<Snapshot>, DbError> {
+        self.read(Some(since)).await
+    }
+
+    /// Agents and keys in one consistent read: those in use, or with
+    /// `since`, those changed after it (`None` if none was).
+    async fn read(&self, since: Option<i64>) -> Result<Option<Snapshot>, DbError> {
         let mut tx = self.consistent_read().await?;
         let now = revision(&mut tx).await.map_err(|e| self.sql(e))?;
-        if now == since {
+        if since == Some(now) {
             tx.commit().await.map_err(|e| self.sql(e))?;
             return Ok(None);
         }
-        let agents = sqlx::query(&format!(
-            "SELECT {AGENT_COLUMNS} FROM agents WHERE revision > $1"
-        ))
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.sql(e))?;
-        let keys = sqlx::query(&format!(
-            "SELECT {KEY_COLUMNS} FROM api_keys WHERE revision > $1"
-        ))
-        .bind(since)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| self.sql(e))?;
+        let (agents, keys) = match since {
+            None => ("deleted_at IS NULL", "revoked_at IS NULL"),
+            Some(_) => ("revision > $1", "revision > $1"),
+        };
+        let agents = format!("SELECT {AGENT_COLUMNS} FROM agents WHERE {agents}");
+        let agents = self.fetch(&mut tx, &agents, since).await?;
+        let keys = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE {keys}");
+        let keys = self.fetch(&mut tx, &keys, since).await?;
         tx.commit().await.map_err(|e| self.sql(e))?;
         Ok(Some(Snapshot {
             revision: now,
             agents: self.decode(&agents, AgentRow::decode)?,
             keys: self.decode(&keys, KeyRow::decode)?,
         }))
+    }
+
+    /// The rows `sql` selects, `$1` bound to `since` if given.
+    async fn fetch(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        sql: &str,
+        since: Option<i64>,
+    ) -> Result<Vec<AnyRow>, DbError> {
+        let mut query = sqlx::query(sql);
+        if let Some(since) = since {
+            query = query.bind(since);
+        }
+        query.fetch_all(&mut **tx).await.map_err(|e| self.sql(e))
     }
 
     fn decode<T>(
@@ -411,7 +407,7 @@ impl Change<'_> {
         .bind(agent.agent_id.to_string())
         .bind(agent.parent.map(|p| p.to_string()))
         .bind(agent.metrics_label.clone())
-        .bind(agent.limits_json())
+        .bind(agent.limits.clone())
         .bind(agent.created_at)
         .bind(agent.updated_at)
         .bind(self.revision)
@@ -424,27 +420,35 @@ impl Change<'_> {
     /// Deletes the agent and revokes its keys; `false` if it was unknown
     /// or deleted already.
     pub async fn delete_agent(&mut self, agent_id: &AgentId, at: i64) -> Result<bool, DbError> {
-        let deleted = sqlx::query(
-            "UPDATE agents SET deleted_at = $2, updated_at = $2, revision = $3 \
-             WHERE agent_id = $1 AND deleted_at IS NULL",
-        )
-        .bind(agent_id.to_string())
-        .bind(at)
-        .bind(self.revision)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(|e| self.sql(e))?;
-        sqlx::query(
+        let deleted = self
+            .end_rows(
+                "UPDATE agents SET deleted_at = $2, updated_at = $2, revision = $3 \
+                 WHERE agent_id = $1 AND deleted_at IS NULL",
+                agent_id,
+                at,
+            )
+            .await?;
+        self.end_rows(
             "UPDATE api_keys SET revoked_at = $2, revision = $3 \
              WHERE agent_id = $1 AND revoked_at IS NULL",
+            agent_id,
+            at,
         )
-        .bind(agent_id.to_string())
-        .bind(at)
-        .bind(self.revision)
-        .execute(&mut *self.tx)
-        .await
-        .map_err(|e| self.sql(e))?;
-        Ok(deleted.rows_affected() > 0)
+        .await?;
+        Ok(deleted > 0)
+    }
+
+    /// Runs `sql`, an update of the agent's rows (`$1`) that ends them at
+    /// `$2` in this change's revision (`$3`): how many it ended.
+    async fn end_rows(&mut self, sql: &str, agent_id: &AgentId, at: i64) -> Result<u64, DbError> {
+        let done = sqlx::query(sql)
+            .bind(agent_id.to_string())
+            .bind(at)
+            .bind(self.revision)
+            .execute(&mut *self.tx)
+            .await
+            .map_err(|e| self.sql(e))?;
+        Ok(done.rows_affected())
     }
 
     /// Adds a key.

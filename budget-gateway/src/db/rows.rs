@@ -75,11 +75,6 @@ impl AgentRow {
         }
     }
 
-    /// The limits' JSON.
-    pub fn limits_json(&self) -> String {
-        self.limits.clone()
-    }
-
     pub(super) fn decode(row: &AnyRow) -> Result<Self, String> {
         Ok(AgentRow {
             agent_id: uuid(row, "agent_id")?,

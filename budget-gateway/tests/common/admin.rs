@@ -183,7 +183,7 @@ pub async fn start_with_db(text: &str, db: &str, upstream: &str, state: Option<&
         Duration::from_secs(10),
         Limiter::Budget,
         state.map(Path::to_owned),
-        db,
+        Some(db),
     )
     .await
     .unwrap();
