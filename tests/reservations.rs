@@ -121,6 +121,33 @@ for_both_managers! {
 }
 
 for_both_managers! {
+    fn overuse_settled_after_the_window_ended_is_carried_into_the_current_one<M>() {
+        let (m, time) = mocked::<M>();
+        let a = agent();
+        m.set_budget(limit(a, 100, 5, 10));
+        let late = m.acquire(&a, 60, 1).unwrap();
+        let unrolled = m.acquire(&a, 10, 1).unwrap();
+        time.advance_secs(10);
+        // The window ended and no operation has rolled it over: the 25
+        // tokens used beyond the reservation are owed all the same.
+        assert_eq!(late.settle(85), Settlement::CarriedOver { charged_tokens: 25 });
+        let full = m.full_info(&a).unwrap();
+        assert_eq!((full.tokens_used, full.calls_used), (25, 0));
+        // Within the reservation: nothing owed, nothing crosses.
+        assert_eq!(unrolled.settle(10), Settlement::WindowEnded);
+        // A later window that is used already: the debt adds to it, and
+        // can take it past its limit.
+        let third = m.acquire(&a, 70, 1).unwrap();
+        time.advance_secs(10);
+        m.acquire(&a, 90, 1).unwrap().settle(90);
+        assert_eq!(third.settle(100), Settlement::CarriedOver { charged_tokens: 30 });
+        let full = m.full_info(&a).unwrap();
+        assert_eq!((full.tokens_used, full.tokens_remaining), (120, 0));
+        assert_eq!(m.acquire(&a, 1, 0).unwrap_err().kind, BudgetKind::Token);
+    }
+}
+
+for_both_managers! {
     fn nothing_is_refunded_across_a_manual_reset<M>() {
         let (m, _) = mocked::<M>();
         let a = agent();

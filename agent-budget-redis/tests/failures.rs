@@ -255,3 +255,71 @@ async fn a_node_cannot_start_without_redis_and_says_why() {
     let node = node(common::config(&server, "a", None)).await;
     assert!(node.is_connected());
 }
+
+/// A heartbeat that comes while a request holds the agent's book (here: a
+/// request waiting on a slow link for a lease larger than one) must not
+/// lose the touch of a request that came meanwhile: the agent stays active,
+/// and its lease stays with it. (Commit 0ca90d9 fixed a heartbeat that
+/// consumed the touch and then gave an active node's lease back as idle.)
+/// Idleness runs on a fake clock, so only the order of events decides: the
+/// second request comes at fake time 300 ms, while the first holds the book
+/// for about 100 ms more of real time, across heartbeats every 10 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_touch_during_a_busy_heartbeat_keeps_the_agent_active() {
+    use common::faulty::{Fault, FaultyLink};
+    let server = RedisServer::start();
+    let link = FaultyLink::start(&server.url()).await;
+    let clock = window_start_clock();
+    let mut config = config(&server, "a", Some(&clock));
+    config.url = link.url();
+    let node = Arc::new(node(config).await);
+    let agent = agent();
+    // Leases of 100 tokens; idle after 500 ms of the fake clock.
+    node.set_budget(budget(agent, 10_000, 100_000, 60))
+        .await
+        .expect("set");
+    node.acquire(&agent, 10, 1).await.expect("fits").settle(10);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+
+    // More than a lease: the request takes what it lacks from Redis,
+    // holding the book through a slow round trip.
+    link.set(Fault::Delay(Duration::from_millis(60)));
+    let holding = {
+        let node = node.clone();
+        tokio::spawn(async move { node.acquire(&agent, 150, 1).await.map(|r| r.settle(150)) })
+    };
+    tokio::time::sleep(Duration::from_millis(15)).await;
+    clock.advance(Duration::from_millis(300));
+    node.acquire(&agent, 5, 1)
+        .await
+        .expect("served from the lease")
+        .settle(5);
+    holding.await.expect("task").expect("fits");
+    link.set(Fault::Pass);
+    eventually(
+        Duration::from_secs(5),
+        "the active agent's lease is topped up",
+        || local(&node, &agent).2.tokens > 0,
+    )
+    .await;
+    // Heartbeats see the second request's touch once the book is free.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // 300 ms after the last request: still active, the lease stays.
+    clock.advance(Duration::from_millis(300));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        local(&node, &agent).2.tokens > 0,
+        "an active agent's lease was given back as idle"
+    );
+    // Once it really is idle, the lease goes back. (A touch is seen at the
+    // first heartbeat that finds the book free: under load that may be as
+    // late as fake time 600, so idleness is certain only 500 ms past that.)
+    clock.advance(Duration::from_millis(600));
+    eventually(
+        Duration::from_secs(5),
+        "an idle agent's lease goes back",
+        || local(&node, &agent).2.tokens == 0,
+    )
+    .await;
+}

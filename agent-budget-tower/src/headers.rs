@@ -460,6 +460,51 @@ mod tests {
         assert_eq!(RateLimitSnapshot::from_chain(&[]), None);
     }
 
+    /// A level of a chain with `tokens` and `calls` left of limits that
+    /// tell the levels apart.
+    fn level(id: u128, tokens: u64, calls: u64, window_secs: u64) -> agent_budget::FullBudgetInfo {
+        agent_budget::FullBudgetInfo {
+            agent_id: AgentId::from_u128(id),
+            token_limit: 1_000 * id as u64,
+            tokens_used: 0,
+            tokens_remaining: tokens,
+            calls_limit: 10 * id as u64,
+            calls_used: 0,
+            calls_remaining: calls,
+            window_secs,
+            window_remaining_secs: window_secs / 2,
+            is_exhausted: false,
+        }
+    }
+
+    #[test]
+    fn on_a_tie_the_nearest_level_binds() {
+        // Key, team, org: the team ties the key on tokens and the org on
+        // calls; the nearest of each tie is reported.
+        let chain = [
+            level(1, 50, 9, 60),
+            level(2, 50, 3, 3_600),
+            level(3, 70, 3, 86_400),
+        ];
+        let s = RateLimitSnapshot::from_chain(&chain).unwrap();
+        assert_eq!((s.token_limit, s.tokens_remaining), (1_000, 50), "the key");
+        assert_eq!(s.tokens_window, ms(60_000));
+        assert_eq!((s.calls_limit, s.calls_remaining), (20, 3), "the team");
+        assert_eq!(s.calls_window, ms(3_600_000));
+        // Every level tied: the agent's own.
+        let chain = [
+            level(1, 5, 5, 60),
+            level(2, 5, 5, 3_600),
+            level(3, 5, 5, 86_400),
+        ];
+        let s = RateLimitSnapshot::from_chain(&chain).unwrap();
+        assert_eq!((s.token_limit, s.calls_limit), (1_000, 10));
+        // A strictly smaller ancestor still wins.
+        let chain = [level(1, 5, 5, 60), level(2, 4, 6, 3_600)];
+        let s = RateLimitSnapshot::from_chain(&chain).unwrap();
+        assert_eq!((s.token_limit, s.calls_limit), (2_000, 10));
+    }
+
     #[test]
     fn a_refusal_reports_the_refusing_level_with_its_exact_reset() {
         let (budgets, key, team) = nested();

@@ -361,6 +361,32 @@ mod tests {
     }
 
     #[test]
+    fn a_woken_waiter_behind_the_head_that_leaves_hands_its_wake_on() {
+        // The head waits for more than comes back, so it stays the head:
+        // only the hand-off can wake the third waiter.
+        let waiters = Waiters::new();
+        let (head, head_waker) = counting();
+        let (_, woken_waker) = counting();
+        let (next, next_waker) = counting();
+        let (_head_place, _) = waiters.register(&AGENT, (100, 1), &head_waker);
+        let (woken_place, _) = waiters.register(&AGENT, (10, 1), &woken_waker);
+        let (_next_place, _) = waiters.register(&AGENT, (10, 1), &next_waker);
+        waiters.wake(&AGENT, || Wake::Fitting(Some((10, 1))));
+        assert_eq!((wakes(&head), wakes(&next)), (0, 0));
+        waiters.leave(woken_place, false, || Some((10, 1)));
+        assert_eq!((wakes(&head), wakes(&next)), (0, 1), "the wake passed on");
+        // One that took what it was woken for passes nothing on.
+        let (_, taker_waker) = counting();
+        let (last, last_waker) = counting();
+        let (taker_place, _) = waiters.register(&AGENT, (10, 1), &taker_waker);
+        let (_last_place, _) = waiters.register(&AGENT, (10, 1), &last_waker);
+        waiters.wake(&AGENT, || Wake::All);
+        let before = wakes(&last);
+        waiters.leave(taker_place, true, || Some((0, 0)));
+        assert_eq!(wakes(&last), before);
+    }
+
+    #[test]
     fn the_last_to_leave_takes_the_queue_away_and_a_new_waiter_makes_another() {
         let waiters = Waiters::new();
         let (_, waker) = counting();

@@ -1,6 +1,8 @@
 //! Helpers for the tests against real Redis servers.
 #![allow(dead_code)] // each test crate uses its own subset
 
+pub mod faulty;
+
 use std::net::{TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
