@@ -804,3 +804,34 @@ async fn every_documented_operation_is_served_as_documented() {
     let (status, body) = g.call(Method::GET, "/v1/agents/x/y/z", None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
 }
+
+/// Without `--db`, the agents are the file's: listed, and the API's
+/// changes refused with a message that says what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_database_the_file_agents_are_listed_and_changes_refused() {
+    let g = start(1_000, 10).await;
+    let listed: Value = admin_view(&g.client, &g.url, "/v1/agents").await;
+    let ids: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [AGENT_B, AGENT_A], "by id");
+    assert_eq!(listed[1]["source"], "file");
+    assert_eq!(listed[1]["limits"][0]["limit"]["requests"], 10);
+    let r = g
+        .client
+        .post(format!("{}/v1/agents", g.url))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"limits": per_minute(5)}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"]["message"].as_str().unwrap().contains("--db"),
+        "{body}"
+    );
+}
