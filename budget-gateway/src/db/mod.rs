@@ -312,6 +312,10 @@ impl Database {
             db: self,
             tx,
             revision,
+            written: Some(Snapshot {
+                revision,
+                ..Snapshot::default()
+            }),
         })
     }
 
@@ -335,6 +339,9 @@ pub struct Change<'a> {
     tx: Transaction<'static, Any>,
     /// This change's revision.
     pub revision: i64,
+    /// The rows it wrote, as a reader would read them back; `None` once
+    /// it has written rows it does not hold (ending an agent's keys).
+    written: Option<Snapshot>,
 }
 
 impl Change<'_> {
@@ -414,6 +421,12 @@ impl Change<'_> {
         .execute(&mut *self.tx)
         .await
         .map_err(|e| self.sql(e))?;
+        if let Some(written) = &mut self.written {
+            written.agents.push(AgentRow {
+                revision: self.revision,
+                ..agent.clone()
+            });
+        }
         Ok(())
     }
 
@@ -441,6 +454,7 @@ impl Change<'_> {
     /// Runs `sql`, an update of the agent's rows (`$1`) that ends them at
     /// `$2` in this change's revision (`$3`): how many it ended.
     async fn end_rows(&mut self, sql: &str, agent_id: &AgentId, at: i64) -> Result<u64, DbError> {
+        self.written = None;
         let done = sqlx::query(sql)
             .bind(agent_id.to_string())
             .bind(at)
@@ -466,6 +480,14 @@ impl Change<'_> {
         .execute(&mut *self.tx)
         .await
         .map_err(|e| self.sql(e))?;
+        if let Some(written) = &mut self.written {
+            written.keys.push(KeyRow {
+                last_used_at: None,
+                revoked: false,
+                revision: self.revision,
+                ..key.clone()
+            });
+        }
         Ok(())
     }
 
@@ -477,6 +499,7 @@ impl Change<'_> {
         key_id: &KeyId,
         at: i64,
     ) -> Result<bool, DbError> {
+        self.written = None;
         let revoked = sqlx::query(
             "UPDATE api_keys SET revoked_at = $3, revision = $4 \
              WHERE key_id = $1 AND agent_id = $2 AND revoked_at IS NULL",
@@ -492,9 +515,14 @@ impl Change<'_> {
     }
 
     /// Makes the change durable.
-    pub async fn commit(self) -> Result<(), DbError> {
+    /// Makes the change durable. Returns the rows it wrote, stamped as a
+    /// reader would read them back, when it knows them all (it ended no
+    /// agent's keys): the same as [`Database::changes`] would return for
+    /// this revision alone, without reading it.
+    pub async fn commit(self) -> Result<Option<Snapshot>, DbError> {
         let db = self.db;
-        self.tx.commit().await.map_err(|e| db.sql(e))
+        self.tx.commit().await.map_err(|e| db.sql(e))?;
+        Ok(self.written)
     }
 }
 
