@@ -20,7 +20,8 @@
 //!   Redis (both the bench's own); a key made on the first, admitted by the
 //!   second, then revoked on the first: the first's next request is
 //!   checked, and the time until the second refuses it is measured
-//!   (polled every 2 ms), `--rounds` times.
+//!   (polled every 2 ms), `--rounds` times, the revocations spread over
+//!   the second's poll cycle.
 
 #[path = "../tests/common/postgres.rs"]
 #[allow(dead_code)]
@@ -301,7 +302,7 @@ async fn revoke(o: &Options) {
     .await;
     let id = agent["agent_id"].as_str().unwrap().to_owned();
     let mut latencies = Vec::with_capacity(o.rounds);
-    for _ in 0..o.rounds {
+    for round in 0..o.rounds {
         let key = post(&client, format!("{a}/v1/agents/{id}/keys"), json!({})).await;
         let (key_id, secret) = (
             key["key_id"].as_str().unwrap(),
@@ -312,6 +313,9 @@ async fn revoke(o: &Options) {
             assert!(Instant::now() < deadline, "B never admitted the key");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
+        // B just polled (it has the key): revoke at a spread of moments
+        // in its 250 ms poll cycle, not always right after a poll.
+        tokio::time::sleep(Duration::from_millis((round as u64 * 97) % 250)).await;
         let revoked = client
             .delete(format!("{a}/v1/agents/{id}/keys/{key_id}"))
             .bearer_auth(ADMIN_KEY)
