@@ -12,6 +12,12 @@
 //! (`agents[2].token_budget`), found from the key on that line and the
 //! `[[agents]]` tables above it.
 //!
+//! An agent's limit is written either with the fields `token_budget`,
+//! `calls_budget` and `window_secs` (one fixed window), or as a list of
+//! `[[agents.limits]]` tables (see [`crate::limits`], which the admin API
+//! reads limits with too): `window = "1m"` or `refill = "1m"`, and
+//! `requests`, `tokens` or both. One limit per agent for now.
+//!
 //! ```toml
 //! admin_key = "admin-secret"
 //! upstream_api_key = "sk-upstream"       # optional: replaces clients' Authorization upstream
@@ -29,9 +35,10 @@
 //!
 //! [[agents]]                             # a team: a budget without a key of its own
 //! agent_id = "5d1e7c2a-0000-4000-8000-00000000a11a"
-//! token_budget = 500000
-//! calls_budget = 5000
-//! window_secs = 3600
+//! [[agents.limits]]                      # the same as token_budget, calls_budget, window_secs
+//! window = "1h"                          # or refill = "1h": a bucket refilling in an hour
+//! tokens = 500000
+//! requests = 5000
 //! ```
 //!
 //! # Nested budgets
@@ -52,11 +59,13 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
-use agent_budget::{AgentId, BudgetLimit, MAX_LEVELS};
+use agent_budget::{AgentId, MAX_LEVELS};
 use agent_budget_tower::openai::{OtherRequests, PromptCount};
 use agent_budget_tower::FixedCost;
 use serde::Deserialize;
 use toml::Spanned;
+
+use crate::limits::{LegacyFields, LimitError, LimitSpec, Limits};
 
 /// The gateway's configuration, checked.
 #[derive(Clone, Debug)]
@@ -121,13 +130,15 @@ pub enum Tokenizer {
 }
 
 /// One agent: its key, id and budget.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Agent {
     /// The key clients send as `Authorization: Bearer …`; `None` for a
     /// budget that only its children spend (a team's).
     pub api_key: Option<String>,
-    /// Its budget.
-    pub limit: BudgetLimit,
+    /// Its id.
+    pub agent_id: AgentId,
+    /// Its limits.
+    pub limits: Limits,
     /// Its own `agent` label on the metrics, if the operator wants one.
     pub metrics_label: Option<String>,
     /// The agent whose budget it also spends from, if any.
@@ -139,7 +150,7 @@ impl Config {
     pub fn keys(&self) -> HashMap<String, AgentId> {
         self.agents
             .iter()
-            .filter_map(|a| Some((a.api_key.clone()?, a.limit.agent_id)))
+            .filter_map(|a| Some((a.api_key.clone()?, a.agent_id)))
             .collect()
     }
 
@@ -147,7 +158,7 @@ impl Config {
     pub fn parents(&self) -> HashMap<AgentId, AgentId> {
         self.agents
             .iter()
-            .filter_map(|a| Some((a.limit.agent_id, a.parent?)))
+            .filter_map(|a| Some((a.agent_id, a.parent?)))
             .collect()
     }
 
@@ -155,8 +166,39 @@ impl Config {
     pub fn metrics_labels(&self) -> HashMap<AgentId, String> {
         self.agents
             .iter()
-            .filter_map(|a| Some((a.limit.agent_id, a.metrics_label.clone()?)))
+            .filter_map(|a| Some((a.agent_id, a.metrics_label.clone()?)))
             .collect()
+    }
+
+    /// The settings that differ in `new` and that only a restart applies
+    /// (they are built into the proxy and the layer), by name.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut compare = |name: &str, differs: bool| {
+            if differs {
+                changed.push(name.to_owned());
+            }
+        };
+        compare(
+            "upstream_api_key",
+            self.upstream_api_key != new.upstream_api_key,
+        );
+        compare(
+            "default_max_tokens",
+            self.default_max_tokens != new.default_max_tokens,
+        );
+        compare("max_wait_ms", self.max_wait_ms != new.max_wait_ms);
+        compare("ietf_headers", self.ietf_headers != new.ietf_headers);
+        compare("tokenizer", self.tokenizer != new.tokenizer);
+        compare(
+            "persist_interval_secs",
+            self.persist_interval_secs != new.persist_interval_secs,
+        );
+        compare(
+            "other_endpoints",
+            self.other_endpoints != new.other_endpoints,
+        );
+        changed
     }
 }
 
@@ -210,7 +252,7 @@ struct RawConfig {
     #[serde(default)]
     other_endpoint_tokens: Option<Spanned<u64>>,
     #[serde(default)]
-    agents: Vec<RawAgent>,
+    agents: Vec<Spanned<RawAgent>>,
 }
 
 fn default_max_tokens() -> u64 {
@@ -231,9 +273,14 @@ struct RawAgent {
     #[serde(default)]
     api_key: Option<Spanned<String>>,
     agent_id: Spanned<String>,
-    token_budget: u64,
-    calls_budget: u64,
-    window_secs: Spanned<u64>,
+    #[serde(default)]
+    token_budget: Option<Spanned<u64>>,
+    #[serde(default)]
+    calls_budget: Option<Spanned<u64>>,
+    #[serde(default)]
+    window_secs: Option<Spanned<u64>>,
+    #[serde(default)]
+    limits: Option<Vec<Spanned<LimitSpec>>>,
     #[serde(default)]
     metrics_label: Option<String>,
     #[serde(default)]
@@ -287,7 +334,8 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
     let mut keys = HashMap::new();
     let mut ids = HashMap::new();
     let mut agents = Vec::with_capacity(raw.agents.len());
-    for a in &raw.agents {
+    for (i, spanned) in raw.agents.iter().enumerate() {
+        let a = spanned.get_ref();
         let api_key = match &a.api_key {
             None => None,
             Some(spanned) => {
@@ -319,25 +367,25 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
                 "this agent id is configured twice".to_owned(),
             ));
         }
-        if *a.window_secs.get_ref() == 0 {
-            return Err(invalid(
-                Some(a.window_secs.span()),
-                "a window must be at least one second".to_owned(),
-            ));
-        }
+        let limits = agent_limits(text, spanned).map_err(|(span, e)| {
+            let mut error = invalid(Some(span), e.message);
+            // Named even where the span is a table's header, which has no
+            // `key =` to name it by.
+            if let (ConfigError::Invalid { field, .. }, Some(name)) = (&mut error, e.field) {
+                *field = Some(format!("agents[{i}].{name}"));
+            }
+            error
+        })?;
         agents.push(Agent {
             api_key,
-            limit: BudgetLimit {
-                agent_id,
-                token_budget: a.token_budget,
-                calls_budget: a.calls_budget,
-                window_secs: *a.window_secs.get_ref(),
-            },
+            agent_id,
+            limits,
             metrics_label: a.metrics_label.clone(),
             parent: None,
         });
     }
-    link_parents(&raw.agents, &mut agents, &invalid)?;
+    let raw_agents: Vec<&RawAgent> = raw.agents.iter().map(Spanned::get_ref).collect();
+    link_parents(&raw_agents, &mut agents, &invalid)?;
     Ok(Config {
         admin_key,
         upstream_api_key,
@@ -389,19 +437,19 @@ fn other_endpoints(
 /// [`MAX_LEVELS`], and every agent without a key some agent's parent.
 /// `agents[i]` is `raw[i]`, checked; `invalid` makes an error at a span.
 fn link_parents(
-    raw: &[RawAgent],
+    raw: &[&RawAgent],
     agents: &mut [Agent],
     invalid: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
 ) -> Result<(), ConfigError> {
     let index: HashMap<AgentId, usize> = agents
         .iter()
         .enumerate()
-        .map(|(i, a)| (a.limit.agent_id, i))
+        .map(|(i, a)| (a.agent_id, i))
         .collect();
     let mut parent_of = vec![None; agents.len()];
     for (i, a) in raw.iter().enumerate() {
         let Some(parent) = &a.parent else { continue };
-        let id = agents[i].limit.agent_id;
+        let id = agents[i].agent_id;
         let parent_id = AgentId::try_parse(parent.get_ref().trim()).map_err(|e| {
             invalid(
                 Some(parent.span()),
@@ -436,13 +484,13 @@ fn link_parents(
                 let names: Vec<String> = chain
                     .iter()
                     .chain(std::iter::once(&i))
-                    .map(|&k| agents[k].limit.agent_id.to_string())
+                    .map(|&k| agents[k].agent_id.to_string())
                     .collect();
                 return Err(invalid(
                     Some(parent.span()),
                     format!(
                         "agent {}'s parents loop back to it: {}",
-                        agents[i].limit.agent_id,
+                        agents[i].agent_id,
                         names.join(" -> ")
                     ),
                 ));
@@ -461,7 +509,7 @@ fn link_parents(
                 format!(
                     "agent {}'s chain of budgets has {} levels (itself and its ancestors); \
                      at most {MAX_LEVELS} are allowed",
-                    agents[i].limit.agent_id,
+                    agents[i].agent_id,
                     chain.len()
                 ),
             ));
@@ -474,12 +522,78 @@ fn link_parents(
                 format!(
                     "agent {} has no api_key and is no agent's parent: nothing could spend \
                      its budget (give it a key, or make it some agent's parent)",
-                    agents[i].limit.agent_id
+                    agents[i].agent_id
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The agent's limits, from `[[agents.limits]]` or the older fields; an
+/// error comes with the span of the field to blame.
+fn agent_limits(
+    text: &str,
+    agent: &Spanned<RawAgent>,
+) -> Result<Limits, (Range<usize>, LimitError)> {
+    let a = agent.get_ref();
+    let legacy = LegacyFields {
+        token_budget: a.token_budget.as_ref().map(|v| *v.get_ref()),
+        calls_budget: a.calls_budget.as_ref().map(|v| *v.get_ref()),
+        window_secs: a.window_secs.as_ref().map(|v| *v.get_ref()),
+    };
+    let specs: Option<Vec<LimitSpec>> = a
+        .limits
+        .as_ref()
+        .map(|list| list.iter().map(|s| s.get_ref().clone()).collect());
+    Limits::from_fields(specs.as_deref(), legacy).map_err(|e| {
+        let span = match e.field.as_deref() {
+            Some("token_budget") => a.token_budget.as_ref().map(Spanned::span),
+            Some("calls_budget") => a.calls_budget.as_ref().map(Spanned::span),
+            Some("window_secs") => a.window_secs.as_ref().map(Spanned::span),
+            Some(field) => limit_span(text, a.limits.as_deref().unwrap_or_default(), field),
+            None => None,
+        };
+        (span.unwrap_or_else(|| agent.span()), e)
+    })
+}
+
+/// The span of `limits[I]` or of the value of `limits[I].KEY`, found in
+/// the text of the I-th limit's table.
+fn limit_span(text: &str, limits: &[Spanned<LimitSpec>], field: &str) -> Option<Range<usize>> {
+    let rest = field.strip_prefix("limits[")?;
+    let (index, rest) = rest.split_once(']')?;
+    let mut table = limits.get(index.parse::<usize>().ok()?)?.span();
+    let Some(key) = rest.strip_prefix('.') else {
+        return Some(table);
+    };
+    if text.get(table.clone())?.starts_with("[[") {
+        // A `[[agents.limits]]` table's span is its header: its keys are
+        // on the lines up to the next header.
+        let after = &text[table.end..];
+        let next = after
+            .match_indices('\n')
+            .map(|(i, _)| i + 1)
+            .find(|&i| after[i..].trim_start().starts_with('['))
+            .unwrap_or(after.len());
+        table.end += next;
+    }
+    let body = text.get(table.clone())?;
+    let mut from = 0;
+    while let Some(found) = body[from..].find(key) {
+        let start = from + found;
+        let before = body[..start].chars().next_back();
+        let after = body[start + key.len()..].trim_start();
+        if before.is_none_or(|c| c.is_whitespace() || c == '{' || c == ',')
+            && after.starts_with('=')
+        {
+            let value = after[1..].trim_start();
+            let at = table.start + body.len() - value.len();
+            return Some(at..at);
+        }
+        from = start + key.len();
+    }
+    Some(table)
 }
 
 /// The 1-based line and column of byte `at` in `text`.
@@ -511,14 +625,28 @@ fn field_at(text: &str, at: usize) -> Option<String> {
         .lines()
         .filter(|l| l.trim_start().starts_with('['))
         .collect::<Vec<_>>();
+    let agent_index = || {
+        tables
+            .iter()
+            .filter(|l| l.trim().starts_with("[[agents]]"))
+            .count()
+            .checked_sub(1)
+    };
     match tables.last().map(|l| l.trim()) {
         Some(table) if table.starts_with("[[agents]]") => {
-            let index = tables
+            Some(format!("agents[{}].{key}", agent_index()?))
+        }
+        Some(table) if table.starts_with("[[agents.limits]]") => {
+            let limit_index = tables
                 .iter()
-                .filter(|l| l.trim().starts_with("[[agents]]"))
+                .rev()
+                .take_while(|l| !l.trim().starts_with("[[agents]]"))
                 .count()
                 - 1;
-            Some(format!("agents[{index}].{key}"))
+            Some(format!(
+                "agents[{}].limits[{limit_index}].{key}",
+                agent_index()?
+            ))
         }
         Some(table) => Some(format!("{}.{key}", table.trim_matches(['[', ']']))),
         None => Some(key.to_owned()),
@@ -565,8 +693,8 @@ metrics_label = "two"
         assert_eq!(c.admin_key, "admin");
         assert_eq!(c.upstream_api_key.as_deref(), Some("sk-up"));
         assert_eq!(c.agents.len(), 2);
-        assert_eq!(c.agents[1].limit.token_budget, 500);
-        assert_eq!(c.agents[1].limit.agent_id.to_string(), ID2);
+        assert_eq!(c.agents[1].limits.specs()[0].tokens, Some(500));
+        assert_eq!(c.agents[1].agent_id.to_string(), ID2);
         assert_eq!(c.keys()["sk-1"].to_string(), ID1);
         assert_eq!(c.metrics_labels().len(), 1);
         assert_eq!(c.tokenizer, Tokenizer::O200kBase);
@@ -716,6 +844,95 @@ metrics_label = "two"
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("/nonexistent/gw.toml: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let example = include_str!("../gateway.example.toml");
+        let c = parse(Path::new("gateway.example.toml"), example).unwrap();
+        assert_eq!(c.agents.len(), 2);
+        assert_eq!(c.agents[1].limits.specs()[0].requests, Some(10_000));
+    }
+
+    /// [`good`] with agent 1's older fields replaced by `limits`.
+    fn with_limits(limits: &str) -> String {
+        good()
+            .replace(
+                "token_budget = 500\ncalls_budget = 5\nwindow_secs = 30\n",
+                "",
+            )
+            .replace(
+                "metrics_label = \"two\"\n",
+                &format!("metrics_label = \"two\"\n{limits}"),
+            )
+    }
+
+    #[test]
+    fn a_list_of_limits_is_read_like_the_older_fields() {
+        let c = parse(
+            Path::new("gw.toml"),
+            &with_limits("[[agents.limits]]\nwindow = \"30s\"\nrequests = 5\ntokens = 500\n"),
+        )
+        .unwrap();
+        let old = parse(Path::new("gw.toml"), &good()).unwrap();
+        assert_eq!(c.agents[1].limits, old.agents[1].limits);
+        assert_eq!(c.agents[1].metrics_label.as_deref(), Some("two"));
+        let c = parse(
+            Path::new("gw.toml"),
+            &with_limits("limits = [{ refill = \"1m\", tokens = 600 }]\n"),
+        )
+        .unwrap();
+        assert_eq!(
+            c.agents[1].limits.core(c.agents[1].agent_id),
+            crate::limits::CoreLimit::Refill(agent_budget::RefillLimit {
+                agent_id: c.agents[1].agent_id,
+                token_budget: 600,
+                calls_budget: u64::MAX,
+                refill_period: std::time::Duration::from_secs(60),
+            })
+        );
+    }
+
+    #[test]
+    fn limits_that_cannot_be_are_refused_at_their_field() {
+        let table = |body: &str| with_limits(&format!("[[agents.limits]]\n{body}"));
+        let e = error(&table("window = \"1m\"\nspend_usd = 50.0\n"));
+        assert!(
+            e.starts_with("gw.toml:17:13: field `agents[1].limits[0].spend_usd`: spend limits"),
+            "{e}"
+        );
+        let e = error(&table("window = \"1 minute\"\nrequests = 5\n"));
+        assert!(
+            e.starts_with(
+                "gw.toml:16:10: field `agents[1].limits[0].window`: \"1 minute\" is not a period"
+            ),
+            "{e}"
+        );
+        let e = error(&table("window = \"1m\"\n"));
+        assert!(e.contains("field `agents[1].limits[0]"), "{e}");
+        assert!(e.contains("give `requests`, `tokens` or both"), "{e}");
+        let e = error(&table(
+            "window = \"1m\"\nrequests = 5\n[[agents.limits]]\nwindow = \"1d\"\ntokens = 9\n",
+        ));
+        assert!(e.starts_with("gw.toml:18:1: "), "{e}");
+        assert!(
+            e.contains("several limits per agent are not supported yet"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{}[[agents.limits]]\nwindow = \"1m\"\nrequests = 5\n",
+            good()
+        ));
+        assert!(
+            e.starts_with("gw.toml:14:16: field `agents[1].token_budget`: give either"),
+            "{e}"
+        );
+        let e = error(&good().replace(
+            "token_budget = 500\ncalls_budget = 5\nwindow_secs = 30\n",
+            "",
+        ));
+        assert!(e.starts_with("gw.toml:11:1: "), "{e}");
+        assert!(e.contains("the agent has no limits"), "{e}");
     }
 
     /// The id of agent `i` in [`chain`]'s configurations.

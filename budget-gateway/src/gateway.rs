@@ -11,10 +11,13 @@
 //! gateway's lease (see `agent_budget_redis::docs::fleet`). The router
 //! sends
 //!
-//! - `GET /v1/budgets` and `GET /v1/budgets/{agent_id}` to the admin view;
+//! - `/v1/budgets`, `/v1/agents` and their sub-paths, and `/openapi.json`,
+//!   to the admin API ([`crate::admin`]);
 //! - `GET /metrics` to the Prometheus exporter;
 //! - everything else under `/v1/` through the budget layer to the proxy:
-//!   the agent from its bearer key, the estimate from the body for the
+//!   the agent from its bearer key (looked up by hash in the
+//!   [`KeyTable`], which the file's keys and the
+//!   database's fill), the estimate from the body for the
 //!   endpoints that consume tokens (prompt tokens by the configured
 //!   tokenizer where the budget is tight, else one per byte, plus the most
 //!   the completion may use), one call for reads,
@@ -24,8 +27,14 @@
 //! Before routing, every path is normalized ([`crate::paths`]), so routing,
 //! the layer and the proxy see the same path.
 //!
+//! The agents are the [`Catalog`]'s: the file's, and with a database
+//! ([`Gateway::with_database`], `--db`) those of the admin API, whose
+//! changes it applies as they are made here or on another gateway of the
+//! same database.
+//!
 //! With a state file, the budgets' usage is restored at start (the limits
-//! and parents come from the configuration, which wins), saved every
+//! and parents come from the configuration and the database, which win;
+//! the usage of every agent, file or API, is kept), saved every
 //! `persist_interval_secs`, and saved once more after the server has
 //! stopped: on SIGTERM or Ctrl-C it stops accepting connections, lets the
 //! requests in flight finish (their bodies end, and settle), saves, and
@@ -45,7 +54,7 @@ use std::time::Duration;
 use agent_budget::{AgentId, BudgetManager, HierarchyError};
 use agent_budget_redis::{FleetError, FleetManager};
 use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage, PromptCount};
-use agent_budget_tower::{bearer_key, Admission, BearerKeys, BudgetLayer, HeaderStyle};
+use agent_budget_tower::{bearer_key, Admission, BudgetLayer, HeaderStyle};
 use axum::extract::Request;
 use axum::routing::get;
 use axum::{Router, ServiceExt};
@@ -54,8 +63,11 @@ use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
-use crate::admin::{all_budgets, one_budget, Admin};
+use crate::admin::Admin;
+use crate::catalog::Catalog;
 use crate::config::{Config, Tokenizer};
+use crate::db::{Database, DbError, Snapshot};
+use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
@@ -100,6 +112,7 @@ pub enum Budgets {
 pub struct Gateway {
     config: Config,
     budgets: Budgets,
+    catalog: Catalog,
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
@@ -134,6 +147,12 @@ pub enum GatewayError {
     /// Redis refused or failed an operation on the fleet's budgets.
     #[error("the fleet's budgets in Redis: {0}")]
     Fleet(#[from] FleetError),
+    /// The database could not be read.
+    #[error(transparent)]
+    Database(#[from] DbError),
+    /// The file and the database both claim an agent.
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// The process's Prometheus recorder, installed on first use. The layer
@@ -156,7 +175,7 @@ pub fn metrics_handle() -> PrometheusHandle {
 impl Gateway {
     /// A gateway for `config` in front of `upstream`, with the budgets in
     /// `budgets` (tests pass a manager on a mock clock). With `state`, the
-    /// usage saved there is restored now.
+    /// usage saved there is restored now. Its agents are the file's only.
     pub fn new(
         config: Config,
         budgets: Arc<BudgetManager>,
@@ -164,6 +183,49 @@ impl Gateway {
         upstream_timeout: Duration,
         limiter: Limiter,
         state: Option<PathBuf>,
+    ) -> Result<Self, GatewayError> {
+        Self::local(
+            config,
+            budgets,
+            upstream,
+            upstream_timeout,
+            limiter,
+            state,
+            None,
+        )
+    }
+
+    /// [`new`](Self::new), with the agents and keys of `db` (if any)
+    /// beside the file's, managed through the admin API.
+    pub async fn with_database(
+        config: Config,
+        budgets: Arc<BudgetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        limiter: Limiter,
+        state: Option<PathBuf>,
+        db: Option<Database>,
+    ) -> Result<Self, GatewayError> {
+        let db = with_snapshot(db).await?;
+        Self::local(
+            config,
+            budgets,
+            upstream,
+            upstream_timeout,
+            limiter,
+            state,
+            db,
+        )
+    }
+
+    fn local(
+        config: Config,
+        budgets: Arc<BudgetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        limiter: Limiter,
+        state: Option<PathBuf>,
+        db: Option<(Database, Snapshot)>,
     ) -> Result<Self, GatewayError> {
         let proxy = Proxy::new(
             upstream,
@@ -173,41 +235,15 @@ impl Gateway {
         if let Some(path) = &state {
             budgets.restore(path)?;
         }
-        // The configuration decides who has a budget and how large; the
-        // state file only brings back usage.
-        let configured: std::collections::HashSet<_> =
-            config.agents.iter().map(|a| a.limit.agent_id).collect();
-        for stale in budgets
-            .all_full_info()
-            .into_iter()
-            .filter(|i| !configured.contains(&i.agent_id))
-        {
-            budgets.remove_budget(&stale.agent_id);
-        }
-        for agent in &config.agents {
-            budgets.set_budget(agent.limit.clone());
-        }
-        // Parents once every budget exists; detached first, so links a
-        // state file brought back (or an order of linking) cannot close a
-        // loop with the configuration's.
-        for agent in &config.agents {
-            let _ = budgets.set_parent(&agent.limit.agent_id, None);
-        }
-        for agent in &config.agents {
-            if let Some(parent) = &agent.parent {
-                budgets
-                    .set_parent(&agent.limit.agent_id, Some(parent))
-                    .map_err(|source| GatewayError::Parent {
-                        agent: agent.limit.agent_id,
-                        parent: *parent,
-                        source,
-                    })?;
-            }
-        }
+        // The configuration and the database decide who has a budget and
+        // how large; the state file only brings back usage.
+        let catalog = Catalog::new(&config, Budgets::Local(budgets.clone()), db)?;
+        catalog.install_local(&budgets)?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
             budgets: Budgets::Local(budgets),
+            catalog,
             proxy,
             limiter,
             state,
@@ -225,19 +261,33 @@ impl Gateway {
         upstream: &str,
         upstream_timeout: Duration,
     ) -> Result<Self, GatewayError> {
+        Self::fleet_with_database(config, fleet, upstream, upstream_timeout, None).await
+    }
+
+    /// [`fleet`](Self::fleet), with the agents and keys of `db` (if any)
+    /// beside the file's: gateways sharing a database and a Redis see each
+    /// other's agents, keys and budgets.
+    pub async fn fleet_with_database(
+        config: Config,
+        fleet: Arc<FleetManager>,
+        upstream: &str,
+        upstream_timeout: Duration,
+        db: Option<Database>,
+    ) -> Result<Self, GatewayError> {
         Self::check_fleet_config(&config)?;
+        let db = with_snapshot(db).await?;
         let proxy = Proxy::new(
             upstream,
             config.upstream_api_key.as_deref(),
             upstream_timeout,
         )?;
-        for agent in &config.agents {
-            fleet.set_budget(agent.limit.clone()).await?;
-        }
+        let catalog = Catalog::new(&config, Budgets::Fleet(fleet.clone()), db)?;
+        catalog.install_fleet(&fleet).await?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
             budgets: Budgets::Fleet(fleet),
+            catalog,
             proxy,
             limiter: Limiter::Budget,
             state: None,
@@ -245,22 +295,35 @@ impl Gateway {
     }
 
     /// Refuses a configuration a fleet cannot enforce (budgets with a
-    /// `parent`: fleet budgets are flat). [`fleet`](Self::fleet) checks
-    /// it; callers may check it first, before connecting to Redis.
+    /// `parent`: fleet budgets are flat; buckets: fleet budgets are fixed
+    /// windows). [`fleet`](Self::fleet) checks it; callers may check it
+    /// first, before connecting to Redis.
     pub fn check_fleet_config(config: &Config) -> Result<(), GatewayError> {
-        match config.agents.iter().find(|a| a.parent.is_some()) {
-            Some(agent) => Err(GatewayError::Unsupported(format!(
-                "agent {} has a parent, and budgets shared through Redis cannot nest: \
-                 remove `parent` (and the keyless parents' entries), or run without --redis",
-                agent.limit.agent_id
-            ))),
-            None => Ok(()),
+        for agent in &config.agents {
+            if agent.parent.is_some() {
+                return Err(GatewayError::Unsupported(format!(
+                    "agent {} has a parent, and budgets shared through Redis cannot nest: \
+                     remove `parent` (and the keyless parents' entries), or run without --redis",
+                    agent.agent_id
+                )));
+            }
+            agent
+                .limits
+                .fleet_window(agent.agent_id)
+                .map_err(|e| GatewayError::Unsupported(format!("agent {}: {e}", agent.agent_id)))?;
         }
+        Ok(())
     }
 
     /// The budgets the gateway enforces.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets
+    }
+
+    /// Its agents: reload the file or apply the database's changes
+    /// through it.
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 
     /// The gateway's routes (which [`serve`](Self::serve) puts behind
@@ -269,23 +332,12 @@ impl Gateway {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
-            admin_key: self.config.admin_key.as_str().into(),
-            agents: self
-                .config
-                .agents
-                .iter()
-                .map(|a| a.limit.agent_id)
-                .collect(),
-            parents: Arc::new(self.config.parents()),
+            catalog: self.catalog.clone(),
         };
-        let router = Router::new()
-            .route("/v1/budgets", get(all_budgets))
-            .route("/v1/budgets/{agent_id}", get(one_budget))
-            .with_state(admin)
-            .route(
-                "/metrics",
-                get(move || std::future::ready(metrics.render())),
-            );
+        let router = admin.router().route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
         let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
@@ -317,7 +369,7 @@ impl Gateway {
     fn budget_layer<M: Admission>(
         &self,
         budgets: Arc<M>,
-    ) -> BudgetLayer<M, BearerKeys, OpenAiEstimator<Counter>> {
+    ) -> BudgetLayer<M, KeyTable, OpenAiEstimator<Counter>> {
         let c = &self.config;
         let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer))
             .options(EstimateOptions {
@@ -331,14 +383,14 @@ impl Gateway {
                 _ => c.count_prompts,
             });
         let layer = BudgetLayer::new(budgets)
-            .identify(BearerKeys::new(c.keys()))
+            .identify(self.catalog.keys().clone())
             .estimator(estimator)
             .meter(OpenAiUsage::default())
             .headers(HeaderStyle {
                 openai: true,
                 ietf: c.ietf_headers,
             })
-            .agent_labels(c.metrics_labels());
+            .agent_labels(self.catalog.metrics_labels());
         if c.max_wait_ms > 0 {
             layer.max_wait(Duration::from_millis(c.max_wait_ms))
         } else {
@@ -375,12 +427,20 @@ impl Gateway {
                     }
                 })
             });
+        let watchers = self.catalog.spawn_watchers();
         let app = NormalizePath::new(self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)
             .await;
         if let Some(saver) = saver {
             saver.abort();
+        }
+        for watcher in watchers {
+            watcher.abort();
+        }
+        self.catalog.record_key_use().await;
+        if let Some(db) = self.catalog.database() {
+            db.close().await;
         }
         if let Some((path, budgets)) = self.state.as_ref().zip(local) {
             budgets.persist(path)?;
@@ -389,6 +449,17 @@ impl Gateway {
             fleet.shutdown().await?;
         }
         Ok(served?)
+    }
+}
+
+/// The database, if any, with what it holds now.
+async fn with_snapshot(db: Option<Database>) -> Result<Option<(Database, Snapshot)>, DbError> {
+    match db {
+        Some(db) => {
+            let snapshot = db.snapshot().await?;
+            Ok(Some((db, snapshot)))
+        }
+        None => Ok(None),
     }
 }
 

@@ -8,19 +8,23 @@ use std::time::Duration;
 
 use agent_budget::BudgetManager;
 use agent_budget_redis::{FleetConfig, FleetManager};
+use budget_gateway::db::Database;
 use budget_gateway::gateway::{stop_signal, Gateway, Limiter};
 
 const USAGE: &str = "\
 budget-gateway: token and call budgets per API key in front of an OpenAI-compatible upstream
 
 USAGE:
-    budget-gateway --config FILE --listen ADDR --upstream URL [--state FILE | --redis URL]
+    budget-gateway --config FILE --listen ADDR --upstream URL [--db FILE|URL] [--state FILE | --redis URL]
     budget-gateway --mock-upstream --listen ADDR
 
 OPTIONS:
     --config FILE            the TOML configuration (admin_key, [[agents]], ...)
     --listen ADDR            where to listen, e.g. 127.0.0.1:8080
     --upstream URL           the upstream's base, e.g. http://127.0.0.1:9000; /v1/... is forwarded there
+    --db FILE|URL            keep agents and keys made through the admin API (/v1/agents) in a
+                             SQLite file (created if missing), or in PostgreSQL (postgres://...)
+                             shared by a fleet; without it, the agents are the file's only
     --state FILE             restore usage from FILE at start, save it periodically and on shutdown
     --redis URL              share every budget with all gateways on this Redis (redis://host:port);
                              usage lives in Redis, so not with --state; budgets cannot nest (no `parent`)
@@ -29,6 +33,8 @@ OPTIONS:
     --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
     --mock-upstream          serve a small OpenAI-compatible mock instead (for trying the gateway)
     -h, --help               this text
+
+SIGHUP re-reads the configuration file; a bad file is refused and the running one stays.
 ";
 
 struct Args {
@@ -37,6 +43,7 @@ struct Args {
     upstream: Option<String>,
     state: Option<PathBuf>,
     redis: Option<String>,
+    db: Option<String>,
     upstream_timeout: Duration,
     limiter: Limiter,
     threads: Option<usize>,
@@ -51,6 +58,7 @@ fn parse_args() -> Result<Args, String> {
         upstream: None,
         state: None,
         redis: None,
+        db: None,
         upstream_timeout: Duration::from_secs(600),
         limiter: Limiter::Budget,
         threads: None,
@@ -70,6 +78,7 @@ fn parse_args() -> Result<Args, String> {
             }
             Long("state") => args.state = Some(parser.value().map_err(|e| e.to_string())?.into()),
             Long("redis") => args.redis = Some(text(parser.value().map_err(|e| e.to_string())?)?),
+            Long("db") => args.db = Some(text(parser.value().map_err(|e| e.to_string())?)?),
             Long("upstream-timeout") => {
                 let v = text(parser.value().map_err(|e| e.to_string())?)?;
                 let secs: u64 = v
@@ -153,18 +162,29 @@ async fn run(args: Args) -> Result<(), String> {
     let config_path = args.config.ok_or("--config FILE is required")?;
     let upstream = args.upstream.ok_or("--upstream URL is required")?;
     let config = budget_gateway::config::load(&config_path).map_err(|e| e.to_string())?;
-    let agents = config.agents.len();
+    let db = match &args.db {
+        Some(target) => Some(Database::open(target).await.map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let conflict = |e: budget_gateway::gateway::GatewayError| match e {
+        budget_gateway::gateway::GatewayError::Conflict(_) => {
+            format!("{}: {e}", config_path.display())
+        }
+        e => e.to_string(),
+    };
     let (gateway, budgets) = match &args.redis {
         None => {
-            let gateway = Gateway::new(
+            let gateway = Gateway::with_database(
                 config,
                 Arc::new(BudgetManager::new()),
                 &upstream,
                 args.upstream_timeout,
                 args.limiter,
                 args.state,
+                db,
             )
-            .map_err(|e| e.to_string())?;
+            .await
+            .map_err(conflict)?;
             (gateway, format!("limiter {:?}", args.limiter))
         }
         Some(url) => {
@@ -179,18 +199,27 @@ async fn run(args: Args) -> Result<(), String> {
                 .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
             let fleet = Arc::new(fleet);
             let node = fleet.node_id().to_owned();
-            let gateway = Gateway::fleet(config, fleet, &upstream, args.upstream_timeout)
-                .await
-                .map_err(|e| e.to_string())?;
+            let gateway =
+                Gateway::fleet_with_database(config, fleet, &upstream, args.upstream_timeout, db)
+                    .await
+                    .map_err(conflict)?;
             (
                 gateway,
                 format!("budgets shared through {url} as node {node}"),
             )
         }
     };
+    let agents = gateway.catalog().agent_ids().len();
+    let stored = gateway.catalog().database().map_or_else(String::new, |db| {
+        format!(", agents and keys in {}", db.shown())
+    });
+    tokio::spawn(budget_gateway::reload::reload_on_hangup(
+        gateway.catalog().clone(),
+        config_path,
+    ));
     let listener = bind(listen).await?;
     eprintln!(
-        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}",
+        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}{stored}",
         local(&listener),
     );
     gateway

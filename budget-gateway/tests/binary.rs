@@ -351,3 +351,119 @@ async fn two_gateway_processes_on_one_redis_share_a_budget_and_stop_cleanly() {
     .await;
     assert_eq!(info["calls_used"], 1, "{info}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_file_keeping_usage_and_refuses_a_bad_one() {
+    let (upstream, stats) = start_mock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    let db = dir.path().join("gw.db");
+    std::fs::write(&config, config_text(100_000, 3, "")).unwrap();
+    let addr = free_addr();
+    let mut child = Command::new(BIN)
+        .args(["--config", config.to_str().unwrap(), "--listen", &addr])
+        .args(["--upstream", &upstream, "--db", db.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Its stderr, read as it comes.
+    let err = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut pipe = child.stderr.take().unwrap();
+    let sink = err.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = pipe.read(&mut buf) {
+            sink.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let mut gateway = Gateway(child);
+    wait_listening(&addr, &mut gateway);
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::new();
+    let chat = |key: String| {
+        client
+            .post(format!("{base}/v1/chat/completions"))
+            .bearer_auth(key)
+            .json(&json!({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}))
+            .send()
+    };
+    let agent: Value = client
+        .post(format!("{base}/v1/agents"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&json!({"limits": [{"window": "1m", "requests": 10}]}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = agent["agent_id"].as_str().unwrap();
+    let key: Value = client
+        .post(format!("{base}/v1/agents/{id}/keys"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let api_key = key["api_key"].as_str().unwrap().to_owned();
+    for _ in 0..3 {
+        assert_eq!(chat(KEY_A.into()).await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        chat(KEY_A.into()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let hangup = || {
+        let pid = rustix::process::Pid::from_raw(gateway.0.id() as i32).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    };
+    let wait_for = |text: &'static str| {
+        let err = err.clone();
+        async move {
+            for _ in 0..500 {
+                if err.lock().unwrap().contains(text) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("never printed {text:?}: {}", err.lock().unwrap());
+        }
+    };
+
+    // Five calls a minute now: the three used stay used.
+    std::fs::write(&config, config_text(100_000, 5, "")).unwrap();
+    hangup();
+    wait_for("0 removed, 1 changed").await;
+    for _ in 0..2 {
+        assert_eq!(chat(KEY_A.into()).await.unwrap().status(), StatusCode::OK);
+    }
+    assert_eq!(
+        chat(KEY_A.into()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
+
+    // A bad file: refused with the start's error; the running one stays.
+    let bad =
+        config_text(100_000, 50, "").replace("calls_budget = 50\n", "calls_budget = \"ten\"\n");
+    std::fs::write(&config, bad).unwrap();
+    hangup();
+    wait_for("the running configuration stays").await;
+    let said = err.lock().unwrap().clone();
+    let want = format!(
+        "{}:8:16: field `agents[0].calls_budget`: invalid type",
+        config.display()
+    );
+    assert!(said.contains(&want), "{said}");
+    assert_eq!(
+        chat(KEY_A.into()).await.unwrap().status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "still five a minute"
+    );
+    assert_eq!(chat(api_key).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(calls(&stats), 6);
+}

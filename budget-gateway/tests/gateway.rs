@@ -560,7 +560,7 @@ async fn the_configuration_decides_parents_over_a_restored_state() {
     let old = BudgetManager::new();
     let config = config::parse(Path::new("old.toml"), &config_text(1_000, 10, "")).unwrap();
     for agent in &config.agents {
-        old.set_budget(agent.limit.clone());
+        agent.limits.core(agent.agent_id).apply(&old);
     }
     old.set_parent(&a, Some(&b)).unwrap();
     old.persist(&state).unwrap();

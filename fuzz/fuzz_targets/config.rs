@@ -22,7 +22,8 @@ fuzz_target!(|text: &str| {
             let mut ids = HashSet::new();
             let mut keys = HashSet::new();
             for agent in &config.agents {
-                assert!(ids.insert(agent.limit.agent_id));
+                assert!(ids.insert(agent.agent_id));
+                assert!(!agent.limits.specs().is_empty());
                 if let Some(key) = &agent.api_key {
                     assert!(!key.trim().is_empty());
                     assert!(keys.insert(key.clone()));

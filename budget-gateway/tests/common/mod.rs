@@ -2,6 +2,8 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
+pub mod postgres;
 pub mod redis;
 
 use std::path::Path;
