@@ -8,6 +8,7 @@
 //!
 //! Quotes in the comments are the sentences each piece implements.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -144,7 +145,8 @@ pub struct Model {
     known_defects: bool,
     /// How often each rule of the model came into play, for the coverage
     /// check.
-    pub events: BTreeMap<&'static str, u32>,
+    /// (Reads note too, hence the cell.)
+    events: RefCell<BTreeMap<&'static str, u32>>,
 }
 
 impl Model {
@@ -157,12 +159,17 @@ impl Model {
             incarnations: 0,
             windows: 0,
             known_defects,
-            events: BTreeMap::new(),
+            events: RefCell::default(),
         }
     }
 
-    fn note(&mut self, event: &'static str) {
-        *self.events.entry(event).or_default() += 1;
+    fn note(&self, event: &'static str) {
+        *self.events.borrow_mut().entry(event).or_default() += 1;
+    }
+
+    /// How often each rule came into play.
+    pub fn events(&self) -> BTreeMap<&'static str, u32> {
+        self.events.borrow().clone()
     }
 
     // ----- Time --------------------------------------------------------
@@ -307,11 +314,17 @@ impl Model {
                 },
             ) => {
                 if self.expired(start, secs) {
+                    if tokens > 0 || calls > 0 {
+                        self.note("a used window read as fresh once expired");
+                    }
                     Pair {
                         tokens: 0,
                         calls: 0,
                     }
                 } else {
+                    if self.tick() < start {
+                        self.note("a window read before its start (a boundary ahead)");
+                    }
                     Pair { tokens, calls }
                 }
             }
@@ -328,10 +341,17 @@ impl Model {
                 let left = |count: u64, budget: u64| {
                     u128::from(count).saturating_sub(self.refilled(mark, budget, p)) as u64
                 };
-                Pair {
+                let used = Pair {
                     tokens: left(tokens, budget.tokens),
                     calls: left(calls, budget.calls),
+                };
+                if used.tokens > budget.tokens || used.calls > budget.calls {
+                    self.note("a bucket read in debt");
                 }
+                if self.tick() < mark {
+                    self.note("a bucket read before its mark (a boundary ahead)");
+                }
+                used
             }
             _ => unreachable!("a level's usage follows its policy"),
         }
@@ -846,14 +866,15 @@ impl Model {
         if self.agents.remove(id).is_none() {
             return;
         }
-        for agent in self.agents.values_mut() {
-            if agent.parent == Some(*id) {
-                agent.parent = None;
-                self.events
-                    .entry("removing a parent detaches a child")
-                    .and_modify(|n| *n += 1)
-                    .or_insert(1);
-            }
+        let children: Vec<AgentId> = self
+            .agents
+            .iter()
+            .filter(|(_, agent)| agent.parent == Some(*id))
+            .map(|(child, _)| *child)
+            .collect();
+        for child in children {
+            self.note("removing a parent detaches a child");
+            self.agents.get_mut(&child).unwrap().parent = None;
         }
     }
 
