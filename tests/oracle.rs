@@ -73,6 +73,8 @@
 //!   the band between 139 and 139.4 years where the reading matters.
 
 mod common;
+#[path = "oracle/defects.rs"]
+mod defects;
 #[path = "oracle/model.rs"]
 mod model;
 
@@ -648,11 +650,18 @@ fn cases() -> u32 {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases()))]
 
-    /// The documents, with the crate's departures from them
-    /// (`Model::known_defects`).
+    /// The documents, with the crate's departures from them that
+    /// `oracle/defects.rs` reports.
     #[test]
     fn both_managers_answer_as_the_documents_say(ops in ops()) {
         run(ops, true);
+    }
+
+    /// The documents alone.
+    #[test]
+    #[ignore = "fails until the defects in oracle/defects.rs are fixed"]
+    fn the_documents_alone_answer_every_sequence(ops in ops()) {
+        run(ops, false);
     }
 }
 
