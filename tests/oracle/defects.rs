@@ -2,7 +2,8 @@
 //! minimal test each, asserting what the documents say, on both managers.
 //!
 //! They fail today, so they are ignored, each naming its defect; the model
-//! follows the crate at the same points only behind `Model::known_defects`.
+//! follows the crate at the same points only when built with `defects`
+//! (each marked "known defect").
 //! Once a defect is fixed, un-ignore its test and remove its branch from
 //! the model; once all are, `the_documents_alone_answer_every_sequence`
 //! (the oracle with no departures) runs in place of the tolerant one.
@@ -13,7 +14,7 @@ use agent_budget::{RefillLimit, Settlement, MAX_CALLS, MAX_TOKENS};
 
 use crate::common::{agent, limit, mocked};
 use crate::for_both_managers;
-use crate::model::YEAR_SECS;
+use crate::level::YEAR_SECS;
 
 fn bucket(agent_id: agent_budget::AgentId, tokens: u64, calls: u64, secs: u64) -> RefillLimit {
     RefillLimit {
