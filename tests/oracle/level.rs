@@ -397,19 +397,23 @@ impl Policy {
 
     /// What every write does first: "Once it has run its length, the next
     /// operation that observes the expiry — admitted or refused — starts a
-    /// new, empty window at that instant" (`id` names it).
-    pub fn observe(&mut self, now: Now, id: impl FnOnce() -> u64) {
-        if let Policy::Window(w) = self {
-            if w.expired(now) {
-                note("window rolled over by a write");
-                *w = Window {
-                    id: id(),
-                    start: now.boundary(),
-                    used: Pair::default(),
-                    ..*w
-                };
-            }
+    /// new, empty window at that instant". Returns whether it started one
+    /// (named `id`).
+    pub fn observe(&mut self, now: Now, id: u64) -> bool {
+        let Policy::Window(w) = self else {
+            return false;
+        };
+        if !w.expired(now) {
+            return false;
         }
+        note("window rolled over by a write");
+        *w = Window {
+            id,
+            start: now.boundary(),
+            used: Pair::default(),
+            ..*w
+        };
+        true
     }
 
     /// Sets what is in use now, keeping the window or the bucket's phase:

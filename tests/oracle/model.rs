@@ -108,14 +108,9 @@ impl Model {
 
     /// What every write at a level does first (see `Policy::observe`).
     fn observe(&mut self, id: &AgentId) {
-        let (now, id_next) = (self.now, self.windows + 1);
-        let mut rolled = false;
-        self.policy(id).observe(now, || {
-            rolled = true;
-            id_next
-        });
-        if rolled {
-            self.windows = id_next;
+        let (now, next) = (self.now, self.windows + 1);
+        if self.policy(id).observe(now, next) {
+            self.windows = next;
         }
     }
 
