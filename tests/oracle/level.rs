@@ -285,23 +285,16 @@ impl Bucket {
     }
 
     /// "`retry_after` is the time until enough has refilled": the first
-    /// instant at which every short resource's count, less what refilled,
-    /// leaves room for the request. Known defect: the crate tells it for
-    /// the resource it names only.
-    fn retry_after(
-        &self,
-        now: Now,
-        request: Pair,
-        named: BudgetKind,
-        defects: bool,
-    ) -> Option<Duration> {
+    /// instant at which every short resource (or `only` the one given)
+    /// has room for the request, its count less what refilled.
+    fn retry_after(&self, now: Now, request: Pair, only: Option<BudgetKind>) -> Duration {
         let (used, limit, p) = (self.in_use(now), self.limit(), self.period_ms());
         let mut wait = 0;
         for kind in KINDS {
             if request.get(kind) == 0 || used.get(kind) + request.get(kind) <= limit.get(kind) {
                 continue;
             }
-            if defects && kind != named {
+            if only.is_some_and(|only| only != kind) {
                 note("known defect: retry_after for one resource of two short");
                 continue;
             }
@@ -313,7 +306,7 @@ impl Bucket {
         if wait == HORIZON_MS.saturating_sub(now.tick()) {
             note("a retry at the horizon");
         }
-        Some(Duration::from_millis(wait))
+        Duration::from_millis(wait)
     }
 
     /// "`window_remaining_secs` the time until the bucket is full", in ms.
@@ -521,7 +514,9 @@ impl Policy {
         }
         match self {
             Policy::Window(w) => w.retry_after(now, defects),
-            Policy::Bucket(b) => b.retry_after(now, request, named, defects),
+            // Known defect: the crate tells it for the resource it names
+            // only, though the other may still be short then.
+            Policy::Bucket(b) => Some(b.retry_after(now, request, defects.then_some(named))),
         }
     }
 
