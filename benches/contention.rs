@@ -15,8 +15,7 @@
 mod common;
 
 use std::hint::black_box;
-use std::sync::Barrier;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use agent_budget::{AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager};
 use criterion::measurement::WallTime;
@@ -41,27 +40,15 @@ fn run_threads<R>(
     op: impl Fn(&AgentId) -> R + Sync,
 ) -> Duration {
     let per_thread = iters.div_ceil(threads as u64).max(1);
-    let barrier = Barrier::new(threads + 1);
-    let elapsed = std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..threads)
-            .map(|t| {
-                let (barrier, op) = (&barrier, &op);
-                scope.spawn(move || {
-                    let mut keys = Keys::new(ids, t as u64 + 1);
-                    barrier.wait();
-                    for _ in 0..per_thread {
-                        black_box(op(keys.next_id()));
-                    }
-                })
-            })
-            .collect();
-        barrier.wait();
-        let start = Instant::now();
-        for worker in workers {
-            worker.join().expect("bench thread panicked");
-        }
-        start.elapsed()
-    });
+    let elapsed = common::timed_threads(
+        threads,
+        |t| Keys::new(ids, t as u64 + 1),
+        |_, mut keys| {
+            for _ in 0..per_thread {
+                black_box(op(keys.next_id()));
+            }
+        },
+    );
     elapsed.mul_f64(iters as f64 / (per_thread * threads as u64) as f64)
 }
 

@@ -17,7 +17,10 @@
 //!
 //! The `floor` group measures, in the same run, the parts every operation
 //! of the lock-free manager is made of: drawing the key, one clock read,
-//! one map lookup, one uncontended compare-and-swap, and the three together.
+//! one uncontended compare-and-swap (64 and 128 bits), and, for reference,
+//! the papaya lookup the manager used before its registry (see
+//! `docs::implementation`, "The registry"; `benches/admission.rs` compares
+//! the managers themselves the way issue 16 asks).
 //!
 //! `cargo bench --bench single_thread -- reserve_admitted` runs one operation.
 
@@ -170,8 +173,8 @@ fn floor(c: &mut Criterion) {
 
     for n in COUNTS {
         let ids = agent_ids(n);
-        // The same map, hasher and value as the lock-free manager: an `Arc`
-        // of a 16-byte-aligned word.
+        // The map, hasher and value the lock-free manager used before its
+        // registry: an `Arc` of a 16-byte-aligned word.
         let map = papaya::HashMap::with_hasher(ahash::RandomState::new());
         for &id in &ids {
             map.pin().insert(id, Arc::new(AtomicU128::new(0)));

@@ -2,35 +2,86 @@
 //! the same agent again and again.
 //!
 //! A scheduler keeps per-agent state anyway; a handle kept beside it makes
-//! every request on that agent skip the map lookup (hashing the id, probing
-//! the table, following the entry), which at many agents is most of an
-//! operation's cost. A handle holds an `Arc` of the agent's cell, the same
-//! one the manager's map holds, so it stays valid as long as it lives,
-//! whatever happens to the map.
+//! every request on that agent skip the lookup (hashing the id, probing
+//! the index), which at many agents is a cache miss of its own. A handle
+//! holds where the agent's cell is (a slot number and width) and which
+//! incarnation of the agent it is for: no `Arc`, no count to touch, 24
+//! bytes beside the manager.
 //!
 //! What it does not hold on to is the agent's budget itself. `remove_budget`
-//! retires the cell (a reserved mark in its usage word, stored by the same
-//! kind of atomic write every admission compares against), so from the
-//! moment it returns a handle admits nothing more into the removed agent.
-//! A later `set_budget` for the same id makes a new cell, which the old
-//! handle never sees: its operations are refused as for an unknown agent,
-//! and a fresh handle is needed.
+//! retires the cell (a sentinel in its usage word, stored by the same kind
+//! of atomic write every admission compares against), so from the moment it
+//! returns a handle admits nothing more into the removed agent. The slot
+//! may later hold another agent, or a new incarnation of the same one (a
+//! `set_budget` after the removal): the handle checks the cell's
+//! incarnation after every load of its usage word and finds no one, so its
+//! operations are refused as for an unknown agent, and a fresh handle is
+//! needed. If the agent moves to a cell of the other width (its limit
+//! changed), the handle follows it.
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use crate::cell::AgentCell;
 use crate::error::{Operation, Refusal, Refused};
 use crate::manager::lockfree::BudgetManager;
+use crate::registry::{CellRef, Pinned, SlotRef};
 use crate::reservation::{OwnedReservation, Reservation, Ticket};
 use crate::types::{AgentId, BudgetInfo};
 
-/// One agent's cell, and the operations a handle offers on it.
+/// Where one incarnation of an agent lives, and the operations a handle
+/// offers on it.
 struct Grip {
     agent_id: AgentId,
-    cell: Arc<AgentCell>,
+    generation: u64,
+    /// Where the cell was last seen: a hint, updated when the agent has
+    /// moved (its slot is checked against the incarnation every time).
+    slot: AtomicU32,
 }
 
 impl Grip {
+    fn new(agent_id: AgentId, slot: SlotRef, generation: u64) -> Self {
+        Grip {
+            agent_id,
+            generation,
+            slot: AtomicU32::new(slot.to_bits()),
+        }
+    }
+
+    /// Where the hint points, as this incarnation's cell.
+    #[inline]
+    fn hinted<'p>(&self, pinned: &'p Pinned<'_>) -> Option<CellRef<'p>> {
+        // Relaxed: a hint; the cell's incarnation is what is trusted.
+        let hint = SlotRef::from_bits(self.slot.load(Ordering::Relaxed));
+        pinned.at(hint, self.generation)
+    }
+
+    /// This incarnation's cell, looked up by id, when the hint found no
+    /// one: the agent moved to the other width and its old slot was
+    /// reused. Remembers the new place. `None` if the agent is gone.
+    #[cold]
+    fn moved<'p>(&self, pinned: &'p Pinned<'_>) -> Option<CellRef<'p>> {
+        let hint = self.slot.load(Ordering::Relaxed);
+        let found = pinned.get(&self.agent_id)?.current();
+        if found.slot().to_bits() == hint || found.generation() != self.generation {
+            return None;
+        }
+        self.slot.store(found.slot().to_bits(), Ordering::Relaxed);
+        Some(found.expecting(self.generation))
+    }
+
+    /// Runs `op` on this incarnation's cell, found by the hint or, failing
+    /// that, by a lookup; `None` if the agent is gone.
+    fn with<R>(
+        &self,
+        manager: &BudgetManager,
+        op: impl Fn(&Pinned<'_>, CellRef<'_>) -> Option<R>,
+    ) -> Option<R> {
+        let pinned = manager.pin();
+        self.hinted(&pinned)
+            .and_then(|cell| op(&pinned, cell))
+            .or_else(|| op(&pinned, self.moved(&pinned)?))
+    }
+
     #[inline]
     fn admit(
         &self,
@@ -38,8 +89,17 @@ impl Grip {
         request: (u64, u64),
         operation: Operation,
     ) -> Result<Ticket, Refused> {
-        manager
-            .admit_from(&self.agent_id, &self.cell, request)
+        let pinned = manager.pin();
+        let mut admitted = match self.hinted(&pinned) {
+            Some(cell) => manager.admit_from(&pinned, &self.agent_id, cell, request),
+            None => Err(Refusal::NoBudget),
+        };
+        if let Err(Refusal::NoBudget) = admitted {
+            if let Some(cell) = self.moved(&pinned) {
+                admitted = manager.admit_from(&pinned, &self.agent_id, cell, request);
+            }
+        }
+        admitted
             .map(|levels| Ticket::new(request, levels))
             .map_err(|refusal: Refusal| refusal.refused(self.agent_id, operation))
     }
@@ -74,14 +134,24 @@ macro_rules! handle_methods {
         /// [`BudgetManager::release`] on this agent (and its ancestors),
         /// without the lookup.
         pub fn release(&self, tokens: u64) {
-            self.manager
-                .release_from(&self.grip.agent_id, &self.grip.cell, tokens);
+            let manager = &self.manager;
+            self.grip.with(manager, |pinned, cell| {
+                cell.load(manager.now())?;
+                manager.release_from(pinned, &self.grip.agent_id, cell, tokens);
+                Some(())
+            });
         }
 
         /// [`BudgetManager::remaining`] on this agent, without the lookup.
         /// A removed agent reads as unknown: all zeros, exhausted.
         pub fn remaining(&self) -> BudgetInfo {
-            self.manager.remaining_of(&self.grip.cell)
+            let manager = &self.manager;
+            self.grip
+                .with(manager, |_, cell| {
+                    cell.load(manager.now())?;
+                    Some(manager.remaining_of(cell))
+                })
+                .unwrap_or_else(crate::manager::unknown_agent_info)
         }
     };
 }
@@ -114,10 +184,15 @@ pub struct AgentHandle<'m> {
 }
 
 impl<'m> AgentHandle<'m> {
-    pub(crate) fn new(manager: &'m BudgetManager, agent_id: AgentId, cell: Arc<AgentCell>) -> Self {
+    pub(crate) fn new(
+        manager: &'m BudgetManager,
+        agent_id: AgentId,
+        slot: SlotRef,
+        generation: u64,
+    ) -> Self {
         AgentHandle {
             manager,
-            grip: Grip { agent_id, cell },
+            grip: Grip::new(agent_id, slot, generation),
         }
     }
 
@@ -152,11 +227,12 @@ impl OwnedAgentHandle {
     pub(crate) fn new(
         manager: Arc<BudgetManager>,
         agent_id: AgentId,
-        cell: Arc<AgentCell>,
+        slot: SlotRef,
+        generation: u64,
     ) -> Self {
         OwnedAgentHandle {
             manager,
-            grip: Grip { agent_id, cell },
+            grip: Grip::new(agent_id, slot, generation),
         }
     }
 

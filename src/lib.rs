@@ -133,6 +133,7 @@ mod limit;
 mod limiter;
 mod manager;
 mod persist;
+mod registry;
 mod reservation;
 mod rules;
 mod sync;

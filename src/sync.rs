@@ -1,17 +1,23 @@
 //! The one door through which the per-agent cell reaches shared memory.
 //!
-//! Every atomic, `Arc`, limit snapshot, clock read and agent-map access of
-//! the lock-free manager goes through this module, so that building with
+//! Every atomic, `Arc`, limit snapshot, clock read and map access of the
+//! lock-free manager goes through this module, so that building with
 //! `--cfg agent_budget_loom` swaps them all for types the `loom` model
 //! checker can see, and loom checks the code that ships. In that build:
 //!
 //! | here                | normal build                 | loom build                               |
 //! |---------------------|------------------------------|------------------------------------------|
-//! | [`AtomicU128`]      | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
-//! | [`Snapshot`]        | `arc_swap::ArcSwapOption`    | a loom `RwLock<Option<Arc<T>>>`          |
+//! | `AtomicU64`         | `std`'s                      | loom's: narrow words and index entries, with their orderings checked |
+//! | `Published`         | `std`'s `AtomicU64`          | `std`'s: a cell's id and incarnation, written before the word that publishes them (one step fewer per load) |
+//! | `AtomicU128`        | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
+//! | `Arc`               | `std::sync::Arc`             | loom's: the registry's grace tokens are counted in the model |
+//! | `Shared`            | `arc_swap::ArcSwap` (the registry's header) | a loom `RwLock<Arc<T>>`, cloned out |
+//! | `Snapshot`          | `arc_swap::ArcSwapOption`    | a loom `RwLock<Option<Arc<T>>>`          |
 //! | [`ClockSource`]     | `quanta::Clock`              | a loom `AtomicU64` of nanoseconds        |
-//! | [`AgentMap`]        | `papaya::HashMap` (aHash)    | a loom `RwLock<HashMap>`                 |
-//! | `Arc` of a cell     | `std::sync::Arc`             | `std::sync::Arc` (its counts are not part of any model) |
+//! | `AgentMap` (waiters)| `papaya::HashMap` (aHash)    | a loom `RwLock<HashMap>`                 |
+//!
+//! The registry's arena chunks are `std::sync::OnceLock`s in both builds:
+//! only the writer makes them, before any entry names their slots.
 //!
 //! What the model therefore does and does not cover is written down in the
 //! crate docs, under "Model checking".
@@ -24,8 +30,14 @@ mod imp {
     #[cfg(feature = "async")]
     pub(crate) use std::sync::atomic::{fence, AtomicUsize};
     pub(crate) use std::sync::atomic::{AtomicU64, Ordering};
-    pub(crate) use std::sync::{Mutex, MutexGuard};
+    pub(crate) use std::sync::{Arc, Mutex, MutexGuard};
 
+    /// A field the registry's writer stores before the word that publishes
+    /// it (a cell's id and incarnation): an `AtomicU64` in both builds, but
+    /// not one loom tracks (see the loom build's).
+    pub(crate) type Published = AtomicU64;
+
+    #[cfg(feature = "async")]
     use crate::types::AgentId;
 
     /// The clock the managers read: quanta's, calibrated at construction.
@@ -130,8 +142,43 @@ mod imp {
         }
     }
 
-    /// A concurrent map from agent id to `V` (a cell, or a waiters' queue,
-    /// each behind an `Arc`).
+    /// An atomically replaceable `Arc<T>`, read through a short-lived guard
+    /// that keeps the value alive: the registry's header (its index and its
+    /// grace token).
+    pub(crate) struct Shared<T>(arc_swap::ArcSwap<T>);
+
+    /// A [`Shared`] value, held: arc-swap's thread-local debt slot, not a
+    /// reference-count increment, unless the value is replaced meanwhile
+    /// (then the writer pays the debt with a real count).
+    pub(crate) struct Loaded<T>(arc_swap::Guard<Arc<T>>);
+
+    impl<T> std::ops::Deref for Loaded<T> {
+        type Target = T;
+        #[inline]
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    impl<T> Shared<T> {
+        pub(crate) fn new(value: Arc<T>) -> Self {
+            Shared(arc_swap::ArcSwap::new(value))
+        }
+
+        #[inline]
+        pub(crate) fn load(&self) -> Loaded<T> {
+            Loaded(self.0.load())
+        }
+
+        /// Replaces the value. Once this returns, the old value's reference
+        /// count counts every reader still holding it.
+        pub(crate) fn store(&self, value: Arc<T>) {
+            self.0.store(value);
+        }
+    }
+
+    /// A concurrent map from agent id to `V` (a waiters' queue behind an
+    /// `Arc`).
     ///
     /// aHash with a random per-process key: agent ids may come from clients,
     /// so the hasher must resist chosen collisions, and aHash does so at a
@@ -142,23 +189,10 @@ mod imp {
     /// (measured: 130 ns instead of 16 ns per lookup at 1,000 agents).
     /// Blocking only makes the insert that grows the table wait; every
     /// lookup then sees a single table.
+    #[cfg(feature = "async")]
     pub(crate) struct AgentMap<V>(papaya::HashMap<AgentId, V, ahash::RandomState>);
 
-    /// Lookups under one pinned guard of the map.
-    pub(crate) struct View<'m, V>(
-        papaya::HashMapRef<'m, AgentId, V, ahash::RandomState, papaya::LocalGuard<'m>>,
-    );
-
-    /// What a [`View`] lookup returns: a reference that lives as long as
-    /// the view's guard.
-    pub(crate) type Found<'v, V> = &'v V;
-
-    impl<V: Send + Sync> View<'_, V> {
-        pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
-            self.0.get(id)
-        }
-    }
-
+    #[cfg(feature = "async")]
     impl<V: Send + Sync> AgentMap<V> {
         pub(crate) fn new() -> Self {
             let map = papaya::HashMap::builder()
@@ -172,42 +206,8 @@ mod imp {
             self.0.pin().get(id).map(f)
         }
 
-        /// Runs `f` with a view for several lookups under one guard: a walk
-        /// up a chain of budgets pins the map once.
-        pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_, V>) -> R) -> R {
-            f(&View(self.0.pin()))
-        }
-
-        /// Calls `update` on the present value, or inserts a `make()` for `id`.
-        /// Exactly one of the two takes effect; `make` may run and be thrown
-        /// away if another thread inserts first.
-        pub(crate) fn update_or_insert(
-            &self,
-            id: AgentId,
-            update: impl FnOnce(&V),
-            make: impl Fn() -> V,
-        ) {
-            let map = self.0.pin();
-            loop {
-                if let Some(present) = map.get(&id) {
-                    return update(present);
-                }
-                if map.try_insert(id, make()).is_ok() {
-                    // An insert may have grown the table: flush this thread's
-                    // batch of retired memory (the old table) now, rather
-                    // than whenever the batch fills up, which with rare
-                    // configuration changes could be never.
-                    papaya::Guard::flush(&self.0.guard());
-                    return;
-                }
-                // Another thread inserted it first: update that one (or, if
-                // it is already removed again, try inserting once more).
-            }
-        }
-
         /// The value for `id`, inserting `make()` if there is none. `make`
         /// may run and be thrown away if another thread inserts first.
-        #[cfg(feature = "async")]
         pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V
         where
             V: Clone,
@@ -224,28 +224,14 @@ mod imp {
         }
 
         /// Removes the value for `id` if `condition` holds for it.
-        #[cfg(feature = "async")]
         pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
             // Err: the value is there and `condition` does not hold.
             let _ = self.0.pin().remove_if(id, |_, present| condition(present));
         }
 
-        /// Removes the value for `id`, handing it to `f` first.
-        pub(crate) fn remove<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
-            self.0.pin().remove(id).map(f)
-        }
-
         pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
             for (id, value) in self.0.pin().iter() {
                 f(id, value);
-            }
-        }
-
-        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = (AgentId, V)>) {
-            let map = self.0.pin();
-            map.clear();
-            for (id, value) in values {
-                map.insert(id, value);
             }
         }
     }
@@ -254,10 +240,20 @@ mod imp {
 #[cfg(agent_budget_loom)]
 mod imp {
     pub(crate) use loom::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
-    use loom::sync::{Arc, RwLock};
+    pub(crate) use loom::sync::Arc;
+    use loom::sync::RwLock;
+
+    /// A cell's id and incarnation: written by the registry's writer before
+    /// the usage word (or index entry) that publishes them, which loom does
+    /// track, with their orderings. Left out of the model so that each
+    /// lookup is three steps fewer: what is checked is that every reader
+    /// gets to them through a loom-tracked `Acquire` load.
+    pub(crate) type Published = std::sync::atomic::AtomicU64;
     pub(crate) use loom::sync::{Mutex, MutexGuard};
+    #[cfg(feature = "async")]
     use std::collections::HashMap;
 
+    #[cfg(feature = "async")]
     use crate::types::AgentId;
 
     /// loom has no 128-bit atomic. A mutex makes each operation one
@@ -354,24 +350,41 @@ mod imp {
         }
     }
 
-    /// Each lookup takes the lock on its own, as each papaya lookup is its
-    /// own step.
-    pub(crate) struct View<'m, V>(&'m AgentMap<V>);
+    /// A loom `RwLock` of an `Arc`: a reader clones the `Arc` out (a
+    /// counted reference, as arc-swap's guard is once the value is
+    /// replaced), so the registry's grace tokens see exactly who holds what.
+    pub(crate) struct Shared<T>(RwLock<Arc<T>>);
 
-    /// What a [`View`] lookup returns: a clone of the value (an `Arc`).
-    pub(crate) type Found<'v, V> = V;
+    pub(crate) struct Loaded<T>(Arc<T>);
 
-    impl<V: Clone> View<'_, V> {
-        pub(crate) fn get(&self, id: &AgentId) -> Option<Found<'_, V>> {
-            self.0.find(id)
+    impl<T> std::ops::Deref for Loaded<T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    impl<T> Shared<T> {
+        pub(crate) fn new(value: Arc<T>) -> Self {
+            Shared(RwLock::new(value))
+        }
+
+        pub(crate) fn load(&self) -> Loaded<T> {
+            Loaded(self.0.read().unwrap().clone())
+        }
+
+        pub(crate) fn store(&self, value: Arc<T>) {
+            *self.0.write().unwrap() = value;
         }
     }
 
     /// Values are `Arc`s, cloned out and used after the lock is released,
     /// so, as with papaya, an operation may still be working on a cell that
     /// a concurrent `remove` has just taken out of the map.
+    #[cfg(feature = "async")]
     pub(crate) struct AgentMap<V>(RwLock<HashMap<AgentId, V>>);
 
+    #[cfg(feature = "async")]
     impl<V: Clone> AgentMap<V> {
         pub(crate) fn new() -> Self {
             AgentMap(RwLock::new(HashMap::new()))
@@ -385,48 +398,16 @@ mod imp {
             self.find(id).map(|value| f(&value))
         }
 
-        pub(crate) fn view<R>(&self, f: impl FnOnce(&View<'_, V>) -> R) -> R {
-            f(&View(self))
-        }
-
-        /// Like papaya, lets updates of a present value run concurrently
-        /// (outside the lock), so races between them are modelled.
-        pub(crate) fn update_or_insert(
-            &self,
-            id: AgentId,
-            update: impl FnOnce(&V),
-            make: impl Fn() -> V,
-        ) {
-            let present = {
-                let mut map = self.0.write().unwrap();
-                match map.get(&id) {
-                    Some(present) => present.clone(),
-                    None => {
-                        map.insert(id, make());
-                        return;
-                    }
-                }
-            };
-            update(&present);
-        }
-
-        #[cfg(feature = "async")]
         pub(crate) fn get_or_insert(&self, id: &AgentId, make: impl Fn() -> V) -> V {
             let mut map = self.0.write().unwrap();
             map.entry(*id).or_insert_with(make).clone()
         }
 
-        #[cfg(feature = "async")]
         pub(crate) fn remove_if(&self, id: &AgentId, condition: impl Fn(&V) -> bool) {
             let mut map = self.0.write().unwrap();
             if map.get(id).is_some_and(&condition) {
                 map.remove(id);
             }
-        }
-
-        pub(crate) fn remove<R>(&self, id: &AgentId, f: impl FnOnce(&V) -> R) -> Option<R> {
-            let removed = self.0.write().unwrap().remove(id);
-            removed.map(|value| f(&value))
         }
 
         pub(crate) fn for_each(&self, mut f: impl FnMut(&AgentId, &V)) {
@@ -441,49 +422,29 @@ mod imp {
                 f(&id, &value);
             }
         }
-
-        pub(crate) fn replace_all(&self, values: impl IntoIterator<Item = (AgentId, V)>) {
-            let mut map = self.0.write().unwrap();
-            map.clear();
-            map.extend(values);
-        }
     }
 }
 
 #[cfg(all(test, not(agent_budget_loom)))]
 mod tests {
     use super::*;
+    #[cfg(feature = "async")]
     use crate::types::AgentId;
 
+    #[cfg(feature = "async")]
     #[test]
-    fn update_or_insert_does_exactly_one_of_the_two() {
+    fn get_or_insert_inserts_once_and_remove_if_checks_first() {
         let map = AgentMap::new();
         let id = AgentId::from_u128(1);
-        let (updated, made) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
-        let make = |name| {
-            made.set(made.get() + 1);
-            name
-        };
-        map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("first"));
-        assert_eq!((updated.get(), made.get()), (0, 1));
-        map.update_or_insert(id, |_| updated.set(updated.get() + 1), || make("second"));
-        assert_eq!((updated.get(), made.get()), (1, 1));
+        assert_eq!(map.get_or_insert(&id, || "first"), "first");
+        assert_eq!(map.get_or_insert(&id, || "second"), "first");
+        map.remove_if(&id, |v| *v == "second");
         assert_eq!(map.get(&id, |v| *v), Some("first"));
-        assert_eq!(map.remove(&id, |v| *v), Some("first"));
-        assert_eq!(map.remove(&id, |v| *v), None);
+        map.remove_if(&id, |v| *v == "first");
         assert_eq!(map.get(&id, |v| *v), None);
-    }
-
-    #[test]
-    fn replace_all_leaves_exactly_the_new_values() {
-        let map = AgentMap::new();
-        let (a, b) = (AgentId::from_u128(1), AgentId::from_u128(2));
-        map.update_or_insert(a, |_| (), || "old");
-        map.replace_all([(b, "new")]);
-        let mut seen = Vec::new();
-        map.for_each(|id, v| seen.push((*id, *v)));
-        assert_eq!(seen, [(b, "new")]);
-        assert_eq!(map.view(|view| view.get(&b).copied()), Some("new"));
+        let mut seen = 0;
+        map.for_each(|_, _| seen += 1);
+        assert_eq!(seen, 0);
     }
 
     #[test]

@@ -250,7 +250,10 @@ fn watch_chains<M: BudgetLimiter>(
     done: &AtomicBool,
 ) -> u64 {
     let mut reads = 0;
-    while !done.load(Ordering::Acquire) {
+    // At least one pass, even if the hammering ended before this thread
+    // was first scheduled (two cores, eight threads).
+    loop {
+        let finished = done.load(Ordering::Acquire);
         for leaf in leaves {
             let chain = m.chain_info(leaf);
             assert_eq!(chain.len(), levels, "{chain:?}");
@@ -260,8 +263,10 @@ fn watch_chains<M: BudgetLimiter>(
             }
             reads += 1;
         }
+        if finished {
+            return reads;
+        }
     }
-    reads
 }
 
 /// Tokens and calls an agent kept, as counted by the threads that kept them.

@@ -57,6 +57,11 @@ impl<S: MeterSession> Settle<S> {
         }
     }
 
+    /// The estimate the reservation was taken for.
+    pub(crate) fn estimate(&self) -> &Estimate {
+        &self.estimate
+    }
+
     pub(crate) fn attach(&mut self, session: S) {
         self.session = Some(session);
     }
@@ -78,7 +83,7 @@ impl<S: MeterSession> Settle<S> {
         let outcome = match self.session.as_mut() {
             Some(session) => session.abandon(),
             // No response yet: the upstream has read the prompt.
-            None => Outcome::Used(self.estimate.prompt_tokens),
+            None => Outcome::Used(self.estimate.counted_prompt_tokens()),
         };
         self.book(outcome, true);
     }
@@ -90,7 +95,9 @@ impl<S: MeterSession> Settle<S> {
         let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
         let settlement = match outcome {
             Outcome::Used(tokens) => reservation.settle(tokens),
-            Outcome::Reserved => reservation.settle(reserved),
+            // The estimate, with the prompt as counted: a bound reserved
+            // in its place is no charge.
+            Outcome::Reserved => reservation.settle(self.estimate.counted_tokens()),
             Outcome::Cancel => reservation.cancel(),
         };
         self.telemetry

@@ -28,6 +28,7 @@
 use std::time::Duration;
 
 use agent_budget::{BudgetKind, FullBudgetInfo, Refused};
+use bytes::Bytes;
 use http::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 
 /// `x-ratelimit-limit-requests`: calls admitted per window.
@@ -140,21 +141,37 @@ impl RateLimitSnapshot {
     }
 
     /// Writes OpenAI's six `x-ratelimit-*` headers.
+    ///
+    /// The six values are formatted into one buffer on the stack and
+    /// share one allocation, each header a slice of it (every admitted
+    /// response carries them: a value each was six allocations more).
     pub fn write_openai(&self, headers: &mut HeaderMap) {
-        headers.reserve(6);
-        headers.insert(X_RATELIMIT_LIMIT_REQUESTS, self.calls_limit.into());
-        headers.insert(X_RATELIMIT_LIMIT_TOKENS, self.token_limit.into());
-        headers.insert(X_RATELIMIT_REMAINING_REQUESTS, self.calls_remaining.into());
-        headers.insert(X_RATELIMIT_REMAINING_TOKENS, self.tokens_remaining.into());
-        let tokens_reset = go_duration_value(self.tokens_reset);
-        // One budget (the common case): one value, formatted once.
+        let mut text = ValueText::default();
+        let mut digits = itoa::Buffer::new();
+        let mut number = |text: &mut ValueText, n: u64| text.push(digits.format(n).as_bytes());
+        let calls_limit = number(&mut text, self.calls_limit);
+        let token_limit = number(&mut text, self.token_limit);
+        let calls_remaining = number(&mut text, self.calls_remaining);
+        let tokens_remaining = number(&mut text, self.tokens_remaining);
+        let tokens_reset = text.push(GoDuration::of(self.tokens_reset).as_str().as_bytes());
+        // One budget (the common case): one reset, formatted once.
         let calls_reset = if self.calls_reset == self.tokens_reset {
             tokens_reset.clone()
         } else {
-            go_duration_value(self.calls_reset)
+            text.push(GoDuration::of(self.calls_reset).as_str().as_bytes())
         };
-        headers.insert(X_RATELIMIT_RESET_REQUESTS, calls_reset);
-        headers.insert(X_RATELIMIT_RESET_TOKENS, tokens_reset);
+        let shared = Bytes::from_owner(text.bytes);
+        let value = |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range))
+                .expect("digits, '.' and unit letters make a valid header value")
+        };
+        headers.reserve(6);
+        headers.insert(X_RATELIMIT_LIMIT_REQUESTS, value(calls_limit));
+        headers.insert(X_RATELIMIT_LIMIT_TOKENS, value(token_limit));
+        headers.insert(X_RATELIMIT_REMAINING_REQUESTS, value(calls_remaining));
+        headers.insert(X_RATELIMIT_REMAINING_TOKENS, value(tokens_remaining));
+        headers.insert(X_RATELIMIT_RESET_REQUESTS, value(calls_reset));
+        headers.insert(X_RATELIMIT_RESET_TOKENS, value(tokens_reset));
     }
 
     /// Writes the IETF `RateLimit-Policy` and `RateLimit` fields.
@@ -231,11 +248,30 @@ pub fn go_duration(d: Duration) -> String {
     GoDuration::of(d).as_str().to_owned()
 }
 
-/// [`go_duration`] as a header value: formatted on the stack, so the value
-/// is the one allocation (every admitted response carries two).
-fn go_duration_value(d: Duration) -> HeaderValue {
-    HeaderValue::from_str(GoDuration::of(d).as_str())
-        .expect("digits, '.' and unit letters make a valid header value")
+/// The text of OpenAI's six header values: four numbers of at most 20
+/// digits and two Go durations of at most 22 bytes.
+struct ValueText {
+    bytes: [u8; 128],
+    len: usize,
+}
+
+impl Default for ValueText {
+    fn default() -> Self {
+        ValueText {
+            bytes: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl ValueText {
+    /// Appends `text`; where it lies.
+    fn push(&mut self, text: &[u8]) -> std::ops::Range<usize> {
+        let start = self.len;
+        self.bytes[start..start + text.len()].copy_from_slice(text);
+        self.len += text.len();
+        start..self.len
+    }
 }
 
 /// A Go duration's text, on the stack. The longest, `Duration::MAX`'s, is
@@ -251,26 +287,37 @@ impl GoDuration {
             bytes: [0; 40],
             len: 0,
         };
-        let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
-        if millis == 0 {
-            out.push(b"0s");
-            return out;
-        }
+        // Whole seconds and milliseconds, rounded up, in u64 (a u128
+        // division is a call into the compiler's runtime); the carry out of
+        // `Duration::MAX`'s last second, 2^64 seconds, is the one exception.
+        let millis = d.subsec_nanos().div_ceil(1_000_000);
+        let whole = d.as_secs().checked_add(u64::from(millis / 1_000));
+        let frac = (millis % 1_000) as u16;
         let mut digits = itoa::Buffer::new();
-        if millis < 1_000 {
-            out.push(digits.format(millis).as_bytes());
-            out.push(b"ms");
+        if whole == Some(0) {
+            if frac == 0 {
+                out.push(b"0s");
+            } else {
+                out.push(digits.format(frac).as_bytes());
+                out.push(b"ms");
+            }
             return out;
         }
-        let (secs, frac) = (millis / 1_000, (millis % 1_000) as u16);
-        let (hours, minutes, seconds) = (secs / 3_600, secs / 60 % 60, secs % 60);
+        let (hours, minutes, seconds) = match whole {
+            Some(secs) => (secs / 3_600, secs / 60 % 60, secs % 60),
+            None => {
+                let secs = u128::from(u64::MAX) + 1;
+                let split = |n: u128| u64::try_from(n).expect("below 2^64");
+                (split(secs / 3_600), split(secs / 60 % 60), split(secs % 60))
+            }
+        };
         // Go writes the hours if any, then the minutes if any hours or
         // minutes, then always the seconds: `2h0m5s`, `6m0s`, `5s`.
         if hours > 0 {
             out.push(digits.format(hours).as_bytes());
             out.push(b"h");
         }
-        if secs >= 60 {
+        if hours > 0 || minutes > 0 {
             out.push(digits.format(minutes).as_bytes());
             out.push(b"m");
         }
@@ -333,6 +380,54 @@ mod tests {
         assert_eq!(go_duration(Duration::from_micros(999_001)), "1s");
     }
 
+    /// Go's format as first written: in milliseconds, in u128.
+    fn go_duration_in_u128(d: Duration) -> String {
+        let millis = d.as_millis() + u128::from(!d.subsec_nanos().is_multiple_of(1_000_000));
+        if millis < 1_000 {
+            return if millis == 0 {
+                "0s".into()
+            } else {
+                format!("{millis}ms")
+            };
+        }
+        let (secs, frac) = (millis / 1_000, millis % 1_000);
+        let (h, m, s) = (secs / 3_600, secs / 60 % 60, secs % 60);
+        let mut out = String::new();
+        if h > 0 {
+            out += &format!("{h}h");
+        }
+        if secs >= 60 {
+            out += &format!("{m}m");
+        }
+        out += &s.to_string();
+        if frac > 0 {
+            out += format!(".{frac:03}").trim_end_matches('0');
+        }
+        out + "s"
+    }
+
+    #[test]
+    fn go_durations_agree_with_the_u128_arithmetic() {
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let shift = next() % 64;
+            let d = Duration::new(next() >> shift, (next() % 1_000_000_000) as u32);
+            assert_eq!(go_duration(d), go_duration_in_u128(d), "{d:?}");
+        }
+        for secs in [0, 1, 59, 60, 3_599, 3_600, u64::MAX - 1, u64::MAX] {
+            for nanos in [0, 1, 999_999, 1_000_000, 999_000_001, 999_999_999] {
+                let d = Duration::new(secs, nanos);
+                assert_eq!(go_duration(d), go_duration_in_u128(d), "{d:?}");
+            }
+        }
+    }
+
     #[test]
     fn go_durations_of_huge_values_do_not_panic() {
         assert_eq!(go_duration(Duration::MAX), "5124095576030431h0m16s");
@@ -343,10 +438,36 @@ mod tests {
     }
 
     #[test]
-    fn header_values_are_the_go_durations() {
-        for d in [ms(0), ms(20), ms(1_020), ms(90_061_001), Duration::MAX] {
-            assert_eq!(go_duration_value(d), go_duration(d).as_str(), "{d:?}");
-        }
+    fn the_longest_values_fit_in_one_buffer() {
+        let widest = RateLimitSnapshot {
+            token_limit: u64::MAX,
+            tokens_remaining: u64::MAX,
+            calls_limit: u64::MAX,
+            calls_remaining: u64::MAX,
+            tokens_reset: Duration::MAX,
+            calls_reset: Duration::MAX - ms(1),
+            tokens_window: Duration::MAX,
+            calls_window: Duration::MAX,
+        };
+        let mut headers = HeaderMap::new();
+        widest.write_openai(&mut headers);
+        assert_eq!(headers.len(), 6);
+        assert_eq!(
+            headers[X_RATELIMIT_LIMIT_TOKENS],
+            u64::MAX.to_string().as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_REMAINING_REQUESTS],
+            u64::MAX.to_string().as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_RESET_TOKENS],
+            go_duration(Duration::MAX).as_str()
+        );
+        assert_eq!(
+            headers[X_RATELIMIT_RESET_REQUESTS],
+            go_duration(Duration::MAX - ms(1)).as_str()
+        );
     }
 
     #[test]

@@ -37,7 +37,9 @@ pub enum Outcome {
     /// The response used this many tokens in total: the estimate is
     /// replaced by it.
     Used(u64),
-    /// Nothing better than the estimate is known: it stays charged.
+    /// Nothing better than the estimate is known: it stays charged (with
+    /// the prompt as counted, when a bound was reserved in its place: see
+    /// [`Estimate::deferred_count`]).
     Reserved,
     /// No work was done: tokens and calls are given back.
     Cancel,

@@ -38,7 +38,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use agent_budget::{AgentId, BudgetManager, OwnedReservation, Refused};
+use agent_budget::{
+    AgentId, BudgetKind, BudgetManager, OwnedReservation, RefusalReason as BudgetRefusal, Refused,
+};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -334,7 +336,7 @@ where
             }
         };
         let request = Request::from_parts(parts, body);
-        let (request, estimate) = match self.estimator.estimate(request).await {
+        let (request, mut estimate) = match self.estimator.estimate(request).await {
             Ok(estimated) => estimated,
             Err(rejection) => {
                 self.telemetry
@@ -342,7 +344,7 @@ where
                 return Ok(reject(rejection));
             }
         };
-        let (reservation, snapshot) = match self.admit(&agent, &estimate).await {
+        let (reservation, snapshot) = match self.admit(&agent, &mut estimate).await {
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject(rejection)),
         };
@@ -358,7 +360,8 @@ where
         if let Some(snapshot) = snapshot {
             self.headers.write(&snapshot, &mut parts.headers);
         }
-        settle.attach(self.meter.start(&estimate, &mut parts));
+        let session = self.meter.start(settle.estimate(), &mut parts);
+        settle.attach(session);
         Ok(Response::from_parts(
             parts,
             BudgetBody::metered(body, settle),
@@ -367,17 +370,33 @@ where
 
     /// Takes the estimate, waiting for it if configured; returns the
     /// reservation and where the budget stands after it, or the refusal.
+    ///
+    /// An estimate whose prompt is a bound with its count deferred is
+    /// tried as it is first; refused for its tokens, the prompt is counted
+    /// and the count tried (and waited for, and refused, if need be). The
+    /// estimate is left as it was admitted.
     async fn admit(
         &self,
         agent: &AgentId,
-        estimate: &Estimate,
+        estimate: &mut Estimate,
     ) -> Result<(OwnedReservation, Option<RateLimitSnapshot>), Rejection> {
-        let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let started = Instant::now();
-        let reservation = match (
-            self.manager.admit(agent, tokens, calls).await,
-            self.max_wait,
-        ) {
+        let mut admitted = self
+            .manager
+            .admit(agent, estimate.tokens(), estimate.calls)
+            .await;
+        if let Err(Denial::Refused(refused)) = &admitted {
+            let for_tokens = refused.kind == BudgetKind::Token
+                && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
+            if for_tokens && estimate.count_prompt() {
+                admitted = self
+                    .manager
+                    .admit(agent, estimate.tokens(), estimate.calls)
+                    .await;
+            }
+        }
+        let (tokens, calls) = (estimate.tokens(), estimate.calls);
+        let reservation = match (admitted, self.max_wait) {
             (Ok(reservation), _) => reservation,
             (Err(denial), Some(max_wait)) if denial.retry_after().is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
@@ -448,7 +467,7 @@ where
     /// refused), and OpenAI's error body; `403` if the agent has no budget.
     fn refusal(&self, refused: Refused) -> Rejection {
         let snapshot = match refused.reason {
-            agent_budget::RefusalReason::NoBudget => None,
+            BudgetRefusal::NoBudget => None,
             _ => RateLimitSnapshot::from_refusal(
                 &self.manager.budget_chain(&refused.agent_id),
                 &refused,

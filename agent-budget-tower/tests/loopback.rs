@@ -29,8 +29,9 @@ struct Upstream {
 }
 
 /// Plays an OpenAI-compatible model. The request says what to report:
-/// `mock_usage` (the total tokens), `mock_hold` (wait for a release),
-/// `mock_endless` (stream three deltas, then never end).
+/// `mock_usage` (the total tokens), `mock_no_usage` (report none),
+/// `mock_hold` (wait for a release), `mock_endless` (stream three deltas,
+/// then never end).
 async fn complete(State(up): State<Arc<Upstream>>, Json(request): Json<Value>) -> Response {
     up.calls.fetch_add(1, Ordering::SeqCst);
     if request["mock_hold"] == true {
@@ -67,6 +68,9 @@ async fn complete(State(up): State<Arc<Upstream>>, Json(request): Json<Value>) -
         )
             .into_response();
     }
+    if request["mock_no_usage"] == true {
+        return Json(json!({"id": "chatcmpl-1", "choices": []})).into_response();
+    }
     Json(json!({
         "id": "chatcmpl-1",
         "choices": [{"message": {"role": "assistant", "content": "hi"}}],
@@ -86,12 +90,12 @@ struct Server {
 
 const KEY: &str = "sk-test";
 
-async fn serve_with(
+async fn serve_with<E: agent_budget_tower::Estimator<Body>>(
     budgets: Arc<BudgetManager>,
     limit: (u64, u64),
     configure: impl FnOnce(
         BudgetLayer<BudgetManager, BearerKeys>,
-    ) -> BudgetLayer<BudgetManager, BearerKeys>,
+    ) -> BudgetLayer<BudgetManager, BearerKeys, E>,
 ) -> Server {
     let agent = Uuid::new_v4();
     budgets.set_budget(BudgetLimit {
@@ -360,6 +364,94 @@ async fn a_client_that_hangs_up_mid_stream_pays_the_prompt_and_what_streamed() {
     drop(r);
     // Three deltas of 3 to 5 bytes: three chunks with text, 11 bytes → 3.
     s.settled_to(PROMPT + 3).await;
+}
+
+/// One token per word: fewer than the bytes the bound reserves.
+#[derive(Clone, Copy)]
+struct Words;
+
+impl agent_budget_tower::openai::TokenCounter for Words {
+    fn count(&self, text: &str) -> u64 {
+        text.split_whitespace().count() as u64
+    }
+}
+
+/// Four words in 18 bytes: the bound is 3 + 18 + 3 = 24, the count
+/// 3 + 4 + 3 = 10; plus 20 of completion.
+fn four_words() -> Value {
+    json!({"model": "m", "messages": [{"role": "user", "content": "one two three four"}], "max_tokens": 20})
+}
+
+async fn serve_counted_when_tight(tokens: u64) -> Server {
+    use agent_budget_tower::openai::{OpenAiEstimator, PromptCount};
+    serve_with(Arc::new(BudgetManager::new()), (tokens, 10), |l| {
+        l.estimator(OpenAiEstimator::new(Words).prompt_count(PromptCount::WhenTight))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn prompts_counted_when_tight_reserve_the_bound_while_it_fits() {
+    let s = serve_counted_when_tight(1_000).await;
+    let mut body = four_words();
+    body["mock_usage"] = json!(12);
+    let r = s.chat(&reqwest::Client::new(), body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens"),
+        "956",
+        "the bound, 44"
+    );
+    r.bytes().await.unwrap();
+    s.settled_to(12).await;
+}
+
+#[tokio::test]
+async fn where_the_bound_does_not_fit_the_prompt_is_counted() {
+    // 44 does not fit in 40, 30 does.
+    let s = serve_counted_when_tight(40).await;
+    let client = reqwest::Client::new();
+    let mut body = four_words();
+    body["mock_usage"] = json!(12);
+    let r = s.chat(&client, body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens"),
+        "10",
+        "the count, 30"
+    );
+    r.bytes().await.unwrap();
+    s.settled_to(12).await;
+    // 28 left: the count does not fit either, and the refusal says so.
+    let r = s.chat(&client, four_words()).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = r.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("requested 30 tokens"), "{message}");
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_the_answer_pays_the_counted_prompt_not_the_bound() {
+    let s = serve_counted_when_tight(1_000).await;
+    let mut held = four_words();
+    held["mock_hold"] = json!(true);
+    let client = reqwest::Client::new();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), s.chat(&client, held)).await;
+    assert!(waiting.is_err(), "the upstream holds the answer");
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
+    s.settled_to(10).await;
+}
+
+#[tokio::test]
+async fn an_answer_without_usage_keeps_the_counted_estimate_not_the_bound() {
+    let s = serve_counted_when_tight(1_000).await;
+    let mut body = four_words();
+    body["mock_no_usage"] = json!(true);
+    let r = s.chat(&reqwest::Client::new(), body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    s.settled_to(30).await;
 }
 
 #[tokio::test]

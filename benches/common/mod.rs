@@ -8,7 +8,8 @@
 #![allow(dead_code)]
 
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
 
 use agent_budget::{AgentId, BudgetLimit, BudgetLimiter, MAX_CALLS, MAX_TOKENS};
 use criterion::Criterion;
@@ -144,4 +145,33 @@ impl<'a> Keys<'a> {
     pub fn next_index(&mut self) -> usize {
         self.rng.random_range(0..self.ids.len())
     }
+}
+
+/// Runs `work(t, state)` on `threads` threads at once and returns the wall
+/// time from their common start until the last one finished; each thread
+/// first builds its `state` with `prepare(t)`, outside the timing.
+pub fn timed_threads<S>(
+    threads: usize,
+    prepare: impl Fn(usize) -> S + Sync,
+    work: impl Fn(usize, S) + Sync,
+) -> Duration {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..threads)
+            .map(|t| {
+                let (barrier, prepare, work) = (&barrier, &prepare, &work);
+                scope.spawn(move || {
+                    let state = prepare(t);
+                    barrier.wait();
+                    work(t, state);
+                })
+            })
+            .collect();
+        barrier.wait();
+        let start = Instant::now();
+        for worker in workers {
+            worker.join().expect("bench thread panicked");
+        }
+        start.elapsed()
+    })
 }

@@ -16,6 +16,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "support/mod.rs"]
+mod support;
+
 use agent_budget::{BudgetLimit, BudgetManager};
 use agent_budget_tower::openai::{ByteCount, OpenAiEstimator};
 use agent_budget_tower::{BudgetLayer, FixedCost};
@@ -28,14 +31,13 @@ use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceExt};
 
 const AGENT: &str = "7f9c24e8-3b1a-4c5d-9e2f-1a2b3c4d5e6f";
-const REQUEST: &str = r#"{"model":"gpt-4o","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Please summarise the history of the Roman empire in three short sentences, with the emperors' names."}],"max_tokens":16}"#;
 const RESPONSE: &str = r#"{"id":"mock-1","object":"chat.completion","model":"mock-model","choices":[{"index":0,"message":{"role":"assistant","content":"tok tok tok tok "},"finish_reason":"stop"}],"usage":{"prompt_tokens":30,"completion_tokens":16,"total_tokens":46}}"#;
 
 fn request() -> Request<Body> {
     Request::post("/v1/chat/completions")
         .header("x-agent-id", AGENT)
         .header("content-type", "application/json")
-        .body(Body::from(REQUEST))
+        .body(Body::from(support::REQUEST_BODY))
         .unwrap()
 }
 

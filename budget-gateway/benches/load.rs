@@ -16,22 +16,25 @@
 //! shared machine's speed hits all three alike; each variant's latencies
 //! from all rounds go into one histogram.
 
+#[path = "support/mod.rs"]
+mod support;
+
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
-use serde_json::{json, Value};
+use serde_json::Value;
+use support::{
+    chat_completion, connect, free_addr, gateway_args, start, start_mock, write_config, LOAD_KEY,
+    VARIANTS,
+};
 
-const BIN: &str = env!("CARGO_BIN_EXE_budget-gateway");
-const LOAD_KEY: &str = "sk-load";
 const EXACT_KEY: &str = "sk-exact";
 const EXACT_AGENT: &str = "0b3c9a30-4f2e-4b8a-9d41-6c0e2f7a1b55";
 const EXACT_CALLS: u64 = 5_000;
-const VARIANTS: [&str; 3] = ["none", "budget", "governor"];
 
 struct Options {
     seconds: u64,
@@ -64,55 +67,6 @@ fn options() -> Options {
     o
 }
 
-/// A child process, killed when dropped.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn start(args: &[&str], addr: SocketAddr) -> Process {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("the budget-gateway binary runs");
-    let started = Instant::now();
-    while std::net::TcpStream::connect(addr).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{addr} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Process(child)
-}
-
-fn request_body() -> Bytes {
-    Bytes::from(
-        json!({
-            "model": "gpt-4o",
-            "messages": [
-                {"role": "system", "content": "You are a helpful assistant."},
-                {"role": "user", "content": "Please summarise the history of the Roman empire in three short sentences, with the emperors' names."}
-            ],
-            "max_tokens": 16
-        })
-        .to_string(),
-    )
-}
-
 /// One connection's closed loop until `until`: latencies in nanoseconds,
 /// and the count of each status.
 async fn connection(
@@ -122,25 +76,11 @@ async fn connection(
     max_requests: u64,
 ) -> (Histogram<u64>, u64, u64) {
     let mut hist = Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).unwrap();
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream.set_nodelay(true).unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let body = request_body();
+    let mut sender = connect(addr).await;
     let (mut ok, mut refused, mut sent) = (0, 0, 0);
     while Instant::now() < until && sent < max_requests {
-        let request = http::Request::post(format!("http://{addr}/v1/chat/completions"))
-            .header("host", addr.to_string())
-            .header("authorization", format!("Bearer {key}"))
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))
-            .unwrap();
         let started = Instant::now();
-        let response = sender.send_request(request).await.unwrap();
-        let status = response.status();
-        response.into_body().collect().await.unwrap();
+        let status = chat_completion(&mut sender, addr, key).await;
         let _ = hist.record(started.elapsed().as_nanos() as u64);
         sent += 1;
         match status.as_u16() {
@@ -198,19 +138,10 @@ fn main() {
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gateway.toml");
-    std::fs::write(
-        &config,
-        format!(
-            r#"admin_key = "admin"
-
-[[agents]]
-api_key = "{LOAD_KEY}"
-agent_id = "7f9c24e8-3b1a-4c5d-9e2f-1a2b3c4d5e6f"
-token_budget = 1000000000000000
-calls_budget = 4000000000
-window_secs = 86400
-
+    let config = write_config(
+        dir.path(),
+        &format!(
+            r#"
 [[agents]]
 api_key = "{EXACT_KEY}"
 agent_id = "{EXACT_AGENT}"
@@ -219,32 +150,15 @@ calls_budget = {EXACT_CALLS}
 window_secs = 86400
 "#
         ),
-    )
-    .unwrap();
-    let mock_addr = free_addr();
-    let _mock = start(
-        &["--mock-upstream", "--listen", &mock_addr.to_string()],
-        mock_addr,
     );
-    let upstream = format!("http://{mock_addr}");
-    let gateways: Vec<(SocketAddr, Process)> = VARIANTS
+    let (_mock, mock_addr) = start_mock();
+    let gateways: Vec<(SocketAddr, support::Process)> = VARIANTS
         .iter()
         .map(|limiter| {
             let addr = free_addr();
-            let process = start(
-                &[
-                    "--config",
-                    config.to_str().unwrap(),
-                    "--listen",
-                    &addr.to_string(),
-                    "--upstream",
-                    &upstream,
-                    "--limiter",
-                    limiter,
-                ],
-                addr,
-            );
-            (addr, process)
+            let args = gateway_args(&config, addr, mock_addr, limiter);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            (addr, start(&args, addr))
         })
         .collect();
 

@@ -53,7 +53,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use agent_budget::{AgentId, BudgetLimit, MAX_LEVELS};
-use agent_budget_tower::openai::OtherRequests;
+use agent_budget_tower::openai::{OtherRequests, PromptCount};
 use agent_budget_tower::FixedCost;
 use serde::Deserialize;
 use toml::Spanned;
@@ -74,6 +74,10 @@ pub struct Config {
     pub ietf_headers: bool,
     /// The prompt's token counter: `o200k_base`, `cl100k_base` or `bytes`.
     pub tokenizer: Tokenizer,
+    /// When prompts are counted with the tokenizer: `when_tight` (the
+    /// default: one token per byte is reserved while the budget has room
+    /// for it) or `always`.
+    pub count_prompts: PromptCount,
     /// Seconds between two saves of the state (with `--state`).
     pub persist_interval_secs: u64,
     /// What a write to any other endpoint than chat completions,
@@ -93,6 +97,15 @@ enum OtherEndpoints {
     /// `other_endpoint_tokens` and one call, settled from the response's
     /// `usage` if it has one.
     Fixed,
+}
+
+/// `count_prompts` in the file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum CountPrompts {
+    #[default]
+    WhenTight,
+    Always,
 }
 
 /// Which token counter estimates prompts.
@@ -188,6 +201,8 @@ struct RawConfig {
     ietf_headers: bool,
     #[serde(default = "default_tokenizer")]
     tokenizer: Tokenizer,
+    #[serde(default)]
+    count_prompts: CountPrompts,
     #[serde(default = "default_persist_interval")]
     persist_interval_secs: Spanned<u64>,
     #[serde(default)]
@@ -330,6 +345,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         max_wait_ms: raw.max_wait_ms,
         ietf_headers: raw.ietf_headers,
         tokenizer: raw.tokenizer,
+        count_prompts: match raw.count_prompts {
+            CountPrompts::WhenTight => PromptCount::WhenTight,
+            CountPrompts::Always => PromptCount::Always,
+        },
         persist_interval_secs: *raw.persist_interval_secs.get_ref(),
         other_endpoints,
         agents,
@@ -551,7 +570,24 @@ metrics_label = "two"
         assert_eq!(c.keys()["sk-1"].to_string(), ID1);
         assert_eq!(c.metrics_labels().len(), 1);
         assert_eq!(c.tokenizer, Tokenizer::O200kBase);
+        assert_eq!(c.count_prompts, PromptCount::WhenTight);
         assert_eq!((c.default_max_tokens, c.max_wait_ms), (4_096, 0));
+    }
+
+    #[test]
+    fn prompts_are_counted_when_tight_unless_always() {
+        let with =
+            |line: &str| good().replace("upstream_api_key", &format!("{line}\nupstream_api_key"));
+        let c = parse(Path::new("gw.toml"), &with("count_prompts = \"always\"")).unwrap();
+        assert_eq!(c.count_prompts, PromptCount::Always);
+        let c = parse(
+            Path::new("gw.toml"),
+            &with("count_prompts = \"when_tight\""),
+        )
+        .unwrap();
+        assert_eq!(c.count_prompts, PromptCount::WhenTight);
+        let e = error(&with("count_prompts = \"never\""));
+        assert!(e.contains("count_prompts"), "{e}");
     }
 
     #[test]

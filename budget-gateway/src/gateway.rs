@@ -16,7 +16,8 @@
 //! - everything else under `/v1/` through the budget layer to the proxy:
 //!   the agent from its bearer key, the estimate from the body for the
 //!   endpoints that consume tokens (prompt tokens by the configured
-//!   tokenizer, plus the most the completion may use), one call for reads,
+//!   tokenizer where the budget is tight, else one per byte, plus the most
+//!   the completion may use), one call for reads,
 //!   the configured policy for anything else; the settle from the
 //!   upstream's `usage`.
 //!
@@ -43,7 +44,7 @@ use std::time::Duration;
 
 use agent_budget::{AgentId, BudgetManager, HierarchyError};
 use agent_budget_redis::{FleetError, FleetManager};
-use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage};
+use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage, PromptCount};
 use agent_budget_tower::{bearer_key, Admission, BearerKeys, BudgetLayer, HeaderStyle};
 use axum::extract::Request;
 use axum::routing::get;
@@ -54,8 +55,8 @@ use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
 use crate::admin::{all_budgets, one_budget, Admin};
-use crate::config::Config;
-use crate::paths::normalize_path;
+use crate::config::{Config, Tokenizer};
+use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
 
@@ -323,7 +324,12 @@ impl Gateway {
                 default_max_tokens: c.default_max_tokens,
                 ..EstimateOptions::default()
             })
-            .other_requests(c.other_endpoints);
+            .other_requests(c.other_endpoints)
+            .prompt_count(match c.tokenizer {
+                // Its count is the bound: nothing to defer.
+                Tokenizer::Bytes => PromptCount::Always,
+                _ => c.count_prompts,
+            });
         let layer = BudgetLayer::new(budgets)
             .identify(BearerKeys::new(c.keys()))
             .estimator(estimator)
@@ -369,7 +375,7 @@ impl Gateway {
                     }
                 })
             });
-        let app = tower::Layer::layer(&axum::middleware::from_fn(normalize_path), self.router());
+        let app = NormalizePath::new(self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)
             .await;

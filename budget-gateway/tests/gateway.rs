@@ -23,9 +23,16 @@ fn question(max_tokens: u64) -> Value {
     json!({"model": "gpt-4o", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": max_tokens})
 }
 
-/// What the gateway reserves for `question(n)`: OpenAI's framing (3 per
-/// message, 3 to prime the reply) around o200k's count, plus `n`.
-fn question_estimate(max_tokens: u64) -> u64 {
+/// What the gateway reserves for `question(n)` while the budget has room:
+/// OpenAI's framing (3 per message, 3 to prime the reply) around one token
+/// per byte of the text, plus `n`.
+fn question_bound(max_tokens: u64) -> u64 {
+    3 + QUESTION.len() as u64 + 3 + max_tokens
+}
+
+/// The same with the prompt counted (o200k), as reserved where the bound
+/// does not fit, or with `count_prompts = "always"`.
+fn question_counted(max_tokens: u64) -> u64 {
     3 + Counter::new(Tokenizer::O200kBase).count(QUESTION) + 3 + max_tokens
 }
 
@@ -100,7 +107,7 @@ async fn a_chat_completion_reserves_the_estimate_and_settles_the_upstreams_usage
     assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "99");
     assert_eq!(
         header(&r, "x-ratelimit-remaining-tokens"),
-        (10_000 - question_estimate(50)).to_string()
+        (10_000 - question_bound(50)).to_string()
     );
     assert!(header(&r, "x-ratelimit-reset-tokens").ends_with('s'));
     let body: Value = r.json().await.unwrap();
@@ -137,7 +144,7 @@ async fn legacy_completions_are_estimated_and_settled_too() {
         )
         .await;
     assert_eq!(r.status(), StatusCode::OK);
-    let prompt = Counter::new(Tokenizer::O200kBase).count("Say this is a test");
+    let prompt = "Say this is a test".len() as u64;
     assert_eq!(
         header(&r, "x-ratelimit-remaining-tokens"),
         (10_000 - prompt - 7).to_string()
@@ -145,6 +152,37 @@ async fn legacy_completions_are_estimated_and_settled_too() {
     let body: Value = r.json().await.unwrap();
     let used = body["usage"]["total_tokens"].as_u64().unwrap();
     eventually("the settle", || g.used(AGENT_A) == (used, 1)).await;
+}
+
+#[tokio::test]
+async fn a_prompt_is_counted_where_its_bound_does_not_fit_or_when_configured() {
+    // Room for the count, not for the bound: admitted on the count.
+    let room = question_counted(50) + 10;
+    assert!(room < question_bound(50));
+    let g = start(room, 100).await;
+    let r = g.chat(KEY_A, &question(50)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "x-ratelimit-remaining-tokens"), "10");
+    let body: Value = r.json().await.unwrap();
+    let used = body["usage"]["total_tokens"].as_u64().unwrap();
+    eventually("the settle", || g.used(AGENT_A) == (used, 1)).await;
+    // Less room than the count: refused, on the count.
+    let r = g.chat(KEY_A, &question(50)).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = r.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    let counted = format!("requested {} tokens", question_counted(50));
+    assert!(message.contains(&counted), "{message}");
+    assert_eq!(calls(&g.stats), 1);
+
+    // `count_prompts = "always"`: the count, even with room for the bound.
+    let text = config_text(10_000, 100, "count_prompts = \"always\"");
+    let g = start_with(BudgetManager::new(), &text, None).await;
+    let r = g.chat(KEY_A, &question(50)).await;
+    assert_eq!(
+        header(&r, "x-ratelimit-remaining-tokens"),
+        (10_000 - question_counted(50)).to_string()
+    );
 }
 
 #[tokio::test]

@@ -25,6 +25,16 @@ pub fn limit(tokens: u64, calls: u64, window_secs: u64) -> BudgetLimit {
     }
 }
 
+/// A budget of `tokens` tokens and 10 calls a minute for `agent_id`.
+pub fn window(agent_id: AgentId, tokens: u64) -> BudgetLimit {
+    BudgetLimit {
+        agent_id,
+        token_budget: tokens,
+        calls_budget: 10,
+        window_secs: 60,
+    }
+}
+
 /// Runs `model` under loom and prints how many executions (interleavings,
 /// up to the preemption bound) it explored.
 pub fn explore(name: &str, model: impl Fn() + Sync + Send + 'static) {

@@ -5,23 +5,14 @@
 
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetLimit, BudgetManager, ClockSource, RefillLimit};
+use agent_budget::{AgentId, BudgetManager, ClockSource, RefillLimit};
 use loom::sync::Arc;
 use loom::thread;
-use loom_tests::explore;
+use loom_tests::{explore, window};
 
 const PARENT: AgentId = AgentId::from_u128(0x9a);
 const LEFT: AgentId = AgentId::from_u128(0x1e);
 const RIGHT: AgentId = AgentId::from_u128(0x21);
-
-fn window(agent_id: AgentId, tokens: u64) -> BudgetLimit {
-    BudgetLimit {
-        agent_id,
-        token_budget: tokens,
-        calls_budget: 10,
-        window_secs: 60,
-    }
-}
 
 fn used(m: &BudgetManager, agent: &AgentId) -> u64 {
     m.full_info(agent).expect("configured").tokens_used

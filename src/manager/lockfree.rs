@@ -4,25 +4,27 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
-use crate::cell::{AgentCell, Enforced};
+use crate::cell::Enforced;
 use crate::clock::Clock;
 use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refusal, Refused};
 use crate::handle::{AgentHandle, OwnedAgentHandle};
 use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
+use crate::registry::{CellRef, Pinned, Registry, SlotRef};
 use crate::reservation::{
     Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
-use crate::sync::{AgentMap, AtomicU64, ClockSource, Mutex, MutexGuard, Ordering, View};
+use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
 use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
 
 /// Tracks token and call budgets per agent, in fixed windows or refilling
 /// buckets, alone or in chains of budgets, without locks.
 ///
-/// Every operation on one agent is a map lookup, one clock read and (for
-/// writes) a compare-and-swap loop on that agent's 128-bit usage word, and
+/// Every operation on one agent is a lookup in the registry, one clock read
+/// and (for writes) a compare-and-swap loop on that agent's usage word (64
+/// bits for fixed windows with small budgets, 128 otherwise), and
 /// one more of each per ancestor for an agent with a parent; no lock is
 /// taken (only configuration changes serialize among themselves) and
 /// nothing is allocated on the admitted paths of
@@ -47,7 +49,7 @@ use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit
 /// # Ok::<(), agent_budget::BudgetExceeded>(())
 /// ```
 pub struct BudgetManager {
-    agents: AgentMap<Arc<AgentCell>>,
+    agents: Registry,
     clock: Clock,
     generations: AtomicU64,
     /// Serializes configuration changes (`set_budget`, `set_refill`,
@@ -117,7 +119,7 @@ impl BudgetManager {
 
     fn on(clock: Clock) -> Self {
         BudgetManager {
-            agents: AgentMap::new(),
+            agents: Registry::new(),
             clock,
             generations: AtomicU64::new(0),
             config: Mutex::new(Hierarchy::default()),
@@ -128,6 +130,18 @@ impl BudgetManager {
     fn next_generation(&self) -> u64 {
         // Relaxed: only uniqueness is needed, which the RMW gives.
         self.generations.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The one clock read of an operation.
+    #[inline]
+    pub(crate) fn now(&self) -> Now {
+        self.clock.now()
+    }
+
+    /// Holds the registry's current header for one operation.
+    #[inline]
+    pub(crate) fn pin(&self) -> Pinned<'_> {
+        self.agents.pin(&self.clock)
     }
 
     fn config(&self) -> MutexGuard<'_, Hierarchy> {
@@ -159,19 +173,9 @@ impl BudgetManager {
         let agent_id = configured.agent_id();
         let now = self.clock.now();
         let limit = Limit::new(configured, hierarchy.parent_of(&agent_id));
-        self.agents.update_or_insert(
-            agent_id,
-            |cell| cell.set_limit(agent_id, &limit, now),
-            || {
-                let state = State::fresh(now.start_tick());
-                Arc::new(AgentCell::new(
-                    agent_id,
-                    &limit,
-                    state,
-                    self.next_generation(),
-                ))
-            },
-        );
+        let fresh = State::fresh(now.start_tick());
+        self.agents
+            .configure(agent_id, &limit, now, fresh, || self.next_generation());
         drop(hierarchy);
         self.events.limit_changed(&agent_id);
     }
@@ -191,7 +195,7 @@ impl BudgetManager {
         parent: Option<&AgentId>,
     ) -> Result<(), HierarchyError> {
         let mut hierarchy = self.config();
-        let known = |id: &AgentId| self.agents.get(id, |_| ()).is_some();
+        let known = |id: &AgentId| self.pin().get(id).is_some();
         if !known(child) {
             return Err(HierarchyError::UnknownAgent(*child));
         }
@@ -216,10 +220,13 @@ impl BudgetManager {
     /// Stores `child`'s new parent beside its cell; under the config lock.
     fn relink(&self, child: &AgentId, parent: Option<AgentId>) {
         let now = self.clock.now();
-        self.agents.get(child, |cell| {
-            let limit = cell.limit(*child).with_parent(parent);
-            cell.set_limit(*child, &limit, now);
-        });
+        let limit = self.pin().get(child).map(|cell| cell.limit(*child));
+        if let Some(limit) = limit {
+            let limit = limit.with_parent(parent);
+            let fresh = State::fresh(now.start_tick());
+            self.agents
+                .configure(*child, &limit, now, fresh, || self.next_generation());
+        }
     }
 
     /// Forgets an agent's budget and usage. Its reservations settle to
@@ -229,9 +236,9 @@ impl BudgetManager {
     /// keep their own budgets, now without a parent.
     pub fn remove_budget(&self, agent_id: &AgentId) {
         let mut hierarchy = self.config();
-        // Out of the map, then retired: from here on no handle and no
+        // Retired, then out of the index: from here on no handle and no
         // lookup that raced the removal admits anything into it.
-        self.agents.remove(agent_id, |cell| cell.retire());
+        self.agents.remove(agent_id, self.clock.now());
         let children = hierarchy.remove(*agent_id);
         for child in &children {
             self.relink(child, None);
@@ -364,26 +371,33 @@ impl BudgetManager {
     /// amount and cannot tell which window the tokens were spent in; a
     /// [`Reservation`] can.
     pub fn release(&self, agent_id: &AgentId, tokens: u64) {
-        self.agents
-            .get(agent_id, |own| self.release_from(agent_id, own, tokens));
+        let pinned = self.pin();
+        if let Some(own) = pinned.get(agent_id) {
+            self.release_from(&pinned, agent_id, own, tokens);
+        }
     }
 
     /// [`release`](Self::release) for an agent whose cell is at hand.
-    pub(crate) fn release_from(&self, agent_id: &AgentId, own: &AgentCell, tokens: u64) {
+    pub(crate) fn release_from(
+        &self,
+        pinned: &Pinned<'_>,
+        agent_id: &AgentId,
+        own: CellRef<'_>,
+        tokens: u64,
+    ) {
         let now = self.clock.now();
         let mut released = ChainIds::new();
-        self.agents.view(|view| {
-            walk_chain(view, *agent_id, own, |id, cell, enforced| {
-                let policy = enforced.policy;
-                // SeqCst: a refund, paired with waiters' registration (see
-                // `Waiters::wake`).
-                let updated =
-                    cell.update(Ordering::SeqCst, |s| (s.release(&policy, now, tokens), ()));
-                if updated.is_some_and(|(before, after, ())| after != before) {
-                    released.push(id);
-                }
-                true
+        walk_chain(pinned, *agent_id, own, |id, cell, enforced| {
+            let policy = enforced.policy;
+            // SeqCst: a refund, paired with waiters' registration (see
+            // `Waiters::wake`).
+            let updated = cell.update(Ordering::SeqCst, now, |s| {
+                (s.release(&policy, now, tokens), ())
             });
+            if updated.is_some_and(|(before, after, ())| after != before) {
+                released.push(id);
+            }
+            true
         });
         for level in released.iter() {
             self.events.refunded(level, || self.headroom(level));
@@ -395,15 +409,28 @@ impl BudgetManager {
     /// no budget. See [`AgentHandle`] for what happens once the agent is
     /// removed.
     pub fn handle(&self, agent_id: &AgentId) -> Option<AgentHandle<'_>> {
-        let cell = self.agents.get(agent_id, Arc::clone)?;
-        Some(AgentHandle::new(self, *agent_id, cell))
+        let (slot, generation) = self.place_of(agent_id)?;
+        Some(AgentHandle::new(self, *agent_id, slot, generation))
     }
 
     /// [`handle`](Self::handle) on an `Arc` of the manager: the handle is
     /// `Send`, `Sync` and `'static`.
     pub fn handle_owned(self: &Arc<Self>, agent_id: &AgentId) -> Option<OwnedAgentHandle> {
-        let cell = self.agents.get(agent_id, Arc::clone)?;
-        Some(OwnedAgentHandle::new(self.clone(), *agent_id, cell))
+        let (slot, generation) = self.place_of(agent_id)?;
+        Some(OwnedAgentHandle::new(
+            self.clone(),
+            *agent_id,
+            slot,
+            generation,
+        ))
+    }
+
+    /// Where the agent's cell is now, and its incarnation: what a handle
+    /// holds.
+    fn place_of(&self, agent_id: &AgentId) -> Option<(SlotRef, u64)> {
+        let pinned = self.pin();
+        let cell = pinned.get(agent_id)?.current();
+        Some((cell.slot(), cell.generation()))
     }
 
     /// Takes `request` (tokens, calls) at every level of the agent's chain,
@@ -415,14 +442,26 @@ impl BudgetManager {
         request: (u64, u64),
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
-        self.agents
-            .get(agent_id, |own| {
-                if generation.is_some_and(|g| g != own.generation()) {
-                    return Err(Refusal::NoBudget);
-                }
-                self.admit_from(agent_id, own, request)
-            })
-            .unwrap_or(Err(Refusal::NoBudget))
+        self.admit_under(&self.pin(), agent_id, request, generation)
+    }
+
+    /// [`admit`](Self::admit) under a header the caller holds.
+    #[inline(always)]
+    fn admit_under(
+        &self,
+        pinned: &Pinned<'_>,
+        agent_id: &AgentId,
+        request: (u64, u64),
+        generation: Option<u64>,
+    ) -> Result<Levels, Refusal> {
+        let Some(own) = pinned.get(agent_id) else {
+            return Err(Refusal::NoBudget);
+        };
+        let own = match generation {
+            Some(generation) => own.expecting(generation),
+            None => own,
+        };
+        self.admit_from(pinned, agent_id, own, request)
     }
 
     /// [`admit`](Self::admit) for an agent whose cell is at hand (found in
@@ -434,36 +473,17 @@ impl BudgetManager {
     /// another request may be refused by a level that is about to get the
     /// budget back: the one exception to all-or-nothing being atomic, and
     /// never an over-admission (see `docs::semantics`).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn admit_from(
         &self,
+        pinned: &Pinned<'_>,
         agent_id: &AgentId,
-        own: &AgentCell,
+        own: CellRef<'_>,
         (tokens, calls): (u64, u64),
     ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
         let own_generation = own.generation();
-        // `None`: the cell was retired (its agent removed) meanwhile.
-        let take = |id: AgentId, cell: &AgentCell, policy| {
-            // Relaxed: taking budget publishes nothing and wakes no one.
-            let Some((_, after, verdict)) =
-                cell.update(Ordering::Relaxed, |s| s.admit(&policy, now, tokens, calls))
-            else {
-                return Ok(None);
-            };
-            let level = Level {
-                agent_id: id,
-                generation: cell.generation(),
-                taken_in: after.mark,
-            };
-            verdict
-                .map(|()| Some(level))
-                .map_err(|shortfall| Refusal::Short {
-                    shortfall,
-                    generation: own_generation,
-                    level: id,
-                })
-        };
+        let take = |id, cell, policy| take(id, cell, policy, now, (tokens, calls), own_generation);
         let enforced = own.enforced();
         let Some(level) = take(*agent_id, own, enforced.policy)? else {
             return Err(Refusal::NoBudget);
@@ -472,53 +492,44 @@ impl BudgetManager {
         if !enforced.has_parent {
             return Ok(levels);
         }
-        self.agents.view(|view| {
-            let mut refused = None;
-            walk_ancestors(view, *agent_id, own, |id, cell, enforced| {
-                match take(id, cell, enforced.policy) {
-                    Ok(Some(level)) => {
-                        levels.push(level);
-                        true
-                    }
-                    // An ancestor removed meanwhile ends the chain there.
-                    Ok(None) => false,
-                    Err(refusal) => {
-                        refused = Some(refusal);
-                        false
-                    }
+        let mut refused = None;
+        walk_ancestors(pinned, *agent_id, own, |id, cell, enforced| {
+            match take(id, cell, enforced.policy) {
+                Ok(Some(level)) => {
+                    levels.push(level);
+                    true
                 }
-            });
-            match refused {
-                None => Ok(levels),
-                Some(refusal) => {
-                    self.give_back(view, &levels, now, (tokens, calls));
-                    Err(refusal)
+                // An ancestor removed meanwhile ends the chain there.
+                Ok(None) => false,
+                Err(refusal) => {
+                    refused = Some(refusal);
+                    false
                 }
             }
-        })
+        });
+        match refused {
+            None => Ok(levels),
+            Some(refusal) => {
+                self.give_back(pinned, &levels, now, (tokens, calls));
+                Err(refusal)
+            }
+        }
     }
 
     /// Undoes a partial admission: each level in `levels` gets `request`
     /// back, in the window it was taken from.
-    fn give_back(
-        &self,
-        view: &View<'_, Arc<AgentCell>>,
-        levels: &Levels,
-        now: Now,
-        request: (u64, u64),
-    ) {
+    fn give_back(&self, pinned: &Pinned<'_>, levels: &Levels, now: Now, request: (u64, u64)) {
         for level in levels.iter().rev() {
-            if let Some(cell) = view.get(&level.agent_id) {
-                if cell.generation() == level.generation {
-                    let policy = cell.enforced().policy;
-                    // SeqCst: a refund; see `release`.
-                    cell.update(Ordering::SeqCst, |s| {
-                        match s.settle(&policy, now, level.taken_in, request, (0, 0)) {
-                            Refund::Applied { next, .. } => (next, ()),
-                            _ => (s, ()),
-                        }
-                    });
-                }
+            if let Some(cell) = pinned.get(&level.agent_id) {
+                let cell = cell.expecting(level.generation);
+                let policy = cell.enforced().policy;
+                // SeqCst: a refund; see `release`.
+                cell.update(Ordering::SeqCst, now, |s| {
+                    match s.settle(&policy, now, level.taken_in, request, (0, 0)) {
+                        Refund::Applied { next, .. } => (next, ()),
+                        _ => (s, ()),
+                    }
+                });
             }
             let agent_id = &level.agent_id;
             self.events.refunded(agent_id, || self.headroom(agent_id));
@@ -528,27 +539,25 @@ impl BudgetManager {
     /// What the agent's own level can admit right now, for the wake rule.
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {
         let now = self.clock.now();
-        self.agents
-            .get(agent_id, |cell| {
-                let state = cell.load()?;
-                Some(state.headroom(&cell.enforced().policy, now))
-            })
-            .flatten()
+        let pinned = self.pin();
+        let cell = pinned.get(agent_id)?;
+        let state = cell.load(now)?;
+        Some(state.headroom(&cell.enforced().policy, now))
     }
 
     /// What is left at the agent's own level: in its current window, or in
     /// its bucket. A window that has expired reads as the fresh one the next
     /// write will start; an unknown agent reads as exhausted.
     pub fn remaining(&self, agent_id: &AgentId) -> BudgetInfo {
-        self.agents
-            .get(agent_id, |cell| self.remaining_of(cell))
-            .unwrap_or_else(unknown_agent_info)
+        self.pin()
+            .get(agent_id)
+            .map_or_else(unknown_agent_info, |cell| self.remaining_of(cell))
     }
 
     /// `remaining` of a cell at hand.
-    pub(crate) fn remaining_of(&self, cell: &AgentCell) -> BudgetInfo {
+    pub(crate) fn remaining_of(&self, cell: CellRef<'_>) -> BudgetInfo {
         let now = self.clock.now();
-        cell.load().map_or_else(unknown_agent_info, |state| {
+        cell.load(now).map_or_else(unknown_agent_info, |state| {
             budget_info(&cell.enforced().policy, state, now)
         })
     }
@@ -557,30 +566,29 @@ impl BudgetManager {
     /// calls left.
     pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
         let now = self.clock.now();
-        self.agents.view(|view| {
-            let Some(own) = view.get(agent_id) else {
-                return false;
-            };
-            let mut open = true;
-            walk_chain(view, *agent_id, own.as_ref(), |_, cell, enforced| {
-                open &= cell
-                    .load()
-                    .is_some_and(|s| !budget_info(&enforced.policy, s, now).is_exhausted);
-                open
-            });
+        let pinned = self.pin();
+        let Some(own) = pinned.get(agent_id) else {
+            return false;
+        };
+        let mut open = true;
+        walk_chain(&pinned, *agent_id, own, |_, cell, enforced| {
+            open &= cell
+                .load(now)
+                .is_some_and(|s| !budget_info(&enforced.policy, s, now).is_exhausted);
             open
-        })
+        });
+        open
     }
 
     /// Starts a fresh window (or a full bucket) for the agent's own level,
     /// now, with nothing used.
     pub fn reset_window(&self, agent_id: &AgentId) {
         let now = self.clock.now();
-        let reset = self.agents.get(agent_id, |cell| {
+        let reset = self.pin().get(agent_id).and_then(|cell| {
             // SeqCst: a refund; see `release`.
-            cell.update(Ordering::SeqCst, |s| (s.reset(now), ()))
+            cell.update(Ordering::SeqCst, now, |s| (s.reset(now), ()))
         });
-        if reset.flatten().is_some() {
+        if reset.is_some() {
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
     }
@@ -589,9 +597,7 @@ impl BudgetManager {
     /// budget.
     pub fn full_info(&self, agent_id: &AgentId) -> Option<FullBudgetInfo> {
         let now = self.clock.now();
-        self.agents
-            .get(agent_id, |cell| info_of(agent_id, cell, now))
-            .flatten()
+        info_of(agent_id, self.pin().get(agent_id)?, now)
     }
 
     /// [`full_info`](Self::full_info) of the agent, then of each of its
@@ -599,14 +605,13 @@ impl BudgetManager {
     pub fn chain_info(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
         let now = self.clock.now();
         let mut chain = Vec::new();
-        self.agents.view(|view| {
-            if let Some(own) = view.get(agent_id) {
-                walk_chain(view, *agent_id, own.as_ref(), |id, cell, _| {
-                    chain.extend(info_of(&id, cell, now));
-                    true
-                });
-            }
-        });
+        let pinned = self.pin();
+        if let Some(own) = pinned.get(agent_id) {
+            walk_chain(&pinned, *agent_id, own, |id, cell, _| {
+                chain.extend(info_of(&id, cell, now));
+                true
+            });
+        }
         chain
     }
 
@@ -614,8 +619,8 @@ impl BudgetManager {
     pub fn all_full_info(&self) -> Vec<FullBudgetInfo> {
         let now = self.clock.now();
         let mut all = Vec::new();
-        self.agents
-            .for_each(|id, cell| all.extend(info_of(id, cell, now)));
+        self.pin()
+            .for_each(|id, cell| all.extend(info_of(&id, cell, now)));
         all
     }
 
@@ -628,11 +633,11 @@ impl BudgetManager {
     pub fn persist(&self, path: &Path) -> Result<(), PersistError> {
         let at = self.clock.moment();
         let mut agents = Vec::new();
-        self.agents.for_each(|id, cell| {
-            let Some(state) = cell.load() else {
+        self.pin().for_each(|id, cell| {
+            let Some(state) = cell.load(at.now) else {
                 return;
             };
-            let limit = cell.limit(*id);
+            let limit = cell.limit(id);
             agents.push(AgentState {
                 configured: limit.configured,
                 parent: limit.parent,
@@ -655,13 +660,15 @@ impl BudgetManager {
             return Ok(());
         };
         let mut hierarchy = self.config();
-        self.agents.for_each(|_, cell| cell.retire());
-        self.agents.replace_all(agents.into_iter().map(|agent| {
-            let id = agent.configured.agent_id();
-            let limit = Limit::new(agent.configured, agent.parent);
-            let cell = AgentCell::new(id, &limit, agent.state, self.next_generation());
-            (id, Arc::new(cell))
-        }));
+        let agents = agents
+            .into_iter()
+            .map(|agent| {
+                let id = agent.configured.agent_id();
+                let limit = Limit::new(agent.configured, agent.parent);
+                (id, limit, agent.state, self.next_generation())
+            })
+            .collect();
+        self.agents.replace_all(self.clock.now(), agents);
         *hierarchy = restored;
         drop(hierarchy);
         self.events.everything_changed();
@@ -669,23 +676,55 @@ impl BudgetManager {
     }
 }
 
+/// Takes `request` at one level of a chain, `id`'s `cell` under `policy`;
+/// `Ok(None)` if the cell was retired (its agent removed) meanwhile.
+/// Inlined into each caller, so the verdict is never copied through memory.
+#[inline(always)]
+fn take(
+    id: AgentId,
+    cell: CellRef<'_>,
+    policy: crate::rules::Policy,
+    now: Now,
+    (tokens, calls): (u64, u64),
+    own_generation: u64,
+) -> Result<Option<Level>, Refusal> {
+    // Relaxed: taking budget publishes nothing and wakes no one.
+    let Some((_, after, verdict)) = cell.update(Ordering::Relaxed, now, |s| {
+        s.admit(&policy, now, tokens, calls)
+    }) else {
+        return Ok(None);
+    };
+    let level = Level {
+        agent_id: id,
+        generation: cell.generation(),
+        taken_in: after.mark,
+    };
+    verdict
+        .map(|()| Some(level))
+        .map_err(|shortfall| Refusal::Short {
+            shortfall,
+            generation: own_generation,
+            level: id,
+        })
+}
+
 /// `full_info` of a cell, `None` if it was retired meanwhile.
-fn info_of(agent_id: &AgentId, cell: &AgentCell, now: Now) -> Option<FullBudgetInfo> {
-    let state = cell.load()?;
+fn info_of(agent_id: &AgentId, cell: CellRef<'_>, now: Now) -> Option<FullBudgetInfo> {
+    let state = cell.load(now)?;
     Some(full_budget_info(&cell.limit(*agent_id), state, now))
 }
 
 /// Visits the agent's own cell, then its ancestors' (see
 /// [`walk_ancestors`]), while `visit` returns `true`.
-fn walk_chain(
-    view: &View<'_, Arc<AgentCell>>,
+fn walk_chain<'p>(
+    pinned: &'p Pinned<'_>,
     agent_id: AgentId,
-    own: &AgentCell,
-    mut visit: impl FnMut(AgentId, &AgentCell, &Enforced) -> bool,
+    own: CellRef<'p>,
+    mut visit: impl FnMut(AgentId, CellRef<'p>, &Enforced) -> bool,
 ) {
     let enforced = own.enforced();
     if visit(agent_id, own, &enforced) && enforced.has_parent {
-        walk_ancestors(view, agent_id, own, visit);
+        walk_ancestors(pinned, agent_id, own, visit);
     }
 }
 
@@ -694,11 +733,11 @@ fn walk_chain(
 /// [`MAX_LEVELS`], and at a parent that is gone or already visited (which
 /// only a `set_parent` or `remove_budget` racing the walk can produce: the
 /// walk then sees the chain as it was before or after).
-fn walk_ancestors(
-    view: &View<'_, Arc<AgentCell>>,
+fn walk_ancestors<'p>(
+    pinned: &'p Pinned<'_>,
     agent_id: AgentId,
-    own: &AgentCell,
-    mut visit: impl FnMut(AgentId, &AgentCell, &Enforced) -> bool,
+    own: CellRef<'p>,
+    mut visit: impl FnMut(AgentId, CellRef<'p>, &Enforced) -> bool,
 ) {
     let mut seen = ChainIds::new();
     seen.push(agent_id);
@@ -707,11 +746,11 @@ fn walk_ancestors(
         let Some(id) = parent.filter(|id| !seen.contains(id)) else {
             return;
         };
-        let Some(cell) = view.get(&id) else {
+        let Some(cell) = pinned.get(&id) else {
             return;
         };
         let enforced = cell.enforced();
-        if !visit(id, cell.as_ref(), &enforced) || !enforced.has_parent {
+        if !visit(id, cell, &enforced) || !enforced.has_parent {
             return;
         }
         seen.push(id);
@@ -726,33 +765,33 @@ impl Ledger for BudgetManager {
         let now = self.clock.now();
         let reserved = (ticket.tokens, ticket.calls);
         let mut own = None;
-        self.agents.view(|view| {
-            for level in ticket.levels.iter() {
-                let settlement =
-                    view.get(&level.agent_id)
-                        .filter(|cell| cell.generation() == level.generation)
-                        .map_or(Settlement::AgentRemoved, |cell| {
-                            let policy = cell.enforced().policy;
-                            // SeqCst: may refund; see `release`.
-                            let updated = cell.update(Ordering::SeqCst, |s| {
-                                let refund = s.settle(&policy, now, level.taken_in, reserved, used);
-                                match refund {
-                                    Refund::Applied { next, .. }
-                                    | Refund::CarriedOver { next, .. } => (next, refund),
-                                    Refund::WindowEnded => (s, refund),
-                                }
-                            });
-                            updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
-                                Settlement::of(refund)
-                            })
-                        });
-                if settlement.refunded() {
-                    let agent_id = &level.agent_id;
-                    self.events.refunded(agent_id, || self.headroom(agent_id));
-                }
-                own.get_or_insert(settlement);
+        let pinned = self.pin();
+        for level in ticket.levels.iter() {
+            let settlement = pinned
+                .get(&level.agent_id)
+                .map_or(Settlement::AgentRemoved, |cell| {
+                    let cell = cell.expecting(level.generation);
+                    let policy = cell.enforced().policy;
+                    // SeqCst: may refund; see `release`.
+                    let updated = cell.update(Ordering::SeqCst, now, |s| {
+                        let refund = s.settle(&policy, now, level.taken_in, reserved, used);
+                        match refund {
+                            Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } => {
+                                (next, refund)
+                            }
+                            Refund::WindowEnded => (s, refund),
+                        }
+                    });
+                    updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
+                        Settlement::of(refund)
+                    })
+                });
+            if settlement.refunded() {
+                let agent_id = &level.agent_id;
+                self.events.refunded(agent_id, || self.headroom(agent_id));
             }
-        });
+            own.get_or_insert(settlement);
+        }
         own.unwrap_or(Settlement::AgentRemoved)
     }
 }
@@ -769,7 +808,10 @@ impl crate::wait::Waitable for BudgetManager {
         request: (u64, u64),
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
-        self.admit(agent_id, request, generation)
+        // A waiter's tries read the usage word by read-modify-write: see
+        // `Registry::pin_confirming`.
+        let pinned = self.agents.pin_confirming(&self.clock);
+        self.admit_under(&pinned, agent_id, request, generation)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

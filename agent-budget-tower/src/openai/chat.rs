@@ -17,6 +17,7 @@ use serde_json::Value;
 use super::request::{
     non_negative, parse, saturating_sum, Cost, EstimateOptions, TokenCounter, NON_TEXT_PART_TOKENS,
 };
+use super::scan::{Cursor, Fields};
 
 /// Framing tokens per chat message.
 pub(super) const TOKENS_PER_MESSAGE: u64 = 3;
@@ -151,24 +152,189 @@ impl Prompt<'_> {
     }
 }
 
-/// The cost of a chat completions body.
+/// What a chat body says about its cost, however it was read.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ChatFacts {
+    prompt_tokens: u64,
+    max_completion_tokens: Option<u64>,
+    max_tokens: Option<u64>,
+    n: Option<u64>,
+    stream: Option<bool>,
+    /// `stream_options.include_usage`.
+    include_usage: Option<bool>,
+}
+
+/// The cost of a chat completions body: read by the [fast path](fast_chat)
+/// where it can, else by serde.
 pub(super) fn chat_cost(
     body: &[u8],
     counter: &dyn TokenCounter,
     options: &EstimateOptions,
 ) -> Result<Cost, String> {
-    let parsed: ChatBody<'_> = parse(body)?;
-    let max = non_negative(
-        "max_completion_tokens",
-        parsed.max_completion_tokens.as_ref(),
-    )?
-    .or(non_negative("max_tokens", parsed.max_tokens.as_ref())?);
-    let n = choices("n", parsed.n.as_ref())?;
+    let facts = match fast_chat(body, counter) {
+        Some(facts) => facts,
+        None => serde_chat(body, counter)?,
+    };
+    let max = facts.max_completion_tokens.or(facts.max_tokens);
+    let n = choices("n", facts.n)?;
     Ok(Cost {
-        prompt_tokens: count_messages(&parsed, counter),
+        prompt_tokens: facts.prompt_tokens,
         completion_tokens: max.unwrap_or(options.default_max_tokens).saturating_mul(n),
-        needs_usage_asked: needs_usage_asked(parsed.stream, parsed.stream_options.as_ref()),
+        needs_usage_asked: facts.stream == Some(true) && facts.include_usage != Some(true),
     })
+}
+
+/// A chat body read by serde into its narrow view: any body, with serde's
+/// errors.
+fn serde_chat(body: &[u8], counter: &dyn TokenCounter) -> Result<ChatFacts, String> {
+    let parsed: ChatBody<'_> = parse(body)?;
+    Ok(ChatFacts {
+        prompt_tokens: count_messages(&parsed, counter),
+        max_completion_tokens: non_negative(
+            "max_completion_tokens",
+            parsed.max_completion_tokens.as_ref(),
+        )?,
+        max_tokens: non_negative("max_tokens", parsed.max_tokens.as_ref())?,
+        n: non_negative("n", parsed.n.as_ref())?,
+        stream: parsed.stream,
+        include_usage: parsed.stream_options.and_then(|o| o.include_usage),
+    })
+}
+
+/// A chat body read by the [strict reader](super::scan), or `None` for
+/// anything it leaves to serde: escapes in the text it counts, numbers
+/// other than plain integers, duplicate fields, unexpected types. Where it
+/// answers, it answers as [`serde_chat`] does.
+fn fast_chat(body: &[u8], counter: &dyn TokenCounter) -> Option<ChatFacts> {
+    let mut cursor = Cursor::new(body)?;
+    let mut facts = ChatFacts::default();
+    let mut seen = Fields::default();
+    cursor.object(|c, key| {
+        match key {
+            "messages" => {
+                seen.first(0)?;
+                if !c.null()? {
+                    let messages = fast_messages(c, counter)?;
+                    facts.prompt_tokens = facts
+                        .prompt_tokens
+                        .saturating_add(messages)
+                        .saturating_add(REPLY_PRIMING);
+                }
+            }
+            "tools" | "functions" | "response_format" => {
+                seen.first(match key {
+                    "tools" => 1,
+                    "functions" => 2,
+                    _ => 3,
+                })?;
+                if !c.null()? {
+                    let raw = counter.count(c.skip()?);
+                    facts.prompt_tokens = facts.prompt_tokens.saturating_add(raw);
+                }
+            }
+            "max_tokens" => {
+                seen.first(4)?;
+                facts.max_tokens = c.optional(Cursor::integer)?;
+            }
+            "max_completion_tokens" => {
+                seen.first(5)?;
+                facts.max_completion_tokens = c.optional(Cursor::integer)?;
+            }
+            "n" => {
+                seen.first(6)?;
+                facts.n = c.optional(Cursor::integer)?;
+            }
+            "stream" => {
+                seen.first(7)?;
+                facts.stream = c.optional(Cursor::boolean)?;
+            }
+            "stream_options" => {
+                seen.first(8)?;
+                if !c.null()? {
+                    let mut seen = Fields::default();
+                    c.object(|c, key| {
+                        if key == "include_usage" {
+                            seen.first(0)?;
+                            facts.include_usage = c.optional(Cursor::boolean)?;
+                        } else {
+                            c.skip()?;
+                        }
+                        Some(())
+                    })?;
+                }
+            }
+            _ => {
+                c.skip()?;
+            }
+        }
+        Some(())
+    })?;
+    cursor.end()?;
+    Some(facts)
+}
+
+/// The messages' tokens, with their framing.
+fn fast_messages(c: &mut Cursor<'_>, counter: &dyn TokenCounter) -> Option<u64> {
+    let mut tokens = 0u64;
+    c.array(|c| {
+        tokens = tokens.saturating_add(TOKENS_PER_MESSAGE);
+        let mut seen = Fields::default();
+        c.object(|c, key| {
+            let counted = match key {
+                "content" => {
+                    seen.first(0)?;
+                    match c.peek()? {
+                        b'n' => c.null().map(|_| 0)?,
+                        b'"' => counter.count(c.string()?.text()?),
+                        b'[' => fast_parts(c, counter)?,
+                        _ => return None,
+                    }
+                }
+                "name" => {
+                    seen.first(1)?;
+                    match c.optional(Cursor::string)? {
+                        Some(name) => counter.count(name.text()?).saturating_add(TOKENS_PER_NAME),
+                        None => 0,
+                    }
+                }
+                "tool_calls" | "function_call" => {
+                    seen.first(if key == "tool_calls" { 2 } else { 3 })?;
+                    match c.optional(Cursor::skip)? {
+                        Some(raw) => counter.count(raw),
+                        None => 0,
+                    }
+                }
+                _ => c.skip().map(|_| 0)?,
+            };
+            tokens = tokens.saturating_add(counted);
+            Some(())
+        })
+    })?;
+    Some(tokens)
+}
+
+/// A content array's tokens: its text parts', and a flat rate for others.
+fn fast_parts(c: &mut Cursor<'_>, counter: &dyn TokenCounter) -> Option<u64> {
+    let mut tokens = 0u64;
+    c.array(|c| {
+        let (mut text, mut seen) = (None, Fields::default());
+        c.object(|c, key| {
+            if key == "text" {
+                seen.first(0)?;
+                text = c.optional(Cursor::string)?;
+            } else {
+                c.skip()?;
+            }
+            Some(())
+        })?;
+        let counted = match text {
+            Some(text) => counter.count(text.text()?),
+            None => NON_TEXT_PART_TOKENS,
+        };
+        tokens = tokens.saturating_add(counted);
+        Some(())
+    })?;
+    Some(tokens)
 }
 
 /// The cost of a legacy completions body.
@@ -179,8 +345,8 @@ pub(super) fn completions_cost(
 ) -> Result<Cost, String> {
     let parsed: CompletionsBody<'_> = parse(body)?;
     let max = non_negative("max_tokens", parsed.max_tokens.as_ref())?;
-    let n = choices("n", parsed.n.as_ref())?;
-    let best_of = choices("best_of", parsed.best_of.as_ref())?;
+    let n = choices("n", non_negative("n", parsed.n.as_ref())?)?;
+    let best_of = choices("best_of", non_negative("best_of", parsed.best_of.as_ref())?)?;
     let (prompt_tokens, prompts) = parsed.prompt.as_ref().map_or((0, 1), |p| p.tokens(counter));
     Ok(Cost {
         prompt_tokens,
@@ -194,8 +360,8 @@ pub(super) fn completions_cost(
 
 /// A count of choices (`n`, `best_of`): 1 when absent, else 1 to
 /// [`MAX_CHOICES`].
-fn choices(field: &str, value: Option<&Value>) -> Result<u64, String> {
-    let n = non_negative(field, value)?.unwrap_or(1);
+fn choices(field: &str, value: Option<u64>) -> Result<u64, String> {
+    let n = value.unwrap_or(1);
     if n == 0 || n > MAX_CHOICES {
         return Err(format!("{field} must be between 1 and {MAX_CHOICES}"));
     }
@@ -293,7 +459,8 @@ mod tests {
                 prompt_tokens: 3,
                 completion_tokens: 16,
                 calls: 1,
-                hide_usage_chunk: false
+                hide_usage_chunk: false,
+                deferred_count: None,
             }
         );
         let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();
@@ -396,5 +563,148 @@ mod tests {
         let e = chat(r#"{"messages":[{"content":"a\nb \u00e9"}],"max_tokens":0}"#).unwrap();
         // Three words once unescaped: "a", "b", "é".
         assert_eq!(e.estimate.prompt_tokens, 3 + 3 + REPLY_PRIMING);
+    }
+}
+
+#[cfg(test)]
+mod fast_path_tests {
+    use super::super::request::tests::Words;
+    use super::*;
+
+    /// Bodies built from pieces that the fast path reads and pieces it
+    /// leaves to serde, valid and not.
+    fn bodies() -> Vec<String> {
+        let contents = [
+            r#""one two three""#,
+            r#""""#,
+            r#"null"#,
+            r#"[]"#,
+            r#"[{"type":"text","text":"a b"},{"type":"image_url","image_url":{"url":"x"}}]"#,
+            r#"[{"text":null},{"text":"c"},{}]"#,
+            r#""esc\"aped \u00e9""#,
+            r#"[{"text":"a\nb"}]"#,
+            r#"5"#,
+            r#"{"text":"a"}"#,
+            r#"[{"text":5}]"#,
+            r#"[["a"]]"#,
+            r#""日本語 🦀""#,
+        ];
+        let messages = contents
+            .iter()
+            .flat_map(|content| {
+                [
+                    format!(r#"[{{"role":"user","content":{content}}}]"#),
+                    format!(
+                        r#"[{{"role":"system","content":"be brief"}},{{"role":"user","name":"bob smith","content":{content}}}]"#
+                    ),
+                ]
+            })
+            .chain(
+                [
+                    "[]",
+                    "null",
+                    r#"[{"role":"assistant","content":null,"tool_calls":[{"id":"a b","function":{"arguments":"{}"}}]}]"#,
+                    r#"[{"role":"assistant","function_call":{"name":"f"},"function_call":{}}]"#,
+                    r#"[{"content":"a","content":"b"}]"#,
+                    r#"[{"name":5}]"#,
+                    r#"[{"name":null,"tool_calls":null}]"#,
+                    r#"["not an object"]"#,
+                    r#"{"role":"user"}"#,
+                    r#""x""#,
+                ]
+                .map(str::to_owned),
+            )
+            .collect::<Vec<_>>();
+        let numbers = [
+            "16",
+            "0",
+            "null",
+            "-1",
+            "1.5",
+            "1e3",
+            "18446744073709551615",
+            "18446744073709551616",
+            "99999999999999999999",
+            "1e400",
+            r#""5""#,
+            "true",
+        ];
+        let extras = [
+            "",
+            r#","stream":true"#,
+            r#","stream":false,"stream_options":null"#,
+            r#","stream":true,"stream_options":{"include_usage":true,"x":[1]}"#,
+            r#","stream":true,"stream_options":{"include_usage":false}"#,
+            r#","stream":"yes""#,
+            r#","stream":true,"stream":false"#,
+            r#","stream_options":{"include_usage":true,"include_usage":false}"#,
+            r#","stream_options":5"#,
+            r#","n":3"#,
+            r#","n":0"#,
+            r#","n":1000"#,
+            r#","max_completion_tokens":70"#,
+            r#","max_completion_tokens":null"#,
+            r#","max_tokens":1"#,
+            r#","tools":[{"type":"function","function":{"name":"f","parameters":{}}}],"response_format":{"type":"json_object"}"#,
+            r#","functions":null,"tools":null"#,
+            r#","tools":[],"tools":[]"#,
+            r#","temperature":0.7,"top_p":1e-3,"user":"u\u00e9","metadata":{"a":[true,false,null]}"#,
+            r#","\u006e":2"#,
+        ];
+        let mut bodies = Vec::new();
+        for (i, messages) in messages.iter().enumerate() {
+            for (j, number) in numbers.iter().enumerate() {
+                let extra = extras[(i + j) % extras.len()];
+                bodies.push(format!(
+                    r#"{{"model":"gpt-4o","messages":{messages},"max_tokens":{number}{extra}}}"#
+                ));
+            }
+            for extra in extras {
+                bodies.push(format!(r#"{{"messages":{messages}{extra}}}"#));
+            }
+        }
+        // Spacing, key order, and the body's end.
+        bodies.push(
+            " {\n \"max_tokens\" : 5 ,\r\n\t\"messages\" : [ { \"content\" : \"hi\" } ] } \n"
+                .to_owned(),
+        );
+        bodies.push(r#"{"messages":[{"content":"hi"}]} x"#.to_owned());
+        bodies.push(r#"{"messages":[{"content":"hi"}],}"#.to_owned());
+        bodies
+    }
+
+    #[test]
+    fn where_the_fast_path_answers_it_answers_as_serde_does() {
+        let (mut fast, mut total) = (0, 0);
+        for body in bodies() {
+            // Every prefix too: cut bodies are never read as whole ones.
+            for end in (1..=body.len()).filter(|&end| body.is_char_boundary(end)) {
+                let body = &body.as_bytes()[..end];
+                total += 1;
+                if let Some(facts) = fast_chat(body, &Words) {
+                    fast += 1;
+                    let serde = serde_chat(body, &Words);
+                    assert_eq!(
+                        serde.as_ref(),
+                        Ok(&facts),
+                        "{}",
+                        String::from_utf8_lossy(body)
+                    );
+                }
+            }
+        }
+        assert!(fast > 200, "the fast path read {fast} of {total} bodies");
+    }
+
+    #[test]
+    fn the_common_shapes_take_the_fast_path() {
+        for body in [
+            r#"{"model":"gpt-4o","messages":[{"role":"system","content":"You are a helpful assistant."},{"role":"user","content":"Please summarise the history of the Roman empire in three short sentences, with the emperors' names."}],"max_tokens":16}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"what is this?"},{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}],"stream":true}"#,
+            r#"{"model":"m","messages":[{"role":"assistant","content":null,"tool_calls":[{"id":"c1","type":"function","function":{"name":"f","arguments":"{\"a\":1}"}}]},{"role":"tool","tool_call_id":"c1","content":"42"}],"tools":[{"type":"function","function":{"name":"f"}}],"temperature":0.2}"#,
+        ] {
+            let facts = fast_chat(body.as_bytes(), &Words).expect(body);
+            assert_eq!(Ok(facts), serde_chat(body.as_bytes(), &Words), "{body}");
+        }
     }
 }

@@ -11,19 +11,26 @@
 //! | `POST` to chat completions, completions, responses or embeddings | the body is read whole (up to a limit: `413` beyond it), estimated by [`estimate_body`](super::estimate_body) (`400` if it is not a valid request), and put back, rewritten if the upstream must be asked for a stream's usage |
 //! | `GET` or `HEAD` (a read: models, files, a stored response) | the reads' [`FixedCost`]: one call and no tokens by default; a read with a body is `400` (an upstream that routed it like a `POST` would serve tokens nobody estimated) |
 //! | anything else (another `POST`, `PUT`, `DELETE`, …) | [`OtherRequests`]: refused with `404` by default, nothing forwarded; or a fixed cost, settled from the `usage` its response may report |
+//!
+//! The prompt is counted with the estimator's [`TokenCounter`] before
+//! admission, or, with [`PromptCount::WhenTight`], bounded at one token per
+//! byte of its text and counted only where that bound does not fit the
+//! budget (see [`DeferredCount`]).
 
 use std::future::Future;
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request};
 use http_body::Body;
-use http_body_util::{BodyExt, LengthLimitError, Limited};
 
-use super::request::{estimate_body, ByteCount, Endpoint, EstimateOptions, TokenCounter};
+use super::request::{
+    estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
+    TokenCounter,
+};
 use crate::path::normalize_uri;
-use crate::{Estimate, Estimator, FixedCost, Rejection};
+use crate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost, Rejection};
 
 /// What [`OpenAiEstimator`] does with a request it cannot estimate: one
 /// that is neither a read (`GET`, `HEAD`) nor a `POST` to an endpoint whose
@@ -40,15 +47,50 @@ pub enum OtherRequests {
     Fixed(FixedCost),
 }
 
+/// When [`OpenAiEstimator`] counts a prompt with its [`TokenCounter`].
+///
+/// A tokenizer's count costs far more than the rest of the check (about
+/// 37,000 instructions for a 35-token prompt with `bpe-openai`'s o200k,
+/// where the whole layer costs 30,000 more), and it is an estimate all the
+/// same: the settle replaces it with the upstream's usage. Only where the
+/// budget is tight does the tighter figure decide anything.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PromptCount {
+    /// Before every admission (the default).
+    #[default]
+    Always,
+    /// Only where it matters. The prompt is first reserved at one token
+    /// per byte of its text ([`ByteCount`]: an upper bound of the count
+    /// of a byte-level BPE tokenizer, GPT's or Llama 3's, about four times
+    /// it for English), and the count is deferred
+    /// ([`DeferredCount`](crate::DeferredCount)): the layer has it made
+    /// when the bound does not fit the budget (the request is then
+    /// admitted, or refused, on the count), and when the prompt alone is
+    /// charged (a client that hung up, a response without usage). Settles
+    /// are the upstream's usage either way.
+    ///
+    /// The price: a request in flight holds its bound until its response
+    /// ends, so near a budget's end a request can be refused (or wait)
+    /// for room that the requests in flight would not have held had they
+    /// been counted, at most three quarters of their prompts' bytes. The
+    /// counter must never count more tokens than a text has bytes.
+    WhenTight,
+}
+
 /// Estimates OpenAI-style requests from their JSON bodies, counting the
 /// prompt with a [`TokenCounter`] (the conservative [`ByteCount`] unless
 /// given a tokenizer).
 pub struct OpenAiEstimator<C = ByteCount> {
     counter: Arc<C>,
     options: EstimateOptions,
+    /// The counting of each metered endpoint's prompt, for
+    /// [`PromptCount::WhenTight`]'s deferred counts: built with the
+    /// options, shared by every request.
+    deferred: [Arc<CountTokens>; 4],
     max_body_bytes: usize,
     reads: FixedCost,
     other: OtherRequests,
+    prompt_count: PromptCount,
 }
 
 impl<C> Clone for OpenAiEstimator<C> {
@@ -56,9 +98,11 @@ impl<C> Clone for OpenAiEstimator<C> {
         OpenAiEstimator {
             counter: self.counter.clone(),
             options: self.options,
+            deferred: self.deferred.clone(),
             max_body_bytes: self.max_body_bytes,
             reads: self.reads,
             other: self.other,
+            prompt_count: self.prompt_count,
         }
     }
 }
@@ -70,6 +114,7 @@ impl<C> std::fmt::Debug for OpenAiEstimator<C> {
             .field("max_body_bytes", &self.max_body_bytes)
             .field("reads", &self.reads)
             .field("other", &self.other)
+            .field("prompt_count", &self.prompt_count)
             .finish_non_exhaustive()
     }
 }
@@ -84,18 +129,23 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     /// Counts prompts with `counter`; bodies up to 16 MiB; reads cost one
     /// call; other requests are refused.
     pub fn new(counter: C) -> Self {
+        let counter = Arc::new(counter);
+        let options = EstimateOptions::default();
         OpenAiEstimator {
-            counter: Arc::new(counter),
-            options: EstimateOptions::default(),
+            deferred: deferred_counts(&counter, options),
+            counter,
+            options,
             max_body_bytes: 16 << 20,
             reads: FixedCost::default(),
             other: OtherRequests::default(),
+            prompt_count: PromptCount::default(),
         }
     }
 
     /// Sets the defaults for requests without a maximum.
     pub fn options(mut self, options: EstimateOptions) -> Self {
         self.options = options;
+        self.deferred = deferred_counts(&self.counter, options);
         self
     }
 
@@ -117,6 +167,34 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     pub fn other_requests(mut self, other: OtherRequests) -> Self {
         self.other = other;
         self
+    }
+
+    /// Sets when prompts are counted with the counter: before every
+    /// admission ([`PromptCount::Always`], the default), or only where the
+    /// budget is tight ([`PromptCount::WhenTight`]).
+    pub fn prompt_count(mut self, when: PromptCount) -> Self {
+        self.prompt_count = when;
+        self
+    }
+
+    /// The estimate of a body (read whole) to `endpoint`, with its prompt
+    /// counted or bounded as configured.
+    fn estimate_body(&self, endpoint: Endpoint, body: &Bytes) -> Result<RequestEstimate, String> {
+        match self.prompt_count {
+            PromptCount::Always => estimate_body(endpoint, body, &*self.counter, &self.options),
+            PromptCount::WhenTight => {
+                let mut bounded = estimate_body(endpoint, body, &ByteCount, &self.options)?;
+                let count = match endpoint {
+                    Endpoint::Chat => &self.deferred[0],
+                    Endpoint::Completions => &self.deferred[1],
+                    Endpoint::Responses => &self.deferred[2],
+                    _ => &self.deferred[3],
+                };
+                bounded.estimate.deferred_count =
+                    Some(DeferredCount::new(count.clone(), body.clone()));
+                Ok(bounded)
+            }
+        }
     }
 
     /// What `request`'s method and (normalized) path cost, when the body
@@ -160,7 +238,7 @@ where
         &self,
         mut request: Request<B>,
     ) -> impl Future<Output = Result<(Request<B>, Estimate), Rejection>> + Send {
-        let this = self.clone();
+        let this = self;
         async move {
             match normalize_uri(request.uri()) {
                 Ok(None) => {}
@@ -172,21 +250,9 @@ where
                 return cost.map(|estimate| (request, estimate));
             }
             let (mut parts, body) = request.into_parts();
-            let bytes = match Limited::new(body, this.max_body_bytes).collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) if e.is::<LengthLimitError>() => {
-                    return Err(Rejection::too_large(format!(
-                        "the request body is larger than {} bytes",
-                        this.max_body_bytes
-                    )))
-                }
-                Err(e) => {
-                    return Err(Rejection::bad_request(format!(
-                        "cannot read the request body: {e}"
-                    )))
-                }
-            };
-            let estimated = estimate_body(endpoint, &bytes, &*this.counter, &this.options)
+            let bytes = read_body(body, this.max_body_bytes).await?;
+            let estimated = this
+                .estimate_body(endpoint, &bytes)
                 .map_err(Rejection::bad_request)?;
             let body = match estimated.rewritten_body {
                 Some(rewritten) => {
@@ -205,11 +271,81 @@ where
     }
 }
 
+/// How each metered endpoint's prompt is counted later: chat,
+/// completions, responses, embeddings. Only bodies [`estimate_body`]
+/// accepted (with the byte count: the parse does not depend on the
+/// counter) are counted, so the fallback of one is never taken.
+fn deferred_counts<C: TokenCounter>(
+    counter: &Arc<C>,
+    options: EstimateOptions,
+) -> [Arc<CountTokens>; 4] {
+    [
+        Endpoint::Chat,
+        Endpoint::Completions,
+        Endpoint::Responses,
+        Endpoint::Embeddings,
+    ]
+    .map(|endpoint| {
+        let counter = counter.clone();
+        Arc::new(move |body: &[u8]| prompt_tokens(endpoint, body, &*counter, &options).unwrap_or(1))
+            as Arc<CountTokens>
+    })
+}
+
+/// Reads `body` whole: `413` beyond `limit` bytes (at once if its length
+/// says so), `400` if it fails. A body of one chunk, the usual (hyper hands
+/// a small body over in one), is kept as it came, and a body that says it
+/// has ended is not polled again.
+async fn read_body<B>(body: B, limit: usize) -> Result<Bytes, Rejection>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let too_large =
+        || Rejection::too_large(format!("the request body is larger than {limit} bytes"));
+    if body.size_hint().lower() > limit as u64 {
+        return Err(too_large());
+    }
+    let mut body = std::pin::pin!(body);
+    let (mut first, mut joined): (Option<Bytes>, Option<BytesMut>) = (None, None);
+    let mut length = 0usize;
+    while !body.is_end_stream() {
+        let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await else {
+            break;
+        };
+        let frame = frame.map_err(|e| {
+            Rejection::bad_request(format!("cannot read the request body: {}", e.into()))
+        })?;
+        // Trailers say nothing about the cost.
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        length = length.saturating_add(data.len());
+        if length > limit {
+            return Err(too_large());
+        }
+        match (&first, &mut joined) {
+            (None, _) => first = Some(data),
+            (Some(_), Some(joined)) => joined.extend_from_slice(&data),
+            (Some(head), None) => {
+                let mut both = BytesMut::with_capacity(length);
+                both.extend_from_slice(head);
+                both.extend_from_slice(&data);
+                joined = Some(both);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(joined) => joined.freeze(),
+        None => first.unwrap_or_default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use http::StatusCode;
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
 
     fn request(method: &str, uri: &str, body: &'static str) -> Request<Full<Bytes>> {
         Request::builder()
@@ -219,8 +355,8 @@ mod tests {
             .unwrap()
     }
 
-    fn run(
-        estimator: &OpenAiEstimator,
+    fn run<C: TokenCounter>(
+        estimator: &OpenAiEstimator<C>,
         request: Request<Full<Bytes>>,
     ) -> Result<(Request<Full<Bytes>>, Estimate), Rejection> {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -244,6 +380,139 @@ mod tests {
         assert_eq!(forwarded.uri().path(), "/v1/chat/completions");
         assert_eq!(forwarded.uri().query(), Some("x=%2F"));
         assert_eq!(estimate.completion_tokens, 7);
+    }
+
+    /// One token per word, and how many times it counted.
+    #[derive(Default)]
+    struct Words(std::sync::atomic::AtomicU64);
+
+    impl TokenCounter for Words {
+        fn count(&self, text: &str) -> u64 {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            text.split_whitespace().count() as u64
+        }
+    }
+
+    #[test]
+    fn counted_when_tight_a_prompt_is_bounded_by_its_bytes_and_counted_on_demand() {
+        let e = OpenAiEstimator::new(Words::default()).prompt_count(PromptCount::WhenTight);
+        let body = r#"{"messages":[{"role":"user","content":"one two three"}],"max_tokens":5,"stream":true}"#;
+        let (forwarded, mut estimate) =
+            run(&e, request("POST", "/v1/chat/completions", body)).unwrap();
+        // 3 + 13 bytes + 3, and nothing counted yet.
+        assert_eq!(estimate.prompt_tokens, 19);
+        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(
+            estimate.hide_usage_chunk,
+            "the stream is still asked for usage"
+        );
+        assert_eq!(
+            forwarded.headers()[CONTENT_LENGTH],
+            (body.len() + r#","stream_options":{"include_usage":true}"#.len()).to_string()
+        );
+        // Counted when asked for.
+        assert_eq!(estimate.counted_prompt_tokens(), 3 + 3 + 3);
+        assert_eq!(estimate.clone().counted_tokens(), 9 + 5);
+        assert_eq!(e.counter.0.load(std::sync::atomic::Ordering::Relaxed), 2);
+        assert!(estimate.count_prompt());
+        assert_eq!((estimate.prompt_tokens, estimate.tokens()), (9, 14));
+        assert_eq!(estimate.deferred_count, None);
+        assert!(!estimate.count_prompt(), "counted already");
+
+        // Always (the default) counts before admission.
+        let e = OpenAiEstimator::new(Words::default());
+        let (_, estimate) = run(&e, request("POST", "/v1/chat/completions", body)).unwrap();
+        assert_eq!((estimate.prompt_tokens, estimate.deferred_count), (9, None));
+    }
+
+    #[test]
+    fn the_bound_is_never_below_the_count() {
+        let e = OpenAiEstimator::new(Words::default()).prompt_count(PromptCount::WhenTight);
+        for (path, body) in [
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"role":"user","content":"a b c","name":"x y"},{"role":"assistant","content":null,"tool_calls":[{"id":"a b"}]}],"tools":[{"x":"y z"}]}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"content":[{"type":"text","text":"é ü"},{"type":"image_url"}]}]}"#,
+            ),
+            (
+                "/v1/chat/completions",
+                r#"{"messages":[{"content":"\u00e9\n\t x"}]}"#,
+            ),
+            ("/v1/chat/completions", r#"{"messages":[]}"#),
+            ("/v1/completions", r#"{"prompt":["a b","c"],"n":2}"#),
+            ("/v1/completions", r#"{"prompt":[1,2,3]}"#),
+            (
+                "/v1/responses",
+                r#"{"instructions":"be brief","input":[{"role":"user","content":"hi there"},{"type":"function_call","arguments":"{}"}]}"#,
+            ),
+            ("/v1/embeddings", r#"{"input":""}"#),
+        ] {
+            let (_, estimate) = run(&e, request("POST", path, body)).unwrap();
+            let counted = estimate.counted_prompt_tokens();
+            assert!(
+                estimate.prompt_tokens >= counted && counted >= 1,
+                "{body}: bound {} < count {counted}",
+                estimate.prompt_tokens
+            );
+        }
+    }
+
+    fn read(
+        body: impl Body<Data = Bytes, Error = std::io::Error>,
+        limit: usize,
+    ) -> Result<Bytes, Rejection> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        runtime.block_on(read_body(body, limit))
+    }
+
+    /// A body of `frames`, of unknown length.
+    fn streamed(
+        frames: Vec<Result<http_body::Frame<Bytes>, std::io::Error>>,
+    ) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    fn data(text: &'static str) -> Result<http_body::Frame<Bytes>, std::io::Error> {
+        Ok(http_body::Frame::data(Bytes::from_static(text.as_bytes())))
+    }
+
+    fn whole(text: &'static str) -> impl Body<Data = Bytes, Error = std::io::Error> {
+        Full::new(Bytes::from_static(text.as_bytes())).map_err(|e| match e {})
+    }
+
+    #[test]
+    fn a_body_of_one_chunk_is_kept_as_it_came() {
+        let text = r#"{"messages":[]}"#;
+        let read = read(whole(text), 100).unwrap();
+        assert_eq!(read.as_ptr(), text.as_ptr(), "not copied");
+        assert_eq!(read, text);
+    }
+
+    #[test]
+    fn chunks_are_joined_and_trailers_skipped() {
+        let trailers = Ok(http_body::Frame::trailers(http::HeaderMap::new()));
+        let body = streamed(vec![data(r#"{"a""#), data(":"), trailers, data("1}")]);
+        assert_eq!(read(body, 100).unwrap(), r#"{"a":1}"#);
+        assert_eq!(read(streamed(vec![]), 100).unwrap(), "");
+    }
+
+    #[test]
+    fn bodies_beyond_the_limit_are_413_and_failures_400() {
+        let r = read(whole("0123456789"), 9).unwrap_err();
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let r = read(streamed(vec![data("01234"), data("56789")]), 9).unwrap_err();
+        assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let fits = read(streamed(vec![data("01234"), data("5678")]), 9).unwrap();
+        assert_eq!(fits, "012345678");
+        let failed = streamed(vec![data("{"), Err(std::io::Error::other("reset"))]);
+        let r = read(failed, 100).unwrap_err();
+        assert_eq!(r.status, StatusCode::BAD_REQUEST);
+        assert!(r.message.contains("reset"), "{}", r.message);
     }
 
     #[test]

@@ -72,7 +72,9 @@ impl OpenAiUsage {
 pub struct OpenAiSession {
     reading: Reading,
     success: bool,
-    prompt_tokens: u64,
+    /// The request's estimate, for its prompt: what a stream the client
+    /// left is charged at least.
+    estimate: Estimate,
     usage: Option<u64>,
 }
 
@@ -135,7 +137,7 @@ impl Meter for OpenAiUsage {
         OpenAiSession {
             reading,
             success: response.status.is_success(),
-            prompt_tokens: estimate.prompt_tokens,
+            estimate: estimate.clone(),
             usage: None,
         }
     }
@@ -266,7 +268,11 @@ impl MeterSession for OpenAiSession {
                 ..
             } => {
                 let streamed = (*text_chunks).max(text_bytes.div_ceil(4));
-                Outcome::Used(self.prompt_tokens.saturating_add(streamed))
+                Outcome::Used(
+                    self.estimate
+                        .counted_prompt_tokens()
+                        .saturating_add(streamed),
+                )
             }
         }
     }
@@ -290,6 +296,7 @@ mod tests {
             completion_tokens: 100,
             calls: 1,
             hide_usage_chunk: hide,
+            deferred_count: None,
         };
         let s = OpenAiUsage::max_buffered(64).start(&estimate, &mut parts);
         assert_eq!(
@@ -391,6 +398,7 @@ mod tests {
                 completion_tokens: 100,
                 calls: 1,
                 hide_usage_chunk: true,
+                deferred_count: None,
             };
             let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
             let gzipped = Bytes::from_static(b"\x1f\x8b\x08\x00garbage");
@@ -414,6 +422,30 @@ mod tests {
         let mut s = session("text/event-stream", StatusCode::OK, false);
         s.data(Bytes::from([&delta[..], delta].concat()));
         // Two chunks of 5 bytes: max(2, ceil(10 / 4) = 3).
+        assert_eq!(s.abandon(), Outcome::Used(10 + 3));
+    }
+
+    #[test]
+    fn an_abandoned_stream_charges_the_counted_prompt_where_a_bound_was_reserved() {
+        let (mut parts, ()) = Response::builder()
+            .header(CONTENT_TYPE, "text/event-stream")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let estimate = Estimate {
+            prompt_tokens: 40,
+            completion_tokens: 100,
+            calls: 1,
+            hide_usage_chunk: false,
+            deferred_count: Some(crate::DeferredCount::new(
+                std::sync::Arc::new(|_: &[u8]| 10),
+                Bytes::new(),
+            )),
+        };
+        let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
+        s.data(Bytes::from([DELTA, DELTA].concat()));
+        // The count (10), not the bound (40), and what streamed: two
+        // chunks, 10 bytes of text → 3.
         assert_eq!(s.abandon(), Outcome::Used(10 + 3));
     }
 

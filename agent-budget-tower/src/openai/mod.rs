@@ -8,14 +8,16 @@ mod chat;
 mod embeddings;
 mod estimator;
 mod meter;
+pub mod pricing;
 mod request;
 mod response;
 mod responses;
+mod scan;
 
-pub use estimator::{OpenAiEstimator, OtherRequests};
+pub use estimator::{OpenAiEstimator, OtherRequests, PromptCount};
 pub use meter::{OpenAiSession, OpenAiUsage};
 pub use request::{
-    estimate_body, ByteCount, Endpoint, EstimateOptions, RequestEstimate, TokenCounter,
-    NON_TEXT_PART_TOKENS,
+    estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
+    TokenCounter, NON_TEXT_PART_TOKENS,
 };
 pub use response::{json_usage, read_event, EventSplitter, StreamEvent, MAX_EVENT_BYTES};

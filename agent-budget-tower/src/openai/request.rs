@@ -41,6 +41,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
+use super::scan::{Cursor, JsonStr};
 use super::{chat, embeddings, responses};
 use crate::Estimate;
 
@@ -148,17 +149,7 @@ pub fn estimate_body(
     counter: &dyn TokenCounter,
     options: &EstimateOptions,
 ) -> Result<RequestEstimate, String> {
-    // serde would read a struct from an array too; a request is an object.
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err("the request body must be a JSON object".to_owned());
-    }
-    let cost = match endpoint {
-        Endpoint::Chat => chat::chat_cost(body, counter, options)?,
-        Endpoint::Completions => chat::completions_cost(body, counter, options)?,
-        Endpoint::Responses => responses::cost(body, counter, options)?,
-        Endpoint::Embeddings => embeddings::cost(body, counter)?,
-        Endpoint::Other => return Err("this endpoint is not estimated from its body".to_owned()),
-    };
+    let cost = cost(endpoint, body, counter, options)?;
     let rewritten_body = if cost.needs_usage_asked {
         Some(ask_for_usage(body)?)
     } else {
@@ -170,9 +161,42 @@ pub fn estimate_body(
             completion_tokens: cost.completion_tokens,
             calls: 1,
             hide_usage_chunk: cost.needs_usage_asked,
+            deferred_count: None,
         },
         rewritten_body,
     })
+}
+
+/// The prompt tokens of a body [`estimate_body`] accepts, as it counts
+/// them (at least one); `None` for a body it refuses.
+pub fn prompt_tokens(
+    endpoint: Endpoint,
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Option<u64> {
+    cost(endpoint, body, counter, options)
+        .ok()
+        .map(|cost| cost.prompt_tokens.max(1))
+}
+
+fn cost(
+    endpoint: Endpoint,
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<Cost, String> {
+    // serde would read a struct from an array too; a request is an object.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err("the request body must be a JSON object".to_owned());
+    }
+    match endpoint {
+        Endpoint::Chat => chat::chat_cost(body, counter, options),
+        Endpoint::Completions => chat::completions_cost(body, counter, options),
+        Endpoint::Responses => responses::cost(body, counter, options),
+        Endpoint::Embeddings => embeddings::cost(body, counter),
+        Endpoint::Other => Err("this endpoint is not estimated from its body".to_owned()),
+    }
 }
 
 /// Parses a body into an endpoint's view, with the message the `400`
@@ -199,8 +223,57 @@ pub(super) fn saturating_sum(counts: impl IntoIterator<Item = u64>) -> u64 {
 }
 
 /// The body with `stream_options.include_usage` set to `true`, everything
-/// else as it was.
+/// else as it was, byte for byte: the few bytes are spliced in where they
+/// go (a number serde_json would round, `99999999999999999999` or
+/// `1e400`, a key's order, the spacing, all stay as the client wrote
+/// them, and nothing is parsed into a tree and written out again).
+///
+/// The body is one that an endpoint's view accepted: an object, with at
+/// most one `stream_options`, an object or `null`. One the strict reader
+/// leaves to serde (nesting past 64, a skipped string that is not UTF-8)
+/// is parsed and written out again.
 fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
+    let Some((open, options)) = find_member(body, "stream_options") else {
+        return rewrite_asking_for_usage(body);
+    };
+    let unusable = || "cannot ask the upstream for the stream's usage".to_owned();
+    let (at, cut, insert): (usize, usize, &[u8]) = match options {
+        // No options: the field, first in the object.
+        None => {
+            let empty = body[open + 1..].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}');
+            let field: &[u8] = if empty {
+                br#""stream_options":{"include_usage":true}"#
+            } else {
+                br#""stream_options":{"include_usage":true},"#
+            };
+            (open + 1, 0, field)
+        }
+        Some(span) if &body[span.clone()] == b"null" => {
+            (span.start, span.len(), br#"{"include_usage":true}"#)
+        }
+        // Options: their `include_usage` set to true, or added first.
+        Some(span) => {
+            let (_, usage) =
+                find_member(&body[span.clone()], "include_usage").ok_or_else(unusable)?;
+            match usage {
+                Some(value) => (span.start + value.start, value.len(), b"true"),
+                None if body[span.start + 1..span.end - 1].trim_ascii().is_empty() => {
+                    (span.start + 1, 0, br#""include_usage":true"#)
+                }
+                None => (span.start + 1, 0, br#""include_usage":true,"#),
+            }
+        }
+    };
+    let mut rewritten = Vec::with_capacity(body.len() + insert.len());
+    rewritten.extend_from_slice(&body[..at]);
+    rewritten.extend_from_slice(insert);
+    rewritten.extend_from_slice(&body[at + cut..]);
+    Ok(Bytes::from(rewritten))
+}
+
+/// [`ask_for_usage`] through a `serde_json::Value`: the body written out
+/// again (numbers beyond `f64` rounded or refused, keys re-ordered).
+fn rewrite_asking_for_usage(body: &[u8]) -> Result<Bytes, String> {
     let mut value: Value =
         serde_json::from_slice(body).map_err(|e| format!("the request body is not JSON: {e}"))?;
     let object = value
@@ -218,6 +291,35 @@ fn ask_for_usage(body: &[u8]) -> Result<Bytes, String> {
     serde_json::to_vec(&value)
         .map(Bytes::from)
         .map_err(|e| format!("cannot rewrite the request body: {e}"))
+}
+
+/// The object `json` holds: where its `{` is, and where the value of its
+/// member `name` (escapes in keys decoded) lies, if it has one.
+fn find_member(json: &[u8], name: &str) -> Option<(usize, Option<std::ops::Range<usize>>)> {
+    let mut cursor = Cursor::new(json)?;
+    let open = cursor.position();
+    let mut found = None;
+    cursor.members(|c, key| {
+        let start = c.position();
+        let value = c.skip()?;
+        if key_is(key, name)? {
+            found = Some(start..start + value.len());
+        }
+        Some(())
+    })?;
+    Some((open, found))
+}
+
+/// Whether an object's key is `name`, escapes decoded; `None` if an
+/// escape is malformed.
+fn key_is(key: JsonStr<'_>, name: &str) -> Option<bool> {
+    match key.text() {
+        Some(text) => Some(text == name),
+        None => {
+            let decoded: String = serde_json::from_str(&format!("\"{}\"", key.raw)).ok()?;
+            Some(decoded == name)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -293,6 +395,80 @@ pub(super) mod tests {
                 "{body}"
             );
         }
+    }
+
+    /// The rewritten body of a stream that did not ask for its usage.
+    fn rewritten(body: &str) -> String {
+        let e = estimate(Endpoint::Chat, body).unwrap();
+        assert!(e.estimate.hide_usage_chunk, "{body}");
+        String::from_utf8(e.rewritten_body.unwrap().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_streams_body_is_spliced_not_rewritten() {
+        // Numbers serde_json would round or refuse, the keys' order and the
+        // spacing stay as written.
+        let body =
+            r#"{"stream":true, "messages":[], "seed":99999999999999999999, "x":1e400, "y":-0.0}"#;
+        assert_eq!(
+            rewritten(body),
+            r#"{"stream_options":{"include_usage":true},"stream":true, "messages":[], "seed":99999999999999999999, "x":1e400, "y":-0.0}"#
+        );
+        for (before, after) in [
+            (
+                r#" { "messages":[],"stream":true,"stream_options":null } "#,
+                r#" { "messages":[],"stream":true,"stream_options":{"include_usage":true} } "#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":false,"other":1e400}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true,"other":1e400}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":null}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{ }}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true }}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stream_options":{"other":[1,{"include_usage":false}]}}"#,
+                r#"{"messages":[],"stream":true,"stream_options":{"include_usage":true,"other":[1,{"include_usage":false}]}}"#,
+            ),
+            (
+                r#"{"messages":[],"stream":true,"stre\u0061m_options":{"include\u005fusage":false}}"#,
+                r#"{"messages":[],"stream":true,"stre\u0061m_options":{"include\u005fusage":true}}"#,
+            ),
+            (
+                r#"{"messages":[{"content":"\"stream_options\":null"}],"stream":true}"#,
+                r#"{"stream_options":{"include_usage":true},"messages":[{"content":"\"stream_options\":null"}],"stream":true}"#,
+            ),
+        ] {
+            assert_eq!(rewritten(before), after, "{before}");
+            #[derive(serde::Deserialize)]
+            struct Asked {
+                stream_options: Options,
+            }
+            #[derive(serde::Deserialize)]
+            struct Options {
+                include_usage: bool,
+            }
+            let asked: Asked = serde_json::from_str(after).unwrap();
+            assert!(asked.stream_options.include_usage, "{after}");
+        }
+        // Deeper than the strict reader goes: serde's tree, written out.
+        let deep = format!(
+            r#"{{"messages":[],"stream":true,"x":{}1{}}}"#,
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        let body: Value = serde_json::from_str(&rewritten(&deep)).unwrap();
+        assert_eq!(body["stream_options"]["include_usage"], true);
+        let e = estimate(Endpoint::Completions, r#"{"prompt":"a","stream":true}"#).unwrap();
+        assert_eq!(
+            e.rewritten_body.unwrap(),
+            r#"{"stream_options":{"include_usage":true},"prompt":"a","stream":true}"#
+        );
     }
 
     #[test]

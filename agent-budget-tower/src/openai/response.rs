@@ -33,6 +33,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Number;
 
+use super::scan::{Cursor, Fields};
+
 /// An OpenAI `usage` object, read without allocating: numbers stay
 /// numbers until they are checked, other fields are skipped.
 #[derive(Deserialize)]
@@ -76,8 +78,62 @@ struct WithUsage {
 /// The total tokens a JSON response body reports in its `usage`, if it
 /// does.
 pub fn json_usage(body: &[u8]) -> Option<u64> {
+    match fast_usage(body) {
+        Some(usage) => usage,
+        None => serde_usage(body),
+    }
+}
+
+/// [`json_usage`] by serde: any body.
+fn serde_usage(body: &[u8]) -> Option<u64> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
     parsed.usage?.total()
+}
+
+/// [`json_usage`] by the [strict reader](super::scan), which skips the
+/// rest of the body without building anything: `None` for a body it leaves
+/// to serde (see [`serde_usage`]), whose answer it gives where it answers.
+fn fast_usage(body: &[u8]) -> Option<Option<u64>> {
+    let mut cursor = Cursor::new(body)?;
+    let mut usage = None;
+    let mut seen = Fields::default();
+    cursor.object(|c, key| {
+        if key == "usage" {
+            seen.first(0)?;
+            usage = c.optional(fast_usage_object)?;
+        } else {
+            c.skip()?;
+        }
+        Some(())
+    })?;
+    cursor.end()?;
+    Some(usage.and_then(|usage| usage.total()))
+}
+
+/// A `usage` object whose counts are plain integers (or null).
+fn fast_usage_object(c: &mut Cursor<'_>) -> Option<Usage> {
+    let mut usage = Usage {
+        total_tokens: None,
+        prompt_tokens: None,
+        completion_tokens: None,
+        input_tokens: None,
+        output_tokens: None,
+    };
+    let mut seen = Fields::default();
+    c.object(|c, key| {
+        let (field, count) = match key {
+            "total_tokens" => (0, &mut usage.total_tokens),
+            "prompt_tokens" => (1, &mut usage.prompt_tokens),
+            "completion_tokens" => (2, &mut usage.completion_tokens),
+            "input_tokens" => (3, &mut usage.input_tokens),
+            "output_tokens" => (4, &mut usage.output_tokens),
+            _ => return c.skip().map(drop),
+        };
+        seen.first(field)?;
+        *count = c.optional(Cursor::integer)?.map(Number::from);
+        Some(())
+    })?;
+    Some(usage)
 }
 
 /// What one server-sent event of a completion stream is.
@@ -285,6 +341,59 @@ mod tests {
             br#"{"usage":{"total_tokens":7}"#,
         ] {
             assert_eq!(json_usage(none), None, "{}", String::from_utf8_lossy(none));
+        }
+    }
+
+    #[test]
+    fn where_the_fast_usage_answers_it_answers_as_serde_does() {
+        let usages = [
+            r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}"#,
+            r#"{"prompt_tokens":3,"completion_tokens":4}"#,
+            r#"{"input_tokens":5,"output_tokens":7,"total_tokens":12,"output_tokens_details":{"reasoning_tokens":2}}"#,
+            r#"{"total_tokens":null,"prompt_tokens":1,"completion_tokens":2}"#,
+            r#"{"total_tokens":18446744073709551615}"#,
+            r#"{"total_tokens":18446744073709551616}"#,
+            r#"{"total_tokens":-1}"#,
+            r#"{"total_tokens":7.0}"#,
+            r#"{"total_tokens":1e400}"#,
+            r#"{"total_tokens":"7"}"#,
+            r#"{"total_tokens":7,"total_tokens":8}"#,
+            r#"{"prompt_tokens":3}"#,
+            r#"{}"#,
+            r#"null"#,
+            r#"[7]"#,
+            r#"7"#,
+        ];
+        let around = [
+            ("", ""),
+            (
+                r#""id":"chatcmpl-1","choices":[{"message":{"role":"assistant","content":"a \"quoted\" é 🦀"}}],"#,
+                "",
+            ),
+            ("", r#","model":"m","system_fingerprint":null"#),
+            (r#""usage":null,"#, ""),
+            (r#""x":99999999999999999999999,"y":[1e400],"#, ""),
+            (r#""\u0075sage":{"total_tokens":1},"#, ""),
+        ];
+        let mut answered = 0;
+        for usage in usages {
+            for (before, after) in around {
+                let body = format!(r#" {{{before}"usage":{usage}{after}}} "#);
+                for end in (1..=body.len()).filter(|&end| body.is_char_boundary(end)) {
+                    let body = &body.as_bytes()[..end];
+                    if let Some(fast) = fast_usage(body) {
+                        answered += 1;
+                        assert_eq!(fast, serde_usage(body), "{}", String::from_utf8_lossy(body));
+                    }
+                }
+            }
+        }
+        assert!(answered > 30, "the fast path answered {answered} bodies");
+        for body in [
+            &br#"{"id":"x","choices":[],"usage":{"prompt_tokens":27,"completion_tokens":16,"total_tokens":43}}"#[..],
+            br#"{"object":"list","data":[{"embedding":[0.1,-0.2e-3]}],"usage":{"prompt_tokens":8,"total_tokens":8}}"#,
+        ] {
+            assert!(fast_usage(body).is_some(), "{}", String::from_utf8_lossy(body));
         }
     }
 

@@ -17,8 +17,8 @@ pub enum Command {
     },
     /// Internal: one manager's memory phase, in its own process.
     MemoryChild {
-        /// Which manager.
-        manager: ManagerKind,
+        /// Which manager, on which budgets.
+        phase: crate::memory::Phase,
         /// Agents to insert.
         agents: usize,
     },
@@ -147,15 +147,15 @@ fn parse(mut parser: lexopt::Parser) -> Result<Command, lexopt::Error> {
             Long("precise-clock") => config.precise_clock = true,
             Long("memory") => memory = Some(parse_with(&mut parser, "--memory", agents)?),
             Long("memory-child") => {
-                let manager = parse_with(&mut parser, "--memory-child", ManagerKind::parse)?;
+                let phase = parse_with(&mut parser, "--memory-child", crate::memory::Phase::parse)?;
                 let count = parse_with(&mut parser, "--memory-child", agents)?;
-                memory_child = Some((manager, count));
+                memory_child = Some((phase, count));
             }
             _ => return Err(arg.unexpected()),
         }
     }
     Ok(match (memory_child, memory) {
-        (Some((manager, agents)), _) => Command::MemoryChild { manager, agents },
+        (Some((phase, agents)), _) => Command::MemoryChild { phase, agents },
         (None, Some(agents)) => Command::Memory {
             agents,
             json: config.json,

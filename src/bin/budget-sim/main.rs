@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         Command::Help => Ok(cli::USAGE.to_owned()),
         Command::Simulate(config) => Ok(simulate(&config)),
         Command::Memory { agents, json } => memory::report(agents, json),
-        Command::MemoryChild { manager, agents } => memory::child(manager, agents),
+        Command::MemoryChild { phase, agents } => memory::child(phase, agents),
     };
     match output {
         // A closed stdout (`| head`) is not worth a panic or a message.

@@ -6,15 +6,58 @@
 //! `/proc/self/status`, sets N budgets, and reads VmRSS and VmHWM (peak)
 //! again. Bytes per agent = RSS growth / N: it counts everything a real
 //! process pays, including hash-table spare capacity and allocator slack,
-//! and the peak includes tables being resized.
+//! and the peak includes tables being resized. The lock-free manager is
+//! measured twice: on the simulation's budgets, which need its 128-bit
+//! cells, and on budgets small enough for its 64-bit ones.
 
 use std::process::Command;
 
-use agent_budget::{AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager};
+use agent_budget::{AgentId, BudgetLimit, BudgetLimiter, BudgetManager, LockedBudgetManager};
 use serde_json::{json, Value};
 
-use crate::cli::ManagerKind;
 use crate::workload;
+
+/// One measured configuration: a manager, and the budgets it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The lock-free manager on the simulation's budgets (128-bit cells).
+    LockFree,
+    /// The lock-free manager on budgets that fit its 64-bit cells.
+    LockFreeNarrow,
+    /// The locked manager on the simulation's budgets.
+    Locked,
+}
+
+impl Phase {
+    const ALL: [Phase; 3] = [Phase::LockFree, Phase::LockFreeNarrow, Phase::Locked];
+
+    fn name(self) -> &'static str {
+        match self {
+            Phase::LockFree => "lock-free",
+            Phase::LockFreeNarrow => "lock-free-narrow",
+            Phase::Locked => "locked",
+        }
+    }
+
+    pub fn parse(value: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|phase| phase.name() == value)
+            .ok_or_else(|| format!("unknown memory phase '{value}'"))
+    }
+
+    fn budget(self, agent_id: AgentId) -> BudgetLimit {
+        match self {
+            Phase::LockFreeNarrow => BudgetLimit {
+                agent_id,
+                token_budget: 100_000,
+                calls_budget: 100,
+                window_secs: 60,
+            },
+            Phase::LockFree | Phase::Locked => workload::budget(agent_id),
+        }
+    }
+}
 
 /// How the numbers are obtained, printed with them.
 const METHOD: &str = "VmRSS from /proc/self/status before and after set_budget for N agents; \
@@ -24,7 +67,7 @@ const METHOD: &str = "VmRSS from /proc/self/status before and after set_budget f
 pub fn report(agents: usize, json_output: bool) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this program: {e}"))?;
     let mut results = Vec::new();
-    for kind in ManagerKind::ALL {
+    for kind in Phase::ALL {
         let output = Command::new(&exe)
             .args(["--memory-child", kind.name(), &agents.to_string()])
             .output()
@@ -46,12 +89,12 @@ pub fn report(agents: usize, json_output: bool) -> Result<String, String> {
     }
     let mut out = format!("memory per agent at {agents} agents ({METHOD})\n\n");
     out += &format!(
-        "{:<10} {:>14} {:>14} {:>16} {:>16}\n",
+        "{:<17} {:>14} {:>14} {:>16} {:>16}\n",
         "manager", "RSS before", "RSS after", "bytes/agent", "peak bytes/agent"
     );
     for r in &results {
         out += &format!(
-            "{:<10} {:>11} kB {:>11} kB {:>16.1} {:>16.1}\n",
+            "{:<17} {:>11} kB {:>11} kB {:>16.1} {:>16.1}\n",
             r["manager"].as_str().unwrap_or("?"),
             r["rss_before_kb"],
             r["rss_after_kb"],
@@ -63,20 +106,20 @@ pub fn report(agents: usize, json_output: bool) -> Result<String, String> {
 }
 
 /// The child's phase: measures one manager and returns its JSON line.
-pub fn child(kind: ManagerKind, agents: usize) -> Result<String, String> {
+pub fn child(phase: Phase, agents: usize) -> Result<String, String> {
     let ids = workload::agent_ids(agents);
-    let result = match kind {
-        ManagerKind::LockFree => measure::<BudgetManager>(kind, &ids)?,
-        ManagerKind::Locked => measure::<LockedBudgetManager>(kind, &ids)?,
+    let result = match phase {
+        Phase::LockFree | Phase::LockFreeNarrow => measure::<BudgetManager>(phase, &ids)?,
+        Phase::Locked => measure::<LockedBudgetManager>(phase, &ids)?,
     };
     Ok(format!("{result}\n"))
 }
 
-fn measure<M: BudgetLimiter>(kind: ManagerKind, ids: &[AgentId]) -> Result<Value, String> {
+fn measure<M: BudgetLimiter>(kind: Phase, ids: &[AgentId]) -> Result<Value, String> {
     let manager = M::with_clock(quanta::Clock::new());
     let before = status_kb("VmRSS")?;
     for &id in ids {
-        manager.set_budget(workload::budget(id));
+        manager.set_budget(kind.budget(id));
     }
     let after = status_kb("VmRSS")?;
     let peak = status_kb("VmHWM")?;

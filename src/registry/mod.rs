@@ -1,0 +1,940 @@
+//! The agents' cells, and the index that finds them: built for admissions.
+//!
+//! # Implementation details
+//!
+//! ```text
+//! Registry
+//!  ├─ header: arc-swap of Header ──┬─ index: open addressing, 8-byte entries
+//!  │                               │    [ id hash's low 32 bits | slot, width ]
+//!  │                               └─ grace: token, alive while any reader holds
+//!  │                                  this header or an older one
+//!  ├─ narrow: arena of 40-byte cells  (chunks that never move)
+//!  ├─ wide:   arena of 64-byte cells  (one cache line each)
+//!  └─ writer: Mutex (free slots, slots in grace, counts)
+//! ```
+//!
+//! A lookup loads the header (arc-swap's thread-local debt slot: no shared
+//! write), hashes the id with a keyed folded multiply, probes the index
+//! linearly from the hash's top bits (one cache line of 8 entries, usually
+//! the first entry) and goes to the slot an entry with the right tag names,
+//! where the cell's own id confirms the match. Two cache lines: the entry
+//! and the cell, which holds the usage word, the policy word and the id.
+//!
+//! **One writer.** Every change (insert, limit change, width change,
+//! removal, growth) happens under the registry's writer mutex, which only
+//! configuration changes take (and, once, a settle whose overuse does not
+//! fit a narrow word). Readers never take it. The writer stores whole
+//! entries (`Release`), after the cell they name is written, so a reader
+//! that loads an entry (`Acquire`) finds the cell complete; a removal
+//! stores a tombstone, which probes skip. When live entries and tombstones
+//! would pass three quarters of the index, the writer builds a new index
+//! (twice the live entries, rounded up to a power of two) and publishes
+//! it in a new header; readers still on the old one finish on it, and it
+//! is freed with their last guard.
+//!
+//! **Cells never move in memory**; agents move between cells. A cell
+//! changes width by moving its agent to a vacant cell of the other width
+//! (see `Cell::move_to`): the new cell gets the exact last state, then the
+//! old word becomes `Moved(slot)` by compare-and-swap, so an operation
+//! that loses its race to the move follows the forwarding word. No byte is
+//! ever accessed at two widths.
+//!
+//! **Slots are reused only after a grace period.** An operation checks
+//! who a cell is (its id, or for handles and reservations its
+//! incarnation) and then compares-and-swaps its usage word. If the slot
+//! could be handed to another agent in between, and that agent's word
+//! happened to hold the same bits, the compare-and-swap would succeed on
+//! the wrong agent. So a freed slot waits in limbo, tied to the grace token
+//! of the header that was current when it was freed, and a new header is
+//! published at once. Each token holds the next one, so a token lives as
+//! long as any reader holds its header *or an older one*; the writer
+//! reuses a slot once only limbo still holds its token. Every operation
+//! holds a header for its whole length (that load is its only cost), so no
+//! operation that could have seen the old occupant is still running.
+//! Handles and reservations, which keep a slot number across operations,
+//! load the usage word (`Acquire`) before they check the incarnation, and
+//! the writer stores a reused slot's incarnation before its usage word
+//! (`Release`): a word they load is either the old occupant's, whose slot
+//! they are protected on, or comes with the new incarnation, which they
+//! refuse.
+//!
+//! All of this is safe Rust: the arena's chunks are `OnceLock`s owned by
+//! the registry (freed with it), the index and the grace tokens are `Arc`s
+//! behind arc-swap, and every field of a cell is an atomic.
+
+mod arena;
+mod index;
+
+use std::sync::OnceLock;
+
+use crate::cell::{Cell, Enforced, Narrow, Wide, Word};
+use crate::clock::Clock;
+use crate::limit::Limit;
+use crate::rules::{Now, State};
+use crate::sync::{Arc, Loaded, Mutex, MutexGuard, Ordering, Shared};
+use crate::types::AgentId;
+use arena::Arena;
+use index::{Index, TOMBSTONE};
+
+/// The index's capacity when it is first made, and never less.
+#[cfg(not(agent_budget_loom))]
+const MIN_CAPACITY: usize = 16;
+#[cfg(agent_budget_loom)]
+const MIN_CAPACITY: usize = 4;
+
+/// Which cell: a slot number and the arena (width) it is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SlotRef(u32);
+
+impl SlotRef {
+    /// The reference as a handle stores it (in an atomic, as a hint).
+    pub(crate) fn to_bits(self) -> u32 {
+        self.0
+    }
+
+    pub(crate) fn from_bits(bits: u32) -> Self {
+        SlotRef(bits)
+    }
+
+    fn new(slot: u32, wide: bool) -> Self {
+        debug_assert!(slot < 1 << 31);
+        SlotRef(slot << 1 | u32::from(wide))
+    }
+
+    fn slot(self) -> u32 {
+        self.0 >> 1
+    }
+
+    fn is_wide(self) -> bool {
+        self.0 & 1 == 1
+    }
+
+    /// Slot `slot` of the other arena: where a `Moved(slot)` word points.
+    fn moved_to(self, slot: u32) -> Self {
+        SlotRef::new(slot, !self.is_wide())
+    }
+
+    fn entry(self, hash: u64) -> u64 {
+        index::tag(hash) << 32 | u64::from(self.0)
+    }
+
+    fn of_entry(entry: u64) -> Self {
+        SlotRef(entry as u32)
+    }
+}
+
+/// One cell, of either width.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Narrow(&'a Cell<Narrow>),
+    Wide(&'a Cell<Wide>),
+}
+
+/// Runs `$body` with `$cell` bound to the cell of either width.
+macro_rules! on {
+    ($target:expr, $cell:ident => $body:expr) => {
+        match $target {
+            Target::Narrow($cell) => $body,
+            Target::Wide($cell) => $body,
+        }
+    };
+}
+
+/// A wide cell on a cache line of its own: 64 bytes, 64-aligned, so a
+/// lookup's second miss is its only one. (A narrow cell, 40 bytes, is not
+/// padded: half of them straddle two lines, which costs less than the 24
+/// bytes per agent padding would.)
+#[repr(align(64))]
+struct Line<T>(T);
+
+/// Alive while a reader holds the header it came with, or an older one.
+#[derive(Default)]
+struct Grace {
+    /// The next header's token.
+    next: OnceLock<Arc<Grace>>,
+}
+
+impl Drop for Grace {
+    /// Drops the chain of tokens nobody else holds one by one, not by
+    /// recursion, however long it grew while a reader held an old header.
+    fn drop(&mut self) {
+        let mut next = self.next.take();
+        while let Some(token) = next {
+            next = Arc::try_unwrap(token).ok().and_then(|mut t| t.next.take());
+        }
+    }
+}
+
+/// What a reader holds for the length of one operation.
+struct Header {
+    index: Arc<Index>,
+    _grace: Arc<Grace>,
+}
+
+/// The writer's state: where new cells go, and what is waiting to be
+/// reused.
+struct Writer {
+    /// Per width (narrow, wide): slots free for reuse, and the next slot
+    /// never used.
+    free: [Vec<u32>; 2],
+    next: [u32; 2],
+    /// Slots freed while a token was current, waiting for it to die.
+    limbo: Vec<(Arc<Grace>, Vec<SlotRef>)>,
+    /// The current header's token.
+    grace: Arc<Grace>,
+    /// Live entries, and live entries plus tombstones, in the current index.
+    live: usize,
+    used: usize,
+}
+
+/// The lock-free manager's agents: see the module docs.
+pub(crate) struct Registry {
+    header: Shared<Header>,
+    narrow: Arena<Cell<Narrow>>,
+    wide: Arena<Line<Cell<Wide>>>,
+    /// The hash's key: ids may come from clients, who must not be able to
+    /// choose ids that collide.
+    keys: [u64; 2],
+    writer: Mutex<Writer>,
+}
+
+/// A per-registry random key (fixed under loom, whose executions must
+/// repeat exactly).
+fn random_keys() -> [u64; 2] {
+    #[cfg(not(agent_budget_loom))]
+    {
+        use std::hash::{BuildHasher, Hasher};
+        let state = std::collections::hash_map::RandomState::new();
+        std::array::from_fn(|i| {
+            let mut hasher = state.build_hasher();
+            hasher.write_usize(i);
+            hasher.finish()
+        })
+    }
+    #[cfg(agent_budget_loom)]
+    {
+        [0x9e37_79b9_7f4a_7c15, 0xc2b2_ae3d_27d4_eb4f]
+    }
+}
+
+impl Registry {
+    pub(crate) fn new() -> Self {
+        let grace = Arc::new(Grace::default());
+        Registry {
+            header: Shared::new(Arc::new(Header {
+                index: Arc::new(Index::new(MIN_CAPACITY)),
+                _grace: grace.clone(),
+            })),
+            narrow: Arena::new(),
+            wide: Arena::new(),
+            keys: random_keys(),
+            writer: Mutex::new(Writer {
+                free: [Vec::new(), Vec::new()],
+                next: [0, 0],
+                limbo: Vec::new(),
+                grace,
+                live: 0,
+                used: 0,
+            }),
+        }
+    }
+
+    /// The id's hash: the two halves of the id, each keyed, multiplied, and
+    /// the product's halves folded together. Every bit of the id reaches
+    /// the top bits (the home) and the low bits (the tag); v4 and v7 ids
+    /// need no more mixing than that, and the key keeps chosen ids from
+    /// colliding on purpose.
+    #[inline]
+    fn hash(&self, id: &AgentId) -> u64 {
+        let (high, low) = id.as_u64_pair();
+        let product = u128::from(low ^ self.keys[0]) * u128::from(high ^ self.keys[1]);
+        (product as u64) ^ ((product >> 64) as u64)
+    }
+
+    /// Holds the current header for one operation's lookups; `clock` is
+    /// read again where a narrow word needs it.
+    #[inline]
+    pub(crate) fn pin<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
+        Pinned {
+            registry: self,
+            header: self.header.load(),
+            clock,
+            confirm: false,
+        }
+    }
+
+    /// [`pin`](Self::pin) for a waiting future's tries: every transition
+    /// that changes nothing is confirmed by a compare-and-swap of the word
+    /// with itself (`SeqCst`), which reads the latest value where a load
+    /// may not. A refund and a waiter's registration form the
+    /// store-buffering shape (see `wait::Waiters::wake`); with the waiter's
+    /// read a read-modify-write, the refund and the waiter's try are two
+    /// writes to one word, one of which sees the other, under any memory
+    /// model loom checks (loom treats `SeqCst` as acquire-release, and
+    /// found the lost wake-up that the plain load allows there).
+    #[cfg(feature = "async")]
+    pub(crate) fn pin_confirming<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
+        Pinned {
+            confirm: true,
+            ..self.pin(clock)
+        }
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        // A poisoned lock is taken over: every change it guards is made
+        // whole before anything that could panic.
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    #[inline]
+    fn target(&self, at: SlotRef) -> Option<Target<'_>> {
+        if at.is_wide() {
+            self.wide.get(at.slot()).map(|line| Target::Wide(&line.0))
+        } else {
+            self.narrow.get(at.slot()).map(Target::Narrow)
+        }
+    }
+
+    /// The entry place and cell of `agent_id` in `index`.
+    fn find(&self, index: &Index, agent_id: &AgentId) -> Option<(usize, SlotRef)> {
+        let hash = self.hash(agent_id);
+        let tag = index::tag(hash);
+        index.probe(hash).find_map(|(place, entry)| {
+            let at = SlotRef::of_entry(entry);
+            (entry >> 32 == tag && self.target(at).is_some_and(|t| on!(t, c => c.is(agent_id))))
+                .then_some((place, at))
+        })
+    }
+
+    /// Sets `agent_id`'s limit, or adds it with usage `fresh` and the
+    /// incarnation `generation()` gives. Picks the cell's width from the
+    /// limit, and moves the agent to the other width if it changed.
+    pub(crate) fn configure(
+        &self,
+        agent_id: AgentId,
+        limit: &Limit,
+        now: Now,
+        fresh: State,
+        generation: impl FnOnce() -> u64,
+    ) {
+        let mut writer = self.writer();
+        let header = self.header.load();
+        let narrow = Narrow::fits(agent_id, limit);
+        if let Some((place, at)) = self.find(&header.index, &agent_id) {
+            if at.is_wide() == narrow
+                && self
+                    .relocate(&mut writer, &header, place, at, agent_id, limit, now)
+                    .is_some()
+            {
+                return;
+            }
+            let Some(target) = self.target(at) else {
+                return;
+            };
+            // A narrow cell takes any limit it was not moved away from: a
+            // wide limit always moves (a wide cell takes any state).
+            let set = on!(target, c => c.set_limit(agent_id, limit, now));
+            debug_assert!(set, "a cell kept a limit it cannot hold");
+            return;
+        }
+        let generation = generation();
+        if let Some(at) = self.occupy(&mut writer, agent_id, limit, fresh, generation) {
+            self.insert(&mut writer, header, agent_id, at);
+        }
+    }
+
+    /// A vacant cell made `agent_id`'s: narrow if the limit and the state
+    /// fit one, else wide (which always takes them).
+    fn occupy(
+        &self,
+        writer: &mut Writer,
+        agent_id: AgentId,
+        limit: &Limit,
+        state: State,
+        generation: u64,
+    ) -> Option<SlotRef> {
+        let narrow = Narrow::fits(agent_id, limit);
+        [narrow, false].into_iter().find_map(|narrow| {
+            let at = self.vacant(writer, !narrow);
+            let occupied = on!(self.target(at)?, c => c.occupy(agent_id, limit, state, generation));
+            if !occupied {
+                writer.free[usize::from(at.is_wide())].push(at.slot());
+            }
+            occupied.then_some(at)
+        })
+    }
+
+    /// A vacant cell of the given width, its chunk made: a slot out of
+    /// limbo if one's grace has passed, a free one, or a new one.
+    fn vacant(&self, writer: &mut Writer, wide: bool) -> SlotRef {
+        let Writer {
+            limbo, free, next, ..
+        } = writer;
+        limbo.retain_mut(|(token, slots)| {
+            if Arc::strong_count(token) > 1 {
+                return true;
+            }
+            for at in slots.drain(..) {
+                free[usize::from(at.is_wide())].push(at.slot());
+            }
+            false
+        });
+        let width = usize::from(wide);
+        let slot = free[width].pop().unwrap_or_else(|| {
+            next[width] += 1;
+            next[width] - 1
+        });
+        let at = SlotRef::new(slot, wide);
+        // Past 2^31 cells of one width (tens of gigabytes) there is no slot.
+        let made = if wide {
+            self.wide.make(slot, || Line(Cell::vacant())).is_some()
+        } else {
+            self.narrow.make(slot, Cell::vacant).is_some()
+        };
+        assert!(made, "the registry holds at most 2^31 agents of one width");
+        at
+    }
+
+    /// Adds an entry for `agent_id` at `at`, rebuilding the index first if
+    /// it would be too full.
+    fn insert(&self, writer: &mut Writer, header: Loaded<Header>, agent_id: AgentId, at: SlotRef) {
+        let hash = self.hash(&agent_id);
+        let mut index = header.index.clone();
+        if !index::fits(writer.used + 1, index.capacity()) {
+            index = Arc::new(self.rebuild(&index, writer.live + 1));
+            writer.used = writer.live;
+            let (place, _) = index.free_place(hash);
+            index.set(place, at.entry(hash));
+            writer.live += 1;
+            writer.used += 1;
+            drop(header);
+            return self.publish(writer, index);
+        }
+        let (place, reused) = index.free_place(hash);
+        index.set(place, at.entry(hash));
+        writer.live += 1;
+        writer.used += usize::from(!reused);
+    }
+
+    /// A new index with the live entries of `old`, room for `live` of them
+    /// at under half full.
+    fn rebuild(&self, old: &Index, live: usize) -> Index {
+        let capacity = (live * 2).next_power_of_two().max(MIN_CAPACITY);
+        let index = Index::new(capacity);
+        for (_, entry) in old.live() {
+            let at = SlotRef::of_entry(entry);
+            if let Some(target) = self.target(at) {
+                let hash = self.hash(&on!(target, c => c.agent_id()));
+                let (place, _) = index.free_place(hash);
+                index.set(place, entry);
+            }
+        }
+        index
+    }
+
+    /// Makes `index` current in a new header with a new grace token,
+    /// chained after the current one.
+    fn publish(&self, writer: &mut Writer, index: Arc<Index>) {
+        let grace = Arc::new(Grace::default());
+        let _ = writer.grace.next.set(grace.clone());
+        writer.grace = grace.clone();
+        self.header.store(Arc::new(Header {
+            index,
+            _grace: grace,
+        }));
+    }
+
+    /// Puts `at` in limbo under the current token (which the caller then
+    /// retires by publishing a new header).
+    fn release(&self, writer: &mut Writer, at: SlotRef) {
+        match writer.limbo.last_mut() {
+            Some((token, slots)) if Arc::ptr_eq(token, &writer.grace) => slots.push(at),
+            _ => {
+                let token = writer.grace.clone();
+                writer.limbo.push((token, vec![at]));
+            }
+        }
+    }
+
+    /// Moves `agent_id` from `at` (its entry at `place`) to a vacant cell
+    /// of the other width, on `limit`. `None` if it could not: the state
+    /// does not fit the other width, or the cell was retired.
+    #[allow(clippy::too_many_arguments)]
+    fn relocate(
+        &self,
+        writer: &mut Writer,
+        header: &Header,
+        place: usize,
+        at: SlotRef,
+        agent_id: AgentId,
+        limit: &Limit,
+        now: Now,
+    ) -> Option<SlotRef> {
+        let to = self.vacant(writer, !at.is_wide());
+        let moved = match (self.target(at)?, self.target(to)?) {
+            (Target::Narrow(from), Target::Wide(into)) => {
+                from.move_to(into, to.slot(), agent_id, limit, now)
+            }
+            (Target::Wide(from), Target::Narrow(into)) => {
+                from.move_to(into, to.slot(), agent_id, limit, now)
+            }
+            _ => false,
+        };
+        if !moved {
+            writer.free[usize::from(to.is_wide())].push(to.slot());
+            return None;
+        }
+        header.index.set(place, to.entry(self.hash(&agent_id)));
+        self.release(writer, at);
+        self.publish(writer, header.index.clone());
+        Some(to)
+    }
+
+    /// Moves the agent in the narrow cell `at` to a wide one: a settle
+    /// charged more than a narrow word counts. Returns where it is now, or
+    /// `None` if it was removed meanwhile.
+    fn widen(&self, at: SlotRef, now: Now) -> Option<SlotRef> {
+        let mut writer = self.writer();
+        let header = self.header.load();
+        let cell = self.narrow.get(at.slot())?;
+        match cell.word(now, &|| now) {
+            Word::Moved(slot) => return Some(at.moved_to(slot)),
+            Word::Retired => return None,
+            Word::Live(_) => {}
+        }
+        let agent_id = cell.agent_id();
+        let limit = cell.limit(agent_id);
+        let (place, found) = self.find(&header.index, &agent_id)?;
+        debug_assert_eq!(found, at);
+        self.relocate(&mut writer, &header, place, at, agent_id, &limit, now)
+    }
+
+    /// Removes `agent_id`: its cell is retired for good (every operation
+    /// that reaches it from here on finds no one), its entry becomes a
+    /// tombstone, and its slot waits out a grace period. Whether it was
+    /// there.
+    pub(crate) fn remove(&self, agent_id: &AgentId, now: Now) -> bool {
+        let mut writer = self.writer();
+        let header = self.header.load();
+        let Some((place, at)) = self.find(&header.index, agent_id) else {
+            return false;
+        };
+        if let Some(target) = self.target(at) {
+            on!(target, c => c.seal(Word::Retired, now));
+        }
+        header.index.set(place, TOMBSTONE);
+        writer.live -= 1;
+        self.release(&mut writer, at);
+        self.publish(&mut writer, header.index.clone());
+        true
+    }
+
+    /// Replaces every agent by `agents` (id, limit, usage, incarnation):
+    /// the old cells are retired, as by `remove`.
+    pub(crate) fn replace_all(&self, now: Now, agents: Vec<(AgentId, Limit, State, u64)>) {
+        let mut writer = self.writer();
+        let header = self.header.load();
+        for (_, entry) in header.index.live() {
+            let at = SlotRef::of_entry(entry);
+            if let Some(target) = self.target(at) {
+                on!(target, c => c.seal(Word::Retired, now));
+            }
+            self.release(&mut writer, at);
+        }
+        let capacity = (agents.len() * 2).next_power_of_two().max(MIN_CAPACITY);
+        let index = Index::new(capacity);
+        writer.live = 0;
+        for (agent_id, limit, state, generation) in agents {
+            if let Some(at) = self.occupy(&mut writer, agent_id, &limit, state, generation) {
+                let hash = self.hash(&agent_id);
+                let (place, _) = index.free_place(hash);
+                index.set(place, at.entry(hash));
+                writer.live += 1;
+            }
+        }
+        writer.used = writer.live;
+        drop(header);
+        self.publish(&mut writer, Arc::new(index));
+    }
+
+    /// How many agents of each width (narrow, wide) are registered.
+    #[cfg(test)]
+    pub(crate) fn widths(&self) -> (usize, usize) {
+        let header = self.header.load();
+        header.index.live().fold((0, 0), |(n, w), (_, entry)| {
+            if SlotRef::of_entry(entry).is_wide() {
+                (n, w + 1)
+            } else {
+                (n + 1, w)
+            }
+        })
+    }
+}
+
+/// A registry's header, held for one operation: see [`Registry::pin`].
+pub(crate) struct Pinned<'r> {
+    registry: &'r Registry,
+    header: Loaded<Header>,
+    clock: &'r Clock,
+    /// See [`Registry::pin_confirming`].
+    confirm: bool,
+}
+
+impl<'r> Pinned<'r> {
+    /// The cell of `agent_id`, if it has one.
+    #[inline(always)]
+    pub(crate) fn get(&self, agent_id: &AgentId) -> Option<CellRef<'_>> {
+        let registry = self.registry;
+        let hash = registry.hash(agent_id);
+        let tag = index::tag(hash);
+        for (_, entry) in self.header.index.probe(hash) {
+            if entry >> 32 != tag {
+                continue;
+            }
+            let at = SlotRef::of_entry(entry);
+            let Some(target) = registry.target(at) else {
+                continue;
+            };
+            if on!(target, c => c.is(agent_id)) {
+                return Some(CellRef {
+                    pinned: self,
+                    target,
+                    at,
+                    expect: None,
+                });
+            }
+        }
+        None
+    }
+
+    /// The cell at `at`, for incarnation `generation` of its agent: what a
+    /// handle reaches its agent by. Operations on it follow the agent if it
+    /// moved to the other width, and find no one if the slot holds another
+    /// incarnation (the agent was removed, or moved and its old slot
+    /// reused: the handle then looks the agent up again).
+    #[inline]
+    pub(crate) fn at(&self, at: SlotRef, generation: u64) -> Option<CellRef<'_>> {
+        Some(CellRef {
+            pinned: self,
+            target: self.registry.target(at)?,
+            at,
+            expect: Some(generation),
+        })
+    }
+
+    /// Every agent and its cell.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(AgentId, CellRef<'_>)) {
+        for (_, entry) in self.header.index.live() {
+            let at = SlotRef::of_entry(entry);
+            if let Some(target) = self.registry.target(at) {
+                let agent_id = on!(target, c => c.agent_id());
+                f(
+                    agent_id,
+                    CellRef {
+                        pinned: self,
+                        target,
+                        at,
+                        expect: None,
+                    },
+                );
+            }
+        }
+    }
+
+    fn fresh(&self) -> Now {
+        self.clock.now()
+    }
+}
+
+/// One agent's cell, found under a [`Pinned`] header. Its operations
+/// follow the agent if it moves to a cell of the other width meanwhile.
+#[derive(Clone, Copy)]
+pub(crate) struct CellRef<'p> {
+    pinned: &'p Pinned<'p>,
+    target: Target<'p>,
+    at: SlotRef,
+    /// The incarnation a handle or a reservation is for.
+    expect: Option<u64>,
+}
+
+impl<'p> CellRef<'p> {
+    /// Where this cell's agent is now, as a handle keeps it.
+    pub(crate) fn slot(&self) -> SlotRef {
+        self.at
+    }
+
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        on!(self.target, c => c.generation())
+    }
+
+    /// The policy the hot paths enforce.
+    #[inline]
+    pub(crate) fn enforced(&self) -> Enforced {
+        on!(self.target, c => c.enforced())
+    }
+
+    pub(crate) fn limit(&self, agent_id: AgentId) -> Limit {
+        on!(self.target, c => c.limit(agent_id))
+    }
+
+    pub(crate) fn parent(&self) -> Option<AgentId> {
+        on!(self.target, c => c.parent())
+    }
+
+    /// The same cell, for incarnation `generation` only: operations find
+    /// no one if the agent was removed, even if it was added again.
+    pub(crate) fn expecting(self, generation: u64) -> Self {
+        CellRef {
+            expect: Some(generation),
+            ..self
+        }
+    }
+
+    /// The state at `now`, unless the agent is gone.
+    pub(crate) fn load(&self, now: Now) -> Option<State> {
+        self.update(Ordering::Relaxed, now, |s| (s, ()))
+            .map(|(state, _, ())| state)
+    }
+
+    /// [`Cell::update`] on wherever the agent is: follows a move to the
+    /// other width, and widens a narrow cell whose next state does not fit
+    /// (the only time an operation takes the writer's lock). `None` if the
+    /// agent is gone (removed, or another incarnation).
+    ///
+    /// One loop for both widths, on the raw word in a `u128`, so that
+    /// `transition` has one call site and is inlined into it.
+    #[inline(always)]
+    pub(crate) fn update<R>(
+        &self,
+        order: Ordering,
+        now: Now,
+        mut transition: impl FnMut(State) -> (State, R),
+    ) -> Option<(State, State, R)> {
+        let pinned = self.pinned;
+        let fresh = || pinned.fresh();
+        let (mut target, mut at) = (self.target, self.at);
+        // Acquire (in `load_raw`): the incarnation is checked next.
+        let mut current = on!(target, c => c.load_raw());
+        loop {
+            if let Some(generation) = self.expect {
+                if generation != on!(target, c => c.generation()) {
+                    return None;
+                }
+            }
+            let before = match on!(target, c => c.decode_raw(current, now, &fresh)) {
+                Word::Live(state) => state,
+                Word::Retired => return None,
+                Word::Moved(slot) => {
+                    at = at.moved_to(slot);
+                    target = pinned.registry.target(at)?;
+                    current = on!(target, c => c.load_raw());
+                    continue;
+                }
+            };
+            let (after, verdict) = transition(before);
+            if after == before {
+                if !pinned.confirm {
+                    return Some((before, after, verdict));
+                }
+                match on!(target, c => c.compare_exchange_raw(current, current, Ordering::SeqCst)) {
+                    Ok(()) => return Some((before, after, verdict)),
+                    Err(actual) => {
+                        current = actual;
+                        continue;
+                    }
+                }
+            }
+            let Some(new) = on!(target, c => c.encode(after)) else {
+                at = pinned.registry.widen(at, now)?;
+                target = pinned.registry.target(at)?;
+                current = on!(target, c => c.load_raw());
+                continue;
+            };
+            match on!(target, c => c.compare_exchange_raw(current, new, order)) {
+                Ok(()) => return Some((before, after, verdict)),
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// This reference, following the agent to wherever it is now.
+    pub(crate) fn current(self) -> Self {
+        let now = self.pinned.fresh();
+        let mut cell = self;
+        while let Word::Moved(slot) = on!(cell.target, c => c.word(now, &|| now)) {
+            let at = cell.at.moved_to(slot);
+            let Some(target) = self.pinned.registry.target(at) else {
+                break;
+            };
+            cell = CellRef { target, at, ..cell };
+        }
+        cell
+    }
+}
+
+#[cfg(all(test, not(agent_budget_loom)))]
+mod tests {
+    use super::*;
+    use crate::limit::Configured;
+    use crate::rules::Tick;
+    use crate::types::BudgetLimit;
+
+    fn window(agent_id: AgentId, tokens: u64) -> Limit {
+        Limit::new(
+            Configured::Window(BudgetLimit {
+                agent_id,
+                token_budget: tokens,
+                calls_budget: 10,
+                window_secs: 60,
+            }),
+            None,
+        )
+    }
+
+    fn clock() -> Clock {
+        Clock::new(quanta::Clock::mock().0)
+    }
+
+    #[test]
+    fn agents_are_found_through_growth_removal_and_reuse() {
+        let registry = Registry::new();
+        let clock = clock();
+        let now = clock.now();
+        let ids: Vec<AgentId> = (0..2_000u128)
+            .map(|i| AgentId::from_u128(i * 7919))
+            .collect();
+        for (i, &id) in ids.iter().enumerate() {
+            let tokens = if i % 3 == 0 { u64::MAX } else { 100 };
+            registry.configure(
+                id,
+                &window(id, tokens),
+                now,
+                State::fresh(Tick::ORIGIN),
+                || i as u64,
+            );
+        }
+        assert_eq!(registry.widths(), (1_333, 667));
+        for (i, id) in ids.iter().enumerate() {
+            let pinned = registry.pin(&clock);
+            let cell = pinned.get(id).expect("registered");
+            assert_eq!(cell.generation(), i as u64);
+        }
+        for id in ids.iter().step_by(2) {
+            assert!(registry.remove(id, now));
+            assert!(!registry.remove(id, now));
+        }
+        // Slots come back once their grace has passed (nobody holds an old
+        // header here), and the new agents are found with the old ones.
+        let more: Vec<AgentId> = (0..1_000u128).map(|i| AgentId::from_u128(!i)).collect();
+        for (i, &id) in more.iter().enumerate() {
+            registry.configure(id, &window(id, 5), now, State::fresh(Tick::ORIGIN), || {
+                10_000 + i as u64
+            });
+        }
+        let pinned = registry.pin(&clock);
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(pinned.get(id).is_some(), i % 2 == 1, "agent {i}");
+        }
+        for (i, id) in more.iter().enumerate() {
+            assert_eq!(
+                pinned.get(id).map(|c| c.generation()),
+                Some(10_000 + i as u64)
+            );
+        }
+        let mut seen = 0;
+        pinned.for_each(|_, _| seen += 1);
+        assert_eq!(seen, 2_000);
+        let writer = registry.writer();
+        assert!(
+            writer.next[0] + writer.next[1] < 3_000,
+            "freed slots were reused"
+        );
+    }
+
+    #[test]
+    fn a_slot_waits_while_a_reader_holds_a_header_from_before_its_removal() {
+        let registry = Registry::new();
+        let clock = clock();
+        let now = clock.now();
+        let (a, b) = (AgentId::from_u128(1), AgentId::from_u128(2));
+        registry.configure(a, &window(a, 5), now, State::fresh(Tick::ORIGIN), || 1);
+        let reader = registry.pin(&clock);
+        let old = reader.get(&a).unwrap().slot();
+        assert!(registry.remove(&a, now));
+        // A header published after the removal does not hold it back.
+        let later = registry.pin(&clock);
+        registry.configure(b, &window(b, 5), now, State::fresh(Tick::ORIGIN), || 2);
+        assert_ne!(later.get(&b).map(|c| c.slot()), None);
+        assert_ne!(
+            registry.pin(&clock).get(&b).unwrap().slot(),
+            old,
+            "reused under a reader"
+        );
+        drop((reader, later));
+        let c = AgentId::from_u128(3);
+        registry.configure(c, &window(c, 5), now, State::fresh(Tick::ORIGIN), || 3);
+        assert_eq!(
+            registry.pin(&clock).get(&c).unwrap().slot(),
+            old,
+            "reused after"
+        );
+    }
+
+    #[test]
+    fn a_limit_change_moves_the_agent_between_widths_and_keeps_its_usage() {
+        let registry = Registry::new();
+        let clock = clock();
+        let now = clock.now();
+        let a = AgentId::from_u128(42);
+        registry.configure(
+            a,
+            &window(a, 100),
+            now,
+            State::fresh(now.start_tick()),
+            || 9,
+        );
+        let pinned = registry.pin(&clock);
+        let narrow = pinned.get(&a).unwrap();
+        narrow.update(Ordering::Relaxed, now, |s| (State { tokens: 30, ..s }, ()));
+        registry.configure(
+            a,
+            &window(a, u64::MAX),
+            now,
+            State::fresh(now.start_tick()),
+            || 0,
+        );
+        assert_eq!(registry.widths(), (0, 1));
+        // The old reference follows the move.
+        assert_eq!(narrow.load(now).map(|s| s.tokens), Some(30));
+        assert!(narrow.current().slot().is_wide());
+        registry.configure(
+            a,
+            &window(a, 100),
+            now,
+            State::fresh(now.start_tick()),
+            || 0,
+        );
+        assert_eq!(registry.widths(), (1, 0));
+        let pinned = registry.pin(&clock);
+        let cell = pinned.get(&a).unwrap();
+        assert_eq!(
+            (cell.load(now).map(|s| s.tokens), cell.generation()),
+            (Some(30), 9)
+        );
+        // An overuse past the narrow fields widens the cell on its own.
+        let charged = cell.update(Ordering::SeqCst, now, |s| {
+            (
+                State {
+                    tokens: 1 << 40,
+                    ..s
+                },
+                (),
+            )
+        });
+        assert_eq!(charged.map(|(_, after, ())| after.tokens), Some(1 << 40));
+        assert_eq!(registry.widths(), (0, 1));
+    }
+}
