@@ -4,8 +4,7 @@
 //!
 //! Quotes are the sentences each piece implements; "the crate's reading"
 //! marks where the documents are silent and the model takes the crate's
-//! answer; "known defect" marks where the crate departs from the documents
-//! and the model follows it only when asked (`defects`).
+//! answer.
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -95,14 +94,14 @@ impl Now {
     }
 }
 
-/// Where `reset_window` starts the window (or the bucket's refill) that
-/// replaces one started at `previous`: "now", "at the next millisecond
-/// boundary". Known defect: the crate starts it at least a millisecond
-/// after the one it replaces, so resets within one millisecond push it
-/// into the future.
-fn restart(now: Now, previous: u64, defects: bool) -> u64 {
-    if defects && previous >= now.boundary() {
-        note("known defect: a reset within a millisecond starts later");
+/// Where `reset_window` (or a switch of policy) starts the window or the
+/// bucket's refill that replaces one started at `previous`: "now", at the
+/// next millisecond boundary, but "after the one it replaces: starts are
+/// distinct, so several resets within one millisecond each start a
+/// millisecond after the last".
+pub fn restart(now: Now, previous: u64) -> u64 {
+    if previous >= now.boundary() {
+        note("a restart within a millisecond of the last start");
         return previous + 1;
     }
     now.boundary()
@@ -186,17 +185,10 @@ impl Window {
 
     /// "the time until its window ends", in whole milliseconds of elapsed
     /// time; "`None` if it never can": a window that never ends never makes
-    /// room. Known defect: the crate tells the longest window's end.
-    fn retry_after(&self, now: Now, defects: bool) -> Option<Duration> {
-        let ms = match self.length_ms() {
-            Some(len) => len - now.since(self.start),
-            None if defects => {
-                note("known defect: a window that never ends tells a retry");
-                LONGEST_MS.saturating_sub(now.since(self.start))
-            }
-            None => return None,
-        };
-        Some(Duration::from_millis(ms))
+    /// room.
+    fn retry_after(&self, now: Now) -> Option<Duration> {
+        let len = self.length_ms()?;
+        Some(Duration::from_millis(len - now.since(self.start)))
     }
 }
 
@@ -285,17 +277,13 @@ impl Bucket {
     }
 
     /// "`retry_after` is the time until enough has refilled": the first
-    /// instant at which every short resource (or `only` the one given)
-    /// has room for the request, its count less what refilled.
-    fn retry_after(&self, now: Now, request: Pair, only: Option<BudgetKind>) -> Duration {
+    /// instant at which every short resource has room for the request, its
+    /// count less what refilled.
+    fn retry_after(&self, now: Now, request: Pair) -> Duration {
         let (used, limit, p) = (self.in_use(now), self.limit(), self.period_ms());
         let mut wait = 0;
         for kind in KINDS {
             if request.get(kind) == 0 || used.get(kind) + request.get(kind) <= limit.get(kind) {
-                continue;
-            }
-            if only.is_some_and(|only| only != kind) {
-                note("known defect: retry_after for one resource of two short");
                 continue;
             }
             let owed = u128::from(self.count.get(kind)) + u128::from(request.get(kind))
@@ -326,14 +314,12 @@ impl Bucket {
             .unwrap_or(0)
     }
 
-    /// The crate's reading of where a bucket's debt saturates ("an extra
-    /// charge ... saturates at the maximum"): its count stops a budget
-    /// short of the maximum.
+    /// Where a bucket's debt saturates ("an extra charge ... saturates at
+    /// the maximum"): its count stops at the field's maximum.
     pub fn saturation(&self) -> Pair {
-        let limit = self.limit();
         Pair {
-            tokens: MAX_TOKENS - limit.tokens,
-            calls: MAX_CALLS - limit.calls,
+            tokens: MAX_TOKENS,
+            calls: MAX_CALLS,
         }
     }
 }
@@ -412,28 +398,13 @@ impl Policy {
     /// Sets what is in use now, keeping the window or the bucket's phase:
     /// a bucket's counts are what is in use plus what refilled since its
     /// mark, moved first by whole periods.
-    ///
-    /// Known defect: the crate clamps a bucket's counts to a budget short
-    /// of the maximum at every write but an admission (`clamp`), though a
-    /// count may reach twice the budget: with budgets above a third of the
-    /// maximum (up to half is documented exact) a refund or a release then
-    /// forgets usage.
-    fn store(&mut self, now: Now, used: Pair, clamp: bool) {
+    fn store(&mut self, now: Now, used: Pair) {
         match self {
             Policy::Window(w) => w.used = used,
             Policy::Bucket(b) => {
                 b.normalize(now);
                 // Once the mark has moved, less than a budget has refilled.
-                let rebased = used.map(|kind, used| used + b.refilled(now, kind) as u64);
-                b.count = if clamp {
-                    let most = b.saturation();
-                    if KINDS.iter().any(|&k| rebased.get(k) > most.get(k)) {
-                        note("known defect: a write clamps a bucket's count");
-                    }
-                    rebased.map(|kind, count| count.min(most.get(kind)))
-                } else {
-                    rebased
-                };
+                b.count = used.map(|kind, used| used + b.refilled(now, kind) as u64);
             }
         }
     }
@@ -441,7 +412,7 @@ impl Policy {
     /// Tries to take `request` now: "requests of zero always fit ... even
     /// an exhausted one"; otherwise what is in use plus the request must
     /// stay within the limit.
-    pub fn take(&mut self, now: Now, request: Pair, defects: bool) -> Result<(), Short> {
+    pub fn take(&mut self, now: Now, request: Pair) -> Result<(), Short> {
         let (used, limit) = (self.in_use(now), self.limit());
         let fits = |kind| {
             request.get(kind) == 0
@@ -462,7 +433,7 @@ impl Policy {
         if let Some(kind) = short {
             return Err(Short {
                 kind,
-                retry_after: self.retry_after(now, request, kind, defects),
+                retry_after: self.retry_after(now, request),
                 numbers: [
                     request.get(kind),
                     limit.get(kind).saturating_sub(used.get(kind)),
@@ -491,9 +462,9 @@ impl Policy {
                 // cannot restart its refill at the admission, and regains
                 // units at fixed points of the shared phase instead".
                 note("one resource full, the other not, at an admission");
-                self.store(now, taken, false);
+                self.store(now, taken);
             }
-            _ => self.store(now, taken, false),
+            _ => self.store(now, taken),
         }
         Ok(())
     }
@@ -501,29 +472,21 @@ impl Policy {
     /// "when that level can take the request (`retry_after`, `None` if it
     /// never can)": `None` for a request larger than the limit ("a request
     /// larger than the maximum is refused, with `retry_after: None`").
-    fn retry_after(
-        &self,
-        now: Now,
-        request: Pair,
-        named: BudgetKind,
-        defects: bool,
-    ) -> Option<Duration> {
+    fn retry_after(&self, now: Now, request: Pair) -> Option<Duration> {
         if KINDS.iter().any(|&k| request.get(k) > self.limit().get(k)) {
             note("a request larger than the limit is refused for good");
             return None;
         }
         match self {
-            Policy::Window(w) => w.retry_after(now, defects),
-            // Known defect: the crate tells it for the resource it names
-            // only, though the other may still be short then.
-            Policy::Bucket(b) => Some(b.retry_after(now, request, defects.then_some(named))),
+            Policy::Window(w) => w.retry_after(now),
+            Policy::Bucket(b) => Some(b.retry_after(now, request)),
         }
     }
 
     /// Gives `amount` back now: "`release` saturates at zero"; "Settle and
     /// cancel refund into the bucket, never above full". The crate's
     /// reading: with nothing to give back, nothing is written.
-    pub fn refund(&mut self, now: Now, amount: Pair, defects: bool) {
+    pub fn refund(&mut self, now: Now, amount: Pair) {
         let used = self.in_use(now);
         if KINDS.iter().any(|&k| amount.get(k) > used.get(k)) {
             note("a refund stops at nothing in use");
@@ -531,14 +494,14 @@ impl Policy {
         let given = amount.map(|kind, amount| amount.min(used.get(kind)));
         if given != Pair::default() {
             let left = used.map(|kind, used| used - given.get(kind));
-            self.store(now, left, defects);
+            self.store(now, left);
         }
     }
 
     /// Charges `tokens` past the limit: "More than reserved is charged even
     /// past the limit"; "an extra charge from `Reservation::settle`
     /// saturates at the maximum".
-    pub fn charge(&mut self, now: Now, tokens: u64, defects: bool) {
+    pub fn charge(&mut self, now: Now, tokens: u64) {
         if tokens == 0 {
             return;
         }
@@ -565,29 +528,27 @@ impl Policy {
                 tokens: total,
                 calls: used.calls,
             },
-            defects,
         );
     }
 
     /// "`reset_window` starts a new, empty window now" ("or a full
     /// bucket").
-    pub fn reset(&mut self, now: Now, id: u64, defects: bool) {
+    pub fn reset(&mut self, now: Now, id: u64) {
         match self {
             Policy::Window(w) => {
-                w.start = restart(now, w.start, defects);
+                w.start = restart(now, w.start);
                 w.id = id;
                 w.used = Pair::default();
             }
             Policy::Bucket(b) => {
-                b.mark = restart(now, b.mark, defects);
+                b.mark = restart(now, b.mark);
                 b.count = Pair::default();
             }
         }
     }
 
-    /// What a reservation taken now records of this level: its window (a
-    /// bucket has none) and the instant the crate tells it by (the
-    /// window's start, or the bucket's mark).
+    /// Its window (a bucket has none), and the window's start or the
+    /// bucket's mark.
     pub fn stamp(&self) -> (Option<u64>, u64) {
         match self {
             Policy::Window(w) => (Some(w.id), w.start),

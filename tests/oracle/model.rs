@@ -16,7 +16,7 @@ use agent_budget::{
     AgentId, BudgetInfo, BudgetKind, FullBudgetInfo, HierarchyError, RefusalReason, Settlement,
 };
 
-use crate::level::{note, Bucket, Now, Pair, Policy, Window, MAX_CALLS, MAX_TOKENS};
+use crate::level::{note, restart, Bucket, Now, Pair, Policy, Window, MAX_CALLS, MAX_TOKENS};
 
 /// "make any chain longer than MAX_LEVELS (8) levels"
 pub const MAX_LEVELS: usize = 8;
@@ -48,9 +48,6 @@ struct Taken {
     /// The window it was taken in; `None` for a bucket ("Buckets have no
     /// windows").
     window: Option<u64>,
-    /// The instant the crate tells that window by (its start, or the
-    /// bucket's mark): see `Model::book`.
-    stamp: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -68,22 +65,16 @@ pub struct Model {
     agents: BTreeMap<AgentId, Agent>,
     incarnations: u64,
     windows: u64,
-    /// Whether to follow the crate where it departs from the documents
-    /// (each departure named "known defect" where it applies, and shown by
-    /// a test in `defects.rs`), or the documents alone.
-    defects: bool,
 }
 
 impl Model {
-    /// The documents' model; with `defects`, the documents' but for the
-    /// crate's reported departures from them.
-    pub fn new(defects: bool) -> Self {
+    /// The documents' model, with no agent yet.
+    pub fn new() -> Self {
         Model {
             now: Now { ns: 0 },
             agents: BTreeMap::new(),
             incarnations: 0,
             windows: 0,
-            defects,
         }
     }
 
@@ -149,6 +140,13 @@ impl Model {
                 let window = fresh(self.new_window(), Pair::default());
                 self.insert(id, Policy::Window(window));
             }
+            // "keeps its usage and window ... unless the window has already
+            // run its old length: it is over, and a fresh one starts now".
+            Some(Policy::Window(w)) if w.expired(now) => {
+                note("a budget set again on an expired window");
+                let window = fresh(self.new_window(), Pair::default());
+                *self.policy(&id) = Policy::Window(window);
+            }
             Some(Policy::Window(w)) => {
                 *self.policy(&id) = Policy::Window(Window {
                     configured,
@@ -156,12 +154,16 @@ impl Model {
                     ..w
                 });
             }
-            Some(bucket @ Policy::Bucket(_)) => {
+            Some(bucket @ Policy::Bucket(b)) => {
                 let used = bucket.in_use(now);
                 if used != Pair::default() {
                     note("a bucket switched to a window with usage");
                 }
-                let window = fresh(self.new_window(), used);
+                // "starts the new policy now ... after the old one's mark".
+                let window = Window {
+                    start: restart(now, b.mark),
+                    ..fresh(self.new_window(), used)
+                };
                 *self.policy(&id) = Policy::Window(window);
             }
         }
@@ -196,8 +198,11 @@ impl Model {
                 if used != Pair::default() {
                     note("a switch to a bucket with usage");
                 }
-                // The crate's reading: what is carried over stops where a
-                // bucket's debt saturates.
+                // "A bucket's refill starts now (or at the old mark, if that
+                // is later still)".
+                bucket.mark = now.boundary().max(old.stamp().1);
+                // What is carried over stops where a bucket's debt
+                // saturates.
                 let most = bucket.saturation();
                 bucket.count = Pair {
                     tokens: used.tokens.min(most.tokens),
@@ -301,16 +306,16 @@ impl Model {
                 reason: RefusalReason::NoBudget,
             });
         }
-        let (now, defects) = (self.now, self.defects);
+        let now = self.now;
         let mut levels: Vec<Taken> = Vec::new();
         for level in self.chain(&id) {
             self.observe(&level);
-            if let Err(short) = self.policy(&level).take(now, taken, defects) {
+            if let Err(short) = self.policy(&level).take(now, taken) {
                 if !levels.is_empty() {
                     note("levels below a refusing ancestor give back");
                 }
                 for below in &levels {
-                    self.policy(&below.agent).refund(now, taken, defects);
+                    self.policy(&below.agent).refund(now, taken);
                 }
                 let [requested, remaining, used, limit] = short.numbers;
                 return Err(Refusal {
@@ -327,12 +332,11 @@ impl Model {
                 });
             }
             let agent = self.agent(&level);
-            let (window, stamp) = agent.policy.stamp();
+            let (window, _) = agent.policy.stamp();
             levels.push(Taken {
                 agent: level,
                 incarnation: agent.incarnation,
                 window,
-                stamp,
             });
         }
         Ok(Ticket { taken, levels })
@@ -378,7 +382,7 @@ impl Model {
         if agent.incarnation != level.incarnation {
             return Settlement::AgentRemoved;
         }
-        let (now, defects) = (self.now, self.defects);
+        let now = self.now;
         let refund = Pair {
             tokens: taken.tokens.saturating_sub(used.tokens),
             calls: taken.calls - used.calls,
@@ -391,16 +395,7 @@ impl Model {
             Policy::Window(w) => {
                 // The documents' reading: a window begun since (by a roll
                 // over, a reset, or a move from a bucket) is another.
-                let own = level.window == Some(w.id);
-                // Known defect: the crate tells windows apart by their
-                // start, so a window begun in the millisecond the
-                // reservation's started (or its bucket's mark) is taken for
-                // the reservation's own.
-                let mistaken = defects && !own && level.stamp == w.start;
-                if mistaken {
-                    note("known defect: another window taken for the reservation's");
-                }
-                (own || mistaken) && !w.expired(now)
+                level.window == Some(w.id) && !w.expired(now)
             }
         };
         let policy = self.policy(&level.agent);
@@ -410,8 +405,8 @@ impl Model {
             // the settlement tells what changed (a refund stops at nothing
             // in use, a charge at the maximum).
             let before = policy.in_use(now);
-            policy.refund(now, refund, defects);
-            policy.charge(now, charge, defects);
+            policy.refund(now, refund);
+            policy.charge(now, charge);
             let after = policy.in_use(now);
             return Settlement::Applied {
                 refunded_tokens: before.tokens.saturating_sub(after.tokens),
@@ -430,7 +425,7 @@ impl Model {
         self.observe(&level.agent);
         let policy = self.policy(&level.agent);
         let before = policy.in_use(now).tokens;
-        policy.charge(now, charge, defects);
+        policy.charge(now, charge);
         Settlement::CarriedOver {
             charged_tokens: policy.in_use(now).tokens - before,
         }
@@ -442,11 +437,11 @@ impl Model {
         if !self.agents.contains_key(id) {
             return;
         }
-        let (now, defects) = (self.now, self.defects);
+        let now = self.now;
         for level in self.chain(id) {
             self.observe(&level);
             let amount = Pair { tokens, calls: 0 };
-            self.policy(&level).refund(now, amount, defects);
+            self.policy(&level).refund(now, amount);
         }
     }
 
@@ -455,8 +450,8 @@ impl Model {
     /// nothing used."
     pub fn reset_window(&mut self, id: &AgentId) {
         if self.agents.contains_key(id) {
-            let (now, window, defects) = (self.now, self.new_window(), self.defects);
-            self.policy(id).reset(now, window, defects);
+            let (now, window) = (self.now, self.new_window());
+            self.policy(id).reset(now, window);
         }
     }
 
