@@ -155,11 +155,14 @@ impl State {
             return (self, verdict);
         }
         if used == (0, 0) {
-            // Full on both: the refill of what is taken starts now.
+            // Full on both: the refill of what is taken starts now, or at
+            // the mark if a reset in this millisecond put it later: marks
+            // never go back (a window begun from this bucket starts after
+            // its mark, and must not take an earlier window's start).
             let next = State {
                 tokens,
                 calls,
-                mark: now.start_tick(),
+                mark: now.start_tick().max(bucket.mark),
             };
             return (next, Ok(()));
         }

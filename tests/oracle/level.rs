@@ -454,7 +454,9 @@ impl Policy {
             // admission, the mark moves to now".
             Policy::Bucket(b) if used == Pair::default() => {
                 note("a full bucket restarts its mark");
-                b.mark = now.boundary();
+                // "the mark moves to now (never back: a mark a reset put
+                // later stays)".
+                b.mark = now.boundary().max(b.mark);
                 b.count = request;
             }
             Policy::Bucket(_) if used.tokens == 0 || used.calls == 0 => {

@@ -170,3 +170,22 @@ for_both_managers! {
         assert_eq!(outcomes[0], Settlement::WindowEnded);
     }
 }
+
+for_both_managers! {
+    /// A full bucket restarting its refill at an admission must not move
+    /// its mark back to before the one a reset put a millisecond ahead:
+    /// a window begun from the bucket then started where the reservation's
+    /// bucket had, and the reservation took the window for its own.
+    fn a_mark_never_goes_back_so_a_bucket_reservation_never_owns_a_later_window<M>() {
+        let (m, time) = mocked::<M>();
+        let a = agent();
+        m.set_refill(bucket(a, 36, 2, 0));
+        time.advance(Duration::from_micros(2_815));
+        let reservation = m.acquire(&a, 0, 1).unwrap();
+        time.0.decrement(Duration::from_micros(815));
+        m.reset_window(&a);
+        m.reserve(&a, 1).unwrap();
+        m.set_budget(limit(a, 0, 0, 0));
+        assert_eq!(reservation.settle(0), Settlement::WindowEnded);
+    }
+}
