@@ -207,8 +207,7 @@ pub(crate) fn read(
                 tokens: u.tokens_used.min(MAX_TOKENS),
                 calls: u.calls_used.min(MAX_CALLS),
                 mark: at.tick_of(u.window_start),
-            }
-            .clamped(&configured.policy()),
+            },
             None => State::fresh(at.now.start_tick()),
         };
         let parent = data.parents.get(&id).copied();

@@ -125,7 +125,10 @@ impl LockedBudgetManager {
             let mut usage = self.usage.write();
             let now = self.clock.now();
             if let (Some(old), Some(slot)) = (budgets.get(&agent_id), usage.get_mut(&agent_id)) {
-                slot.state = slot.state.convert(&old.policy, &limit.policy, now);
+                slot.state = slot
+                    .state
+                    .ended_window(&old.policy, &limit.policy, now)
+                    .convert(&old.policy, &limit.policy, now);
             }
             budgets.insert(agent_id, limit);
             usage.entry(agent_id).or_insert_with(|| Slot {

@@ -173,6 +173,16 @@ impl BudgetManager {
         let agent_id = configured.agent_id();
         let now = self.clock.now();
         let limit = Limit::new(configured, hierarchy.parent_of(&agent_id));
+        if let Some(cell) = self.pin().get(&agent_id) {
+            // A budget set again finds a window that has run its length
+            // over, as any write does (the new limit then applies to a
+            // fresh window). SeqCst: it makes room, as a refund does; the
+            // waiters are woken below.
+            let policy = cell.enforced().policy;
+            cell.update(Ordering::SeqCst, now, |s| {
+                (s.ended_window(&policy, &limit.policy, now), ())
+            });
+        }
         let fresh = State::fresh(now.start_tick());
         self.agents
             .configure(agent_id, &limit, now, fresh, || self.next_generation());

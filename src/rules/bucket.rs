@@ -149,17 +149,20 @@ impl State {
             // has grown by that much. The budget is not zero: the request
             // fits the limit, and is not zero either.
             let after = ticks_until_refilled(budget, regained + short_by, policy.period);
-            bucket.mark.plus(after).millis_since(now.tick())
+            Some(bucket.mark.plus(after).millis_since(now.tick()))
         });
         if verdict.is_err() {
             return (self, verdict);
         }
         if used == (0, 0) {
-            // Full on both: the refill of what is taken starts now.
+            // Full on both: the refill of what is taken starts now, or at
+            // the mark if a reset in this millisecond put it later: marks
+            // never go back (a window begun from this bucket starts after
+            // its mark, and must not take an earlier window's start).
             let next = State {
                 tokens,
                 calls,
-                mark: now.start_tick(),
+                mark: now.start_tick().max(bucket.mark),
             };
             return (next, Ok(()));
         }
@@ -193,9 +196,7 @@ impl State {
         // The count that puts `in_use` in use now; nothing in use is a
         // count equal to the refill term (full, and staying full).
         let count = |in_use: u64, regained: u64, resource: Resource| {
-            in_use
-                .saturating_add(regained)
-                .min(policy.ceiling(resource))
+            in_use.saturating_add(regained).min(resource.field())
         };
         let next = State {
             tokens: count(tokens, regained.0, Resource::Tokens),

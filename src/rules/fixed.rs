@@ -63,8 +63,9 @@ impl State {
     ) -> (State, Result<(), super::Shortfall>) {
         let window = self.current_window(policy, now);
         let used = (window.tokens, window.calls);
+        // A window of the longest length never ends: no wait helps.
         let verdict = judge(policy, used, (tokens, calls), |_, _| {
-            window.millis_left(policy, now)
+            (policy.period < Policy::MAX_PERIOD).then(|| window.millis_left(policy, now))
         });
         if verdict.is_err() {
             return (window, verdict);

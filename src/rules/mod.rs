@@ -141,13 +141,6 @@ impl Policy {
             refill: Refill::Bucket,
         }
     }
-
-    fn budget(&self, resource: Resource) -> u64 {
-        match resource {
-            Resource::Tokens => self.tokens,
-            Resource::Calls => self.calls,
-        }
-    }
 }
 
 /// Which resource a request ran out of.
@@ -169,9 +162,10 @@ pub(crate) struct Shortfall {
     pub(crate) used: u64,
     /// The policy's limit for `resource`.
     pub(crate) limit: u64,
-    /// Milliseconds until the request fits (the window ends, or the bucket
-    /// has refilled enough); `None` if it is larger than the limit itself
-    /// and so can never be admitted.
+    /// Milliseconds until the whole request fits (the window ends, or the
+    /// bucket has refilled enough of every resource it is short of);
+    /// `None` if it never can: it is larger than a limit, or its window
+    /// never ends.
     pub(crate) retry_after_ms: Option<u64>,
 }
 
@@ -330,30 +324,42 @@ impl State {
         }
     }
 
-    /// The counts cut to what `policy` lets them hold (for state read from
-    /// a file, which may say anything).
-    pub(crate) fn clamped(self, policy: &Policy) -> State {
-        State {
-            tokens: self.tokens.min(policy.ceiling(Resource::Tokens)),
-            calls: self.calls.min(policy.ceiling(Resource::Calls)),
-            mark: self.mark,
+    /// What `set_budget` finds before it changes a window's limit: a
+    /// window that has run its length is over (as for any write that
+    /// observes the expiry, a fresh one starts now), so the new limit does
+    /// not revive it. (A switch to a bucket reads what is in use the same
+    /// way: see [`convert`](Self::convert).)
+    pub(crate) fn ended_window(self, from: &Policy, to: &Policy, now: Now) -> State {
+        if from.refill == Refill::Window && to.refill == Refill::Window {
+            self.current_window(from, now)
+        } else {
+            self
         }
     }
 
-    /// The state under a new policy. The same policy, or window to window,
-    /// keeps the state (the seed's `set_budget` on a known agent keeps its
-    /// window and usage). Any other change starts the new policy at `now`
-    /// with what is in use under the old one: a switch never forgives what
-    /// was spent.
+    /// The state under another policy. The same policy, or window to
+    /// window, keeps the state (the seed's `set_budget` on a known agent
+    /// keeps its window and usage). Any other change starts the new policy
+    /// now with what is in use under the old one (a switch never forgives
+    /// what was spent). A window begun so starts after the old mark: window
+    /// starts name windows, so a reservation of an earlier window never
+    /// takes this one for its own, even after a switch to a bucket and back
+    /// within a millisecond. A bucket's refill starts now (or at the old
+    /// mark, if that is later still, so that the next window's start stays
+    /// after every earlier one).
     pub(crate) fn convert(self, from: &Policy, to: &Policy, now: Now) -> State {
         if from == to || (from.refill == Refill::Window && to.refill == Refill::Window) {
             return self;
         }
         let (tokens, calls) = self.read(from, now).used;
+        let mark = match to.refill {
+            Refill::Window => self.next_mark(now),
+            Refill::Bucket => now.start_tick().max(self.mark),
+        };
         State {
-            tokens: tokens.min(to.ceiling(Resource::Tokens)),
-            calls: calls.min(to.ceiling(Resource::Calls)),
-            mark: now.start_tick(),
+            tokens: tokens.min(Resource::Tokens.field()),
+            calls: calls.min(Resource::Calls.field()),
+            mark,
         }
     }
 }
@@ -375,17 +381,14 @@ impl Refund {
     }
 }
 
-impl Policy {
-    /// The most a count may hold under this policy: the field's width, or
-    /// for a bucket what keeps its mark-based counts within the field.
-    fn ceiling(&self, resource: Resource) -> u64 {
-        let field = match resource {
+impl Resource {
+    /// The most a count of this resource may hold: its field's width. (A
+    /// bucket's counts stay below twice its budget plus any debt, and its
+    /// budget is at most half a field; debt saturates at the field.)
+    fn field(self) -> u64 {
+        match self {
             Resource::Tokens => MAX_TOKENS,
             Resource::Calls => MAX_CALLS,
-        };
-        match self.refill {
-            Refill::Window => field,
-            Refill::Bucket => field - self.budget(resource),
         }
     }
 }
@@ -408,37 +411,51 @@ fn judge(
     policy: &Policy,
     used: (u64, u64),
     request: (u64, u64),
-    wait_ms: impl Fn(Resource, u64) -> u64,
+    wait_ms: impl Fn(Resource, u64) -> Option<u64>,
 ) -> Result<(), Shortfall> {
-    let shortfall = |resource: Resource| {
-        let (used, requested) = match resource {
-            Resource::Tokens => (used.0, request.0),
-            Resource::Calls => (used.1, request.1),
-        };
-        let limit = policy.budget(resource);
-        let short_by = (u128::from(used) + u128::from(requested)).saturating_sub(u128::from(limit));
-        let short_by = u64::try_from(short_by).unwrap_or(u64::MAX);
-        Shortfall {
-            resource,
-            requested,
-            remaining: limit.saturating_sub(used),
-            used,
-            limit,
-            retry_after_ms: (requested <= limit).then(|| wait_ms(resource, short_by)),
-        }
-    };
     // Zero always fits, even past the limit (the seed's `reserve(0)`).
     let fits = |used: u64, requested: u64, limit: u64| requested <= limit.saturating_sub(used);
     let tokens_fit = fits(used.0, request.0, policy.tokens);
     let calls_fit = fits(used.1, request.1, policy.calls);
+    let tokens_never_fit = request.0 > policy.tokens;
     let calls_never_fit = request.1 > policy.calls;
-    if !tokens_fit && (request.0 > policy.tokens || !calls_never_fit) {
-        return Err(shortfall(Resource::Tokens));
-    }
-    if !calls_fit {
-        return Err(shortfall(Resource::Calls));
-    }
-    Ok(())
+    let resource = if !tokens_fit && (tokens_never_fit || !calls_never_fit) {
+        Resource::Tokens
+    } else if !calls_fit {
+        Resource::Calls
+    } else {
+        return Ok(());
+    };
+    let of = |resource: Resource| match resource {
+        Resource::Tokens => (used.0, request.0, policy.tokens),
+        Resource::Calls => (used.1, request.1, policy.calls),
+    };
+    let short_by = |resource: Resource| {
+        let (used, requested, limit) = of(resource);
+        let short_by = (u128::from(used) + u128::from(requested)).saturating_sub(u128::from(limit));
+        u64::try_from(short_by).unwrap_or(u64::MAX)
+    };
+    // The request fits once every resource it is short of has room: the
+    // latest of their waits, or never if one of them never will.
+    let retry_after_ms = if tokens_never_fit || calls_never_fit {
+        None
+    } else {
+        [(Resource::Tokens, tokens_fit), (Resource::Calls, calls_fit)]
+            .into_iter()
+            .filter(|&(_, fit)| !fit)
+            .try_fold(0, |latest, (short, _)| {
+                Some(latest.max(wait_ms(short, short_by(short))?))
+            })
+    };
+    let (used, requested, limit) = of(resource);
+    Err(Shortfall {
+        resource,
+        requested,
+        remaining: limit.saturating_sub(used),
+        used,
+        limit,
+        retry_after_ms,
+    })
 }
 
 #[cfg(test)]
