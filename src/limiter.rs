@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{BudgetExceeded, HierarchyError, PersistError, Refused};
-use crate::reservation::{OwnedReservation, Reservation};
+use crate::reservation::{OwnedReservation, OwnedSetReservation, Reservation, SetReservation};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
+use crate::types::{AgentId, BudgetInfo, BudgetLimit, Claim, FullBudgetInfo, RefillLimit};
 
 /// The budget manager's API, implemented by [`BudgetManager`] and
 /// [`LockedBudgetManager`], so tests and benchmarks can be written once for
@@ -70,6 +70,23 @@ pub trait BudgetLimiter: Send + Sync {
         tokens: u64,
         calls: u64,
     ) -> impl std::future::Future<Output = Result<OwnedReservation, Refused>> + Send + 'static
+    where
+        Self: Sized;
+    /// Takes every claim at its agent and ancestors, all or none.
+    fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused>;
+    /// [`acquire_set`](Self::acquire_set), holding an `Arc` of the manager.
+    fn acquire_set_owned(
+        self: &Arc<Self>,
+        claims: &[Claim],
+    ) -> Result<OwnedSetReservation, Refused>
+    where
+        Self: Sized;
+    /// Waits until every claim fits, then takes them all.
+    #[cfg(feature = "async")]
+    fn acquire_set_owned_wait(
+        self: &Arc<Self>,
+        claims: Vec<Claim>,
+    ) -> impl std::future::Future<Output = Result<OwnedSetReservation, Refused>> + Send + 'static
     where
         Self: Sized;
     /// How many futures are waiting for budget.

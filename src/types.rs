@@ -123,3 +123,21 @@ pub enum BudgetKind {
     /// The call budget (also reported by `track_call` for an unknown agent).
     Call,
 }
+
+/// One limit a request is admitted against, and what it takes there: see
+/// [`acquire_set`](crate::BudgetManager::acquire_set).
+///
+/// A request is admitted against every claim's agent and each of that
+/// agent's ancestors (each with this claim's amounts), all or none. The
+/// amounts are in the limit's own unit: tokens for a token limit,
+/// micro-dollars for a spend limit kept as "tokens", one call for a request
+/// limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Claim {
+    /// The limit (an agent's budget) the request is admitted against.
+    pub agent_id: AgentId,
+    /// Tokens (or whatever the limit counts as tokens) taken there.
+    pub tokens: u64,
+    /// Calls taken there.
+    pub calls: u64,
+}

@@ -170,6 +170,28 @@ macro_rules! forward_budget_limiter {
                    + 'static {
                 <$manager>::acquire_owned_wait(self, agent_id, tokens, calls)
             }
+            fn acquire_set(
+                &self,
+                claims: &[$crate::Claim],
+            ) -> Result<$crate::SetReservation<'_>, $crate::Refused> {
+                <$manager>::acquire_set(self, claims)
+            }
+            fn acquire_set_owned(
+                self: &std::sync::Arc<Self>,
+                claims: &[$crate::Claim],
+            ) -> Result<$crate::OwnedSetReservation, $crate::Refused> {
+                <$manager>::acquire_set_owned(self, claims)
+            }
+            #[cfg(feature = "async")]
+            fn acquire_set_owned_wait(
+                self: &std::sync::Arc<Self>,
+                claims: Vec<$crate::Claim>,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::OwnedSetReservation, $crate::Refused>,
+            > + Send
+                   + 'static {
+                <$manager>::acquire_set_owned_wait(self, claims)
+            }
             #[cfg(feature = "async")]
             fn waiting(&self) -> usize {
                 <$manager>::waiting(self)
