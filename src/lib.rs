@@ -155,7 +155,8 @@ pub use rules::{MAX_CALLS, MAX_TOKENS};
 pub use set::MAX_SET_LIMITS;
 pub use sync::ClockSource;
 pub use types::{
-    AgentId, BudgetInfo, BudgetKind, BudgetLimit, Claim, FullBudgetInfo, RefillLimit, Usage,
+    AgentId, BudgetInfo, BudgetKind, BudgetLimit, CalendarLimit, CalendarPeriod, Claim,
+    FullBudgetInfo, RefillLimit, Usage,
 };
 
 /// The README's examples, compiled and run as doc tests.

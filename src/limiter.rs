@@ -6,7 +6,9 @@ use std::sync::Arc;
 use crate::error::{BudgetExceeded, HierarchyError, PersistError, Refused};
 use crate::reservation::{OwnedReservation, OwnedSetReservation, Reservation, SetReservation};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, Claim, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// The budget manager's API, implemented by [`BudgetManager`] and
 /// [`LockedBudgetManager`], so tests and benchmarks can be written once for
@@ -29,6 +31,13 @@ pub trait BudgetLimiter: Send + Sync {
         Self: Sized;
     /// Sets or replaces an agent's budget.
     fn set_budget(&self, limit: BudgetLimit);
+    /// An empty manager on `clock`, its zero at the UTC instant
+    /// `utc_origin`.
+    fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self
+    where
+        Self: Sized;
+    /// Sets or replaces an agent's budget with windows on the UTC calendar.
+    fn set_calendar(&self, limit: CalendarLimit);
     /// Sets or replaces an agent's budget with one that refills
     /// continuously.
     fn set_refill(&self, limit: RefillLimit);

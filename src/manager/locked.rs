@@ -21,7 +21,9 @@ use crate::reservation::{
 use crate::rules::{Now, Refund, State};
 use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, Claim, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// One agent's usage, and which incarnation of the agent it belongs to.
 struct Slot {
@@ -79,6 +81,12 @@ impl LockedBudgetManager {
         Self::on(Clock::new(clock))
     }
 
+    /// An empty manager on `clock`, its zero at `utc_origin`; see
+    /// [`BudgetManager::with_clock_at`](crate::BudgetManager::with_clock_at).
+    pub fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::on(Clock::at(clock, utc_origin))
+    }
+
     /// An empty manager on a coarse clock; see
     /// [`BudgetManager::with_coarse_clock`](crate::BudgetManager::with_coarse_clock).
     #[cfg(not(agent_budget_loom))]
@@ -112,6 +120,12 @@ impl LockedBudgetManager {
     /// Sets an agent's budget; see [`BudgetManager::set_budget`](crate::BudgetManager::set_budget).
     pub fn set_budget(&self, limit: BudgetLimit) {
         self.configure(Configured::Window(limit));
+    }
+
+    /// Sets a budget on the UTC calendar; see
+    /// [`BudgetManager::set_calendar`](crate::BudgetManager::set_calendar).
+    pub fn set_calendar(&self, limit: CalendarLimit) {
+        self.configure(Configured::Calendar(limit));
     }
 
     /// Sets a refilling budget; see [`BudgetManager::set_refill`](crate::BudgetManager::set_refill).

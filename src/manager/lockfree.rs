@@ -19,7 +19,9 @@ use crate::reservation::{
 use crate::rules::{Now, Refund, State};
 use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, Claim, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// Tracks token and call budgets per agent, in fixed windows or refilling
 /// buckets, alone or in chains of budgets, without locks.
@@ -97,6 +99,16 @@ impl BudgetManager {
         Self::on(Clock::new(clock))
     }
 
+    /// An empty manager on `clock` whose zero is the instant `utc_origin`:
+    /// calendar windows ([`set_calendar`](Self::set_calendar)) and the wall
+    /// times [`persist`](Self::persist) writes follow `clock` from there.
+    /// For tests: pass `quanta::Clock::mock()` and a UTC instant, and move
+    /// time across days and months by hand. (Other managers map their
+    /// clock's zero to the wall clock read when they are created.)
+    pub fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::on(Clock::at(clock, utc_origin))
+    }
+
     /// An empty manager that reads a coarse clock: quanta's *recent* time,
     /// one atomic load (about 2 ns) instead of a TSC read and its scaling
     /// (about 20 ns on the benchmark machine, a fifth of a `reserve`).
@@ -160,6 +172,23 @@ impl BudgetManager {
     /// a refilling budget switches to windows with what it has in use.
     pub fn set_budget(&self, limit: BudgetLimit) {
         self.configure(Configured::Window(limit));
+    }
+
+    /// Sets an agent's budget: windows on the UTC calendar (see
+    /// [`CalendarLimit`]): days from 00:00 UTC, or months from the 1st,
+    /// 00:00 UTC. The current window is the day or month containing now,
+    /// and ends at the next boundary. Like [`set_budget`](Self::set_budget):
+    /// a known agent on windows keeps its usage in its current window (which
+    /// now ends at the calendar boundary after it started), an agent on a
+    /// bucket switches with what it has in use, and its parent is kept.
+    ///
+    /// UTC comes from the manager's clock: its zero is mapped to the wall
+    /// clock when the manager is created (see
+    /// [`with_clock_at`](Self::with_clock_at)), and the monotonic clock
+    /// measures from there, so a wall clock stepped later does not move
+    /// the windows.
+    pub fn set_calendar(&self, limit: CalendarLimit) {
+        self.configure(Configured::Calendar(limit));
     }
 
     /// Sets an agent's budget: a bucket that refills continuously (see
