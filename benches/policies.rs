@@ -6,6 +6,11 @@
 //!   10 teams under one org, every level with room to spare.
 //! - `refill`: `reserve` admitted on a fixed window and on a refilling
 //!   bucket, 1,000 agents each.
+//! - `sets`: a request admitted and settled against one limit (`acquire`,
+//!   and `acquire_set` of one claim) and against four (`acquire_set` of
+//!   four claims on four agents: a key's minute, day, spend and per-model
+//!   limits), 1,000 keys, every limit with room to spare. The issue's
+//!   target: four limits at most three times one.
 //!
 //! `cargo bench --bench policies`
 
@@ -14,7 +19,8 @@ mod common;
 use std::time::Duration;
 
 use agent_budget::{
-    AgentId, BudgetLimiter, BudgetManager, LockedBudgetManager, RefillLimit, MAX_CALLS, MAX_TOKENS,
+    AgentId, BudgetLimiter, BudgetManager, Claim, LockedBudgetManager, RefillLimit, MAX_CALLS,
+    MAX_TOKENS,
 };
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
@@ -106,9 +112,56 @@ fn refill(c: &mut Criterion) {
     refill_of::<LockedBudgetManager>(c, "locked");
 }
 
+/// A key's four limits: the key itself and three more agents of its own.
+const LIMITS_PER_KEY: usize = 4;
+
+fn sets_of<M: BudgetLimiter>(c: &mut Criterion, name: &str) {
+    let all = agent_ids(AGENTS * LIMITS_PER_KEY);
+    let manager: M = common::admitting(&all, Clocking::Precise);
+    let keys: Vec<[Claim; LIMITS_PER_KEY]> = all
+        .chunks(LIMITS_PER_KEY)
+        .map(|limits| {
+            std::array::from_fn(|i| Claim {
+                agent_id: limits[i],
+                tokens: 100,
+                calls: 1,
+            })
+        })
+        .collect();
+    let mut draw = Keys::new(&all[..AGENTS], 1);
+    let mut group = c.benchmark_group("sets");
+    group.bench_function(BenchmarkId::new(format!("acquire_settle/{name}"), 1), |b| {
+        b.iter(|| {
+            let claims = &keys[draw.next_index()];
+            manager
+                .acquire(&claims[0].agent_id, 100, 1)
+                .map(|reservation| reservation.settle(60))
+        })
+    });
+    for limits in [1, LIMITS_PER_KEY] {
+        group.bench_function(
+            BenchmarkId::new(format!("acquire_set_settle/{name}"), limits),
+            |b| {
+                b.iter(|| {
+                    let claims = &keys[draw.next_index()][..limits];
+                    manager
+                        .acquire_set(claims)
+                        .map(|reservation| reservation.settle(60))
+                })
+            },
+        );
+    }
+    group.finish();
+}
+
+fn sets(c: &mut Criterion) {
+    sets_of::<BudgetManager>(c, "lock-free");
+    sets_of::<LockedBudgetManager>(c, "locked");
+}
+
 criterion_group! {
     name = benches;
     config = common::short_config();
-    targets = levels, refill
+    targets = levels, refill, sets
 }
 criterion_main!(benches);

@@ -304,6 +304,7 @@ impl std::fmt::Debug for SetReservation<'_> {
 }
 
 impl<'m> SetReservation<'m> {
+    #[inline]
     pub(crate) fn new(ledger: &'m dyn Ledger, ticket: SetTicket) -> Self {
         SetReservation { ledger, ticket }
     }

@@ -56,9 +56,16 @@ impl<P> Planned<P> {
     }
 }
 
-/// The limits a request will be taken at, deduplicated, then sorted.
+/// The limits a request will be taken at, deduplicated, and the order to
+/// take them in.
 pub(crate) struct Plan<P> {
+    /// In the order they were reached: a chain's own level first, then up.
     pub(crate) limits: SmallVec<[Planned<P>; INLINE_LIMITS]>,
+    /// Indices into `limits`, in the order they are taken (see
+    /// [`sort`](Self::sort)): sorting these bytes moves far less than
+    /// sorting the limits (a third of a set's admission, measured, when
+    /// the limits themselves were sorted).
+    pub(crate) order: SmallVec<[u8; INLINE_LIMITS]>,
 }
 
 /// A set is larger than [`MAX_SET_LIMITS`]: how many it has (at least).
@@ -69,6 +76,7 @@ impl<P: Copy> Plan<P> {
     pub(crate) fn new() -> Self {
         Plan {
             limits: SmallVec::new(),
+            order: SmallVec::new(),
         }
     }
 
@@ -110,9 +118,15 @@ impl<P: Copy> Plan<P> {
         Ok(())
     }
 
-    /// The limits taken, as a set's reservation keeps them.
+    /// The limits, in the order they are taken.
+    pub(crate) fn in_order(&self) -> impl DoubleEndedIterator<Item = &Planned<P>> + '_ {
+        self.order.iter().map(|&n| &self.limits[usize::from(n)])
+    }
+
+    /// The limits taken, in the order they were taken, as a set's
+    /// reservation keeps them.
     pub(crate) fn taken(&self) -> impl Iterator<Item = SetLevel> + '_ {
-        self.limits.iter().filter_map(|l| {
+        self.in_order().filter_map(|l| {
             l.taken.map(|level| SetLevel {
                 level,
                 tokens: l.tokens,
@@ -128,8 +142,21 @@ impl<P: Copy> Plan<P> {
     /// first limit to refuse is the lowest one short of room.
     #[inline]
     pub(crate) fn sort(&mut self) {
-        if self.limits.len() > 1 {
-            self.limits.sort_unstable_by_key(|l| (l.depth, l.id));
+        let limits = &self.limits;
+        let key = |n: u8| {
+            let l = &limits[usize::from(n)];
+            (l.depth, l.id)
+        };
+        self.order.clear();
+        // An insertion sort: a plan holds a few limits, at most 32.
+        for n in 0..limits.len() {
+            let n = n as u8; // at most MAX_SET_LIMITS
+            let at = self
+                .order
+                .iter()
+                .rposition(|&m| key(m) < key(n))
+                .map_or(0, |p| p + 1);
+            self.order.insert(at, n);
         }
     }
 }
@@ -168,6 +195,7 @@ pub(crate) struct SetTicket {
 
 impl SetTicket {
     /// The ticket of `claims`, taken at `levels`.
+    #[inline]
     pub(crate) fn new(claims: &[Claim], levels: impl Iterator<Item = SetLevel>) -> Self {
         SetTicket {
             claims: SmallVec::from_slice(claims),
@@ -222,15 +250,23 @@ mod tests {
         plan.add(id(3), (), 1, (4, 2), 0).unwrap();
         plan.sort();
         let got: Vec<_> = plan
-            .limits
-            .iter()
+            .in_order()
             .map(|l| (l.id, l.tokens, l.calls, l.reached_by, l.own))
             .collect();
         assert_eq!(
             got,
             vec![(id(3), 10, 2, 0b11, true), (id(5), 10, 1, 0b01, true)]
         );
-        assert_eq!(plan.limits[0].first_claim(), 0);
+        assert_eq!(plan.in_order().next().unwrap().first_claim(), 0);
+        // Depth first, then id: a claim's own agent before any ancestor.
+        let mut plan = Plan::<()>::new();
+        plan.add(id(1), (), 0, (1, 1), 1).unwrap();
+        plan.add(id(9), (), 0, (1, 1), 0).unwrap();
+        plan.add(id(4), (), 1, (1, 1), 0).unwrap();
+        plan.add(id(2), (), 1, (1, 1), 2).unwrap();
+        plan.sort();
+        let ids: Vec<_> = plan.in_order().map(|l| l.id).collect();
+        assert_eq!(ids, [id(4), id(9), id(1), id(2)]);
     }
 
     #[test]

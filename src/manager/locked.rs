@@ -422,7 +422,8 @@ impl LockedBudgetManager {
             let own_generation = own_generation.unwrap_or_default();
             let now = self.clock.now();
             let mut refused = None;
-            for n in 0..plan.limits.len() {
+            for k in 0..plan.order.len() {
+                let n = usize::from(plan.order[k]);
                 let limit = plan.limits[n];
                 let (Some(policy), Some(slot)) = (
                     budgets.get(&limit.id).map(|l| l.policy),
@@ -457,7 +458,7 @@ impl LockedBudgetManager {
             match refused {
                 None => Ok(plan),
                 Some(refused) => {
-                    for limit in plan.limits.iter().rev() {
+                    for limit in plan.in_order().rev() {
                         if let Some(level) = limit.taken {
                             give_back(
                                 &budgets,

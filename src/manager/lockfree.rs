@@ -16,7 +16,7 @@ use crate::reservation::{
     set_level_amounts, Ledger, Level, Levels, OwnedReservation, OwnedSetReservation, Reservation,
     SetReservation, Settlement, Ticket,
 };
-use crate::rules::{Now, Refund, State};
+use crate::rules::{Now, Policy, Refund, State};
 use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
 use crate::types::{
@@ -416,6 +416,7 @@ impl BudgetManager {
     /// assert_eq!(budgets.remaining(&per_day).tokens_remaining, 49_750);
     /// # Ok::<(), agent_budget::Refused>(())
     /// ```
+    #[inline]
     pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
         let ticket = self
             .admit_set(&self.pin(), claims)
@@ -613,8 +614,8 @@ impl BudgetManager {
             tokens,
             calls,
         }];
-        let plan = self
-            .take_claims(pinned, &claim, Some(own), now)
+        let mut plan = Plan::new();
+        self.take_claims(pinned, &claim, Some(own), now, &mut plan)
             .map_err(|(refusal, _)| refusal)?;
         // The reservation keeps the agent's own level first (it reports
         // that one), then the ancestors in the order they were taken.
@@ -647,8 +648,10 @@ impl BudgetManager {
     /// they share, so that one of them wins there instead of each holding
     /// what the other needs.
     ///
-    /// `first` is `claims[0]`'s cell when the caller has it at hand. A
-    /// refusal comes with the agent of the claim it concerns.
+    /// `first` is `claims[0]`'s cell when the caller has it at hand; `plan`
+    /// an empty plan, filled in place (it is a kilobyte inline: returning
+    /// it by value would copy it). A refusal comes with the agent of the
+    /// claim it concerns.
     #[inline]
     pub(crate) fn take_claims<'p>(
         &self,
@@ -656,7 +659,8 @@ impl BudgetManager {
         claims: &[Claim],
         first: Option<CellRef<'p>>,
         now: Now,
-    ) -> Result<Plan<CellRef<'p>>, (Refusal, AgentId)> {
+        plan: &mut Plan<(CellRef<'p>, Policy)>,
+    ) -> Result<(), (Refusal, AgentId)> {
         let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
         if claims.len() > MAX_SET_LIMITS {
             return Err((
@@ -666,7 +670,6 @@ impl BudgetManager {
                 who(0),
             ));
         }
-        let mut plan = Plan::new();
         let mut generation = None;
         for (n, claim) in claims.iter().enumerate() {
             let cell = match (n, first) {
@@ -679,13 +682,16 @@ impl BudgetManager {
             generation.get_or_insert(cell.generation());
             let amounts = (claim.tokens, claim.calls);
             let too_many = |TooMany(limits)| (Refusal::TooMany { limits }, claim.agent_id);
-            plan.add(claim.agent_id, cell, n, amounts, 0)
+            // The policy read once here is the one the take enforces, as
+            // for a single agent.
+            let enforced = cell.enforced();
+            plan.add(claim.agent_id, (cell, enforced.policy), n, amounts, 0)
                 .map_err(too_many)?;
-            if cell.enforced().has_parent {
+            if enforced.has_parent {
                 let (mut full, mut depth) = (Ok(()), 0);
-                walk_ancestors(pinned, claim.agent_id, cell, |id, cell, _| {
+                walk_ancestors(pinned, claim.agent_id, cell, |id, cell, enforced| {
                     depth += 1;
-                    full = plan.add(id, cell, n, amounts, depth);
+                    full = plan.add(id, (cell, enforced.policy), n, amounts, depth);
                     full.is_ok()
                 });
                 full.map_err(too_many)?;
@@ -693,11 +699,13 @@ impl BudgetManager {
         }
         plan.sort();
         let generation = generation.unwrap_or_default();
-        for n in 0..plan.limits.len() {
-            let limit = plan.limits[n];
-            let policy = limit.payload.enforced().policy;
+        for k in 0..plan.order.len() {
+            let n = usize::from(plan.order[k]);
+            // By reference: a planned limit is over a hundred bytes.
+            let limit = &plan.limits[n];
+            let (cell, policy) = limit.payload;
             let amounts = (limit.tokens, limit.calls);
-            let refusal = match take(limit.id, limit.payload, policy, now, amounts, generation) {
+            let refusal = match take(limit.id, cell, policy, now, amounts, generation) {
                 Ok(Some(level)) => {
                     plan.limits[n].taken = Some(level);
                     continue;
@@ -707,16 +715,17 @@ impl BudgetManager {
                 Ok(None) => Refusal::NoBudget,
                 Err(refusal) => refusal,
             };
-            self.give_back(pinned, &plan, now);
-            return Err((refusal, who(limit.first_claim())));
+            let claim = limit.first_claim();
+            self.give_back(pinned, plan, now);
+            return Err((refusal, who(claim)));
         }
-        Ok(plan)
+        Ok(())
     }
 
     /// Undoes a partial admission: each limit of `plan` taken so far gets
     /// what it took back, in the window it was taken from.
-    fn give_back(&self, pinned: &Pinned<'_>, plan: &Plan<CellRef<'_>>, now: Now) {
-        for limit in plan.limits.iter().rev() {
+    fn give_back<P: Copy>(&self, pinned: &Pinned<'_>, plan: &Plan<P>, now: Now) {
+        for limit in plan.in_order().rev() {
             let Some(level) = limit.taken else {
                 continue;
             };
@@ -739,12 +748,14 @@ impl BudgetManager {
 
     /// Takes every limit `claims` reach, all or none; see
     /// [`take_claims`](Self::take_claims).
+    #[inline]
     fn admit_set(
         &self,
         pinned: &Pinned<'_>,
         claims: &[Claim],
     ) -> Result<SetTicket, (Refusal, AgentId)> {
-        let plan = self.take_claims(pinned, claims, None, self.clock.now())?;
+        let mut plan = Plan::new();
+        self.take_claims(pinned, claims, None, self.clock.now(), &mut plan)?;
         Ok(SetTicket::new(claims, plan.taken()))
     }
 
