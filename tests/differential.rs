@@ -1,13 +1,17 @@
-//! Random sequences of every operation (windows and refilling buckets,
-//! chains of budgets, reservations settled, cancelled, dropped and carried
-//! over), on both managers sharing one mock clock: every answer must be
-//! identical.
+//! Random sequences of every operation (windows, calendar windows and
+//! refilling buckets, chains of budgets, sets of limits, reservations
+//! settled, cancelled, dropped and carried over), on both managers sharing
+//! one mock clock (and one UTC origin, a few seconds before a month ends):
+//! every answer must be identical.
 
 mod common;
 
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetManager, LockedBudgetManager, Reservation};
+use agent_budget::{
+    AgentId, BudgetManager, CalendarLimit, CalendarPeriod, Claim, LockedBudgetManager, Reservation,
+    SetReservation,
+};
 use common::limit;
 use proptest::prelude::*;
 
@@ -27,12 +31,21 @@ enum Op {
         calls: u64,
         period_ms: u64,
     },
+    SetCalendar {
+        agent: usize,
+        tokens: u64,
+        calls: u64,
+        month: bool,
+    },
     SetParent(usize, Option<usize>),
     Remove(usize),
     Reserve(usize, u64),
     Release(usize, u64),
     TrackCall(usize),
     Acquire(usize, u64, u64),
+    AcquireSet(Vec<(usize, u64, u64)>),
+    SettleSet(usize, Vec<u64>),
+    CancelSet(usize),
     Settle(usize, u64),
     Cancel(usize),
     Drop(usize),
@@ -53,12 +66,17 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(agent, tokens, calls, window_secs)| Op::SetBudget { agent, tokens, calls, window_secs }),
         2 => (agent.clone(), prop_oneof![0..60u64, Just(u64::MAX)], 0..6u64, prop_oneof![0..3_000u64, Just(u64::MAX)])
             .prop_map(|(agent, tokens, calls, period_ms)| Op::SetRefill { agent, tokens, calls, period_ms }),
+        1 => (agent.clone(), prop_oneof![0..60u64, Just(u64::MAX)], 0..6u64, any::<bool>())
+            .prop_map(|(agent, tokens, calls, month)| Op::SetCalendar { agent, tokens, calls, month }),
         3 => (agent.clone(), prop::option::weighted(0.8, agent.clone())).prop_map(|(c, p)| Op::SetParent(c, p)),
         2 => agent.clone().prop_map(Op::Remove),
         4 => (agent.clone(), amount()).prop_map(|(a, n)| Op::Reserve(a, n)),
         1 => (agent.clone(), amount()).prop_map(|(a, n)| Op::Release(a, n)),
         3 => agent.clone().prop_map(Op::TrackCall),
         4 => (agent.clone(), amount(), 0..3u64).prop_map(|(a, t, c)| Op::Acquire(a, t, c)),
+        4 => prop::collection::vec((agent.clone(), amount(), 0..3u64), 0..4).prop_map(Op::AcquireSet),
+        2 => (any::<usize>(), prop::collection::vec(amount(), 4)).prop_map(|(i, n)| Op::SettleSet(i, n)),
+        1 => any::<usize>().prop_map(Op::CancelSet),
         3 => (any::<usize>(), amount()).prop_map(|(i, n)| Op::Settle(i, n)),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => any::<usize>().prop_map(Op::Drop),
@@ -89,6 +107,8 @@ struct Outcomes {
     agent_removed: u32,
     linked: u32,
     link_refused: u32,
+    sets_admitted: u32,
+    sets_refused: u32,
 }
 
 /// Runs `ops` on both managers, asserting every answer is the same.
@@ -96,10 +116,14 @@ fn run(ops: Vec<Op>) -> Outcomes {
     use agent_budget::Settlement;
 
     let (clock, mock) = quanta::Clock::mock();
-    let lock_free = BudgetManager::with_clock(clock.clone());
-    let locked = LockedBudgetManager::with_clock(clock);
+    let origin = chrono::DateTime::parse_from_rfc3339("2024-02-29T23:59:55Z")
+        .unwrap()
+        .with_timezone(&chrono::Utc);
+    let lock_free = BudgetManager::with_clock_at(clock.clone(), origin);
+    let locked = LockedBudgetManager::with_clock_at(clock, origin);
     let agents: Vec<AgentId> = (0..AGENTS).map(|_| common::agent()).collect();
     let mut open: Vec<(Reservation<'_>, Reservation<'_>)> = Vec::new();
+    let mut open_sets: Vec<(SetReservation<'_>, SetReservation<'_>)> = Vec::new();
     let mut seen = Outcomes::default();
     let mut settled = |x: Settlement, y: Settlement| {
         assert_eq!(x, y);
@@ -114,6 +138,7 @@ fn run(ops: Vec<Op>) -> Outcomes {
     let mut refused = 0;
     let mut refused_by_ancestor = 0;
     let (mut linked, mut link_refused) = (0, 0);
+    let (mut sets_admitted, mut sets_refused) = (0, 0);
     for op in ops {
         match op {
             Op::SetBudget {
@@ -140,6 +165,25 @@ fn run(ops: Vec<Op>) -> Outcomes {
                 };
                 lock_free.set_refill(l.clone());
                 locked.set_refill(l);
+            }
+            Op::SetCalendar {
+                agent,
+                tokens,
+                calls,
+                month,
+            } => {
+                let l = CalendarLimit {
+                    agent_id: agents[agent],
+                    token_budget: tokens,
+                    calls_budget: calls,
+                    period: if month {
+                        CalendarPeriod::Month
+                    } else {
+                        CalendarPeriod::Day
+                    },
+                };
+                lock_free.set_calendar(l.clone());
+                locked.set_calendar(l);
             }
             Op::SetParent(child, parent) => {
                 let parent = parent.map(|p| agents[p]);
@@ -191,6 +235,38 @@ fn run(ops: Vec<Op>) -> Outcomes {
                     (x, y) => panic!("acquire disagrees: {x:?} vs {y:?}"),
                 }
             }
+            Op::AcquireSet(claims) => {
+                let claims: Vec<Claim> = claims
+                    .into_iter()
+                    .map(|(a, tokens, calls)| Claim {
+                        agent_id: agents[a],
+                        tokens,
+                        calls,
+                    })
+                    .collect();
+                match (lock_free.acquire_set(&claims), locked.acquire_set(&claims)) {
+                    (Ok(x), Ok(y)) => {
+                        sets_admitted += 1;
+                        assert_eq!(x.claims(), y.claims());
+                        open_sets.push((x, y));
+                    }
+                    (Err(x), Err(y)) => {
+                        sets_refused += 1;
+                        assert_eq!(x, y);
+                    }
+                    (x, y) => panic!("acquire_set disagrees: {x:?} vs {y:?}"),
+                }
+            }
+            Op::SettleSet(i, actuals) if !open_sets.is_empty() => {
+                let (x, y) = open_sets.swap_remove(i % open_sets.len());
+                let actual = |n: usize, _: &Claim| actuals[n % actuals.len()];
+                settled(x.settle_with(actual), y.settle_with(actual));
+            }
+            Op::CancelSet(i) if !open_sets.is_empty() => {
+                let (x, y) = open_sets.swap_remove(i % open_sets.len());
+                settled(x.cancel(), y.cancel());
+            }
+            Op::SettleSet(..) | Op::CancelSet(_) => {}
             Op::Settle(i, n) if !open.is_empty() => {
                 let (x, y) = open.swap_remove(i % open.len());
                 settled(x.settle(n), y.settle(n));
@@ -229,6 +305,8 @@ fn run(ops: Vec<Op>) -> Outcomes {
     seen.refused_by_ancestor = refused_by_ancestor;
     seen.linked = linked;
     seen.link_refused = link_refused;
+    seen.sets_admitted = sets_admitted;
+    seen.sets_refused = sets_refused;
     seen
 }
 
@@ -266,6 +344,8 @@ fn the_generated_sequences_reach_every_outcome() {
         total.agent_removed += seen.agent_removed;
         total.linked += seen.linked;
         total.link_refused += seen.link_refused;
+        total.sets_admitted += seen.sets_admitted;
+        total.sets_refused += seen.sets_refused;
     }
     for (what, count) in [
         ("admitted", total.admitted),
@@ -277,6 +357,8 @@ fn the_generated_sequences_reach_every_outcome() {
         ("agent removed", total.agent_removed),
         ("linked", total.linked),
         ("link refused", total.link_refused),
+        ("sets admitted", total.sets_admitted),
+        ("sets refused", total.sets_refused),
     ] {
         println!("{what}: {count}");
         assert!(count >= 20, "only {count} {what}");
