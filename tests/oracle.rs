@@ -53,6 +53,12 @@
 //!   child settles its own level to `AgentRemoved` only
 //!   (`Model::remove_budget`, `Model::book_level`); `can_schedule` over the
 //!   chain, `chain_info`.
+//! - **Sets of limits** ("Several limits at once"): `acquire_set` of up to
+//!   three claims (duplicates, ancestors and unknown agents included), the
+//!   order limits are taken in, the limit and claim a refusal names, the
+//!   largest amounts at a limit reached twice, `settle_with` (the largest
+//!   actual at a shared limit) and `cancel`, and the worst-outcome rule
+//!   (`Model::acquire_set`, `Model::settle_set`).
 //! - **Buckets** ("Continuous refill"; implementation, "Refilling
 //!   buckets"): counts as of a mark and `in use = count − floor(budget ×
 //!   (now − mark) / period)`, at least 0 (`Bucket::in_use`,
@@ -124,6 +130,9 @@
 //!   how racing operations interleave. Linearizability, the chain's one
 //!   exception to atomicity and the absence of over-admission under races
 //!   are the loom models' and the stress tests' job.
+//! - **Calendar windows, and sets larger than `MAX_SET_LIMITS`**: their
+//!   own tests (`calendar.rs`, `sets.rs`) and the differential test cover
+//!   them; the model keeps windows anchored at `set_budget`.
 //! - **Waiting, handles, owned reservations, persistence, the coarse
 //!   clock.** `acquire_wait`, `AgentHandle`, `OwnedReservation`,
 //!   `persist`/`restore` and `with_coarse_clock` are not generated here;
@@ -151,12 +160,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agent_budget::{
-    AgentId, BudgetExceeded, BudgetKind, BudgetManager, HierarchyError, LockedBudgetManager,
-    RefillLimit, Refused, Reservation, Settlement,
+    AgentId, BudgetExceeded, BudgetKind, BudgetManager, Claim, HierarchyError, LockedBudgetManager,
+    RefillLimit, Refused, Reservation, SetReservation, Settlement,
 };
 use common::limit;
 use level::{Pair, MAX_CALLS, MAX_TOKENS, YEAR_SECS};
-use model::{Model, Refusal, Ticket};
+use model::{Model, Refusal, SetTicket, Ticket};
 use proptest::prelude::*;
 
 /// Agents in a run: enough for a chain deeper than `MAX_LEVELS`; most
@@ -198,6 +207,10 @@ enum Op {
     Release(usize, Amount),
     TrackCall(usize),
     Acquire(usize, Amount, Amount),
+    AcquireSet(Vec<(usize, Amount, Amount)>),
+    /// Each claim's actual, by index (cycled).
+    SettleSet(usize, Vec<Used>),
+    CancelSet(usize),
     Settle(usize, Used),
     Cancel(usize),
     Drop(usize),
@@ -333,6 +346,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (agent(), tokens()).prop_map(|(a, n)| Op::Release(a, n)),
         3 => agent().prop_map(Op::TrackCall),
         6 => (agent(), tokens(), calls()).prop_map(|(a, t, c)| Op::Acquire(a, t, c)),
+        4 => prop::collection::vec((agent(), tokens(), calls()), 0..4).prop_map(Op::AcquireSet),
+        3 => (any::<usize>(), prop::collection::vec(used(), 1..4)).prop_map(|(i, u)| Op::SettleSet(i, u)),
+        1 => any::<usize>().prop_map(Op::CancelSet),
         5 => (any::<usize>(), used()).prop_map(|(i, n)| Op::Settle(i, n)),
         1 => any::<usize>().prop_map(Op::Cancel),
         1 => any::<usize>().prop_map(Op::Drop),
@@ -361,6 +377,8 @@ fn facts(refused: Refused) -> Refusal {
 
 /// One reservation, as each of the three holds it.
 type Open<'m> = (Reservation<'m>, Reservation<'m>, Ticket);
+/// One set's reservation, as each of the three holds it.
+type OpenSet<'m> = (SetReservation<'m>, SetReservation<'m>, SetTicket);
 
 /// The two managers and the model, on one mock clock, and how often each
 /// kind of answer came up.
@@ -371,6 +389,7 @@ struct Trio<'m> {
     mock: &'m quanta::Mock,
     agents: Vec<AgentId>,
     open: Vec<Open<'m>>,
+    open_sets: Vec<OpenSet<'m>>,
     /// Each agent's last `SetBudget` or `SetRefill`, for `SetAgain`.
     last_set: BTreeMap<usize, Op>,
     seen: BTreeMap<&'static str, u32>,
@@ -607,6 +626,71 @@ impl<'m> Trio<'m> {
                     ),
                 }
             }
+            Op::AcquireSet(claims) => {
+                let claims: Vec<Claim> = claims
+                    .into_iter()
+                    .map(|(a, t, c)| Claim {
+                        agent_id: self.agents[a],
+                        tokens: self.resolve(a, t, BudgetKind::Token),
+                        calls: self.resolve(a, c, BudgetKind::Call),
+                    })
+                    .collect();
+                let pairs: Vec<(AgentId, Pair)> = claims
+                    .iter()
+                    .map(|c| {
+                        let pair = Pair {
+                            tokens: c.tokens,
+                            calls: c.calls,
+                        };
+                        (c.agent_id, pair)
+                    })
+                    .collect();
+                let model = self.model.acquire_set(&pairs);
+                match (
+                    lock_free.acquire_set(&claims),
+                    locked.acquire_set(&claims),
+                    model,
+                ) {
+                    (Ok(x), Ok(y), Ok(z)) => {
+                        assert_eq!(x.claims(), &claims[..]);
+                        self.count("set admitted");
+                        self.open_sets.push((x, y, z));
+                    }
+                    (Err(x), Err(y), Err(z)) => {
+                        assert_eq!(x, y, "acquire_set: the managers disagree");
+                        assert_eq!(facts(x), z, "acquire_set: the crate (left) and the model");
+                        self.count("set refused");
+                        self.count_refusal(&z);
+                    }
+                    (x, y, z) => panic!(
+                        "acquire_set disagrees: lock-free {:?}, locked {:?}, model {:?}",
+                        x.map(drop),
+                        y.map(drop),
+                        z.map(drop)
+                    ),
+                }
+            }
+            Op::SettleSet(i, used) if !self.open_sets.is_empty() => {
+                let (x, y, z) = self.open_sets.swap_remove(i % self.open_sets.len());
+                let actuals: Vec<u64> = x
+                    .claims()
+                    .iter()
+                    .enumerate()
+                    .map(|(n, claim)| match used[n % used.len()] {
+                        Used::Fixed(n) => n,
+                        Used::Reserved(by) => claim.tokens.saturating_add_signed(i64::from(by)),
+                    })
+                    .collect();
+                let model = self.model.settle_set(z, Some(&actuals));
+                let actual = |n: usize, _: &Claim| actuals[n];
+                self.settled(x.settle_with(actual), y.settle_with(actual), model);
+            }
+            Op::CancelSet(i) if !self.open_sets.is_empty() => {
+                let (x, y, z) = self.open_sets.swap_remove(i % self.open_sets.len());
+                let model = self.model.settle_set(z, None);
+                self.settled(x.cancel(), y.cancel(), model);
+            }
+            Op::SettleSet(..) | Op::CancelSet(_) => {}
             Op::Settle(i, n) if !self.open.is_empty() => {
                 let (x, y, z) = self.open.swap_remove(i % self.open.len());
                 let n = match n {
@@ -703,6 +787,7 @@ fn run(ops: Vec<Op>) -> BTreeMap<&'static str, u32> {
         mock: &mock,
         agents: (0..AGENTS).map(|_| common::agent()).collect(),
         open: Vec::new(),
+        open_sets: Vec::new(),
         last_set: BTreeMap::new(),
         seen: BTreeMap::new(),
     };
@@ -803,6 +888,10 @@ fn the_generated_sequences_reach_every_outcome_and_rule() {
         "a bucket switched to a window with usage",
         "the same rate set again keeps its mark",
         "both resources short at one level",
+        "set admitted",
+        "set refused",
+        "a limit reached twice in a set",
+        "a refused set gives back what it took",
     ];
     for what in required {
         let n = total.get(what).copied().unwrap_or(0);

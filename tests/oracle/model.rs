@@ -40,6 +40,20 @@ pub struct Ticket {
     levels: Vec<Taken>,
 }
 
+/// What a set's admission took, limit by limit, in the order taken.
+#[derive(Clone, Debug)]
+pub struct SetTicket {
+    levels: Vec<SetLevel>,
+}
+
+/// One limit of a set's ticket: where, how much, and which claims reach it.
+#[derive(Clone, Debug)]
+struct SetLevel {
+    at: Taken,
+    pair: Pair,
+    reached_by: Vec<usize>,
+}
+
 /// Where a ticket was taken at one level.
 #[derive(Clone, Copy, Debug)]
 struct Taken {
@@ -340,6 +354,132 @@ impl Model {
             });
         }
         Ok(Ticket { taken, levels })
+    }
+
+    /// "Several limits at once": "A claim reaches its agent and every
+    /// ancestor of it, each with the claim's amounts"; "Every limit
+    /// reached takes its amount, or none keeps anything"; "Limits are taken
+    /// in a fixed order: the claims' own agents first, then their parents,
+    /// then the grandparents..., each level in ascending order of agent
+    /// id"; "A refusal names the first limit in that order that is short of
+    /// room ... `agent_id` the agent of the first claim (as given) that
+    /// reaches it"; "A claim whose agent has no budget refuses the set
+    /// (`NoBudget`, `agent_id` that agent)" (the first such, as given); "A
+    /// limit reached twice ... is charged once, with the largest amount of
+    /// each resource among the claims that reach it". (The runs never
+    /// reach `MAX_SET_LIMITS`.)
+    pub fn acquire_set(&mut self, claims: &[(AgentId, Pair)]) -> Result<SetTicket, Refusal> {
+        if let Some((unknown, _)) = claims.iter().find(|(id, _)| !self.agents.contains_key(id)) {
+            return Err(Refusal {
+                agent_id: *unknown,
+                kind: BudgetKind::Token,
+                refused_by: *unknown,
+                retry_after: None,
+                reason: RefusalReason::NoBudget,
+            });
+        }
+        // Each limit: (depth, id) -> (amounts, claims reaching it).
+        let mut plan: BTreeMap<AgentId, (usize, Pair, Vec<usize>)> = BTreeMap::new();
+        for (n, (id, pair)) in claims.iter().enumerate() {
+            for (depth, level) in self.chain(id).into_iter().enumerate() {
+                let entry = plan
+                    .entry(level)
+                    .or_insert((depth, Pair::default(), Vec::new()));
+                if !entry.2.is_empty() {
+                    note("a limit reached twice in a set");
+                }
+                entry.0 = entry.0.min(depth);
+                entry.1.tokens = entry.1.tokens.max(pair.tokens);
+                entry.1.calls = entry.1.calls.max(pair.calls);
+                entry.2.push(n);
+            }
+        }
+        let mut order: Vec<(usize, AgentId)> = plan.iter().map(|(id, e)| (e.0, *id)).collect();
+        order.sort();
+        let now = self.now;
+        let mut levels: Vec<SetLevel> = Vec::new();
+        for (_, level) in order {
+            let (_, pair, reached_by) = plan[&level].clone();
+            self.observe(&level);
+            if let Err(short) = self.policy(&level).take(now, pair) {
+                if !levels.is_empty() {
+                    note("a refused set gives back what it took");
+                }
+                for taken in &levels {
+                    self.policy(&taken.at.agent).refund(now, taken.pair);
+                }
+                let [requested, remaining, used, limit] = short.numbers;
+                return Err(Refusal {
+                    agent_id: claims[reached_by[0]].0,
+                    kind: short.kind,
+                    refused_by: level,
+                    retry_after: short.retry_after,
+                    reason: RefusalReason::Exceeded {
+                        requested,
+                        remaining,
+                        used,
+                        limit,
+                    },
+                });
+            }
+            let agent = self.agent(&level);
+            let (window, _) = agent.policy.stamp();
+            levels.push(SetLevel {
+                at: Taken {
+                    agent: level,
+                    incarnation: agent.incarnation,
+                    window,
+                },
+                pair,
+                reached_by,
+            });
+        }
+        Ok(SetTicket { levels })
+    }
+
+    /// "`settle_with(|index, claim| actual)` gives each claim's actual
+    /// tokens ...; calls stay as charged"; "settled with the largest of
+    /// their actual amounts"; "Each limit is settled in the window it was
+    /// taken in, with the rules of a single reservation"; "The returned
+    /// `Settlement` is the worst over the limits: `AgentRemoved`, then
+    /// `WindowEnded`, then `CarriedOver`, then `Applied`; among equals, the
+    /// one that charged the most beyond its reservation; among those, the
+    /// first in the order taken. An empty set ... settles as `Applied` with
+    /// nothing moved." `None`: a cancel ("gives everything back").
+    pub fn settle_set(&mut self, ticket: SetTicket, actuals: Option<&[u64]>) -> Settlement {
+        let rank = |s: &Settlement| match *s {
+            Settlement::AgentRemoved => (3, 0),
+            Settlement::WindowEnded => (2, 0),
+            Settlement::CarriedOver { charged_tokens } => (1, charged_tokens),
+            Settlement::Applied { charged_tokens, .. } => (0, charged_tokens),
+        };
+        let mut worst = Settlement::Applied {
+            refunded_tokens: 0,
+            charged_tokens: 0,
+            refunded_calls: 0,
+        };
+        for (k, level) in ticket.levels.iter().enumerate() {
+            let used = match actuals {
+                Some(actuals) => Pair {
+                    tokens: level
+                        .reached_by
+                        .iter()
+                        .map(|&n| actuals[n])
+                        .max()
+                        .unwrap_or(0),
+                    calls: level.pair.calls,
+                },
+                None => Pair::default(),
+            };
+            let outcome = self.book_level(&level.at, level.pair, used);
+            if k > 0 && outcome != worst {
+                note("a settle books differently at two levels");
+            }
+            if k == 0 || rank(&outcome) > rank(&worst) {
+                worst = outcome;
+            }
+        }
+        worst
     }
 
     /// "Books what was really used: `actual_tokens` replaces the reserved
