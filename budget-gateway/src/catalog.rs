@@ -344,7 +344,11 @@ impl Catalog {
             .map(|(id, a)| (*id, &a.settings))
             .chain(view.api.iter().map(|(id, a)| (*id, &a.settings)))
             .collect();
-        let configured: HashSet<AgentId> = all.iter().map(|(id, _)| *id).collect();
+        // The agents' own budgets and their limits' other cells.
+        let configured: HashSet<AgentId> = all
+            .iter()
+            .flat_map(|(id, settings)| settings.limits.core_ids(*id))
+            .collect();
         for stale in budgets
             .all_full_info()
             .into_iter()
@@ -353,7 +357,7 @@ impl Catalog {
             budgets.remove_budget(&stale.agent_id);
         }
         for (id, settings) in &all {
-            settings.limits.core(*id).apply(budgets);
+            settings.limits.apply(*id, budgets);
         }
         // Parents once every budget exists; detached first, so links a
         // state file brought back (or an order of linking) cannot close a
@@ -941,11 +945,12 @@ impl Catalog {
             reloaded.at_restart.push("metrics_label".to_owned());
         }
         if let Some(budgets) = self.local() {
-            for id in old.keys().filter(|id| !new.contains_key(id)) {
-                budgets.remove_budget(id);
+            for (id, gone) in old.iter().filter(|(id, _)| !new.contains_key(id)) {
+                gone.settings.limits.remove(*id, budgets);
             }
             for id in &changed {
-                new[id].settings.limits.core(*id).apply(budgets);
+                let before = old.get(id).map(|o| &o.settings.limits);
+                new[id].settings.limits.apply_over(before, *id, budgets);
             }
             let relinked: Vec<AgentId> = changed
                 .iter()
@@ -1083,9 +1088,9 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
             continue;
         }
         if row.deleted {
-            if view.api.remove(&id).is_some() {
+            if let Some(gone) = view.api.remove(&id) {
                 if let Some(budgets) = local {
-                    budgets.remove_budget(&id);
+                    gone.settings.limits.remove(id, budgets);
                 }
             }
             forget_keys_of(view, &id, table);
@@ -1101,7 +1106,8 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
         let before = view.api.get(&id).map(|a| a.settings.clone());
         if let Some(budgets) = local {
             if before.as_ref().map(|b| &b.limits) != Some(&settings.limits) {
-                settings.limits.core(id).apply(budgets);
+                let old = before.as_ref().map(|b| &b.limits);
+                settings.limits.apply_over(old, id, budgets);
             }
             if before.as_ref().map(|b| b.parent) != Some(settings.parent) {
                 relinked.push((id, settings.parent));

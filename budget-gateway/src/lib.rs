@@ -66,6 +66,7 @@ pub mod admin;
 pub mod catalog;
 pub mod config;
 pub mod db;
+pub mod docs;
 pub mod gateway;
 pub mod keys;
 pub mod limits;

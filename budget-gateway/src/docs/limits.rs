@@ -1,0 +1,3 @@
+//! # Sets of limits, spend and per-model limits
+//!
+//! (Written below.)
