@@ -51,6 +51,7 @@ use agent_budget_redis::FleetManager;
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
+use crate::admission::{build_plans, Plans};
 use crate::config::Config;
 use crate::db::{now_ms, AgentRow, Change, Database, DbError, KeyRow, Snapshot};
 use crate::gateway::{Budgets, GatewayError};
@@ -191,6 +192,9 @@ struct Inner {
     writer: tokio::sync::Mutex<i64>,
     /// Whether the last poll failed (to report failures once).
     poll_failing: AtomicBool,
+    /// What each agent's requests claim, rebuilt whenever limits or
+    /// parents change (see [`crate::admission`]).
+    plans: Plans,
 }
 
 /// The agents of the file and of the database, and the machinery that
@@ -297,6 +301,7 @@ impl Catalog {
                 view: RwLock::new(view),
                 writer: tokio::sync::Mutex::new(revision),
                 poll_failing: AtomicBool::new(false),
+                plans: Plans::default(),
             }),
         })
     }
@@ -315,6 +320,23 @@ impl Catalog {
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What each agent's requests claim, for the admission.
+    pub fn plans(&self) -> &Plans {
+        &self.inner.plans
+    }
+
+    /// Lays out every agent's plan from `view` (after any change to
+    /// limits or parents).
+    fn rebuild_plans(&self, view: &View) {
+        let all = view
+            .file
+            .iter()
+            .map(|(id, a)| (*id, &a.settings))
+            .chain(view.api.iter().map(|(id, a)| (*id, &a.settings)))
+            .map(|(id, s)| (id, &s.limits, s.parent));
+        self.inner.plans.store(Arc::new(build_plans(all)));
     }
 
     /// The key table the budget layer identifies agents with.
@@ -376,6 +398,7 @@ impl Catalog {
                     })?;
             }
         }
+        self.rebuild_plans(&view);
         self.accept_all_keys(&view);
         Ok(())
     }
@@ -983,6 +1006,7 @@ impl Catalog {
         let mut view = self.view_mut();
         view.file = new;
         view.config = Some(config.clone());
+        self.rebuild_plans(&view);
         Ok(reloaded)
     }
 }
@@ -1141,5 +1165,8 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
         if let Some(table) = table {
             table.insert(row.hash, row.agent_id, Some(row.key_id));
         }
+    }
+    if let Some(catalog) = live {
+        catalog.rebuild_plans(view);
     }
 }

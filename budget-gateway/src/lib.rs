@@ -63,6 +63,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod catalog;
 pub mod config;
 pub mod db;
