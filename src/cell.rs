@@ -46,7 +46,9 @@
 //! The same layout, with the window's length or refill period where the
 //! usage word has its mark, and two flags above it: `kind` (set for a
 //! bucket) and `par.` (set when the agent has a parent, whose id is in the
-//! extra snapshot: agents without one never load it).
+//! extra snapshot: agents without one never load it). A period of zero,
+//! which no window or bucket has, marks a calendar window: a UTC day, or
+//! with `kind` set a UTC month (calendar windows are always wide).
 //!
 //! # The narrow words
 //!
@@ -99,7 +101,7 @@ use crate::rules::{
     Now, Policy, Refill, State, Tick, CALL_BITS, MAX_CALLS, MAX_TOKENS, TOKEN_BITS,
 };
 use crate::sync::{AtomicU128, AtomicU64, Ordering, Published, Snapshot};
-use crate::types::AgentId;
+use crate::types::{AgentId, CalendarPeriod};
 
 /// What a usage word holds: a state, or one of the sentinels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -301,10 +303,14 @@ impl Layout for Wide {
 
     fn encode_policy(enforced: Enforced) -> Option<u128> {
         let Enforced { policy, has_parent } = enforced;
-        let mut high = policy.period;
-        if policy.refill == Refill::Bucket {
-            high |= BUCKET_FLAG;
-        }
+        // Windows and buckets last at least a tick: a period of zero
+        // names a calendar window, the kind flag its day or month.
+        let mut high = match policy.refill {
+            Refill::Window => policy.period.max(1),
+            Refill::Bucket => policy.period.max(1) | BUCKET_FLAG,
+            Refill::Calendar(CalendarPeriod::Day) => 0,
+            Refill::Calendar(CalendarPeriod::Month) => BUCKET_FLAG,
+        };
         if has_parent {
             high |= PARENT_FLAG;
         }
@@ -314,10 +320,11 @@ impl Layout for Wide {
     #[inline]
     fn decode_policy(raw: u128) -> Enforced {
         let (tokens, calls, high) = unpack_wide(raw);
-        let refill = if high & BUCKET_FLAG != 0 {
-            Refill::Bucket
-        } else {
-            Refill::Window
+        let refill = match (high & PERIOD_MASK == 0, high & BUCKET_FLAG != 0) {
+            (false, false) => Refill::Window,
+            (false, true) => Refill::Bucket,
+            (true, false) => Refill::Calendar(CalendarPeriod::Day),
+            (true, true) => Refill::Calendar(CalendarPeriod::Month),
         };
         Enforced {
             policy: Policy {

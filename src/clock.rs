@@ -4,9 +4,16 @@ use crate::persist::Moment;
 use crate::rules::Now;
 use crate::sync::{ClockSource, Stopwatch};
 
-/// A monotonic clock whose zero is the moment the manager was created.
+/// A monotonic clock whose zero is the moment the manager was created,
+/// and where that zero sits in UTC.
 pub(crate) struct Clock {
     stopwatch: Stopwatch,
+    /// Unix time, in milliseconds, of the clock's zero: the wall clock read
+    /// at creation, or the instant a test gave.
+    utc_origin_ms: i64,
+    /// Whether the origin was given: then wall time (for persistence) is
+    /// read from it too, so that a mock clock moves both.
+    given: bool,
 }
 
 /// How often quanta's upkeep thread refreshes the default clock's time.
@@ -27,8 +34,26 @@ impl Clock {
     }
 
     pub(crate) fn new(source: ClockSource) -> Self {
+        Self::on_wall(Stopwatch::start(source))
+    }
+
+    /// A clock started now whose zero is the instant `utc_origin`: calendar
+    /// windows and persisted wall times follow it and the clock alone.
+    pub(crate) fn at(source: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self {
         Clock {
             stopwatch: Stopwatch::start(source),
+            utc_origin_ms: utc_origin.timestamp_millis(),
+            given: true,
+        }
+    }
+
+    /// `stopwatch`, its zero mapped to the wall clock read now.
+    fn on_wall(stopwatch: Stopwatch) -> Self {
+        let elapsed_ms = (stopwatch.nanos() / 1_000_000) as i64;
+        Clock {
+            stopwatch,
+            utc_origin_ms: chrono::Utc::now().timestamp_millis() - elapsed_ms,
+            given: false,
         }
     }
 
@@ -40,22 +65,26 @@ impl Clock {
         source: ClockSource,
         interval: std::time::Duration,
     ) -> std::io::Result<Self> {
-        Ok(Clock {
-            stopwatch: Stopwatch::start_recent(source, interval)?,
-        })
+        Ok(Self::on_wall(Stopwatch::start_recent(source, interval)?))
     }
 
     /// The one clock read of an operation.
     #[inline]
     pub(crate) fn now(&self) -> Now {
-        Now::from_nanos(self.stopwatch.nanos())
+        Now::on_utc(self.stopwatch.nanos(), self.utc_origin_ms)
     }
 
     /// Now on both the monotonic and the wall clock, for persistence.
     pub(crate) fn moment(&self) -> Moment {
-        Moment {
-            now: self.now(),
-            wall: chrono::Utc::now(),
-        }
+        let now = self.now();
+        let wall = if self.given {
+            let ms = self
+                .utc_origin_ms
+                .saturating_add(now.tick().millis_since(crate::rules::Tick::ORIGIN) as i64);
+            chrono::DateTime::from_timestamp_millis(ms).unwrap_or(chrono::DateTime::UNIX_EPOCH)
+        } else {
+            chrono::Utc::now()
+        };
+        Moment { now, wall }
     }
 }

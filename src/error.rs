@@ -125,19 +125,38 @@ pub enum RefusalReason {
         /// Its limit.
         limit: u64,
     },
+    /// A set of limits ([`acquire_set`](crate::BudgetManager::acquire_set))
+    /// names more claims, or reaches more distinct limits with their
+    /// ancestors, than one request may be admitted against
+    /// ([`MAX_SET_LIMITS`](crate::MAX_SET_LIMITS)). Nothing was taken;
+    /// waiting cannot help.
+    TooManyLimits {
+        /// How many it has (at least: counting stops one past the maximum).
+        limits: usize,
+        /// The most one request may have.
+        max: usize,
+    },
 }
 
 impl std::fmt::Display for Refused {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let agent_id = self.agent_id;
-        let RefusalReason::Exceeded {
-            requested,
-            remaining,
-            used,
-            limit,
-        } = self.reason
-        else {
-            return write!(f, "No budget configured for agent {agent_id}");
+        let (requested, remaining, used, limit) = match self.reason {
+            RefusalReason::Exceeded {
+                requested,
+                remaining,
+                used,
+                limit,
+            } => (requested, remaining, used, limit),
+            RefusalReason::NoBudget => {
+                return write!(f, "No budget configured for agent {agent_id}")
+            }
+            RefusalReason::TooManyLimits { limits, max } => {
+                return write!(
+                    f,
+                    "A request against {limits} limits (claims, or limits with their ancestors) is refused: at most {max} are allowed"
+                )
+            }
         };
         match self.operation {
             Operation::Reserve => write!(
@@ -189,11 +208,16 @@ pub(crate) enum Refusal {
     /// A level of the agent's chain cannot take the request now.
     Short {
         shortfall: Shortfall,
+        /// The (tokens, calls) asked of that level: what a waiter needs to
+        /// fit there.
+        asked: (u64, u64),
         /// The incarnation of the agent itself.
         generation: u64,
         /// The level that refused: the agent or an ancestor.
         level: AgentId,
     },
+    /// A set larger than [`crate::MAX_SET_LIMITS`]: how many it has.
+    TooMany { limits: usize },
 }
 
 impl Refusal {
@@ -209,6 +233,17 @@ impl Refusal {
                 refused_by: agent_id,
                 retry_after: None,
                 reason: RefusalReason::NoBudget,
+                operation,
+            },
+            Refusal::TooMany { limits } => Refused {
+                agent_id,
+                kind: BudgetKind::Token,
+                refused_by: agent_id,
+                retry_after: None,
+                reason: RefusalReason::TooManyLimits {
+                    limits,
+                    max: crate::MAX_SET_LIMITS,
+                },
                 operation,
             },
             Refusal::Short {
@@ -329,6 +364,7 @@ mod tests {
                 limit: 100,
                 retry_after_ms,
             },
+            asked: (40, 1),
             generation: 0,
             level,
         }

@@ -136,6 +136,7 @@ mod persist;
 mod registry;
 mod reservation;
 mod rules;
+mod set;
 mod sync;
 mod types;
 #[cfg(feature = "async")]
@@ -147,10 +148,16 @@ pub use hierarchy::MAX_LEVELS;
 pub use limiter::BudgetLimiter;
 pub use manager::locked::LockedBudgetManager;
 pub use manager::lockfree::BudgetManager;
-pub use reservation::{OwnedReservation, Reservation, Settlement};
+pub use reservation::{
+    OwnedReservation, OwnedSetReservation, Reservation, SetReservation, Settlement,
+};
 pub use rules::{MAX_CALLS, MAX_TOKENS};
+pub use set::MAX_SET_LIMITS;
 pub use sync::ClockSource;
-pub use types::{AgentId, BudgetInfo, BudgetKind, BudgetLimit, FullBudgetInfo, RefillLimit, Usage};
+pub use types::{
+    AgentId, BudgetInfo, BudgetKind, BudgetLimit, CalendarLimit, CalendarPeriod, Claim,
+    FullBudgetInfo, RefillLimit, Usage,
+};
 
 /// The README's examples, compiled and run as doc tests.
 #[cfg(doctest)]

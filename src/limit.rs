@@ -1,7 +1,7 @@
 //! An agent's budget as configured, with the policy derived from it once.
 
 use crate::rules::{Policy, Refill};
-use crate::types::{AgentId, BudgetLimit, RefillLimit};
+use crate::types::{AgentId, BudgetLimit, CalendarLimit, RefillLimit};
 
 /// What `set_budget` or `set_refill` was given.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -10,6 +10,8 @@ pub(crate) enum Configured {
     Window(BudgetLimit),
     /// A token bucket.
     Refill(RefillLimit),
+    /// Windows on the UTC calendar.
+    Calendar(CalendarLimit),
 }
 
 impl Configured {
@@ -17,6 +19,7 @@ impl Configured {
         match self {
             Configured::Window(limit) => limit.agent_id,
             Configured::Refill(limit) => limit.agent_id,
+            Configured::Calendar(limit) => limit.agent_id,
         }
     }
 
@@ -24,6 +27,7 @@ impl Configured {
         match self {
             Configured::Window(limit) => limit.token_budget,
             Configured::Refill(limit) => limit.token_budget,
+            Configured::Calendar(limit) => limit.token_budget,
         }
     }
 
@@ -31,13 +35,16 @@ impl Configured {
         match self {
             Configured::Window(limit) => limit.calls_budget,
             Configured::Refill(limit) => limit.calls_budget,
+            Configured::Calendar(limit) => limit.calls_budget,
         }
     }
 
     /// The window's length, or the refill period in whole seconds, rounded
-    /// up: what `full_info` reports as `window_secs`.
-    pub(crate) fn period_secs(&self) -> u64 {
-        match self {
+    /// up: what `full_info` reports as `window_secs`. `None` for calendar
+    /// windows, whose length depends on the window.
+    pub(crate) fn period_secs(&self) -> Option<u64> {
+        Some(match self {
+            Configured::Calendar(_) => return None,
             Configured::Window(limit) => limit.window_secs,
             Configured::Refill(limit) => {
                 let period = limit.refill_period;
@@ -46,7 +53,7 @@ impl Configured {
                     .as_secs()
                     .saturating_add(u64::from(period.subsec_nanos() > 0))
             }
-        }
+        })
     }
 
     /// The configured limit that `policy` gives back exactly: what a cell
@@ -65,6 +72,12 @@ impl Configured {
                 calls_budget: policy.calls,
                 refill_period: std::time::Duration::from_millis(policy.period),
             }),
+            Refill::Calendar(period) => Configured::Calendar(CalendarLimit {
+                agent_id,
+                token_budget: policy.tokens,
+                calls_budget: policy.calls,
+                period,
+            }),
         }
     }
 
@@ -72,6 +85,7 @@ impl Configured {
         match self {
             Configured::Window(limit) => Policy::from_limit(limit),
             Configured::Refill(limit) => Policy::from_refill(limit),
+            Configured::Calendar(limit) => Policy::from_calendar(limit),
         }
     }
 }

@@ -4,9 +4,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use crate::error::{BudgetExceeded, HierarchyError, PersistError, Refused};
-use crate::reservation::{OwnedReservation, Reservation};
+use crate::reservation::{OwnedReservation, OwnedSetReservation, Reservation, SetReservation};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// The budget manager's API, implemented by [`BudgetManager`] and
 /// [`LockedBudgetManager`], so tests and benchmarks can be written once for
@@ -29,6 +31,13 @@ pub trait BudgetLimiter: Send + Sync {
         Self: Sized;
     /// Sets or replaces an agent's budget.
     fn set_budget(&self, limit: BudgetLimit);
+    /// An empty manager on `clock`, its zero at the UTC instant
+    /// `utc_origin`.
+    fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self
+    where
+        Self: Sized;
+    /// Sets or replaces an agent's budget with windows on the UTC calendar.
+    fn set_calendar(&self, limit: CalendarLimit);
     /// Sets or replaces an agent's budget with one that refills
     /// continuously.
     fn set_refill(&self, limit: RefillLimit);
@@ -70,6 +79,23 @@ pub trait BudgetLimiter: Send + Sync {
         tokens: u64,
         calls: u64,
     ) -> impl std::future::Future<Output = Result<OwnedReservation, Refused>> + Send + 'static
+    where
+        Self: Sized;
+    /// Takes every claim at its agent and ancestors, all or none.
+    fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused>;
+    /// [`acquire_set`](Self::acquire_set), holding an `Arc` of the manager.
+    fn acquire_set_owned(
+        self: &Arc<Self>,
+        claims: &[Claim],
+    ) -> Result<OwnedSetReservation, Refused>
+    where
+        Self: Sized;
+    /// Waits until every claim fits, then takes them all.
+    #[cfg(feature = "async")]
+    fn acquire_set_owned_wait(
+        self: &Arc<Self>,
+        claims: Vec<Claim>,
+    ) -> impl std::future::Future<Output = Result<OwnedSetReservation, Refused>> + Send + 'static
     where
         Self: Sized;
     /// How many futures are waiting for budget.

@@ -9,13 +9,16 @@
 //!   "refills": { "<uuid>": { "agent_id": "<uuid>", "token_budget": 1000,
 //!                            "calls_budget": 10,
 //!                            "refill_period": { "secs": 60, "nanos": 0 } } },
+//!   "calendars": { "<uuid>": { "agent_id": "<uuid>", "token_budget": 1000,
+//!                              "calls_budget": 10, "period": "month" } },
 //!   "parents": { "<child uuid>": "<parent uuid>" }
 //! }
 //! ```
 //!
 //! `budgets` and `usage` are the seed's; `refills` (agents on a refilling
-//! budget, whose `usage` holds their bucket's counts at its time mark) and
-//! `parents` are this crate's, and optional: a file without them, as the
+//! budget, whose `usage` holds their bucket's counts at its time mark),
+//! `calendars` (agents on UTC days or months, whose `window_start` is a time
+//! in their current window) and `parents` are this crate's, and optional: a file without them, as the
 //! seed wrote, restores as it always did, and the seed reading one of ours
 //! sees the windowed agents and ignores the rest.
 //!
@@ -37,7 +40,7 @@ use crate::error::PersistError;
 use crate::hierarchy::Hierarchy;
 use crate::limit::Configured;
 use crate::rules::{Now, State, Tick, MAX_CALLS, MAX_TOKENS};
-use crate::types::{AgentId, BudgetLimit, RefillLimit, Usage};
+use crate::types::{AgentId, BudgetLimit, CalendarLimit, RefillLimit, Usage};
 
 /// One agent's state, as the managers hand it over and take it back.
 pub(crate) struct AgentState {
@@ -53,6 +56,8 @@ struct PersistedRef<'a> {
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     refills: BTreeMap<AgentId, &'a RefillLimit>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    calendars: BTreeMap<AgentId, &'a CalendarLimit>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     parents: BTreeMap<AgentId, AgentId>,
 }
 
@@ -62,6 +67,8 @@ struct Persisted {
     usage: HashMap<AgentId, Usage>,
     #[serde(default)]
     refills: HashMap<AgentId, RefillLimit>,
+    #[serde(default)]
+    calendars: HashMap<AgentId, CalendarLimit>,
     #[serde(default)]
     parents: HashMap<AgentId, AgentId>,
 }
@@ -103,6 +110,7 @@ pub(crate) fn write(path: &Path, agents: &[AgentState], at: Moment) -> Result<()
         budgets: BTreeMap::new(),
         usage: BTreeMap::new(),
         refills: BTreeMap::new(),
+        calendars: BTreeMap::new(),
         parents: BTreeMap::new(),
     };
     for agent in agents {
@@ -110,6 +118,7 @@ pub(crate) fn write(path: &Path, agents: &[AgentState], at: Moment) -> Result<()
         match &agent.configured {
             Configured::Window(limit) => data.budgets.insert(id, limit).map(drop),
             Configured::Refill(limit) => data.refills.insert(id, limit).map(drop),
+            Configured::Calendar(limit) => data.calendars.insert(id, limit).map(drop),
         };
         let usage = Usage {
             tokens_used: agent.state.tokens,
@@ -185,10 +194,14 @@ pub(crate) fn read(
         .refills
         .into_iter()
         .map(|(id, limit)| (id, Configured::Refill(limit)));
+    let calendars = data
+        .calendars
+        .into_iter()
+        .map(|(id, limit)| (id, Configured::Calendar(limit)));
     let mut usage = data.usage;
     let mut agents = Vec::new();
     let mut known = HashSet::new();
-    for (id, configured) in windows.chain(refills) {
+    for (id, configured) in windows.chain(refills).chain(calendars) {
         if configured.agent_id() != id {
             return Err(inconsistent(format!(
                 "budget filed under {id} is for agent {}",
@@ -197,7 +210,7 @@ pub(crate) fn read(
         }
         if !known.insert(id) {
             return Err(inconsistent(format!(
-                "agent {id} has both a windowed and a refilling budget"
+                "agent {id} has more than one budget (windowed, refilling, calendar)"
             )));
         }
         // Usage past what a count can hold is clamped: the agent stays

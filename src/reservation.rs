@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use crate::hierarchy::MAX_LEVELS;
 use crate::rules::{Refund, Tick};
+use crate::set::{SetLevel, SetTicket};
 use crate::types::AgentId;
+use crate::types::Claim;
 
 /// Where a reservation was taken at one level of an agent's chain: one
 /// window (or bucket) of one incarnation of one agent.
@@ -107,6 +109,22 @@ impl Ticket {
 pub(crate) trait Ledger: Send + Sync + 'static {
     /// Replaces the reservation's `(tokens, calls)` by `used` in its window.
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement;
+
+    /// Settles each limit of a set's reservation, in its own window, with
+    /// the tokens `actuals` gives its claims (`None`: a cancel, nothing
+    /// used, calls included); returns [`crate::set::worst`] of the outcomes.
+    fn settle_set(&self, ticket: &SetTicket, actuals: Option<&[u64]>) -> Settlement;
+}
+
+/// What one limit of a set settles with: its reserved amounts, and what it
+/// used (`None` actuals: a cancel).
+pub(crate) fn set_level_amounts(
+    level: &SetLevel,
+    actuals: Option<&[u64]>,
+) -> ((u64, u64), (u64, u64)) {
+    let reserved = (level.tokens, level.calls);
+    let used = actuals.map_or((0, 0), |actuals| level.used(actuals));
+    (reserved, used)
 }
 
 /// The methods both kinds of reservation share. They differ only in how
@@ -210,6 +228,112 @@ impl OwnedReservation {
     }
 
     reservation_methods!();
+}
+
+/// The methods both kinds of set reservation share.
+macro_rules! set_reservation_methods {
+    () => {
+        /// The claims the reservation was admitted for, as given.
+        pub fn claims(&self) -> &[Claim] {
+            &self.ticket.claims
+        }
+
+        /// Books what was really used: `actual_tokens(index, claim)` is the
+        /// tokens the claim at `index` (into [`claims`](Self::claims), as
+        /// given) really used; the calls stay as charged (they were made).
+        ///
+        /// Every limit is settled in the window it was taken in, as a
+        /// [`Reservation`] is: less than reserved is refunded there, more
+        /// is charged even past the limit (into the current window if that
+        /// one has ended). A limit reached by several claims settles with
+        /// the largest of their actuals. Returns the worst outcome over the
+        /// limits: [`Settlement::AgentRemoved`] over
+        /// [`Settlement::WindowEnded`] over [`Settlement::CarriedOver`] over
+        /// [`Settlement::Applied`]; among equals, the one that charged the
+        /// most tokens beyond its reservation, then the lowest agent id (see
+        /// [`docs::semantics`](crate::docs::semantics#several-limits-at-once)).
+        /// An empty set settles as `Applied` with nothing moved.
+        pub fn settle_with(
+            self,
+            mut actual_tokens: impl FnMut(usize, &Claim) -> u64,
+        ) -> Settlement {
+            let actuals: smallvec::SmallVec<[u64; 4]> = self
+                .ticket
+                .claims
+                .iter()
+                .enumerate()
+                .map(|(n, claim)| actual_tokens(n, claim))
+                .collect();
+            self.ledger.settle_set(&self.ticket, Some(&actuals))
+        }
+
+        /// [`settle_with`](Self::settle_with) the same `actual_tokens` for
+        /// every claim.
+        pub fn settle(self, actual_tokens: u64) -> Settlement {
+            self.settle_with(|_, _| actual_tokens)
+        }
+
+        /// Gives everything back at every limit, tokens and calls: the work
+        /// never happened. Returns the worst outcome, as
+        /// [`settle_with`](Self::settle_with) does.
+        pub fn cancel(self) -> Settlement {
+            self.ledger.settle_set(&self.ticket, None)
+        }
+    };
+}
+
+/// Budget taken at a set of limits by
+/// [`acquire_set`](crate::BudgetManager::acquire_set), to be settled
+/// against what was really used.
+///
+/// Like a [`Reservation`]: settle or cancel it once; dropped without
+/// either, everything it took stays charged (the manager cannot know
+/// whether the work happened).
+#[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
+pub struct SetReservation<'m> {
+    ledger: &'m dyn Ledger,
+    ticket: SetTicket,
+}
+
+impl std::fmt::Debug for SetReservation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SetReservation")
+            .field("claims", &self.ticket.claims)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<'m> SetReservation<'m> {
+    pub(crate) fn new(ledger: &'m dyn Ledger, ticket: SetTicket) -> Self {
+        SetReservation { ledger, ticket }
+    }
+
+    set_reservation_methods!();
+}
+
+/// A [`SetReservation`] that owns a share of its manager: `Send`, `Sync`
+/// and `'static`, as an [`OwnedReservation`] is. Taken by
+/// [`acquire_set_owned`](crate::BudgetManager::acquire_set_owned).
+#[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
+pub struct OwnedSetReservation {
+    ledger: Arc<dyn Ledger>,
+    ticket: SetTicket,
+}
+
+impl std::fmt::Debug for OwnedSetReservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnedSetReservation")
+            .field("claims", &self.ticket.claims)
+            .finish_non_exhaustive()
+    }
+}
+
+impl OwnedSetReservation {
+    pub(crate) fn new(ledger: Arc<dyn Ledger>, ticket: SetTicket) -> Self {
+        OwnedSetReservation { ledger, ticket }
+    }
+
+    set_reservation_methods!();
 }
 
 /// What settling or cancelling a [`Reservation`] did.

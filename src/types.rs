@@ -123,3 +123,50 @@ pub enum BudgetKind {
     /// The call budget (also reported by `track_call` for an unknown agent).
     Call,
 }
+
+/// One limit a request is admitted against, and what it takes there: see
+/// [`acquire_set`](crate::BudgetManager::acquire_set).
+///
+/// A request is admitted against every claim's agent and each of that
+/// agent's ancestors (each with this claim's amounts), all or none. The
+/// amounts are in the limit's own unit: tokens for a token limit,
+/// micro-dollars for a spend limit kept as "tokens", one call for a request
+/// limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Claim {
+    /// The limit (an agent's budget) the request is admitted against.
+    pub agent_id: AgentId,
+    /// Tokens (or whatever the limit counts as tokens) taken there.
+    pub tokens: u64,
+    /// Calls taken there.
+    pub calls: u64,
+}
+
+/// A budget whose windows follow the UTC calendar: a day from 00:00 UTC,
+/// or a calendar month from the 1st, 00:00 UTC; see
+/// [`set_calendar`](crate::BudgetManager::set_calendar).
+///
+/// Budgets are clamped as for a [`BudgetLimit`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CalendarLimit {
+    /// The agent this budget applies to.
+    pub agent_id: AgentId,
+    /// Maximum tokens admitted per window.
+    pub token_budget: u64,
+    /// Maximum calls admitted per window.
+    pub calls_budget: u64,
+    /// Which calendar windows.
+    pub period: CalendarPeriod,
+}
+
+/// The windows of a [`CalendarLimit`], in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CalendarPeriod {
+    /// Days, each from 00:00 UTC to the next 00:00 UTC (86,400 s: UTC
+    /// days here have no leap seconds).
+    Day,
+    /// Calendar months, each from the 1st at 00:00 UTC to the 1st of the
+    /// next month: 28, 29, 30 or 31 days (Gregorian leap years).
+    Month,
+}

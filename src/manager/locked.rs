@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, MutexGuard, RwLock};
+use smallvec::SmallVec;
 
 use super::{budget_info, forward_budget_limiter, full_budget_info, unknown_agent_info, Events};
 use crate::clock::Clock;
@@ -14,11 +15,15 @@ use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
 use crate::reservation::{
-    Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
+    set_level_amounts, Ledger, Level, Levels, OwnedReservation, OwnedSetReservation, Reservation,
+    SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
+use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::ClockSource;
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// One agent's usage, and which incarnation of the agent it belongs to.
 struct Slot {
@@ -76,6 +81,12 @@ impl LockedBudgetManager {
         Self::on(Clock::new(clock))
     }
 
+    /// An empty manager on `clock`, its zero at `utc_origin`; see
+    /// [`BudgetManager::with_clock_at`](crate::BudgetManager::with_clock_at).
+    pub fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::on(Clock::at(clock, utc_origin))
+    }
+
     /// An empty manager on a coarse clock; see
     /// [`BudgetManager::with_coarse_clock`](crate::BudgetManager::with_coarse_clock).
     #[cfg(not(agent_budget_loom))]
@@ -109,6 +120,12 @@ impl LockedBudgetManager {
     /// Sets an agent's budget; see [`BudgetManager::set_budget`](crate::BudgetManager::set_budget).
     pub fn set_budget(&self, limit: BudgetLimit) {
         self.configure(Configured::Window(limit));
+    }
+
+    /// Sets a budget on the UTC calendar; see
+    /// [`BudgetManager::set_calendar`](crate::BudgetManager::set_calendar).
+    pub fn set_calendar(&self, limit: CalendarLimit) {
+        self.configure(Configured::Calendar(limit));
     }
 
     /// Sets a refilling budget; see [`BudgetManager::set_refill`](crate::BudgetManager::set_refill).
@@ -249,6 +266,38 @@ impl LockedBudgetManager {
         crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
     }
 
+    /// Takes every claim at its agent and its ancestors, all or none; see
+    /// [`BudgetManager::acquire_set`](crate::BudgetManager::acquire_set).
+    pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
+        let ticket = self
+            .admit_set(claims)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(SetReservation::new(self, ticket))
+    }
+
+    /// Takes a set, owned; see
+    /// [`BudgetManager::acquire_set_owned`](crate::BudgetManager::acquire_set_owned).
+    pub fn acquire_set_owned(
+        self: &Arc<Self>,
+        claims: &[Claim],
+    ) -> Result<OwnedSetReservation, Refused> {
+        let ticket = self
+            .admit_set(claims)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(OwnedSetReservation::new(self.clone(), ticket))
+    }
+
+    /// Waits until a set fits, owned; see
+    /// [`BudgetManager::acquire_set_owned_wait`](crate::BudgetManager::acquire_set_owned_wait).
+    #[cfg(feature = "async")]
+    pub fn acquire_set_owned_wait(
+        self: &Arc<Self>,
+        claims: Vec<Claim>,
+    ) -> impl std::future::Future<Output = Result<OwnedSetReservation, Refused>> + Send + 'static
+    {
+        crate::wait::acquire_set_owned_wait(self, claims)
+    }
+
     /// How many futures wait for budget; see
     /// [`BudgetManager::waiting`](crate::BudgetManager::waiting).
     #[cfg(feature = "async")]
@@ -292,71 +341,140 @@ impl LockedBudgetManager {
         }
     }
 
-    /// Takes `request` at every level of the agent's chain or at none, under
-    /// the write lock: level by level, giving back on a refusal, exactly as
-    /// the lock-free manager does, so the two agree on every state.
+    /// Takes `request` at every level of the agent's chain or at none: the
+    /// set of one claim (see [`admit_set`](Self::admit_set)), refused as
+    /// no budget unless the agent is incarnation `generation` (when one is
+    /// given). The agent's own level comes first in the levels.
     fn admit(
         &self,
         agent_id: &AgentId,
         (tokens, calls): (u64, u64),
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
-        let mut given_back = ChainIds::new();
+        let claim = [Claim {
+            agent_id: *agent_id,
+            tokens,
+            calls,
+        }];
+        let plan = self
+            .take_claims(&claim, generation)
+            .map_err(|(refusal, _)| refusal)?;
+        let own = plan.limits.iter().find(|l| l.own).and_then(|l| l.taken);
+        let mut levels = Levels::Own(own.ok_or(Refusal::NoBudget)?);
+        for limit in plan.limits.iter().filter(|l| !l.own) {
+            if let Some(level) = limit.taken {
+                levels.push(level);
+            }
+        }
+        Ok(levels)
+    }
+
+    /// Takes every limit `claims` reach, all or none; see
+    /// [`BudgetManager::acquire_set`](crate::BudgetManager::acquire_set).
+    fn admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
+        let plan = self.take_claims(claims, None)?;
+        Ok(SetTicket::new(claims, plan.taken()))
+    }
+
+    /// The lock-free manager's `take_claims` under the write lock: the same
+    /// plan (each limit once, ascending agent id), taken limit by limit and
+    /// given back on a refusal, so the two agree on every state; no one
+    /// ever sees a partial admission here.
+    fn take_claims(
+        &self,
+        claims: &[Claim],
+        generation: Option<u64>,
+    ) -> Result<Plan<()>, (Refusal, AgentId)> {
+        let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
+        if claims.len() > MAX_SET_LIMITS {
+            return Err((
+                Refusal::TooMany {
+                    limits: claims.len(),
+                },
+                who(0),
+            ));
+        }
+        let mut given_back = Plan::<()>::new();
         let verdict = {
             let budgets = self.budgets.read();
-            if !budgets.contains_key(agent_id) {
-                return Err(Refusal::NoBudget);
-            }
             let mut usage = self.usage.write();
-            let own_generation = usage.get(agent_id).ok_or(Refusal::NoBudget)?.generation;
-            if generation.is_some_and(|g| g != own_generation) {
-                return Err(Refusal::NoBudget);
+            let mut plan = Plan::new();
+            let mut own_generation = None;
+            for (n, claim) in claims.iter().enumerate() {
+                let slot = budgets
+                    .contains_key(&claim.agent_id)
+                    .then(|| usage.get(&claim.agent_id))
+                    .flatten()
+                    .ok_or((Refusal::NoBudget, claim.agent_id))?;
+                if n == 0 {
+                    if generation.is_some_and(|g| g != slot.generation) {
+                        return Err((Refusal::NoBudget, claim.agent_id));
+                    }
+                    own_generation = Some(slot.generation);
+                }
+                let amounts = (claim.tokens, claim.calls);
+                for (depth, (id, _)) in chain(&budgets, &claim.agent_id).enumerate() {
+                    plan.add(id, (), n, amounts, depth)
+                        .map_err(|TooMany(limits)| (Refusal::TooMany { limits }, claim.agent_id))?;
+                }
             }
+            plan.sort();
+            let own_generation = own_generation.unwrap_or_default();
             let now = self.clock.now();
-            let mut levels: Option<Levels> = None;
             let mut refused = None;
-            for (id, limit) in chain(&budgets, agent_id) {
-                let Some(slot) = usage.get_mut(&id) else {
-                    break;
+            for n in 0..plan.limits.len() {
+                let limit = plan.limits[n];
+                let (Some(policy), Some(slot)) = (
+                    budgets.get(&limit.id).map(|l| l.policy),
+                    usage.get_mut(&limit.id),
+                ) else {
+                    continue;
                 };
-                let (next, verdict) = slot.state.admit(&limit.policy, now, tokens, calls);
+                let (next, verdict) = slot.state.admit(&policy, now, limit.tokens, limit.calls);
                 slot.state = next;
                 match verdict {
                     Ok(()) => {
-                        let level = Level {
-                            agent_id: id,
+                        plan.limits[n].taken = Some(Level {
+                            agent_id: limit.id,
                             generation: slot.generation,
                             taken_in: next.mark,
-                        };
-                        match &mut levels {
-                            None => levels = Some(Levels::Own(level)),
-                            Some(levels) => levels.push(level),
-                        }
+                        });
                     }
                     Err(shortfall) => {
-                        refused = Some(Refusal::Short {
-                            shortfall,
-                            generation: own_generation,
-                            level: id,
-                        });
+                        refused = Some((
+                            Refusal::Short {
+                                shortfall,
+                                asked: (limit.tokens, limit.calls),
+                                generation: own_generation,
+                                level: limit.id,
+                            },
+                            who(limit.first_claim()),
+                        ));
                         break;
                     }
                 }
             }
-            match (refused, levels) {
-                (None, Some(levels)) => Ok(levels),
-                (None, None) => Err(Refusal::NoBudget),
-                (Some(refusal), levels) => {
-                    for level in levels.iter().flat_map(Levels::iter).rev() {
-                        give_back(&budgets, &mut usage, level, now, (tokens, calls));
-                        given_back.push(level.agent_id);
+            match refused {
+                None => Ok(plan),
+                Some(refused) => {
+                    for limit in plan.limits.iter().rev() {
+                        if let Some(level) = limit.taken {
+                            give_back(
+                                &budgets,
+                                &mut usage,
+                                &level,
+                                now,
+                                (limit.tokens, limit.calls),
+                            );
+                            given_back.limits.push(*limit);
+                        }
                     }
-                    Err(refusal)
+                    Err(refused)
                 }
             }
         };
-        for level in given_back.iter() {
-            self.events.refunded(level, || self.headroom(level));
+        for limit in given_back.limits.iter() {
+            self.events.refunded(&limit.id, || self.headroom(&limit.id));
         }
         verdict
     }
@@ -533,16 +651,19 @@ fn give_back(
 }
 
 impl LockedBudgetManager {
-    /// Settles at every level under the write lock; reports the agent's
-    /// own.
-    fn settle_locked(&self, ticket: &Ticket, used: (u64, u64)) -> (Settlement, ChainIds) {
+    /// Settles each of `levels` (a level, what it reserved and what it
+    /// used) under the write lock; returns each outcome, and the levels
+    /// that got budget back.
+    fn settle_locked(
+        &self,
+        levels: impl Iterator<Item = (Level, (u64, u64), (u64, u64))>,
+    ) -> (SmallVec<[Settlement; 4]>, ChainIds) {
         let budgets = self.budgets.read();
         let mut usage = self.usage.write();
         let now = self.clock.now();
-        let reserved = (ticket.tokens, ticket.calls);
-        let mut own = None;
+        let mut outcomes = SmallVec::new();
         let mut refunded = ChainIds::new();
-        for level in ticket.levels.iter() {
+        for (level, reserved, used) in levels {
             let limit = budgets.get(&level.agent_id);
             let slot = usage
                 .get_mut(&level.agent_id)
@@ -563,20 +684,42 @@ impl LockedBudgetManager {
             if settlement.refunded() {
                 refunded.push(level.agent_id);
             }
-            own.get_or_insert(settlement);
+            outcomes.push(settlement);
         }
-        (own.unwrap_or(Settlement::AgentRemoved), refunded)
+        (outcomes, refunded)
+    }
+
+    /// Wakes the waiters of the levels a settle refunded, after the lock
+    /// is released: a woken waiter takes it at once.
+    fn woken(&self, refunded: &ChainIds) {
+        for agent_id in refunded.iter() {
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
     }
 }
 
 impl Ledger for LockedBudgetManager {
+    /// Settles at every level under the write lock; reports the agent's
+    /// own.
     fn settle(&self, ticket: &Ticket, used: (u64, u64)) -> Settlement {
-        let (settlement, refunded) = self.settle_locked(ticket, used);
-        // After the lock is released: a woken waiter takes it at once.
-        for agent_id in refunded.iter() {
-            self.events.refunded(agent_id, || self.headroom(agent_id));
-        }
-        settlement
+        let reserved = (ticket.tokens, ticket.calls);
+        let levels = ticket.levels.iter().map(|level| (*level, reserved, used));
+        let (outcomes, refunded) = self.settle_locked(levels);
+        self.woken(&refunded);
+        outcomes
+            .first()
+            .copied()
+            .unwrap_or(Settlement::AgentRemoved)
+    }
+
+    fn settle_set(&self, ticket: &SetTicket, actuals: Option<&[u64]>) -> Settlement {
+        let levels = ticket.levels.iter().map(|level| {
+            let (reserved, used) = set_level_amounts(level, actuals);
+            (level.level, reserved, used)
+        });
+        let (outcomes, refunded) = self.settle_locked(levels);
+        self.woken(&refunded);
+        set::worst(outcomes.into_iter())
     }
 }
 
@@ -593,6 +736,10 @@ impl crate::wait::Waitable for LockedBudgetManager {
         generation: Option<u64>,
     ) -> Result<Levels, Refusal> {
         self.admit(agent_id, request, generation)
+    }
+
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
+        self.admit_set(claims)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

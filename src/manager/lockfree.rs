@@ -13,11 +13,15 @@ use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
 use crate::registry::{CellRef, Pinned, Registry, SlotRef};
 use crate::reservation::{
-    Ledger, Level, Levels, OwnedReservation, Reservation, Settlement, Ticket,
+    set_level_amounts, Ledger, Level, Levels, OwnedReservation, OwnedSetReservation, Reservation,
+    SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
+use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
-use crate::types::{AgentId, BudgetInfo, BudgetLimit, FullBudgetInfo, RefillLimit};
+use crate::types::{
+    AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
+};
 
 /// Tracks token and call budgets per agent, in fixed windows or refilling
 /// buckets, alone or in chains of budgets, without locks.
@@ -95,6 +99,16 @@ impl BudgetManager {
         Self::on(Clock::new(clock))
     }
 
+    /// An empty manager on `clock` whose zero is the instant `utc_origin`:
+    /// calendar windows ([`set_calendar`](Self::set_calendar)) and the wall
+    /// times [`persist`](Self::persist) writes follow `clock` from there.
+    /// For tests: pass `quanta::Clock::mock()` and a UTC instant, and move
+    /// time across days and months by hand. (Other managers map their
+    /// clock's zero to the wall clock read when they are created.)
+    pub fn with_clock_at(clock: ClockSource, utc_origin: chrono::DateTime<chrono::Utc>) -> Self {
+        Self::on(Clock::at(clock, utc_origin))
+    }
+
     /// An empty manager that reads a coarse clock: quanta's *recent* time,
     /// one atomic load (about 2 ns) instead of a TSC read and its scaling
     /// (about 20 ns on the benchmark machine, a fifth of a `reserve`).
@@ -158,6 +172,23 @@ impl BudgetManager {
     /// a refilling budget switches to windows with what it has in use.
     pub fn set_budget(&self, limit: BudgetLimit) {
         self.configure(Configured::Window(limit));
+    }
+
+    /// Sets an agent's budget: windows on the UTC calendar (see
+    /// [`CalendarLimit`]): days from 00:00 UTC, or months from the 1st,
+    /// 00:00 UTC. The current window is the day or month containing now,
+    /// and ends at the next boundary. Like [`set_budget`](Self::set_budget):
+    /// a known agent on windows keeps its usage in its current window (which
+    /// now ends at the calendar boundary after it started), an agent on a
+    /// bucket switches with what it has in use, and its parent is kept.
+    ///
+    /// UTC comes from the manager's clock: its zero is mapped to the wall
+    /// clock when the manager is created (see
+    /// [`with_clock_at`](Self::with_clock_at)), and the monotonic clock
+    /// measures from there, so a wall clock stepped later does not move
+    /// the windows.
+    pub fn set_calendar(&self, limit: CalendarLimit) {
+        self.configure(Configured::Calendar(limit));
     }
 
     /// Sets an agent's budget: a bucket that refills continuously (see
@@ -350,6 +381,78 @@ impl BudgetManager {
         crate::wait::acquire_owned_wait(self, agent_id, tokens, calls)
     }
 
+    /// Takes every claim at its agent and at each of that agent's
+    /// ancestors (with that claim's amounts), all or none, and returns a
+    /// [`SetReservation`] to settle once the real usage is known.
+    ///
+    /// This is how a request is admitted against several limits at once: a
+    /// key's per-minute and per-day limits, its spend in micro-dollars, a
+    /// per-model limit, each kept as an agent of its own. A limit reached
+    /// by two claims (directly or through ancestors) is taken once, with
+    /// the largest amount of each resource among them. A refusal names the
+    /// limit that refused (`refused_by`), the agent of the claim that
+    /// reached it (`agent_id`) and when that limit frees (`retry_after`);
+    /// nothing is then taken anywhere. More than
+    /// [`MAX_SET_LIMITS`](crate::MAX_SET_LIMITS) claims or limits are
+    /// refused with [`RefusalReason::TooManyLimits`](crate::RefusalReason::TooManyLimits).
+    /// An empty set is admitted, taking nothing. See
+    /// [`docs::semantics`](crate::docs::semantics#several-limits-at-once).
+    ///
+    /// ```
+    /// use agent_budget::{BudgetLimit, BudgetManager, Claim};
+    ///
+    /// let budgets = BudgetManager::new();
+    /// let (per_minute, per_day) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    /// budgets.set_budget(BudgetLimit { agent_id: per_minute, token_budget: 1_000, calls_budget: 10, window_secs: 60 });
+    /// budgets.set_budget(BudgetLimit { agent_id: per_day, token_budget: 50_000, calls_budget: 1_000, window_secs: 86_400 });
+    ///
+    /// let claims = [
+    ///     Claim { agent_id: per_minute, tokens: 600, calls: 1 },
+    ///     Claim { agent_id: per_day, tokens: 600, calls: 1 },
+    /// ];
+    /// let reservation = budgets.acquire_set(&claims)?;
+    /// reservation.settle(250);
+    /// assert_eq!(budgets.remaining(&per_minute).tokens_remaining, 750);
+    /// assert_eq!(budgets.remaining(&per_day).tokens_remaining, 49_750);
+    /// # Ok::<(), agent_budget::Refused>(())
+    /// ```
+    pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
+        let ticket = self
+            .admit_set(&self.pin(), claims)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(SetReservation::new(self, ticket))
+    }
+
+    /// [`acquire_set`](Self::acquire_set), returning an
+    /// [`OwnedSetReservation`] that holds an `Arc` of the manager.
+    pub fn acquire_set_owned(
+        self: &Arc<Self>,
+        claims: &[Claim],
+    ) -> Result<OwnedSetReservation, Refused> {
+        let ticket = self
+            .admit_set(&self.pin(), claims)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(OwnedSetReservation::new(self.clone(), ticket))
+    }
+
+    /// Waits until every claim fits, then takes them all, like
+    /// [`acquire_set_owned`](Self::acquire_set_owned).
+    ///
+    /// Waits as [`acquire_owned_wait`](Self::acquire_owned_wait) does, at
+    /// the limit that refused it last (the one that binds): woken by the
+    /// events there (a refund, a new window), it tries the whole set again,
+    /// and if another limit then refuses, waits there. Resolves to an error
+    /// at once when waiting cannot help: a claim's agent without a budget,
+    /// an amount larger than a limit, a set too large.
+    #[cfg(feature = "async")]
+    pub fn acquire_set_owned_wait(
+        self: &Arc<Self>,
+        claims: Vec<Claim>,
+    ) -> impl std::future::Future<Output = Result<OwnedSetReservation, Refused>> + Send + 'static
+    {
+        crate::wait::acquire_set_owned_wait(self, claims)
+    }
+
     /// How many [`acquire_wait`](Self::acquire_wait) and
     /// [`acquire_owned_wait`](Self::acquire_owned_wait) futures are waiting
     /// right now, over all agents (for a gauge).
@@ -475,14 +578,12 @@ impl BudgetManager {
     }
 
     /// [`admit`](Self::admit) for an agent whose cell is at hand (found in
-    /// the map, or held by a handle).
+    /// the map, or held by a handle): the set of one claim, `(tokens,
+    /// calls)` on `agent_id`, taken by [`take_claims`](Self::take_claims).
     ///
-    /// Level by level, each a compare-and-swap on that level's own word:
-    /// if one refuses, the levels below it give back what they took (into
-    /// the window they took it from). Between the take and the give-back
-    /// another request may be refused by a level that is about to get the
-    /// budget back: the one exception to all-or-nothing being atomic, and
-    /// never an over-admission (see `docs::semantics`).
+    /// An agent without a parent is a plan of one limit, taken here
+    /// directly (the same take, without building the plan), so the common
+    /// case stays one lookup and one compare-and-swap.
     #[inline(always)]
     pub(crate) fn admit_from(
         &self,
@@ -492,44 +593,134 @@ impl BudgetManager {
         (tokens, calls): (u64, u64),
     ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
-        let own_generation = own.generation();
-        let take = |id, cell, policy| take(id, cell, policy, now, (tokens, calls), own_generation);
         let enforced = own.enforced();
-        let Some(level) = take(*agent_id, own, enforced.policy)? else {
-            return Err(Refusal::NoBudget);
-        };
-        let mut levels = Levels::Own(level);
         if !enforced.has_parent {
-            return Ok(levels);
+            let generation = own.generation();
+            return match take(
+                *agent_id,
+                own,
+                enforced.policy,
+                now,
+                (tokens, calls),
+                generation,
+            )? {
+                Some(level) => Ok(Levels::Own(level)),
+                None => Err(Refusal::NoBudget),
+            };
         }
-        let mut refused = None;
-        walk_ancestors(pinned, *agent_id, own, |id, cell, enforced| {
-            match take(id, cell, enforced.policy) {
-                Ok(Some(level)) => {
-                    levels.push(level);
-                    true
-                }
-                // An ancestor removed meanwhile ends the chain there.
-                Ok(None) => false,
-                Err(refusal) => {
-                    refused = Some(refusal);
-                    false
-                }
-            }
-        });
-        match refused {
-            None => Ok(levels),
-            Some(refusal) => {
-                self.give_back(pinned, &levels, now, (tokens, calls));
-                Err(refusal)
+        let claim = [Claim {
+            agent_id: *agent_id,
+            tokens,
+            calls,
+        }];
+        let plan = self
+            .take_claims(pinned, &claim, Some(own), now)
+            .map_err(|(refusal, _)| refusal)?;
+        // The reservation keeps the agent's own level first (it reports
+        // that one), then the ancestors in the order they were taken.
+        let own = plan.limits.iter().find(|l| l.own).and_then(|l| l.taken);
+        let mut levels = Levels::Own(own.ok_or(Refusal::NoBudget)?);
+        for limit in plan.limits.iter().filter(|l| !l.own) {
+            if let Some(level) = limit.taken {
+                levels.push(level);
             }
         }
+        Ok(levels)
     }
 
-    /// Undoes a partial admission: each level in `levels` gets `request`
-    /// back, in the window it was taken from.
-    fn give_back(&self, pinned: &Pinned<'_>, levels: &Levels, now: Now, request: (u64, u64)) {
-        for level in levels.iter().rev() {
+    /// Takes every limit `claims` reach (each claim's agent, then its
+    /// ancestors), all or none: the one admission both `acquire` on a chain
+    /// and `acquire_set` run.
+    ///
+    /// The plan lists each limit once (with the largest amounts among the
+    /// claims that reach it) by depth (claims' agents, then parents...),
+    /// then ascending agent id, and takes them in that order, each a
+    /// compare-and-swap on that limit's own word: a chain is taken from the
+    /// agent up, as always, and the first limit to refuse is the lowest
+    /// one short of room, the one a refusal names. If
+    /// one refuses, those taken give back what they took (into the window
+    /// they took it from). Between the take and the give-back another
+    /// request may be refused by a limit that is about to get the budget
+    /// back: the one exception to all-or-nothing being atomic, and never an
+    /// over-admission (see `docs::semantics`). The fixed order makes two
+    /// requests that share limits at one depth meet first at the lowest id
+    /// they share, so that one of them wins there instead of each holding
+    /// what the other needs.
+    ///
+    /// `first` is `claims[0]`'s cell when the caller has it at hand. A
+    /// refusal comes with the agent of the claim it concerns.
+    #[inline]
+    pub(crate) fn take_claims<'p>(
+        &self,
+        pinned: &'p Pinned<'_>,
+        claims: &[Claim],
+        first: Option<CellRef<'p>>,
+        now: Now,
+    ) -> Result<Plan<CellRef<'p>>, (Refusal, AgentId)> {
+        let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
+        if claims.len() > MAX_SET_LIMITS {
+            return Err((
+                Refusal::TooMany {
+                    limits: claims.len(),
+                },
+                who(0),
+            ));
+        }
+        let mut plan = Plan::new();
+        let mut generation = None;
+        for (n, claim) in claims.iter().enumerate() {
+            let cell = match (n, first) {
+                (0, Some(cell)) => Some(cell),
+                _ => pinned.get(&claim.agent_id),
+            };
+            let Some(cell) = cell else {
+                return Err((Refusal::NoBudget, claim.agent_id));
+            };
+            generation.get_or_insert(cell.generation());
+            let amounts = (claim.tokens, claim.calls);
+            let too_many = |TooMany(limits)| (Refusal::TooMany { limits }, claim.agent_id);
+            plan.add(claim.agent_id, cell, n, amounts, 0)
+                .map_err(too_many)?;
+            if cell.enforced().has_parent {
+                let (mut full, mut depth) = (Ok(()), 0);
+                walk_ancestors(pinned, claim.agent_id, cell, |id, cell, _| {
+                    depth += 1;
+                    full = plan.add(id, cell, n, amounts, depth);
+                    full.is_ok()
+                });
+                full.map_err(too_many)?;
+            }
+        }
+        plan.sort();
+        let generation = generation.unwrap_or_default();
+        for n in 0..plan.limits.len() {
+            let limit = plan.limits[n];
+            let policy = limit.payload.enforced().policy;
+            let amounts = (limit.tokens, limit.calls);
+            let refusal = match take(limit.id, limit.payload, policy, now, amounts, generation) {
+                Ok(Some(level)) => {
+                    plan.limits[n].taken = Some(level);
+                    continue;
+                }
+                // An ancestor removed meanwhile is no longer a limit.
+                Ok(None) if !limit.own => continue,
+                Ok(None) => Refusal::NoBudget,
+                Err(refusal) => refusal,
+            };
+            self.give_back(pinned, &plan, now);
+            return Err((refusal, who(limit.first_claim())));
+        }
+        Ok(plan)
+    }
+
+    /// Undoes a partial admission: each limit of `plan` taken so far gets
+    /// what it took back, in the window it was taken from.
+    fn give_back(&self, pinned: &Pinned<'_>, plan: &Plan<CellRef<'_>>, now: Now) {
+        for limit in plan.limits.iter().rev() {
+            let Some(level) = limit.taken else {
+                continue;
+            };
+            let request = (limit.tokens, limit.calls);
             if let Some(cell) = pinned.get(&level.agent_id) {
                 let cell = cell.expecting(level.generation);
                 let policy = cell.enforced().policy;
@@ -544,6 +735,17 @@ impl BudgetManager {
             let agent_id = &level.agent_id;
             self.events.refunded(agent_id, || self.headroom(agent_id));
         }
+    }
+
+    /// Takes every limit `claims` reach, all or none; see
+    /// [`take_claims`](Self::take_claims).
+    fn admit_set(
+        &self,
+        pinned: &Pinned<'_>,
+        claims: &[Claim],
+    ) -> Result<SetTicket, (Refusal, AgentId)> {
+        let plan = self.take_claims(pinned, claims, None, self.clock.now())?;
+        Ok(SetTicket::new(claims, plan.taken()))
     }
 
     /// What the agent's own level can admit right now, for the wake rule.
@@ -713,6 +915,7 @@ fn take(
         .map(|()| Some(level))
         .map_err(|shortfall| Refusal::Short {
             shortfall,
+            asked: (tokens, calls),
             generation: own_generation,
             level: id,
         })
@@ -768,6 +971,44 @@ fn walk_ancestors<'p>(
     }
 }
 
+impl BudgetManager {
+    /// Books one level of a reservation: `used` replaces `reserved` in the
+    /// window it was taken in; wakes waiters if it refunded.
+    fn settle_level(
+        &self,
+        pinned: &Pinned<'_>,
+        level: &Level,
+        now: Now,
+        reserved: (u64, u64),
+        used: (u64, u64),
+    ) -> Settlement {
+        let settlement = pinned
+            .get(&level.agent_id)
+            .map_or(Settlement::AgentRemoved, |cell| {
+                let cell = cell.expecting(level.generation);
+                let policy = cell.enforced().policy;
+                // SeqCst: may refund; see `release`.
+                let updated = cell.update(Ordering::SeqCst, now, |s| {
+                    let refund = s.settle(&policy, now, level.taken_in, reserved, used);
+                    match refund {
+                        Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } => {
+                            (next, refund)
+                        }
+                        Refund::WindowEnded => (s, refund),
+                    }
+                });
+                updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
+                    Settlement::of(refund)
+                })
+            });
+        if settlement.refunded() {
+            let agent_id = &level.agent_id;
+            self.events.refunded(agent_id, || self.headroom(agent_id));
+        }
+        settlement
+    }
+}
+
 impl Ledger for BudgetManager {
     /// Settles at every level the reservation was taken at, each in its own
     /// window; reports the agent's own level.
@@ -777,32 +1018,19 @@ impl Ledger for BudgetManager {
         let mut own = None;
         let pinned = self.pin();
         for level in ticket.levels.iter() {
-            let settlement = pinned
-                .get(&level.agent_id)
-                .map_or(Settlement::AgentRemoved, |cell| {
-                    let cell = cell.expecting(level.generation);
-                    let policy = cell.enforced().policy;
-                    // SeqCst: may refund; see `release`.
-                    let updated = cell.update(Ordering::SeqCst, now, |s| {
-                        let refund = s.settle(&policy, now, level.taken_in, reserved, used);
-                        match refund {
-                            Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } => {
-                                (next, refund)
-                            }
-                            Refund::WindowEnded => (s, refund),
-                        }
-                    });
-                    updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
-                        Settlement::of(refund)
-                    })
-                });
-            if settlement.refunded() {
-                let agent_id = &level.agent_id;
-                self.events.refunded(agent_id, || self.headroom(agent_id));
-            }
+            let settlement = self.settle_level(&pinned, level, now, reserved, used);
             own.get_or_insert(settlement);
         }
         own.unwrap_or(Settlement::AgentRemoved)
+    }
+
+    fn settle_set(&self, ticket: &SetTicket, actuals: Option<&[u64]>) -> Settlement {
+        let now = self.clock.now();
+        let pinned = self.pin();
+        set::worst(ticket.levels.iter().map(|level| {
+            let (reserved, used) = set_level_amounts(level, actuals);
+            self.settle_level(&pinned, &level.level, now, reserved, used)
+        }))
     }
 }
 
@@ -822,6 +1050,11 @@ impl crate::wait::Waitable for BudgetManager {
         // `Registry::pin_confirming`.
         let pinned = self.agents.pin_confirming(&self.clock);
         self.admit_under(&pinned, agent_id, request, generation)
+    }
+
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
+        let pinned = self.agents.pin_confirming(&self.clock);
+        self.admit_set(&pinned, claims)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

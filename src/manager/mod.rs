@@ -93,7 +93,10 @@ pub(crate) fn full_budget_info(limit: &Limit, stored: State, now: Now) -> FullBu
         calls_limit: limit.configured.calls_budget(),
         calls_used,
         calls_remaining: info.calls_remaining,
-        window_secs: limit.configured.period_secs(),
+        window_secs: limit
+            .configured
+            .period_secs()
+            .unwrap_or_else(|| stored.window_millis(&limit.policy, now) / MILLIS_PER_SEC),
         window_remaining_secs: info.window_remaining_secs,
         is_exhausted: info.is_exhausted,
     }
@@ -116,6 +119,15 @@ macro_rules! forward_budget_limiter {
             }
             fn set_budget(&self, limit: $crate::BudgetLimit) {
                 <$manager>::set_budget(self, limit)
+            }
+            fn with_clock_at(
+                clock: $crate::ClockSource,
+                utc_origin: chrono::DateTime<chrono::Utc>,
+            ) -> Self {
+                <$manager>::with_clock_at(clock, utc_origin)
+            }
+            fn set_calendar(&self, limit: $crate::CalendarLimit) {
+                <$manager>::set_calendar(self, limit)
             }
             fn set_refill(&self, limit: $crate::RefillLimit) {
                 <$manager>::set_refill(self, limit)
@@ -169,6 +181,28 @@ macro_rules! forward_budget_limiter {
             > + Send
                    + 'static {
                 <$manager>::acquire_owned_wait(self, agent_id, tokens, calls)
+            }
+            fn acquire_set(
+                &self,
+                claims: &[$crate::Claim],
+            ) -> Result<$crate::SetReservation<'_>, $crate::Refused> {
+                <$manager>::acquire_set(self, claims)
+            }
+            fn acquire_set_owned(
+                self: &std::sync::Arc<Self>,
+                claims: &[$crate::Claim],
+            ) -> Result<$crate::OwnedSetReservation, $crate::Refused> {
+                <$manager>::acquire_set_owned(self, claims)
+            }
+            #[cfg(feature = "async")]
+            fn acquire_set_owned_wait(
+                self: &std::sync::Arc<Self>,
+                claims: Vec<$crate::Claim>,
+            ) -> impl std::future::Future<
+                Output = Result<$crate::OwnedSetReservation, $crate::Refused>,
+            > + Send
+                   + 'static {
+                <$manager>::acquire_set_owned_wait(self, claims)
             }
             #[cfg(feature = "async")]
             fn waiting(&self) -> usize {

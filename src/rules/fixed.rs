@@ -6,22 +6,45 @@
 //! instant. Starts strictly increase per agent, so a start names one window
 //! for good, and a reservation refunds only into the window it names.
 
-use super::{judge, rebook, Now, Policy, Reading, Refund, State, Tick};
+use super::{calendar, judge, rebook, Now, Policy, Reading, Refill, Refund, State, Tick};
 
 impl State {
     /// Whether this window has run its full length at `now`. A window of
     /// the longest length stands for any longer one, and never ends.
+    /// A calendar window ends at the next UTC boundary after its mark.
     #[inline]
     pub(super) fn is_expired(&self, policy: &Policy, now: Now) -> bool {
+        if let Refill::Calendar(period) = policy.refill {
+            return now.tick() >= calendar::window_of(period, self.mark, now).1;
+        }
         policy.period < Policy::MAX_PERIOD && now.tick().millis_since(self.mark) >= policy.period
     }
 
     /// Milliseconds left in this window at `now` (zero once expired).
     #[inline]
     pub(super) fn millis_left(&self, policy: &Policy, now: Now) -> u64 {
+        if let Refill::Calendar(period) = policy.refill {
+            return calendar::window_of(period, self.mark, now)
+                .1
+                .millis_since(now.tick());
+        }
         policy
             .period
             .saturating_sub(now.tick().millis_since(self.mark))
+    }
+
+    /// The length, in milliseconds, of the window current at `now`: the
+    /// policy's period, or the calendar day or month (what `full_info`
+    /// reports as `window_secs`).
+    pub(crate) fn window_millis(self, policy: &Policy, now: Now) -> u64 {
+        match policy.refill {
+            Refill::Calendar(period) => {
+                let window = self.current_window(policy, now);
+                let (start, end) = calendar::window_of(period, window.mark, now);
+                end.millis_since(start)
+            }
+            Refill::Window | Refill::Bucket => policy.period,
+        }
     }
 
     /// Itself, or a fresh window if it has expired. Writes store it, which

@@ -40,12 +40,13 @@
 //! ([`Now::tick`], rounded down).
 
 mod bucket;
+pub(crate) mod calendar;
 mod fixed;
 mod time;
 
 pub(crate) use time::{Now, Tick};
 
-use crate::types::{BudgetLimit, RefillLimit};
+use crate::types::{BudgetLimit, CalendarLimit, CalendarPeriod, RefillLimit};
 
 /// Bits of the packed word that hold tokens used.
 pub(crate) const TOKEN_BITS: u32 = 52;
@@ -87,6 +88,10 @@ pub(crate) enum Refill {
     /// Continuously: a token bucket that refills from empty to full in one
     /// period.
     Bucket,
+    /// All at once, when a UTC day or month ends (`calendar.rs`): a fixed
+    /// window whose length follows the calendar (the policy's period is
+    /// unused, zero).
+    Calendar(CalendarPeriod),
 }
 
 /// The limits of one agent, clamped to what its state can count.
@@ -127,6 +132,22 @@ impl Policy {
                 .clamp(1, Self::MAX_PERIOD),
             refill: Refill::Window,
         }
+    }
+
+    /// A calendar-window policy.
+    pub(crate) fn from_calendar(limit: &CalendarLimit) -> Self {
+        Policy {
+            tokens: limit.token_budget.min(MAX_TOKENS),
+            calls: limit.calls_budget.min(MAX_CALLS),
+            period: 0,
+            refill: Refill::Calendar(limit.period),
+        }
+    }
+
+    /// Whether budget comes back by windows (fixed or calendar): the mark
+    /// is a window's start, and the window rules apply.
+    pub(crate) fn is_windowed(&self) -> bool {
+        matches!(self.refill, Refill::Window | Refill::Calendar(_))
     }
 
     /// A token-bucket policy. The period is rounded up to whole
@@ -227,7 +248,7 @@ impl State {
     #[cfg(test)]
     pub(crate) fn current(self, policy: &Policy, now: Now) -> Self {
         match policy.refill {
-            Refill::Window => self.current_window(policy, now),
+            Refill::Window | Refill::Calendar(_) => self.current_window(policy, now),
             Refill::Bucket => self.current_bucket(policy, now),
         }
     }
@@ -235,7 +256,7 @@ impl State {
     /// What an observer reads at `now`.
     pub(crate) fn read(self, policy: &Policy, now: Now) -> Reading {
         match policy.refill {
-            Refill::Window => self.read_window(policy, now),
+            Refill::Window | Refill::Calendar(_) => self.read_window(policy, now),
             Refill::Bucket => self.read_bucket(policy, now),
         }
     }
@@ -262,7 +283,7 @@ impl State {
         calls: u64,
     ) -> (State, Result<(), Shortfall>) {
         match policy.refill {
-            Refill::Window => self.admit_window(policy, now, tokens, calls),
+            Refill::Window | Refill::Calendar(_) => self.admit_window(policy, now, tokens, calls),
             Refill::Bucket => self.admit_bucket(policy, now, tokens, calls),
         }
     }
@@ -272,7 +293,7 @@ impl State {
     /// [`crate::Reservation`] instead.)
     pub(crate) fn release(self, policy: &Policy, now: Now, tokens: u64) -> State {
         match policy.refill {
-            Refill::Window => self.release_window(policy, now, tokens),
+            Refill::Window | Refill::Calendar(_) => self.release_window(policy, now, tokens),
             Refill::Bucket => {
                 let (next, _, _) =
                     self.rebook_bucket(policy, now, |used| (used.0.saturating_sub(tokens), used.1));
@@ -311,7 +332,9 @@ impl State {
         used: (u64, u64),
     ) -> Refund {
         match policy.refill {
-            Refill::Window => self.settle_window(policy, now, taken_in, reserved, used),
+            Refill::Window | Refill::Calendar(_) => {
+                self.settle_window(policy, now, taken_in, reserved, used)
+            }
             Refill::Bucket => {
                 let (next, before, after) = self.rebook_bucket(policy, now, |in_use| {
                     (
@@ -330,7 +353,7 @@ impl State {
     /// not revive it. (A switch to a bucket reads what is in use the same
     /// way: see [`convert`](Self::convert).)
     pub(crate) fn ended_window(self, from: &Policy, to: &Policy, now: Now) -> State {
-        if from.refill == Refill::Window && to.refill == Refill::Window {
+        if from.is_windowed() && to.is_windowed() {
             self.current_window(from, now)
         } else {
             self
@@ -348,12 +371,12 @@ impl State {
     /// mark, if that is later still, so that the next window's start stays
     /// after every earlier one).
     pub(crate) fn convert(self, from: &Policy, to: &Policy, now: Now) -> State {
-        if from == to || (from.refill == Refill::Window && to.refill == Refill::Window) {
+        if from == to || (from.is_windowed() && to.is_windowed()) {
             return self;
         }
         let (tokens, calls) = self.read(from, now).used;
         let mark = match to.refill {
-            Refill::Window => self.next_mark(now),
+            Refill::Window | Refill::Calendar(_) => self.next_mark(now),
             Refill::Bucket => now.start_tick().max(self.mark),
         };
         State {

@@ -31,15 +31,34 @@ impl Tick {
     }
 }
 
-/// One reading of the clock, in nanoseconds since the manager's creation.
+/// One reading of the clock, in nanoseconds since the manager's creation,
+/// and where that creation sits in UTC (for calendar windows).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Now {
     nanos: u64,
+    /// Unix time, in milliseconds, of the manager's creation
+    /// ([`Tick::ORIGIN`]).
+    utc_origin_ms: i64,
 }
 
 impl Now {
+    /// A reading on a timeline created at the Unix epoch.
+    #[cfg(test)]
     pub(crate) fn from_nanos(nanos: u64) -> Self {
-        Now { nanos }
+        Self::on_utc(nanos, 0)
+    }
+
+    /// A reading on a timeline created at Unix time `utc_origin_ms`.
+    pub(crate) fn on_utc(nanos: u64, utc_origin_ms: i64) -> Self {
+        Now {
+            nanos,
+            utc_origin_ms,
+        }
+    }
+
+    /// Unix time, in milliseconds, of [`Tick::ORIGIN`] on this timeline.
+    pub(crate) fn unix_millis_at_origin(self) -> i64 {
+        self.utc_origin_ms
     }
 
     /// The current tick, rounded down: used to judge expiry and refill, so

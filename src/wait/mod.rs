@@ -21,8 +21,11 @@ use queue::Place;
 pub(crate) use queue::{Headroom, Waiters, Wake};
 
 use crate::error::{Operation, Refusal, Refused};
-use crate::reservation::{Ledger, Levels, OwnedReservation, Reservation, Ticket};
-use crate::types::AgentId;
+use crate::reservation::{
+    Ledger, Levels, OwnedReservation, OwnedSetReservation, Reservation, Ticket,
+};
+use crate::set::SetTicket;
+use crate::types::{AgentId, Claim};
 
 /// What a manager offers the waiting future: an admission attempt, its
 /// registry of waiters, and the headroom the wake rule reads.
@@ -41,6 +44,10 @@ pub(crate) trait Waitable: Send + Sync {
         generation: Option<u64>,
     ) -> Result<Levels, Refusal>;
 
+    /// One admission attempt of a set, exactly as `acquire_set` makes it;
+    /// a refusal comes with the agent of the claim it concerns.
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)>;
+
     /// What one agent's own level can admit right now.
     fn headroom(&self, agent_id: &AgentId) -> Headroom;
 }
@@ -49,10 +56,9 @@ pub(crate) trait Waitable: Send + Sync {
 /// the ticket of the admitted request, or to the refusal that waiting
 /// cannot cure. (The owned variant is an `async` block that owns an `Arc`
 /// of the manager and awaits this future on a borrow of it.)
-pub(crate) struct Wait<'m, M: Waitable> {
+pub(crate) struct Wait<'m, M: Waitable, A: Ask = One> {
     source: &'m M,
-    agent_id: AgentId,
-    request: (u64, u64),
+    asked: A,
     /// The incarnation of the agent this wait began on: if the agent is
     /// removed (even if set again), the wait ends in a refusal.
     generation: Option<u64>,
@@ -63,12 +69,76 @@ pub(crate) struct Wait<'m, M: Waitable> {
     timer: timer::WindowEnd,
 }
 
+/// What a waiter asks for, and how one attempt at it is made.
+pub(crate) trait Ask: Send + Unpin {
+    /// What an admission gives.
+    type Taken;
+    /// Whether the wait ends once the asked agent's incarnation changes
+    /// (only one agent's chain pins it).
+    const PINS_GENERATION: bool;
+    /// One attempt; a refusal with the agent it concerns.
+    fn attempt<M: Waitable>(
+        &self,
+        source: &M,
+        generation: Option<u64>,
+    ) -> Result<Self::Taken, (Refusal, AgentId)>;
+}
+
+/// One agent's chain: `acquire_wait`.
+pub(crate) struct One {
+    agent_id: AgentId,
+    request: (u64, u64),
+}
+
+impl Ask for One {
+    type Taken = Ticket;
+    const PINS_GENERATION: bool = true;
+    fn attempt<M: Waitable>(
+        &self,
+        source: &M,
+        generation: Option<u64>,
+    ) -> Result<Ticket, (Refusal, AgentId)> {
+        source
+            .try_admit(&self.agent_id, self.request, generation)
+            .map(|levels| Ticket::new(self.request, levels))
+            .map_err(|refusal| (refusal, self.agent_id))
+    }
+}
+
+/// A set of claims: `acquire_set_owned_wait`.
+pub(crate) struct Set(Vec<Claim>);
+
+impl Ask for Set {
+    type Taken = SetTicket;
+    // A set's incarnations are not pinned: a claim's agent removed ends
+    // the wait at the next try (it has no budget then).
+    const PINS_GENERATION: bool = false;
+    fn attempt<M: Waitable>(
+        &self,
+        source: &M,
+        _generation: Option<u64>,
+    ) -> Result<SetTicket, (Refusal, AgentId)> {
+        source.try_admit_set(&self.0)
+    }
+}
+
 impl<'m, M: Waitable> Wait<'m, M> {
     pub(crate) fn new(source: &'m M, agent_id: AgentId, tokens: u64, calls: u64) -> Self {
+        Wait::asking(
+            source,
+            One {
+                agent_id,
+                request: (tokens, calls),
+            },
+        )
+    }
+}
+
+impl<'m, M: Waitable, A: Ask> Wait<'m, M, A> {
+    fn asking(source: &'m M, asked: A) -> Self {
         Wait {
             source,
-            agent_id,
-            request: (tokens, calls),
+            asked,
             generation: None,
             place: None,
             timer: timer::WindowEnd::new(),
@@ -86,8 +156,8 @@ impl<'m, M: Waitable> Wait<'m, M> {
     }
 }
 
-impl<M: Waitable> Future for Wait<'_, M> {
-    type Output = Result<Ticket, Refused>;
+impl<M: Waitable, A: Ask> Future for Wait<'_, M, A> {
+    type Output = Result<A::Taken, Refused>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -97,30 +167,30 @@ impl<M: Waitable> Future for Wait<'_, M> {
             None => false,
         };
         loop {
-            let refusal = match this
-                .source
-                .try_admit(&this.agent_id, this.request, this.generation)
-            {
-                Ok(levels) => {
+            let (refusal, agent_id) = match this.asked.attempt(this.source, this.generation) {
+                Ok(taken) => {
                     this.leave(true);
-                    return Poll::Ready(Ok(Ticket::new(this.request, levels)));
+                    return Poll::Ready(Ok(taken));
                 }
-                Err(refusal) => refusal,
+                Err(refused) => refused,
             };
-            let (retry_after_ms, level) = match refusal {
+            let (retry_after_ms, level, asked) = match refusal {
                 Refusal::Short {
                     shortfall,
+                    asked,
                     generation,
                     level,
                 } if shortfall.retry_after_ms.is_some() => {
-                    this.generation = Some(generation);
-                    (shortfall.retry_after_ms.unwrap_or_default(), level)
+                    if A::PINS_GENERATION {
+                        this.generation = Some(generation);
+                    }
+                    (shortfall.retry_after_ms.unwrap_or_default(), level, asked)
                 }
-                // No budget, removed, or larger than the limit: waiting
-                // cannot help.
+                // No budget, removed, larger than the limit, or a set too
+                // large: waiting cannot help.
                 _ => {
                     this.leave(false);
-                    let error = refusal.refused(this.agent_id, Operation::Acquire);
+                    let error = refusal.refused(agent_id, Operation::Acquire);
                     return Poll::Ready(Err(error));
                 }
             };
@@ -130,7 +200,7 @@ impl<M: Waitable> Future for Wait<'_, M> {
                     // Not queued yet, or refused at another level than
                     // before: queue where the refusal came from.
                     this.leave(false);
-                    let (place, is_head) = waiters.register(&level, this.request, cx.waker());
+                    let (place, is_head) = waiters.register(&level, asked, cx.waker());
                     this.place = Some((level, place));
                     head = is_head;
                     // Try once more now that a refund cannot miss us.
@@ -153,7 +223,7 @@ impl<M: Waitable> Future for Wait<'_, M> {
     }
 }
 
-impl<M: Waitable> Drop for Wait<'_, M> {
+impl<M: Waitable, A: Ask> Drop for Wait<'_, M, A> {
     /// Dropped while waiting: out of the queue, taking nothing.
     fn drop(&mut self) {
         self.leave(false);
@@ -241,5 +311,18 @@ pub(crate) fn acquire_owned_wait<M: Waitable + Ledger>(
     async move {
         let ticket = Wait::new(&*manager, agent_id, tokens, calls).await?;
         Ok(OwnedReservation::new(manager, ticket))
+    }
+}
+
+/// `acquire_set_owned_wait` for either manager: owns an `Arc` of it and the
+/// claims, and waits on a borrow of that.
+pub(crate) fn acquire_set_owned_wait<M: Waitable + Ledger>(
+    manager: &Arc<M>,
+    claims: Vec<Claim>,
+) -> impl Future<Output = Result<OwnedSetReservation, Refused>> + Send + 'static {
+    let manager = Arc::clone(manager);
+    async move {
+        let ticket = Wait::asking(&*manager, Set(claims)).await?;
+        Ok(OwnedSetReservation::new(manager, ticket))
     }
 }

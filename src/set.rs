@@ -1,0 +1,286 @@
+//! Admission across a set of limits: the plan both managers follow.
+//!
+//! A request names [`Claim`]s; each reaches its agent and that agent's
+//! ancestors. The plan lists every limit reached once (a limit reached by
+//! two claims takes the largest amount of each resource among them), in
+//! the order they are taken: the claims' own agents first, then their
+//! parents, and so on, each level in ascending order of agent id. The managers then take the plan's limits one by one and, on
+//! a refusal, give back what they took: see `docs::implementation`.
+
+use smallvec::SmallVec;
+
+use crate::reservation::{Level, Settlement};
+use crate::types::{AgentId, Claim};
+
+/// The most claims one request may name, and the most distinct limits
+/// (claims' agents and their ancestors, each counted once) it may reach. A
+/// larger set is refused with
+/// [`RefusalReason::TooManyLimits`](crate::RefusalReason::TooManyLimits),
+/// taking nothing.
+pub const MAX_SET_LIMITS: usize = 32;
+
+/// How many limits a plan holds without allocating: four claims of one
+/// level each, or one chain of [`MAX_LEVELS`](crate::MAX_LEVELS).
+pub(crate) const INLINE_LIMITS: usize = 8;
+
+/// Which claims (by index, as given) reach a limit.
+pub(crate) type ClaimMask = u32;
+
+const _: () = assert!(MAX_SET_LIMITS <= ClaimMask::BITS as usize);
+
+/// One limit of a plan: `payload` is how the manager reaches it (a cell,
+/// or nothing for the locked manager, which looks it up under its lock).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Planned<P> {
+    pub(crate) id: AgentId,
+    pub(crate) payload: P,
+    pub(crate) tokens: u64,
+    pub(crate) calls: u64,
+    pub(crate) reached_by: ClaimMask,
+    /// Whether it is some claim's own agent (not only an ancestor): a
+    /// claim's own agent gone is a refusal, an ancestor gone is skipped, as
+    /// for a single agent.
+    pub(crate) own: bool,
+    /// How far above a claim's agent it is (0: a claim's agent itself), the
+    /// least over the claims that reach it: a refusal names the lowest
+    /// limit short of room.
+    pub(crate) depth: u8,
+    /// Where it was taken, once it is.
+    pub(crate) taken: Option<Level>,
+}
+
+impl<P> Planned<P> {
+    /// The first claim (as given) that reaches this limit.
+    pub(crate) fn first_claim(&self) -> usize {
+        self.reached_by.trailing_zeros() as usize
+    }
+}
+
+/// The limits a request will be taken at, deduplicated, then sorted.
+pub(crate) struct Plan<P> {
+    pub(crate) limits: SmallVec<[Planned<P>; INLINE_LIMITS]>,
+}
+
+/// A set is larger than [`MAX_SET_LIMITS`]: how many it has (at least).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TooMany(pub(crate) usize);
+
+impl<P: Copy> Plan<P> {
+    pub(crate) fn new() -> Self {
+        Plan {
+            limits: SmallVec::new(),
+        }
+    }
+
+    /// Adds limit `id`, reached by claim number `claim` with `claim`'s
+    /// amounts; merges it into the same limit reached before.
+    #[inline]
+    pub(crate) fn add(
+        &mut self,
+        id: AgentId,
+        payload: P,
+        claim: usize,
+        (tokens, calls): (u64, u64),
+        depth: usize,
+    ) -> Result<(), TooMany> {
+        let depth = u8::try_from(depth).unwrap_or(u8::MAX);
+        let own = depth == 0;
+        let bit = 1 << claim;
+        if let Some(known) = self.limits.iter_mut().find(|l| l.id == id) {
+            known.tokens = known.tokens.max(tokens);
+            known.calls = known.calls.max(calls);
+            known.reached_by |= bit;
+            known.own |= own;
+            known.depth = known.depth.min(depth);
+            return Ok(());
+        }
+        if self.limits.len() == MAX_SET_LIMITS {
+            return Err(TooMany(MAX_SET_LIMITS + 1));
+        }
+        self.limits.push(Planned {
+            id,
+            payload,
+            tokens,
+            calls,
+            reached_by: bit,
+            own,
+            depth,
+            taken: None,
+        });
+        Ok(())
+    }
+
+    /// The limits taken, as a set's reservation keeps them.
+    pub(crate) fn taken(&self) -> impl Iterator<Item = SetLevel> + '_ {
+        self.limits.iter().filter_map(|l| {
+            l.taken.map(|level| SetLevel {
+                level,
+                tokens: l.tokens,
+                calls: l.calls,
+                reached_by: l.reached_by,
+            })
+        })
+    }
+
+    /// Puts the limits in the order they are taken in: by depth (the
+    /// claims' own agents, then their parents, ...), then by agent id.
+    /// A chain is so taken from the agent up, as it always was, and the
+    /// first limit to refuse is the lowest one short of room.
+    #[inline]
+    pub(crate) fn sort(&mut self) {
+        if self.limits.len() > 1 {
+            self.limits.sort_unstable_by_key(|l| (l.depth, l.id));
+        }
+    }
+}
+
+/// Where a set's request was taken at one limit, and what it took there.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct SetLevel {
+    pub(crate) level: Level,
+    pub(crate) tokens: u64,
+    pub(crate) calls: u64,
+    pub(crate) reached_by: ClaimMask,
+}
+
+impl SetLevel {
+    /// The tokens this limit settles with: the largest actual among the
+    /// claims that reach it.
+    pub(crate) fn used(&self, actuals: &[u64]) -> (u64, u64) {
+        let mut tokens = 0;
+        let mut mask = self.reached_by;
+        while mask != 0 {
+            let claim = mask.trailing_zeros() as usize;
+            tokens = tokens.max(actuals.get(claim).copied().unwrap_or(0));
+            mask &= mask - 1;
+        }
+        (tokens, self.calls)
+    }
+}
+
+/// What a set's reservation took: the claims as given, and each limit
+/// taken, in ascending order of agent id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct SetTicket {
+    pub(crate) claims: SmallVec<[Claim; 4]>,
+    pub(crate) levels: SmallVec<[SetLevel; 4]>,
+}
+
+impl SetTicket {
+    /// The ticket of `claims`, taken at `levels`.
+    pub(crate) fn new(claims: &[Claim], levels: impl Iterator<Item = SetLevel>) -> Self {
+        SetTicket {
+            claims: SmallVec::from_slice(claims),
+            levels: levels.collect(),
+        }
+    }
+}
+
+/// How bad a settlement is for the caller, for [`worst`]: the larger, the
+/// less of the settle went as asked.
+fn severity(s: &Settlement) -> (u8, u64) {
+    match *s {
+        Settlement::Applied { charged_tokens, .. } => (0, charged_tokens),
+        Settlement::CarriedOver { charged_tokens } => (1, charged_tokens),
+        Settlement::WindowEnded => (2, 0),
+        Settlement::AgentRemoved => (3, 0),
+    }
+}
+
+/// The outcome a set's settle reports: `AgentRemoved` over `WindowEnded`
+/// over `CarriedOver` over `Applied`; among equals, the one that charged
+/// the most tokens beyond the reservation; among those, the first in the
+/// order the limits were taken (ascending agent id). An empty set settles
+/// as `Applied` with nothing moved.
+pub(crate) fn worst(outcomes: impl Iterator<Item = Settlement>) -> Settlement {
+    let mut worst: Option<Settlement> = None;
+    for outcome in outcomes {
+        if worst.is_none_or(|w| severity(&outcome) > severity(&w)) {
+            worst = Some(outcome);
+        }
+    }
+    worst.unwrap_or(Settlement::Applied {
+        refunded_tokens: 0,
+        charged_tokens: 0,
+        refunded_calls: 0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u128) -> AgentId {
+        AgentId::from_u128(n)
+    }
+
+    #[test]
+    fn a_limit_reached_twice_is_planned_once_with_the_largest_amounts() {
+        let mut plan = Plan::<()>::new();
+        plan.add(id(5), (), 0, (10, 1), 0).unwrap();
+        plan.add(id(3), (), 0, (10, 1), 1).unwrap();
+        plan.add(id(3), (), 1, (4, 2), 0).unwrap();
+        plan.sort();
+        let got: Vec<_> = plan
+            .limits
+            .iter()
+            .map(|l| (l.id, l.tokens, l.calls, l.reached_by, l.own))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(id(3), 10, 2, 0b11, true), (id(5), 10, 1, 0b01, true)]
+        );
+        assert_eq!(plan.limits[0].first_claim(), 0);
+    }
+
+    #[test]
+    fn a_plan_refuses_more_than_the_maximum_of_limits() {
+        let mut plan = Plan::<()>::new();
+        for n in 0..MAX_SET_LIMITS {
+            plan.add(id(n as u128), (), 0, (1, 1), 0).unwrap();
+        }
+        // The same limit again merges; a new one is one too many.
+        assert_eq!(plan.add(id(0), (), 1, (1, 1), 0), Ok(()));
+        assert_eq!(
+            plan.add(id(999), (), 1, (1, 1), 0),
+            Err(TooMany(MAX_SET_LIMITS + 1))
+        );
+    }
+
+    #[test]
+    fn a_shared_limit_settles_with_the_largest_actual_of_its_claims() {
+        let level = SetLevel {
+            level: Level {
+                agent_id: id(1),
+                generation: 0,
+                taken_in: crate::rules::Tick(0),
+            },
+            tokens: 100,
+            calls: 1,
+            reached_by: 0b101,
+        };
+        assert_eq!(level.used(&[7, 90, 30]), (30, 1));
+    }
+
+    #[test]
+    fn the_worst_settlement_wins() {
+        let applied = |charged| Settlement::Applied {
+            refunded_tokens: 0,
+            charged_tokens: charged,
+            refunded_calls: 0,
+        };
+        assert_eq!(
+            worst([applied(0), applied(5), applied(2)].into_iter()),
+            applied(5)
+        );
+        assert_eq!(
+            worst([applied(9), Settlement::CarriedOver { charged_tokens: 1 }].into_iter()),
+            Settlement::CarriedOver { charged_tokens: 1 }
+        );
+        assert_eq!(
+            worst([Settlement::AgentRemoved, Settlement::WindowEnded].into_iter()),
+            Settlement::AgentRemoved
+        );
+        assert_eq!(worst(std::iter::empty()), applied(0));
+    }
+}
