@@ -36,12 +36,16 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetManager, FullBudgetInfo, OwnedReservation, Refused, Settlement};
+use agent_budget::{
+    AgentId, BudgetManager, Claim, FullBudgetInfo, OwnedReservation, OwnedSetReservation, Refused,
+    Settlement,
+};
 use agent_budget_tower::headers::go_duration;
 use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
-use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsedTokens, POLL_INTERVAL};
+use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsedTokens};
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
 
 use crate::limits::{micros_to_usd, Counts, Limits};
 
@@ -224,7 +228,6 @@ impl LimitAdmission {
 
     /// Takes everything `estimate` claims of the agent's limits, or nothing.
     fn take(&self, agent: &AgentId, estimate: &Estimate) -> Result<Held, Denial> {
-        let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let plan = match self.plan(agent) {
             Some(plan) if !plan.single => plan,
             // One budget per level (or an agent the plans do not know
@@ -232,11 +235,23 @@ impl LimitAdmission {
             _ => {
                 return self
                     .budgets
-                    .acquire_owned(agent, tokens, calls)
+                    .acquire_owned(agent, estimate.tokens(), estimate.calls)
                     .map(Held::One)
                     .map_err(Denial::Refused)
             }
         };
+        let claims = self.claims(agent, &plan, estimate)?;
+        match self.budgets.acquire_set_owned(&claims.claims) {
+            Ok(set) => Ok(claims.held(set, self.spent.clone())),
+            Err(refused) => Err(self.denial(agent, &plan, refused, claims.micros)),
+        }
+    }
+
+    /// What a request of `agent` estimated as `estimate` claims under
+    /// `plan` (not single): its own budget, and every cell whose glob
+    /// matches its model; or the `400` of an unpriced model.
+    fn claims(&self, agent: &AgentId, plan: &Plan, estimate: &Estimate) -> Result<Claims, Denial> {
+        let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let model = estimate.model();
         let spends = plan.cells.iter().any(|c| c.spend && c.counts(model));
         let price = if spends && tokens > 0 {
@@ -251,36 +266,33 @@ impl LimitAdmission {
                 output: estimate.completion_tokens,
             })
         });
-        let mut parts = Vec::with_capacity(plan.cells.len());
-        let own = self
-            .budgets
-            .acquire_owned(agent, tokens, calls)
-            .map_err(Denial::Refused)?;
+        let mut claims = SmallVec::new();
+        claims.push(Claim {
+            agent_id: *agent,
+            tokens,
+            calls,
+        });
+        let mut spend_claims = 0u64;
         for cell in plan.cells.iter().filter(|c| c.counts(model)) {
-            let amounts = if cell.spend {
-                (micros, 0)
-            } else {
-                (tokens, calls)
-            };
-            match self.budgets.acquire_owned(&cell.id, amounts.0, amounts.1) {
-                Ok(reservation) => parts.push((reservation, cell.spend)),
-                Err(refused) => {
-                    own.cancel();
-                    for (taken, _) in parts {
-                        taken.cancel();
-                    }
-                    return Err(self.denial(agent, refused, cell.spend, micros));
-                }
+            if cell.spend {
+                // Claims past the 64th are beyond the core's set limit
+                // anyway (MAX_SET_LIMITS), which refuses the set.
+                spend_claims |= 1u64.checked_shl(claims.len() as u32).unwrap_or(0);
             }
+            claims.push(Claim {
+                agent_id: cell.id,
+                tokens: if cell.spend { micros } else { tokens },
+                calls: if cell.spend { 0 } else { calls },
+            });
         }
-        Ok(Held::Set(SetHeld {
+        Ok(Claims {
             agent: *agent,
             tokens,
-            own,
-            parts,
+            claims,
+            spend_claims,
+            micros,
             price,
-            spent: self.spent.clone(),
-        }))
+        })
     }
 
     /// The price of `model` for an agent with a spend limit on it, or the
@@ -307,31 +319,57 @@ impl LimitAdmission {
         })
     }
 
-    /// The refusal of `agent`'s request by a cell's budget.
-    fn denial(&self, agent: &AgentId, mut refused: Refused, spend: bool, micros: u64) -> Denial {
+    /// The refusal of `agent`'s request by one of its limits: in dollars
+    /// when a spend limit refused it.
+    fn denial(&self, agent: &AgentId, plan: &Plan, mut refused: Refused, micros: u64) -> Denial {
         refused.agent_id = *agent;
+        let spend = plan
+            .cells
+            .iter()
+            .any(|c| c.spend && c.id == refused.refused_by);
         if !spend {
             return Denial::Refused(refused);
         }
-        let info = self.budgets.full_info(&refused.refused_by);
-        let message = match info {
+        let left = match self.budgets.full_info(&refused.refused_by) {
             Some(info) => format!(
-                "spend limit reached: this request may cost up to ${:.6}, and ${:.6} of \
-                 ${:.6} is left in the window",
-                micros_to_usd(micros),
+                ", and ${:.6} of ${:.6} is left in the window",
                 micros_to_usd(info.tokens_remaining),
                 micros_to_usd(info.token_limit),
             ),
-            None => format!(
-                "spend limit reached: this request may cost up to ${:.6}",
-                micros_to_usd(micros)
-            ),
+            None => String::new(),
         };
         Denial::Worded {
             refused,
-            message,
+            message: format!(
+                "spend limit reached: this request may cost up to ${:.6}{left}",
+                micros_to_usd(micros)
+            ),
             error_type: "spend",
         }
+    }
+}
+
+/// A set's claims, and what its settle needs to know of them.
+struct Claims {
+    agent: AgentId,
+    tokens: u64,
+    claims: SmallVec<[Claim; 4]>,
+    /// Bit `i`: claim `i` counts micro-dollars.
+    spend_claims: u64,
+    micros: u64,
+    price: Option<Price>,
+}
+
+impl Claims {
+    fn held(self, set: OwnedSetReservation, spent: metrics::Counter) -> Held {
+        Held::Set(SetHeld {
+            agent: self.agent,
+            tokens: self.tokens,
+            set,
+            spend_claims: self.spend_claims,
+            price: self.price,
+            spent,
+        })
     }
 }
 
@@ -351,25 +389,35 @@ impl Admission for LimitAdmission {
         agent_id: &AgentId,
         estimate: &Estimate,
     ) -> impl Future<Output = Result<Held, Denial>> + Send {
-        let single = self.plan(agent_id).is_none_or(|p| p.single);
-        let core = single.then(|| {
-            self.budgets
-                .acquire_owned_wait(agent_id, estimate.tokens(), estimate.calls)
-        });
-        async move {
-            if let Some(waiting) = core {
-                return waiting.await.map(Held::One).map_err(Denial::Refused);
-            }
-            // A set is tried again when the refusing cell frees, at most
-            // POLL_INTERVAL apart (bounded by the layer's max_wait).
-            loop {
-                match self.take(agent_id, estimate) {
-                    Ok(held) => return Ok(held),
-                    Err(denial) => match denial.retry_after() {
-                        Some(wait) => tokio::time::sleep(wait.min(POLL_INTERVAL)).await,
-                        None => return Err(denial),
-                    },
+        enum Waiting<One, Set> {
+            One(One),
+            Set(Set, Arc<Plan>, Claims),
+            Invalid(Denial),
+        }
+        let waiting = match self.plan(agent_id).filter(|p| !p.single) {
+            None => Waiting::One(self.budgets.acquire_owned_wait(
+                agent_id,
+                estimate.tokens(),
+                estimate.calls,
+            )),
+            Some(plan) => match self.claims(agent_id, &plan, estimate) {
+                Ok(claims) => {
+                    let set = self.budgets.acquire_set_owned_wait(claims.claims.to_vec());
+                    Waiting::Set(set, plan, claims)
                 }
+                Err(denial) => Waiting::Invalid(denial),
+            },
+        };
+        let this = self.clone();
+        let agent = *agent_id;
+        async move {
+            match waiting {
+                Waiting::One(one) => one.await.map(Held::One).map_err(Denial::Refused),
+                Waiting::Set(set, plan, claims) => match set.await {
+                    Ok(set) => Ok(claims.held(set, this.spent.clone())),
+                    Err(refused) => Err(this.denial(&agent, &plan, refused, claims.micros)),
+                },
+                Waiting::Invalid(denial) => Err(denial),
             }
         }
     }
@@ -426,15 +474,14 @@ pub enum Held {
     Set(SetHeld),
 }
 
-/// The reservations of a request admitted against several cells.
+/// The reservation of a request admitted against several cells.
 #[derive(Debug)]
 pub struct SetHeld {
     agent: AgentId,
     tokens: u64,
-    /// The agent's own budget's reservation (and its chain's).
-    own: OwnedReservation,
-    /// Each other cell's reservation, and whether it counts dollars.
-    parts: Vec<(OwnedReservation, bool)>,
+    set: OwnedSetReservation,
+    /// Bit `i`: claim `i` counts micro-dollars.
+    spend_claims: u64,
     price: Option<Price>,
     spent: metrics::Counter,
 }
@@ -462,10 +509,17 @@ impl Reservation for Held {
                 if set.price.is_some() {
                     set.spent.increment(cost);
                 }
-                for (reservation, spend) in set.parts {
-                    reservation.settle(if spend { cost } else { used.total });
-                }
-                set.own.settle(used.total)
+                let spend_claims = set.spend_claims;
+                set.set.settle_with(|i, _| {
+                    let spend = 1u64
+                        .checked_shl(i as u32)
+                        .is_some_and(|bit| spend_claims & bit != 0);
+                    if spend {
+                        cost
+                    } else {
+                        used.total
+                    }
+                })
             }
         }
     }
@@ -473,12 +527,7 @@ impl Reservation for Held {
     fn cancel(self) -> Settlement {
         match self {
             Held::One(r) => r.cancel(),
-            Held::Set(set) => {
-                for (reservation, _) in set.parts {
-                    reservation.cancel();
-                }
-                set.own.cancel()
-            }
+            Held::Set(set) => set.set.cancel(),
         }
     }
 }

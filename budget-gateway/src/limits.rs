@@ -42,7 +42,9 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetLimit, BudgetManager, FullBudgetInfo, RefillLimit};
+use agent_budget::{
+    AgentId, BudgetLimit, BudgetManager, CalendarLimit, CalendarPeriod, FullBudgetInfo, RefillLimit,
+};
 use agent_budget_tower::openai::pricing::glob_matches;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -220,7 +222,7 @@ pub struct LimitSpec {
     /// Dollars per window (or held by the bucket), priced by the
     /// configuration's `[[models]]` table, counted in micro-dollars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0, maximum = 1_000_000_000_000.0_f64)]
+    #[schema(minimum = 0, maximum = 1_000_000.0_f64)]
     pub spend_usd: Option<f64>,
     /// Counts only requests whose `model` matches this glob (`*` any run
     /// of characters, `?` one); every request when left out.
@@ -268,9 +270,10 @@ impl LegacyFields {
     }
 }
 
-/// The most dollars a spend limit may hold: $10^12, so its micro-dollars
-/// (10^18) fit a `u64` with room for any settle past it.
-pub const MAX_SPEND_USD: f64 = 1e12;
+/// The most dollars a spend limit may hold per window: a million, so its
+/// micro-dollars (10^12) stay within what the core counts exactly (10^12
+/// tokens per window: see `agent_budget::MAX_TOKENS`).
+pub const MAX_SPEND_USD: f64 = 1e6;
 
 /// The longest `model` glob, in characters.
 pub const MAX_MODEL_GLOB_CHARS: usize = 256;
@@ -393,12 +396,23 @@ impl Cell {
                 calls_budget,
                 refill_period: Duration::from_secs(period.secs()),
             }),
-            Timing::Window(period) => CoreLimit::Window(BudgetLimit {
-                agent_id: id,
-                token_budget,
-                calls_budget,
-                window_secs: period.secs(),
-            }),
+            Timing::Window(period) => match period.as_calendar() {
+                Some(calendar) => CoreLimit::Calendar(CalendarLimit {
+                    agent_id: id,
+                    token_budget,
+                    calls_budget,
+                    period: match calendar {
+                        Calendar::Day => CalendarPeriod::Day,
+                        Calendar::Month => CalendarPeriod::Month,
+                    },
+                }),
+                None => CoreLimit::Window(BudgetLimit {
+                    agent_id: id,
+                    token_budget,
+                    calls_budget,
+                    window_secs: period.secs(),
+                }),
+            },
         }
     }
 }
@@ -410,6 +424,8 @@ pub enum CoreLimit {
     Window(BudgetLimit),
     /// A bucket ([`BudgetManager::set_refill`]).
     Refill(RefillLimit),
+    /// A window of the UTC calendar ([`BudgetManager::set_calendar`]).
+    Calendar(CalendarLimit),
 }
 
 impl CoreLimit {
@@ -418,6 +434,7 @@ impl CoreLimit {
         match self {
             CoreLimit::Window(limit) => budgets.set_budget(limit.clone()),
             CoreLimit::Refill(limit) => budgets.set_refill(limit.clone()),
+            CoreLimit::Calendar(limit) => budgets.set_calendar(limit.clone()),
         }
     }
 }
@@ -668,12 +685,8 @@ impl Limits {
             ));
         }
         match self.core(agent_id) {
-            CoreLimit::Window(limit)
-                if self.specs[0].window.and_then(Period::as_calendar).is_none() =>
-            {
-                Ok(limit)
-            }
-            CoreLimit::Window(_) => Err(unsupported(
+            CoreLimit::Window(limit) => Ok(limit),
+            CoreLimit::Calendar(_) => Err(unsupported(
                 "limits[0].window".to_owned(),
                 "a calendar window",
             )),
@@ -766,16 +779,6 @@ impl LimitSpec {
                 ))
             }
         };
-        if let Timing::Window(window) = timing {
-            if window.as_calendar().is_some() {
-                return Err((
-                    "window",
-                    "calendar windows (\"day\", \"1mo\") are not supported yet: use a length \
-                     (\"1d\", \"30d\")"
-                        .to_owned(),
-                ));
-            }
-        }
         if self.requests.is_none() && self.tokens.is_none() && self.spend_usd.is_none() {
             return Err((
                 "requests",
