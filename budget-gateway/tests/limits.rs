@@ -375,3 +375,43 @@ async fn the_admin_api_takes_lists_with_spend_and_models() {
     assert_eq!(view["limits"][0]["used"]["requests"], 1, "{view}");
     g.stop().await;
 }
+
+#[tokio::test]
+async fn calendar_windows_reset_at_midnight_utc_and_on_the_first() {
+    use chrono::{DateTime, Utc};
+    let (clock, time) = quanta::Clock::mock();
+    // A minute before the end of February in a leap year.
+    let start: DateTime<Utc> = "2028-02-29T23:59:00Z".parse().unwrap();
+    let text = with_limits(
+        "",
+        "[[agents.limits]]\nwindow = \"1mo\"\nrequests = 3\n[[agents.limits]]\nwindow = \"day\"\nrequests = 2\n",
+        "",
+    );
+    let g = start_with(BudgetManager::with_clock_at(clock, start), &text, None).await;
+    for _ in 0..2 {
+        assert_eq!(g.chat(KEY_A, &small("m")).await.status(), StatusCode::OK);
+    }
+    let r = g.chat(KEY_A, &small("m")).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "the day's two");
+    assert_eq!(header(&r, "retry-after"), "60", "midnight UTC");
+    // 1 March, 00:00 UTC: a new day and a new month.
+    time.increment(Duration::from_secs(60));
+    for _ in 0..2 {
+        assert_eq!(g.chat(KEY_A, &small("m")).await.status(), StatusCode::OK);
+    }
+    // The next day: the month's third, then the month binds (3 a month).
+    time.increment(Duration::from_secs(86_400));
+    assert_eq!(g.chat(KEY_A, &small("m")).await.status(), StatusCode::OK);
+    let r = g.chat(KEY_A, &small("m")).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the month's three"
+    );
+    assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
+    let agent: Value = admin_view(&g.client, &g.url, &format!("/v1/agents/{AGENT_A}")).await;
+    assert_eq!(agent["limits"][0]["limit"]["window"], "1mo", "{agent}");
+    // 30 days of March are left: 2 March 00:00 to 1 April 00:00.
+    assert_eq!(agent["limits"][0]["resets_in_secs"], 30 * 86_400, "{agent}");
+    assert_eq!(calls(&g.stats), 5);
+}
