@@ -2,11 +2,20 @@
 //!
 //! # How it works
 //!
-//! The layer asks its budget source three things: admit these tokens and
-//! calls now ([`Admission::admit`]), wait until they fit
-//! ([`Admission::admit_wait`], which the layer bounds by
+//! The layer asks its budget source three things: admit this estimate now
+//! ([`Admission::admit`]: its tokens and calls, and whatever else the
+//! source reads from it, such as the request's `model`), wait until it
+//! fits ([`Admission::admit_wait`], which the layer bounds by
 //! [`max_wait`](crate::BudgetLayer::max_wait)), and where the agent's
-//! budget stands, for the rate-limit headers ([`Admission::budget_chain`]).
+//! budget stands, for the rate-limit headers ([`Admission::budget_chain`],
+//! or [`Admission::rate_limits`] for a source with more limits than a
+//! chain, which may add headers of its own with
+//! [`Admission::write_headers`]). What it admits is its
+//! [`Reservation`], which the layer settles with the response's usage,
+//! split into prompt, cached prompt and completion when the response says
+//! ([`UsedTokens`](crate::UsedTokens)): a source that prices tokens (the
+//! gateway's spend limits) settles each of its limits with its own
+//! amount.
 //!
 //! Every [`BudgetLimiter`] (the core's [`BudgetManager`](agent_budget::BudgetManager)
 //! and [`LockedBudgetManager`](agent_budget::LockedBudgetManager)) is one,

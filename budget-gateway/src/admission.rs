@@ -31,6 +31,11 @@
 //!
 //! See [`crate::docs::limits`] for the reasoning.
 
+// A `Denial` (a refusal and its message) is returned on the cold path
+// only: boxing it would cost an allocation to save a copy, as in the tower
+// layer.
+#![allow(clippy::result_large_err)]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -466,6 +471,9 @@ impl Admission for LimitAdmission {
 }
 
 /// What one request holds: the core's one reservation, or one per cell.
+// The set's reservation keeps its limits inline (no allocation per
+// request): moving it costs a copy, boxing it an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Held {
     /// The agent's own budget (and its chain's).

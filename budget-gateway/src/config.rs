@@ -15,8 +15,12 @@
 //! An agent's limit is written either with the fields `token_budget`,
 //! `calls_budget` and `window_secs` (one fixed window), or as a list of
 //! `[[agents.limits]]` tables (see [`crate::limits`], which the admin API
-//! reads limits with too): `window = "1m"` or `refill = "1m"`, and
-//! `requests`, `tokens` or both. One limit per agent for now.
+//! reads limits with too): `window = "1m"` (or `"day"`, `"1mo"`: the UTC
+//! calendar's) or `refill = "1m"`, any of `requests`, `tokens` and
+//! `spend_usd`, and optionally `model`, a glob; as many limits as wanted.
+//! `[[models]]` tables price models for spend limits (see
+//! [`crate::docs::limits`]): `name` (a glob), `input_usd_per_mtok`,
+//! `output_usd_per_mtok`, optional `cached_input_usd_per_mtok`.
 //!
 //! ```toml
 //! admin_key = "admin-secret"
@@ -929,6 +933,19 @@ metrics_label = "two"
         let c = parse(Path::new("gateway.example.toml"), example).unwrap();
         assert_eq!(c.agents.len(), 2);
         assert_eq!(c.agents[1].limits.specs()[0].requests, Some(10_000));
+    }
+
+    #[test]
+    fn the_spend_example_configuration_parses() {
+        let example = include_str!("../gateway.spend.example.toml");
+        let c = parse(Path::new("gateway.spend.example.toml"), example).unwrap();
+        assert_eq!(c.agents[0].limits.specs().len(), 4);
+        assert!(c.agents[0].limits.has_spend());
+        assert_eq!(
+            c.prices.price_of("gpt-4o-mini").unwrap().name,
+            "gpt-4o-mini*"
+        );
+        assert_eq!(c.prices.price_of("o3").unwrap().name, "*");
     }
 
     /// [`good`] with agent 1's older fields replaced by `limits`.
