@@ -16,7 +16,7 @@
 use std::sync::Arc;
 
 use agent_budget::{AgentId, FullBudgetInfo, OwnedReservation};
-use agent_budget_tower::{Admission, Denial};
+use agent_budget_tower::{Admission, Denial, Estimate};
 
 use crate::{Denied, FleetManager};
 
@@ -38,12 +38,14 @@ impl From<Denied> for Denial {
 }
 
 impl Admission for FleetManager {
+    type Reservation = OwnedReservation;
+
     async fn admit(
         self: &Arc<Self>,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
+        estimate: &Estimate,
     ) -> Result<OwnedReservation, Denial> {
+        let (tokens, calls) = (estimate.tokens(), estimate.calls);
         self.acquire(agent_id, tokens, calls)
             .await
             .map_err(Denial::from)

@@ -2,11 +2,20 @@
 //!
 //! # How it works
 //!
-//! The layer asks its budget source three things: admit these tokens and
-//! calls now ([`Admission::admit`]), wait until they fit
-//! ([`Admission::admit_wait`], which the layer bounds by
+//! The layer asks its budget source three things: admit this estimate now
+//! ([`Admission::admit`]: its tokens and calls, and whatever else the
+//! source reads from it, such as the request's `model`), wait until it
+//! fits ([`Admission::admit_wait`], which the layer bounds by
 //! [`max_wait`](crate::BudgetLayer::max_wait)), and where the agent's
-//! budget stands, for the rate-limit headers ([`Admission::budget_chain`]).
+//! budget stands, for the rate-limit headers ([`Admission::budget_chain`],
+//! or [`Admission::rate_limits`] for a source with more limits than a
+//! chain, which may add headers of its own with
+//! [`Admission::write_headers`]). What it admits is its
+//! [`Reservation`], which the layer settles with the response's usage,
+//! split into prompt, cached prompt and completion when the response says
+//! ([`UsedTokens`](crate::UsedTokens)): a source that prices tokens (the
+//! gateway's spend limits) settles each of its limits with its own
+//! amount.
 //!
 //! Every [`BudgetLimiter`] (the core's [`BudgetManager`](agent_budget::BudgetManager)
 //! and [`LockedBudgetManager`](agent_budget::LockedBudgetManager)) is one,
@@ -25,7 +34,10 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetLimiter, FullBudgetInfo, OwnedReservation, Refused};
+use agent_budget::{AgentId, BudgetLimiter, FullBudgetInfo, OwnedReservation, Refused, Settlement};
+use http::HeaderMap;
+
+use crate::{Estimate, UsedTokens};
 
 /// The longest the default [`Admission::admit_wait`] sleeps between two
 /// tries: 50 ms.
@@ -48,14 +60,37 @@ pub enum Denial {
         /// Why, for people; the response's error message.
         message: String,
     },
+    /// A refusal the admission words itself (a limit in dollars, whose
+    /// core budget counts micro-dollars as tokens): answered like
+    /// [`Refused`](Self::Refused), with this message and error `type`.
+    Worded {
+        /// The core's refusal.
+        refused: Refused,
+        /// The response's error message.
+        message: String,
+        /// The error's `type` (`"spend"`).
+        error_type: &'static str,
+    },
+    /// The request cannot be admitted as it is, whatever the budget (a
+    /// model no price is known for, under a spend limit): `400`, nothing
+    /// forwarded or charged.
+    Invalid {
+        /// The agent whose request was not admitted.
+        agent_id: AgentId,
+        /// The response's error message.
+        message: String,
+        /// The error's `code`.
+        code: &'static str,
+    },
 }
 
 impl Denial {
     /// When the same request may be admitted, if waiting can help.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Denial::Refused(refused) => refused.retry_after,
+            Denial::Refused(refused) | Denial::Worded { refused, .. } => refused.retry_after,
             Denial::Unavailable { retry_after, .. } => Some(*retry_after),
+            Denial::Invalid { .. } => None,
         }
     }
 }
@@ -70,7 +105,9 @@ impl std::fmt::Display for Denial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Denial::Refused(refused) => refused.fmt(f),
-            Denial::Unavailable { message, .. } => f.write_str(message),
+            Denial::Unavailable { message, .. }
+            | Denial::Worded { message, .. }
+            | Denial::Invalid { message, .. } => f.write_str(message),
         }
     }
 }
@@ -96,15 +133,19 @@ impl std::error::Error for Denial {}
 /// (its `tower` feature), admitting from the node's lease and answering
 /// `Unavailable` when Redis cannot be reached and the lease is spent.
 pub trait Admission: Send + Sync + 'static {
-    /// Takes `tokens` and `calls` from the agent's budget (at every level
-    /// of its chain), or nothing, without waiting for budget to come back.
-    /// The reservation is settled by the layer when the response ends.
+    /// What an admission holds until the response settles it.
+    type Reservation: Reservation;
+
+    /// Takes what `estimate` asks for from the agent's budget (its tokens
+    /// and calls, at every level of its chain; more limits, if the
+    /// admission has them), or nothing, without waiting for budget to come
+    /// back. The reservation is settled by the layer when the response
+    /// ends.
     fn admit(
         self: &Arc<Self>,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
-    ) -> impl Future<Output = Result<OwnedReservation, Denial>> + Send;
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send;
 
     /// Like [`admit`](Self::admit), but waits while the denial has a
     /// `retry_after`; resolves when admitted, or with a denial that waiting
@@ -115,12 +156,11 @@ pub trait Admission: Send + Sync + 'static {
     fn admit_wait(
         self: &Arc<Self>,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
-    ) -> impl Future<Output = Result<OwnedReservation, Denial>> + Send {
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send {
         async move {
             loop {
-                let denial = match self.admit(agent_id, tokens, calls).await {
+                let denial = match self.admit(agent_id, estimate).await {
                     Ok(reservation) => return Ok(reservation),
                     Err(denial) => denial,
                 };
@@ -135,17 +175,69 @@ pub trait Admission: Send + Sync + 'static {
     /// Where the agent's budget stands: its own level first, then each
     /// ancestor's, nearest first; empty if the agent has no budget.
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo>;
+
+    /// The budgets the `x-ratelimit-*` headers of a response to a request
+    /// estimated as `estimate` report from (each resource from the one
+    /// with the least left): [`budget_chain`](Self::budget_chain) unless
+    /// the admission has more limits than the chain.
+    fn rate_limits(&self, agent_id: &AgentId, estimate: &Estimate) -> Vec<FullBudgetInfo> {
+        let _ = estimate;
+        self.budget_chain(agent_id)
+    }
+
+    /// Writes headers of the admission's own on a response to a request
+    /// estimated as `estimate`, admitted or refused for its budget (spend,
+    /// say). None by default.
+    fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
+        let _ = (agent_id, estimate, headers);
+    }
+}
+
+/// What an [`Admission`] took for one request, settled once when its
+/// response is over: the core's [`OwnedReservation`], or a set of them.
+pub trait Reservation: Send + 'static {
+    /// The agent it was taken for.
+    fn agent_id(&self) -> AgentId;
+
+    /// The tokens it holds.
+    fn tokens(&self) -> u64;
+
+    /// Settles it with what the response used (`used.total` tokens), and
+    /// gives the rest back.
+    fn settle(self, used: UsedTokens) -> Settlement;
+
+    /// Gives everything back.
+    fn cancel(self) -> Settlement;
+}
+
+impl Reservation for OwnedReservation {
+    fn agent_id(&self) -> AgentId {
+        OwnedReservation::agent_id(self)
+    }
+
+    fn tokens(&self) -> u64 {
+        OwnedReservation::tokens(self)
+    }
+
+    fn settle(self, used: UsedTokens) -> Settlement {
+        OwnedReservation::settle(self, used.total)
+    }
+
+    fn cancel(self) -> Settlement {
+        OwnedReservation::cancel(self)
+    }
 }
 
 impl<M: BudgetLimiter + 'static> Admission for M {
+    type Reservation = OwnedReservation;
+
     fn admit(
         self: &Arc<Self>,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
+        estimate: &Estimate,
     ) -> impl Future<Output = Result<OwnedReservation, Denial>> + Send {
         std::future::ready(
-            self.acquire_owned(agent_id, tokens, calls)
+            self.acquire_owned(agent_id, estimate.tokens(), estimate.calls)
                 .map_err(Denial::Refused),
         )
     }
@@ -153,10 +245,9 @@ impl<M: BudgetLimiter + 'static> Admission for M {
     fn admit_wait(
         self: &Arc<Self>,
         agent_id: &AgentId,
-        tokens: u64,
-        calls: u64,
+        estimate: &Estimate,
     ) -> impl Future<Output = Result<OwnedReservation, Denial>> + Send {
-        let waiting = self.acquire_owned_wait(agent_id, tokens, calls);
+        let waiting = self.acquire_owned_wait(agent_id, estimate.tokens(), estimate.calls);
         async move { waiting.await.map_err(Denial::Refused) }
     }
 

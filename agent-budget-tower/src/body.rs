@@ -27,28 +27,23 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
-use agent_budget::OwnedReservation;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::telemetry::Telemetry;
-use crate::{Estimate, MeterSession, Outcome};
+use crate::{Estimate, MeterSession, Outcome, Reservation, TokenSplit, UsedTokens};
 
 /// Holds a reservation until it is settled, and settles it on drop.
-pub(crate) struct Settle<S: MeterSession> {
-    reservation: Option<OwnedReservation>,
+pub(crate) struct Settle<R: Reservation, S: MeterSession> {
+    reservation: Option<R>,
     session: Option<S>,
     estimate: Estimate,
     telemetry: Arc<Telemetry>,
 }
 
-impl<S: MeterSession> Settle<S> {
-    pub(crate) fn new(
-        reservation: OwnedReservation,
-        estimate: Estimate,
-        telemetry: Arc<Telemetry>,
-    ) -> Self {
+impl<R: Reservation, S: MeterSession> Settle<R, S> {
+    pub(crate) fn new(reservation: R, estimate: Estimate, telemetry: Arc<Telemetry>) -> Self {
         Settle {
             reservation: Some(reservation),
             session: None,
@@ -94,14 +89,45 @@ impl<S: MeterSession> Settle<S> {
         };
         let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
         let settlement = match outcome {
-            Outcome::Used(tokens) => reservation.settle(tokens),
+            Outcome::Used(tokens) => {
+                let reported = self
+                    .session
+                    .as_ref()
+                    .and_then(S::used_tokens)
+                    .filter(|used| used.total == tokens);
+                reservation.settle(reported.unwrap_or_else(|| self.split(tokens)))
+            }
             // The estimate, with the prompt as counted: a bound reserved
             // in its place is no charge.
-            Outcome::Reserved => reservation.settle(self.estimate.counted_tokens()),
+            Outcome::Reserved => {
+                let prompt = self.estimate.counted_prompt_tokens();
+                reservation.settle(UsedTokens {
+                    total: prompt.saturating_add(self.estimate.completion_tokens),
+                    split: Some(TokenSplit {
+                        input: prompt,
+                        cached_input: 0,
+                        output: self.estimate.completion_tokens,
+                    }),
+                })
+            }
             Outcome::Cancel => reservation.cancel(),
         };
         self.telemetry
             .settled(&agent, reserved, settlement, abandoned);
+    }
+
+    /// `tokens` the meter reported without saying how they split: the
+    /// prompt as counted first (the upstream read it), the rest completion.
+    fn split(&self, tokens: u64) -> UsedTokens {
+        let input = self.estimate.counted_prompt_tokens().min(tokens);
+        UsedTokens {
+            total: tokens,
+            split: Some(TokenSplit {
+                input,
+                cached_input: 0,
+                output: tokens - input,
+            }),
+        }
     }
 
     fn trailers(&mut self, trailers: &http::HeaderMap) {
@@ -126,7 +152,7 @@ impl<S: MeterSession> Settle<S> {
     }
 }
 
-impl<S: MeterSession> Drop for Settle<S> {
+impl<R: Reservation, S: MeterSession> Drop for Settle<R, S> {
     fn drop(&mut self) {
         if self.reservation.is_some() {
             self.abandon();
@@ -138,19 +164,19 @@ pin_project! {
     /// The body of a response that went through the budget layer: the
     /// inner service's body, settling its reservation when it ends, or a
     /// refusal's JSON.
-    pub struct BudgetBody<B, S: MeterSession> {
+    pub struct BudgetBody<B, S: MeterSession, R: Reservation = agent_budget::OwnedReservation> {
         #[pin]
-        state: State<B, S>,
+        state: State<B, S, R>,
     }
 }
 
 pin_project! {
     #[project = StateProj]
-    enum State<B, S: MeterSession> {
+    enum State<B, S: MeterSession, R: Reservation> {
         Metered {
             #[pin]
             inner: B,
-            settle: Settle<S>,
+            settle: Settle<R, S>,
             // A frame to send after the one just sent.
             pending: Option<Frame<Bytes>>,
             ended: bool,
@@ -161,8 +187,8 @@ pin_project! {
     }
 }
 
-impl<B: Body<Data = Bytes>, S: MeterSession> BudgetBody<B, S> {
-    pub(crate) fn metered(inner: B, mut settle: Settle<S>) -> Self {
+impl<B: Body<Data = Bytes>, S: MeterSession, R: Reservation> BudgetBody<B, S, R> {
+    pub(crate) fn metered(inner: B, mut settle: Settle<R, S>) -> Self {
         let ended = inner.is_end_stream();
         if ended {
             // hyper will not poll a body that is already at its end.
@@ -185,10 +211,11 @@ impl<B: Body<Data = Bytes>, S: MeterSession> BudgetBody<B, S> {
     }
 }
 
-impl<B, S> Body for BudgetBody<B, S>
+impl<B, S, R> Body for BudgetBody<B, S, R>
 where
     B: Body<Data = Bytes>,
     S: MeterSession,
+    R: Reservation,
 {
     type Data = Bytes;
     type Error = B::Error;

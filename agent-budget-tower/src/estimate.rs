@@ -49,6 +49,9 @@ pub struct Estimate {
     /// taken instead of it: made when asked for
     /// ([`counted_prompt_tokens`](Self::counted_prompt_tokens)).
     pub deferred_count: Option<DeferredCount>,
+    /// The request's `model`, as sent, when the estimator read one: what
+    /// per-model limits and prices go by (a slice of the body: no copy).
+    pub model: Option<Bytes>,
 }
 
 impl Estimate {
@@ -64,6 +67,13 @@ impl Estimate {
         self.deferred_count
             .as_ref()
             .map_or(self.prompt_tokens, DeferredCount::tokens)
+    }
+
+    /// The request's `model`, when it names one in UTF-8.
+    pub fn model(&self) -> Option<&str> {
+        self.model
+            .as_deref()
+            .and_then(|m| std::str::from_utf8(m).ok())
     }
 
     /// [`tokens`](Self::tokens) with the prompt as counted.
@@ -175,6 +185,7 @@ impl FixedCost {
             calls: self.calls,
             hide_usage_chunk: false,
             deferred_count: None,
+            model: None,
         }
     }
 }

@@ -45,6 +45,28 @@ pub enum Outcome {
     Cancel,
 }
 
+/// What a response used: its total tokens, and how they split between
+/// the prompt and the completion when the response says (what prices go
+/// by).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UsedTokens {
+    /// Tokens in all: what [`Outcome::Used`] carries.
+    pub total: u64,
+    /// The prompt's and the completion's, if known.
+    pub split: Option<TokenSplit>,
+}
+
+/// A usage's prompt and completion tokens.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenSplit {
+    /// Prompt tokens, cached ones included.
+    pub input: u64,
+    /// Of which read from the provider's cache (at most `input`).
+    pub cached_input: u64,
+    /// Completion tokens (reasoning included).
+    pub output: u64,
+}
+
 /// Starts a [`MeterSession`] for each response.
 pub trait Meter: Clone + Send + Sync + 'static {
     /// The per-response state.
@@ -84,6 +106,13 @@ pub trait MeterSession: Send + 'static {
 
     /// The body was dropped before its end, or failed: what to charge.
     fn abandon(&mut self) -> Outcome;
+
+    /// After [`finish`](Self::finish) or [`abandon`](Self::abandon) said
+    /// [`Outcome::Used`]: how those tokens split, when the response said
+    /// (its `usage`). `None` by default.
+    fn used_tokens(&self) -> Option<UsedTokens> {
+        None
+    }
 }
 
 /// The total tokens in a response header (`x-usage-total-tokens`, for

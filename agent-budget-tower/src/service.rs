@@ -38,9 +38,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use agent_budget::{
-    AgentId, BudgetKind, BudgetManager, OwnedReservation, RefusalReason as BudgetRefusal, Refused,
-};
+use agent_budget::{AgentId, BudgetKind, BudgetManager, RefusalReason as BudgetRefusal, Refused};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body::Body;
@@ -278,8 +276,10 @@ impl<S, M, I, E, U> std::fmt::Debug for BudgetService<S, M, I, E, U> {
     }
 }
 
-/// The response type of [`BudgetService`].
-pub type BudgetResponse<B, U> = Response<BudgetBody<B, <U as Meter>::Session>>;
+/// The response type of [`BudgetService`]: the body settles a reservation
+/// of `M`'s.
+pub type BudgetResponse<B, U, M = BudgetManager> =
+    Response<BudgetBody<B, <U as Meter>::Session, <M as Admission>::Reservation>>;
 
 impl<S, M, I, E, U, ReqB, ResB> Service<Request<ReqB>> for BudgetService<S, M, I, E, U>
 where
@@ -293,7 +293,7 @@ where
     E: Estimator<ReqB>,
     U: Meter,
 {
-    type Response = BudgetResponse<ResB, U>;
+    type Response = BudgetResponse<ResB, U, M>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
@@ -321,7 +321,7 @@ where
         self: Arc<Self>,
         mut inner: S,
         request: Request<ReqB>,
-    ) -> Result<BudgetResponse<ResB, U>, S::Error>
+    ) -> Result<BudgetResponse<ResB, U, M>, S::Error>
     where
         S: Service<Request<ReqB>, Response = Response<ResB>>,
         ResB: Body<Data = Bytes>,
@@ -332,7 +332,7 @@ where
             Ok(agent) => agent,
             Err(rejection) => {
                 self.telemetry.refused(None, RefusalReason::Unidentified);
-                return Ok(reject(rejection));
+                return Ok(reject::<_, _, M>(rejection));
             }
         };
         let request = Request::from_parts(parts, body);
@@ -341,12 +341,12 @@ where
             Err(rejection) => {
                 self.telemetry
                     .refused(Some(&agent), RefusalReason::BadRequest);
-                return Ok(reject(rejection));
+                return Ok(reject::<_, _, M>(rejection));
             }
         };
         let (reservation, snapshot) = match self.admit(&agent, &mut estimate).await {
             Ok(admitted) => admitted,
-            Err(rejection) => return Ok(reject(rejection)),
+            Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
         let mut settle = Settle::new(reservation, estimate, self.telemetry.clone());
         let response = match inner.call(request).await {
@@ -360,6 +360,8 @@ where
         if let Some(snapshot) = snapshot {
             self.headers.write(&snapshot, &mut parts.headers);
         }
+        self.manager
+            .write_headers(&agent, settle.estimate(), &mut parts.headers);
         let session = self.meter.start(settle.estimate(), &mut parts);
         settle.attach(session);
         Ok(Response::from_parts(
@@ -379,70 +381,83 @@ where
         &self,
         agent: &AgentId,
         estimate: &mut Estimate,
-    ) -> Result<(OwnedReservation, Option<RateLimitSnapshot>), Rejection> {
+    ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
         let started = Instant::now();
-        let mut admitted = self
-            .manager
-            .admit(agent, estimate.tokens(), estimate.calls)
-            .await;
-        if let Err(Denial::Refused(refused)) = &admitted {
+        let mut admitted = self.manager.admit(agent, estimate).await;
+        if let Err(Denial::Refused(refused) | Denial::Worded { refused, .. }) = &admitted {
             let for_tokens = refused.kind == BudgetKind::Token
                 && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
             if for_tokens && estimate.count_prompt() {
-                admitted = self
-                    .manager
-                    .admit(agent, estimate.tokens(), estimate.calls)
-                    .await;
+                admitted = self.manager.admit(agent, estimate).await;
             }
         }
-        let (tokens, calls) = (estimate.tokens(), estimate.calls);
         let reservation = match (admitted, self.max_wait) {
             (Ok(reservation), _) => reservation,
             (Err(denial), Some(max_wait)) if denial.retry_after().is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
                 // Boxed: the waiting future is large, and the common path
                 // should not carry its room in every request's future.
-                Box::pin(self.wait(agent, (tokens, calls), max_wait)).await?
+                Box::pin(self.wait(agent, estimate, max_wait)).await?
             }
             (Err(denial), _) => {
                 self.telemetry.checked(agent, started.elapsed());
-                return Err(self.rejection(denial));
+                return Err(self.rejection(denial, estimate));
             }
         };
-        let snapshot = RateLimitSnapshot::from_chain(&self.manager.budget_chain(agent));
-        self.telemetry.admitted(agent, tokens, started.elapsed());
+        let snapshot = RateLimitSnapshot::from_chain(&self.manager.rate_limits(agent, estimate));
+        self.telemetry
+            .admitted(agent, estimate.tokens(), started.elapsed());
         Ok((reservation, snapshot))
     }
 
-    /// Waits up to `max_wait` for `(tokens, calls)` to fit.
+    /// Waits up to `max_wait` for `estimate` to fit.
     async fn wait(
         &self,
         agent: &AgentId,
-        (tokens, calls): (u64, u64),
+        estimate: &Estimate,
         max_wait: Duration,
-    ) -> Result<OwnedReservation, Rejection> {
+    ) -> Result<M::Reservation, Rejection> {
         let waiting = Instant::now();
-        let waited =
-            tokio::time::timeout(max_wait, self.manager.admit_wait(agent, tokens, calls)).await;
+        let waited = tokio::time::timeout(max_wait, self.manager.admit_wait(agent, estimate)).await;
         self.telemetry.waited(agent, waiting.elapsed());
         match waited {
             Ok(Ok(reservation)) => Ok(reservation),
-            Ok(Err(denial)) => Err(self.rejection(denial)),
+            Ok(Err(denial)) => Err(self.rejection(denial, estimate)),
             // Out of time: one last try, for a fresh refusal (and a fresh
             // `Retry-After`) or a late admission.
             Err(_) => self
                 .manager
-                .admit(agent, tokens, calls)
+                .admit(agent, estimate)
                 .await
-                .map_err(|denial| self.rejection(denial)),
+                .map_err(|denial| self.rejection(denial, estimate)),
         }
     }
 
-    /// The answer to a denial: the budget's refusal, or `503` when it
-    /// could not be checked.
-    fn rejection(&self, denial: Denial) -> Rejection {
+    /// The answer to a denial: the budget's refusal, `400` for a request
+    /// that cannot be admitted as it is, or `503` when the budget could
+    /// not be checked.
+    fn rejection(&self, denial: Denial, estimate: &Estimate) -> Rejection {
         match denial {
-            Denial::Refused(refused) => self.refusal(refused),
+            Denial::Refused(refused) => self.refusal(refused, estimate, None),
+            Denial::Worded {
+                refused,
+                message,
+                error_type,
+            } => self.refusal(refused, estimate, Some((message, error_type))),
+            Denial::Invalid {
+                agent_id,
+                message,
+                code,
+            } => {
+                self.telemetry
+                    .refused(Some(&agent_id), RefusalReason::BadRequest);
+                Rejection::new(
+                    StatusCode::BAD_REQUEST,
+                    message,
+                    "invalid_request_error",
+                    code,
+                )
+            }
             Denial::Unavailable {
                 agent_id,
                 retry_after,
@@ -465,11 +480,16 @@ where
     /// The `429` for a refusal: `Retry-After` when waiting can help, the
     /// rate-limit headers (of the level that refused, for the resource it
     /// refused), and OpenAI's error body; `403` if the agent has no budget.
-    fn refusal(&self, refused: Refused) -> Rejection {
+    fn refusal(
+        &self,
+        refused: Refused,
+        estimate: &Estimate,
+        worded: Option<(String, &'static str)>,
+    ) -> Rejection {
         let snapshot = match refused.reason {
             BudgetRefusal::NoBudget => None,
             _ => RateLimitSnapshot::from_refusal(
-                &self.manager.budget_chain(&refused.agent_id),
+                &self.manager.rate_limits(&refused.agent_id, estimate),
                 &refused,
             ),
         };
@@ -489,9 +509,10 @@ where
             RefusalReason::Calls => "requests",
             _ => "tokens",
         };
+        let (message, error_type) = worded.unwrap_or_else(|| (refused.to_string(), error_type));
         let mut rejection = Rejection::new(
             StatusCode::TOO_MANY_REQUESTS,
-            refused.to_string(),
+            message,
             error_type,
             "rate_limit_exceeded",
         );
@@ -499,11 +520,15 @@ where
             write_retry_after(&mut rejection.headers, wait);
         }
         self.headers.write(&snapshot, &mut rejection.headers);
+        self.manager
+            .write_headers(&refused.agent_id, estimate, &mut rejection.headers);
         rejection
     }
 }
 
-fn reject<B, S: crate::MeterSession>(rejection: Rejection) -> Response<BudgetBody<B, S>>
+fn reject<B, S: crate::MeterSession, M: Admission>(
+    rejection: Rejection,
+) -> Response<BudgetBody<B, S, M::Reservation>>
 where
     B: Body<Data = Bytes>,
 {

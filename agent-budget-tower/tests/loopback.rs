@@ -604,11 +604,12 @@ struct Flaky {
 }
 
 impl agent_budget_tower::Admission for Flaky {
+    type Reservation = agent_budget::OwnedReservation;
+
     fn admit(
         self: &Arc<Self>,
         agent_id: &Uuid,
-        tokens: u64,
-        calls: u64,
+        estimate: &agent_budget_tower::Estimate,
     ) -> impl std::future::Future<
         Output = Result<agent_budget::OwnedReservation, agent_budget_tower::Denial>,
     > + Send {
@@ -625,7 +626,7 @@ impl agent_budget_tower::Admission for Flaky {
             })
         } else {
             self.budgets
-                .acquire_owned(agent_id, tokens, calls)
+                .acquire_owned(agent_id, estimate.tokens(), estimate.calls)
                 .map_err(agent_budget_tower::Denial::Refused)
         })
     }

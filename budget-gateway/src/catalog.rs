@@ -51,6 +51,7 @@ use agent_budget_redis::FleetManager;
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
+use crate::admission::{build_plans, Plans};
 use crate::config::Config;
 use crate::db::{now_ms, AgentRow, Change, Database, DbError, KeyRow, Snapshot};
 use crate::gateway::{Budgets, GatewayError};
@@ -191,6 +192,9 @@ struct Inner {
     writer: tokio::sync::Mutex<i64>,
     /// Whether the last poll failed (to report failures once).
     poll_failing: AtomicBool,
+    /// What each agent's requests claim, rebuilt whenever limits or
+    /// parents change (see [`crate::admission`]).
+    plans: Plans,
 }
 
 /// The agents of the file and of the database, and the machinery that
@@ -297,6 +301,7 @@ impl Catalog {
                 view: RwLock::new(view),
                 writer: tokio::sync::Mutex::new(revision),
                 poll_failing: AtomicBool::new(false),
+                plans: Plans::default(),
             }),
         })
     }
@@ -315,6 +320,23 @@ impl Catalog {
             .view
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// What each agent's requests claim, for the admission.
+    pub fn plans(&self) -> &Plans {
+        &self.inner.plans
+    }
+
+    /// Lays out every agent's plan from `view` (after any change to
+    /// limits or parents).
+    fn rebuild_plans(&self, view: &View) {
+        let all = view
+            .file
+            .iter()
+            .map(|(id, a)| (*id, &a.settings))
+            .chain(view.api.iter().map(|(id, a)| (*id, &a.settings)))
+            .map(|(id, s)| (id, &s.limits, s.parent));
+        self.inner.plans.store(Arc::new(build_plans(all)));
     }
 
     /// The key table the budget layer identifies agents with.
@@ -344,7 +366,11 @@ impl Catalog {
             .map(|(id, a)| (*id, &a.settings))
             .chain(view.api.iter().map(|(id, a)| (*id, &a.settings)))
             .collect();
-        let configured: HashSet<AgentId> = all.iter().map(|(id, _)| *id).collect();
+        // The agents' own budgets and their limits' other cells.
+        let configured: HashSet<AgentId> = all
+            .iter()
+            .flat_map(|(id, settings)| settings.limits.core_ids(*id))
+            .collect();
         for stale in budgets
             .all_full_info()
             .into_iter()
@@ -353,7 +379,7 @@ impl Catalog {
             budgets.remove_budget(&stale.agent_id);
         }
         for (id, settings) in &all {
-            settings.limits.core(*id).apply(budgets);
+            settings.limits.apply(*id, budgets);
         }
         // Parents once every budget exists; detached first, so links a
         // state file brought back (or an order of linking) cannot close a
@@ -372,6 +398,7 @@ impl Catalog {
                     })?;
             }
         }
+        self.rebuild_plans(&view);
         self.accept_all_keys(&view);
         Ok(())
     }
@@ -941,11 +968,12 @@ impl Catalog {
             reloaded.at_restart.push("metrics_label".to_owned());
         }
         if let Some(budgets) = self.local() {
-            for id in old.keys().filter(|id| !new.contains_key(id)) {
-                budgets.remove_budget(id);
+            for (id, gone) in old.iter().filter(|(id, _)| !new.contains_key(id)) {
+                gone.settings.limits.remove(*id, budgets);
             }
             for id in &changed {
-                new[id].settings.limits.core(*id).apply(budgets);
+                let before = old.get(id).map(|o| &o.settings.limits);
+                new[id].settings.limits.apply_over(before, *id, budgets);
             }
             let relinked: Vec<AgentId> = changed
                 .iter()
@@ -978,6 +1006,7 @@ impl Catalog {
         let mut view = self.view_mut();
         view.file = new;
         view.config = Some(config.clone());
+        self.rebuild_plans(&view);
         Ok(reloaded)
     }
 }
@@ -1083,9 +1112,9 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
             continue;
         }
         if row.deleted {
-            if view.api.remove(&id).is_some() {
+            if let Some(gone) = view.api.remove(&id) {
                 if let Some(budgets) = local {
-                    budgets.remove_budget(&id);
+                    gone.settings.limits.remove(id, budgets);
                 }
             }
             forget_keys_of(view, &id, table);
@@ -1101,7 +1130,8 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
         let before = view.api.get(&id).map(|a| a.settings.clone());
         if let Some(budgets) = local {
             if before.as_ref().map(|b| &b.limits) != Some(&settings.limits) {
-                settings.limits.core(id).apply(budgets);
+                let old = before.as_ref().map(|b| &b.limits);
+                settings.limits.apply_over(old, id, budgets);
             }
             if before.as_ref().map(|b| b.parent) != Some(settings.parent) {
                 relinked.push((id, settings.parent));
@@ -1135,5 +1165,8 @@ fn apply_rows(view: &mut View, rows: &Snapshot, live: Option<&Catalog>) {
         if let Some(table) = table {
             table.insert(row.hash, row.agent_id, Some(row.key_id));
         }
+    }
+    if let Some(catalog) = live {
+        catalog.rebuild_plans(view);
     }
 }

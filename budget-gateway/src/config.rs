@@ -15,8 +15,12 @@
 //! An agent's limit is written either with the fields `token_budget`,
 //! `calls_budget` and `window_secs` (one fixed window), or as a list of
 //! `[[agents.limits]]` tables (see [`crate::limits`], which the admin API
-//! reads limits with too): `window = "1m"` or `refill = "1m"`, and
-//! `requests`, `tokens` or both. One limit per agent for now.
+//! reads limits with too): `window = "1m"` (or `"day"`, `"1mo"`: the UTC
+//! calendar's) or `refill = "1m"`, any of `requests`, `tokens` and
+//! `spend_usd`, and optionally `model`, a glob; as many limits as wanted.
+//! `[[models]]` tables price models for spend limits (see
+//! [`crate::docs::limits`]): `name` (a glob), `input_usd_per_mtok`,
+//! `output_usd_per_mtok`, optional `cached_input_usd_per_mtok`.
 //!
 //! ```toml
 //! admin_key = "admin-secret"
@@ -60,6 +64,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use agent_budget::{AgentId, MAX_LEVELS};
+use agent_budget_tower::openai::pricing::{ModelPrice, PicoPerToken, PriceTable};
 use agent_budget_tower::openai::{OtherRequests, PromptCount};
 use agent_budget_tower::FixedCost;
 use serde::Deserialize;
@@ -93,6 +98,8 @@ pub struct Config {
     /// completions, responses and embeddings does: refused (the default),
     /// or admitted at a fixed cost.
     pub other_endpoints: OtherRequests,
+    /// The prices of models (`[[models]]`), for spend limits.
+    pub prices: PriceTable,
     /// The agents.
     pub agents: Vec<Agent>,
 }
@@ -198,6 +205,7 @@ impl Config {
             "other_endpoints",
             self.other_endpoints != new.other_endpoints,
         );
+        compare("models", self.prices != new.prices);
         changed
     }
 }
@@ -252,7 +260,20 @@ struct RawConfig {
     #[serde(default)]
     other_endpoint_tokens: Option<Spanned<u64>>,
     #[serde(default)]
+    models: Vec<Spanned<RawModel>>,
+    #[serde(default)]
     agents: Vec<Spanned<RawAgent>>,
+}
+
+/// A `[[models]]` entry: prices in dollars per million tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    name: Spanned<String>,
+    input_usd_per_mtok: Spanned<f64>,
+    output_usd_per_mtok: Spanned<f64>,
+    #[serde(default)]
+    cached_input_usd_per_mtok: Option<Spanned<f64>>,
 }
 
 fn default_max_tokens() -> u64 {
@@ -331,6 +352,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         ));
     }
     let other_endpoints = other_endpoints(&raw, &invalid)?;
+    let prices = prices(&raw.models, &invalid)?;
     let mut keys = HashMap::new();
     let mut ids = HashMap::new();
     let mut agents = Vec::with_capacity(raw.agents.len());
@@ -399,8 +421,59 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         },
         persist_interval_secs: *raw.persist_interval_secs.get_ref(),
         other_endpoints,
+        prices,
         agents,
     })
+}
+
+/// The `[[models]]` price table: each name a glob that is not blank and
+/// not given twice, each price a number of dollars per million tokens
+/// that is not negative.
+fn prices(
+    models: &[Spanned<RawModel>],
+    invalid: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<PriceTable, ConfigError> {
+    let mut table = Vec::with_capacity(models.len());
+    for spanned in models {
+        let m = spanned.get_ref();
+        let name = m.name.get_ref();
+        if name.trim().is_empty() || name.chars().any(char::is_control) {
+            return Err(invalid(
+                Some(m.name.span()),
+                "a model's name must be a glob such as \"gpt-4o*\" (or \"*\" for every \
+                 model): not blank, no control characters"
+                    .to_owned(),
+            ));
+        }
+        if table.iter().any(|p: &ModelPrice| p.name == *name) {
+            return Err(invalid(
+                Some(m.name.span()),
+                format!("{name:?} is priced twice: give each name once"),
+            ));
+        }
+        let price = |usd: &Spanned<f64>| {
+            PicoPerToken::from_usd_per_mtok(*usd.get_ref()).ok_or_else(|| {
+                invalid(
+                    Some(usd.span()),
+                    format!(
+                        "{} is not a price: give dollars per million tokens, from 0 up",
+                        usd.get_ref()
+                    ),
+                )
+            })
+        };
+        table.push(ModelPrice {
+            name: name.clone(),
+            input: price(&m.input_usd_per_mtok)?,
+            output: price(&m.output_usd_per_mtok)?,
+            cached_input: m
+                .cached_input_usd_per_mtok
+                .as_ref()
+                .map(price)
+                .transpose()?,
+        });
+    }
+    Ok(PriceTable::new(table))
 }
 
 /// `other_endpoints` and `other_endpoint_tokens`, which go together: a
@@ -648,6 +721,14 @@ fn field_at(text: &str, at: usize) -> Option<String> {
                 agent_index()?
             ))
         }
+        Some(table) if table.starts_with("[[models]]") => {
+            let index = tables
+                .iter()
+                .filter(|l| l.trim().starts_with("[[models]]"))
+                .count()
+                - 1;
+            Some(format!("models[{index}].{key}"))
+        }
         Some(table) => Some(format!("{}.{key}", table.trim_matches(['[', ']']))),
         None => Some(key.to_owned()),
     }
@@ -854,6 +935,19 @@ metrics_label = "two"
         assert_eq!(c.agents[1].limits.specs()[0].requests, Some(10_000));
     }
 
+    #[test]
+    fn the_spend_example_configuration_parses() {
+        let example = include_str!("../gateway.spend.example.toml");
+        let c = parse(Path::new("gateway.spend.example.toml"), example).unwrap();
+        assert_eq!(c.agents[0].limits.specs().len(), 4);
+        assert!(c.agents[0].limits.has_spend());
+        assert_eq!(
+            c.prices.price_of("gpt-4o-mini").unwrap().name,
+            "gpt-4o-mini*"
+        );
+        assert_eq!(c.prices.price_of("o3").unwrap().name, "*");
+    }
+
     /// [`good`] with agent 1's older fields replaced by `limits`.
     fn with_limits(limits: &str) -> String {
         good()
@@ -896,9 +990,9 @@ metrics_label = "two"
     #[test]
     fn limits_that_cannot_be_are_refused_at_their_field() {
         let table = |body: &str| with_limits(&format!("[[agents.limits]]\n{body}"));
-        let e = error(&table("window = \"1m\"\nspend_usd = 50.0\n"));
+        let e = error(&table("window = \"1m\"\nspend_usd = -50.0\n"));
         assert!(
-            e.starts_with("gw.toml:17:13: field `agents[1].limits[0].spend_usd`: spend limits"),
+            e.starts_with("gw.toml:17:13: field `agents[1].limits[0].spend_usd`: -50 is not"),
             "{e}"
         );
         let e = error(&table("window = \"1 minute\"\nrequests = 5\n"));
@@ -910,13 +1004,19 @@ metrics_label = "two"
         );
         let e = error(&table("window = \"1m\"\n"));
         assert!(e.contains("field `agents[1].limits[0]"), "{e}");
-        assert!(e.contains("give `requests`, `tokens` or both"), "{e}");
+        assert!(e.contains("give `requests`, `tokens`, `spend_usd`"), "{e}");
         let e = error(&table(
-            "window = \"1m\"\nrequests = 5\n[[agents.limits]]\nwindow = \"1d\"\ntokens = 9\n",
+            "window = \"1m\"\nrequests = 5\n[[agents.limits]]\nwindow = \"60s\"\ntokens = 9\n",
         ));
-        assert!(e.starts_with("gw.toml:18:1: "), "{e}");
         assert!(
-            e.contains("several limits per agent are not supported yet"),
+            e.starts_with("gw.toml:20:10: field `agents[1].limits[1].tokens`: limits[0] already"),
+            "{e}"
+        );
+        let e = error(&table("window = \"1m\"\nrequests = 5\nmodel = \"\"\n"));
+        assert!(
+            e.starts_with(
+                "gw.toml:18:9: field `agents[1].limits[0].model`: \"\" is not a model glob"
+            ),
             "{e}"
         );
         let e = error(&format!(
@@ -933,6 +1033,42 @@ metrics_label = "two"
         ));
         assert!(e.starts_with("gw.toml:11:1: "), "{e}");
         assert!(e.contains("the agent has no limits"), "{e}");
+    }
+
+    #[test]
+    fn models_are_priced_and_bad_prices_named_at_their_line() {
+        let text = |models: &str| format!("{}{models}", good());
+        let c = parse(
+            Path::new("gw.toml"),
+            &text("\n[[models]]\nname = \"gpt-4o*\"\ninput_usd_per_mtok = 2.5\noutput_usd_per_mtok = 10.0\ncached_input_usd_per_mtok = 1.25\n[[models]]\nname = \"*\"\ninput_usd_per_mtok = 1\noutput_usd_per_mtok = 2\n"),
+        )
+        .unwrap();
+        let gpt = c.prices.price_of("gpt-4o-mini").unwrap();
+        assert_eq!(gpt.input, PicoPerToken(2_500_000));
+        assert_eq!(gpt.cached_input, Some(PicoPerToken(1_250_000)));
+        assert_eq!(c.prices.price_of("o3").unwrap().name, "*");
+        let e = error(&text(
+            "\n[[models]]\nname = \"m\"\ninput_usd_per_mtok = -1.0\noutput_usd_per_mtok = 2.0\n",
+        ));
+        assert!(
+            e.starts_with("gw.toml:21:22: field `models[0].input_usd_per_mtok`: -1 is not a price"),
+            "{e}"
+        );
+        let e = error(&text("\n[[models]]\nname = \"m\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n[[models]]\nname = \"m\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\n"));
+        assert!(
+            e.starts_with("gw.toml:24:8: field `models[1].name`: \"m\" is priced twice"),
+            "{e}"
+        );
+        let e = error(&text(
+            "\n[[models]]\nname = \"m\"\ninput_usd_per_mtok = 1.0\n",
+        ));
+        assert!(e.starts_with("gw.toml:19:1: "), "{e}");
+        assert!(e.contains("missing field `output_usd_per_mtok`"), "{e}");
+        let e = error(&text("\n[[models]]\nname = \"m\"\ninput_usd_per_mtok = 1.0\noutput_usd_per_mtok = 2.0\nprice = 3\n"));
+        assert!(
+            e.starts_with("gw.toml:23:1: field `models[0].price`: unknown field"),
+            "{e}"
+        );
     }
 
     /// The id of agent `i` in [`chain`]'s configurations.

@@ -64,6 +64,7 @@ use tower_governor::key_extractor::KeyExtractor;
 use tower_governor::{GovernorError, GovernorLayer};
 
 use crate::admin::Admin;
+use crate::admission::LimitAdmission;
 use crate::catalog::Catalog;
 use crate::config::{Config, Tokenizer};
 use crate::db::{Database, DbError, Snapshot};
@@ -341,10 +342,17 @@ impl Gateway {
         let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
-                Budgets::Local(budgets) => router.route_service(
-                    "/v1/{*path}",
-                    tower::Layer::layer(&self.budget_layer(budgets.clone()), proxy),
-                ),
+                Budgets::Local(budgets) => {
+                    let admission = LimitAdmission::new(
+                        budgets.clone(),
+                        self.catalog.plans().clone(),
+                        self.config.prices.clone(),
+                    );
+                    router.route_service(
+                        "/v1/{*path}",
+                        tower::Layer::layer(&self.budget_layer(Arc::new(admission)), proxy),
+                    )
+                }
                 Budgets::Fleet(fleet) => router.route_service(
                     "/v1/{*path}",
                     tower::Layer::layer(&self.budget_layer(fleet.clone()), proxy),

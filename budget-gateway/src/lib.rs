@@ -9,7 +9,9 @@
 //!
 //! The binary is a thin shell over this library, which tests drive in
 //! process: [`config`] reads and checks the TOML (its limits through
-//! [`limits`], which the admin API shares), [`gateway::Gateway`] builds
+//! [`limits`], which the admin API shares), [`admission`] admits each
+//! request against every limit that applies to it (spend priced,
+//! per-model limits; the design in [`docs::limits`]), [`gateway::Gateway`] builds
 //! the routes and serves them behind [`paths`]' normalization, [`proxy`]
 //! forwards, [`admin`] is the operator's API (budgets, agents, keys, its
 //! OpenAPI document), [`catalog`] holds the agents of the file and of the
@@ -63,9 +65,11 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 pub mod catalog;
 pub mod config;
 pub mod db;
+pub mod docs;
 pub mod gateway;
 pub mod keys;
 pub mod limits;

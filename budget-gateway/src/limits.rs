@@ -1,5 +1,5 @@
 //! An agent's limits as operators write them, in the TOML file and in the
-//! admin API alike, and what the core enforces of them.
+//! admin API alike, and the core budgets that enforce them.
 //!
 //! # How it works
 //!
@@ -8,8 +8,9 @@
 //! ```toml
 //! [[agents.limits]]
 //! window = "1m"      # a fixed window: "30s", "1m", "1h", "1d"; or refill = "1m" for a bucket
-//! requests = 100     # any of: requests, tokens
+//! requests = 100     # any of: requests, tokens, spend_usd
 //! tokens = 100000
+//! model = "gpt-4o*"  # optional: counts only requests for matching models
 //! ```
 //!
 //! and in JSON as `{"window": "1m", "requests": 100, "tokens": 100000}`.
@@ -22,30 +23,50 @@
 //! `422` with the field as `param`.
 //!
 //! A resource a limit leaves out is not limited by it: `requests = 100`
-//! alone admits any number of tokens. A limit with neither is refused, as
+//! alone admits any number of tokens. A limit with none is refused, as
 //! is a zero-length period.
 //!
-//! The core enforces exactly one limit per agent today (tokens and calls
-//! together, in a fixed window or a bucket: [`CoreLimit`]), so a list of
-//! several limits, `spend_usd`, `model` and calendar months (`"1mo"`) are
-//! understood and refused with a message that says so, rather than
-//! rejected as unknown. Several limits at once, spend and per-model
-//! limits extend this module: the fields are already here.
+//! Each limit is enforced by one or two core budgets, its **cells**
+//! ([`Cell`]): its tokens and requests share one (the core's tokens and
+//! calls), its `spend_usd` has one whose tokens are micro-dollars. The
+//! first limit on tokens or requests without a `model` is the agent's own
+//! core budget (its id is the agent's, so the budgets view, the state file
+//! and a fleet see it as before); every other cell's id is derived from
+//! the agent's id and the cell's identity (its window or refill, its model
+//! glob and what it counts), never from its place in the list, so a `PUT`
+//! that keeps a limit keeps its usage. See [`crate::docs::limits`] for how
+//! a request is admitted against them all.
 
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_budget::{AgentId, BudgetLimit, BudgetManager, FullBudgetInfo, RefillLimit};
+use agent_budget::{
+    AgentId, BudgetLimit, BudgetManager, CalendarLimit, CalendarPeriod, FullBudgetInfo, RefillLimit,
+};
+use agent_budget_tower::openai::pricing::glob_matches;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 
 /// A length of time written as a whole number and a unit: `30s`, `1m`,
-/// `1h`, `1d` (seconds, minutes, hours, days).
+/// `1h`, `1d` (seconds, minutes, hours, days), counted from the window's
+/// first use; or a calendar window in UTC: `"day"` (00:00 to 00:00 UTC)
+/// or `"1mo"` (from the 1st, 00:00 UTC, to the next month's).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Period {
     secs: u64,
+    calendar: Option<Calendar>,
+}
+
+/// A window aligned to the UTC calendar.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Calendar {
+    /// From 00:00 UTC to the next 00:00 UTC.
+    Day,
+    /// From the 1st of a month, 00:00 UTC, to the 1st of the next.
+    Month,
 }
 
 /// The units a [`Period`] may be written in, longest first (the order
@@ -55,12 +76,34 @@ const UNITS: [(&str, u64); 4] = [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1
 impl Period {
     /// A period of `secs` seconds; `None` for zero.
     pub fn from_secs(secs: u64) -> Option<Self> {
-        (secs > 0).then_some(Period { secs })
+        (secs > 0).then_some(Period {
+            secs,
+            calendar: None,
+        })
     }
 
-    /// Its length in seconds (at least one).
+    /// A calendar window.
+    pub fn calendar(calendar: Calendar) -> Self {
+        let secs = match calendar {
+            Calendar::Day => 86_400,
+            // The longest month: what a reset may be away, at most.
+            Calendar::Month => 31 * 86_400,
+        };
+        Period {
+            secs,
+            calendar: Some(calendar),
+        }
+    }
+
+    /// Its length in seconds (at least one); a calendar month's is the
+    /// longest month's.
     pub fn secs(self) -> u64 {
         self.secs
+    }
+
+    /// The calendar window it is, if it is one.
+    pub fn as_calendar(self) -> Option<Calendar> {
+        self.calendar
     }
 }
 
@@ -71,14 +114,19 @@ impl FromStr for Period {
         let usage = || {
             format!(
                 "{text:?} is not a period: write a whole number and a unit, s, m, h or d \
-                 (\"30s\", \"1m\", \"1h\", \"1d\")"
+                 (\"30s\", \"1m\", \"1h\", \"1d\"), or a calendar window, \"day\" or \"1mo\""
             )
         };
+        match text {
+            "1mo" => return Ok(Period::calendar(Calendar::Month)),
+            "day" => return Ok(Period::calendar(Calendar::Day)),
+            _ => {}
+        }
         let digits = text.bytes().take_while(u8::is_ascii_digit).count();
         let (number, unit) = text.split_at(digits);
         if unit == "mo" {
             return Err(format!(
-                "{text:?}: calendar months are not supported yet; use days (\"30d\")"
+                "{text:?}: a calendar window is one month, \"1mo\"; for longer, use days (\"60d\")"
             ));
         }
         let (_, scale) = UNITS
@@ -96,6 +144,11 @@ impl FromStr for Period {
 impl fmt::Display for Period {
     /// The longest unit that divides it: 60 seconds is `1m`, 90 is `90s`.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.calendar {
+            Some(Calendar::Day) => return f.write_str("day"),
+            Some(Calendar::Month) => return f.write_str("1mo"),
+            None => {}
+        }
         let (unit, scale) = UNITS
             .iter()
             .find(|(_, scale)| self.secs.is_multiple_of(*scale))
@@ -116,7 +169,7 @@ impl<'de> Deserialize<'de> for Period {
         impl serde::de::Visitor<'_> for Visitor {
             type Value = Period;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("a period such as \"30s\", \"1m\", \"1h\" or \"1d\"")
+                f.write_str("a period such as \"30s\", \"1m\", \"1h\", \"1d\", \"day\" or \"1mo\"")
             }
             fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Period, E> {
                 text.parse().map_err(E::custom)
@@ -130,9 +183,11 @@ impl utoipa::PartialSchema for Period {
     fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
         utoipa::openapi::ObjectBuilder::new()
             .schema_type(utoipa::openapi::schema::Type::String)
-            .pattern(Some("^[1-9][0-9]*(s|m|h|d)$"))
+            .pattern(Some("^([1-9][0-9]*(s|m|h|d)|day|1mo)$"))
             .description(Some(
-                "A whole number and a unit: s, m, h or d (\"30s\", \"1m\", \"1h\", \"1d\").",
+                "A whole number and a unit: s, m, h or d (\"30s\", \"1m\", \"1h\", \"1d\"), \
+                 counted from the window's first use; or a UTC calendar window: \"day\" \
+                 (from 00:00 UTC) or \"1mo\" (from the 1st, 00:00 UTC).",
             ))
             .examples(["1m"])
             .into()
@@ -147,7 +202,8 @@ impl ToSchema for Period {}
 #[serde(deny_unknown_fields)]
 pub struct LimitSpec {
     /// A fixed window of this length: what it admits is counted from the
-    /// window's start and forgotten at its end.
+    /// window's start and forgotten at its end (`"day"` and `"1mo"`: the
+    /// UTC calendar's day and month).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Period>)]
     pub window: Option<Period>,
@@ -163,12 +219,15 @@ pub struct LimitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub tokens: Option<u64>,
-    /// Dollars per window. Not supported yet: refused.
+    /// Dollars per window (or held by the bucket), priced by the
+    /// configuration's `[[models]]` table, counted in micro-dollars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1_000_000.0_f64)]
     pub spend_usd: Option<f64>,
-    /// Counts only requests for models matching this glob. Not supported
-    /// yet: refused.
+    /// Counts only requests whose `model` matches this glob (`*` any run
+    /// of characters, `?` one); every request when left out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(min_length = 1, max_length = 256)]
     pub model: Option<String>,
 }
 
@@ -211,20 +270,151 @@ impl LegacyFields {
     }
 }
 
-/// An agent's limits, checked: what the core can enforce.
+/// The most dollars a spend limit may hold per window: a million, so its
+/// micro-dollars (10^12) stay within what the core counts exactly (10^12
+/// tokens per window: see `agent_budget::MAX_TOKENS`).
+pub const MAX_SPEND_USD: f64 = 1e6;
+
+/// The longest `model` glob, in characters.
+pub const MAX_MODEL_GLOB_CHARS: usize = 256;
+
+/// An agent's limits, checked, and the limit cells the core enforces them
+/// with (see [`crate::docs::limits`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Limits {
     specs: Arc<[LimitSpec]>,
-    enforced: Enforced,
+    cells: Arc<[Cell]>,
 }
 
-/// The one limit the core enforces, as read from its [`LimitSpec`].
+/// How a limit's amounts come back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Timing {
+    /// All at once when the window ends.
+    Window(Period),
+    /// Continuously, the whole amount in this long.
+    Refill(Period),
+}
+
+impl fmt::Display for Timing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Timing::Window(p) => write!(f, "window={p}"),
+            Timing::Refill(p) => write!(f, "refill={p}"),
+        }
+    }
+}
+
+/// What one limit cell counts: a core budget's tokens and calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Enforced {
-    refills: bool,
-    period: Period,
-    tokens: u64,
-    calls: u64,
+pub enum Counts {
+    /// Tokens and requests (the core's tokens and calls); a resource the
+    /// limit leaves out is `u64::MAX`, which the core never runs out of.
+    Usage {
+        /// Tokens per window.
+        tokens: u64,
+        /// Requests per window.
+        requests: u64,
+    },
+    /// Micro-dollars per window, in the core's tokens; its calls are
+    /// `u64::MAX` and never claimed.
+    Spend {
+        /// Micro-dollars per window.
+        micros: u64,
+    },
+}
+
+/// One core budget enforcing (part of) one of an agent's limits: the
+/// tokens and requests of a `[[agents.limits]]` entry share one, its
+/// `spend_usd` has one of its own.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cell {
+    /// The index of the limit it enforces in the agent's list.
+    pub spec: usize,
+    /// Its window or bucket.
+    pub timing: Timing,
+    /// The glob on the request's `model` it counts, if not every request.
+    pub model: Option<Arc<str>>,
+    /// What it counts.
+    pub counts: Counts,
+    /// Whether it is the agent's own core budget (its id is the agent's):
+    /// the first limit on tokens or requests that counts every model.
+    pub primary: bool,
+}
+
+impl Cell {
+    /// Whether it counts requests for `model` (`None`: a request that
+    /// names no model, which only limits without a glob count).
+    pub fn counts_model(&self, model: Option<&str>) -> bool {
+        match (&self.model, model) {
+            (None, _) => true,
+            (Some(glob), Some(model)) => glob_matches(glob, model),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// What identifies it among the agent's cells, whatever its index: a
+    /// `PUT` that keeps a limit keeps its cell, and its usage.
+    fn identity(&self) -> String {
+        let resource = match self.counts {
+            Counts::Usage { .. } => "usage",
+            Counts::Spend { .. } => "spend",
+        };
+        format!(
+            "{}|{}|{resource}",
+            self.timing,
+            self.model.as_deref().unwrap_or("")
+        )
+    }
+
+    /// Its core budget's id for `agent`: the agent's own for the primary
+    /// cell, else derived from the agent's id and the cell's identity
+    /// (SHA-256, as a version 8 UUID).
+    pub fn id(&self, agent: AgentId) -> AgentId {
+        if self.primary {
+            return agent;
+        }
+        let mut hash = Sha256::new();
+        hash.update(b"agent-budget limit cell\0");
+        hash.update(agent.as_bytes());
+        hash.update(self.identity().as_bytes());
+        let digest = hash.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_custom_bytes(bytes).into_uuid()
+    }
+
+    /// What the core enforces for it, under `id`.
+    pub fn core(&self, id: AgentId) -> CoreLimit {
+        let (token_budget, calls_budget) = match self.counts {
+            Counts::Usage { tokens, requests } => (tokens, requests),
+            Counts::Spend { micros } => (micros, u64::MAX),
+        };
+        match self.timing {
+            Timing::Refill(period) => CoreLimit::Refill(RefillLimit {
+                agent_id: id,
+                token_budget,
+                calls_budget,
+                refill_period: Duration::from_secs(period.secs()),
+            }),
+            Timing::Window(period) => match period.as_calendar() {
+                Some(calendar) => CoreLimit::Calendar(CalendarLimit {
+                    agent_id: id,
+                    token_budget,
+                    calls_budget,
+                    period: match calendar {
+                        Calendar::Day => CalendarPeriod::Day,
+                        Calendar::Month => CalendarPeriod::Month,
+                    },
+                }),
+                None => CoreLimit::Window(BudgetLimit {
+                    agent_id: id,
+                    token_budget,
+                    calls_budget,
+                    window_secs: period.secs(),
+                }),
+            },
+        }
+    }
 }
 
 /// One limit as the core enforces it: a fixed window, or a bucket.
@@ -234,6 +424,8 @@ pub enum CoreLimit {
     Window(BudgetLimit),
     /// A bucket ([`BudgetManager::set_refill`]).
     Refill(RefillLimit),
+    /// A window of the UTC calendar ([`BudgetManager::set_calendar`]).
+    Calendar(CalendarLimit),
 }
 
 impl CoreLimit {
@@ -242,6 +434,7 @@ impl CoreLimit {
         match self {
             CoreLimit::Window(limit) => budgets.set_budget(limit.clone()),
             CoreLimit::Refill(limit) => budgets.set_refill(limit.clone()),
+            CoreLimit::Calendar(limit) => budgets.set_calendar(limit.clone()),
         }
     }
 }
@@ -280,7 +473,7 @@ impl Limits {
             (None, false) => Self::from_legacy(legacy),
             (None, true) => Err(error(
                 None,
-                "the agent has no limits: give `limits` (a list with one limit), or \
+                "the agent has no limits: give `limits` (a list of limits), or \
                  `token_budget`, `calls_budget` and `window_secs`",
             )),
         }
@@ -305,30 +498,75 @@ impl Limits {
         }])
     }
 
-    /// Checks a list of limits.
+    /// Checks a list of limits, and lays out their cells.
     fn from_list(list: &[LimitSpec]) -> Result<Limits, LimitError> {
         if list.is_empty() {
             return Err(error(
                 "limits".to_owned(),
-                "the list is empty: give one limit",
+                "the list is empty: give at least one limit",
             ));
         }
-        let mut checked = Vec::with_capacity(list.len());
+        let mut cells: Vec<Cell> = Vec::with_capacity(list.len());
+        let mut has_primary = false;
         for (i, spec) in list.iter().enumerate() {
-            checked.push(
-                spec.check()
-                    .map_err(|(field, message)| error(format!("limits[{i}].{field}"), message))?,
-            );
-        }
-        if list.len() > 1 {
-            return Err(error(
-                "limits[1]".to_owned(),
-                "several limits per agent are not supported yet: give exactly one",
-            ));
+            let at = |field: &str| format!("limits[{i}].{field}");
+            let timing = spec
+                .check()
+                .map_err(|(field, message)| error(at(field), message))?;
+            let model: Option<Arc<str>> = spec.model.as_deref().map(Arc::from);
+            let mut add = |counts: Counts, field: &str| {
+                let primary =
+                    !has_primary && model.is_none() && matches!(counts, Counts::Usage { .. });
+                has_primary |= primary;
+                let cell = Cell {
+                    spec: i,
+                    timing,
+                    model: model.clone(),
+                    counts,
+                    primary,
+                };
+                if let Some(same) = cells.iter().find(|c| c.identity() == cell.identity()) {
+                    return Err(error(
+                        at(field),
+                        format!(
+                            "limits[{}] already limits this with the same {} and model: \
+                             give one limit per window and model",
+                            same.spec,
+                            match timing {
+                                Timing::Window(_) => "window",
+                                Timing::Refill(_) => "refill",
+                            }
+                        ),
+                    ));
+                }
+                cells.push(cell);
+                Ok(())
+            };
+            if spec.tokens.is_some() || spec.requests.is_some() {
+                add(
+                    Counts::Usage {
+                        tokens: spec.tokens.unwrap_or(u64::MAX),
+                        requests: spec.requests.unwrap_or(u64::MAX),
+                    },
+                    if spec.tokens.is_some() {
+                        "tokens"
+                    } else {
+                        "requests"
+                    },
+                )?;
+            }
+            if let Some(usd) = spec.spend_usd {
+                add(
+                    Counts::Spend {
+                        micros: usd_to_micros(usd),
+                    },
+                    "spend_usd",
+                )?;
+            }
         }
         Ok(Limits {
             specs: list.into(),
-            enforced: checked[0],
+            cells: cells.into(),
         })
     }
 
@@ -337,36 +575,121 @@ impl Limits {
         &self.specs
     }
 
-    /// What the core enforces for `agent_id`.
-    pub fn core(&self, agent_id: AgentId) -> CoreLimit {
-        let Enforced {
-            refills,
-            period,
-            tokens: token_budget,
-            calls: calls_budget,
-        } = self.enforced;
-        if refills {
-            CoreLimit::Refill(RefillLimit {
+    /// The cells that enforce them, in the order of the limits.
+    pub fn cells(&self) -> &[Cell] {
+        &self.cells
+    }
+
+    /// Whether these are one limit on tokens and requests for every model,
+    /// as before lists: the agent's own core budget is all there is, and
+    /// requests take the core's one-budget path.
+    pub fn is_single(&self) -> bool {
+        matches!(&*self.cells, [cell] if cell.primary)
+    }
+
+    /// Whether a limit counts dollars.
+    pub fn has_spend(&self) -> bool {
+        self.cells
+            .iter()
+            .any(|c| matches!(c.counts, Counts::Spend { .. }))
+    }
+
+    /// What the core enforces for `agent_id`: each cell's budget, and, when
+    /// no cell is the agent's own (only spend or per-model limits), an
+    /// unlimited budget in its name, which links it to its parent's.
+    pub fn core_limits(&self, agent_id: AgentId) -> Vec<CoreLimit> {
+        let mut all: Vec<CoreLimit> = self.cells.iter().map(|c| c.core(c.id(agent_id))).collect();
+        if !self.cells.iter().any(|c| c.primary) {
+            all.push(CoreLimit::Window(BudgetLimit {
                 agent_id,
-                token_budget,
-                calls_budget,
-                refill_period: Duration::from_secs(period.secs()),
-            })
-        } else {
-            CoreLimit::Window(BudgetLimit {
-                agent_id,
-                token_budget,
-                calls_budget,
-                window_secs: period.secs(),
-            })
+                token_budget: u64::MAX,
+                calls_budget: u64::MAX,
+                window_secs: 86_400,
+            }));
+        }
+        all
+    }
+
+    /// Sets every core budget of the agent's limits in `budgets`, keeping
+    /// the usage of those it had already.
+    pub fn apply(&self, agent_id: AgentId, budgets: &BudgetManager) {
+        for limit in self.core_limits(agent_id) {
+            limit.apply(budgets);
         }
     }
 
+    /// [`apply`](Self::apply) in place of `old` (the agent's limits until
+    /// now, if any): the cells `old` had and these have not are removed.
+    pub fn apply_over(&self, old: Option<&Limits>, agent_id: AgentId, budgets: &BudgetManager) {
+        self.apply(agent_id, budgets);
+        if let Some(old) = old {
+            let kept = self.core_ids(agent_id);
+            for id in old.core_ids(agent_id) {
+                if !kept.contains(&id) {
+                    budgets.remove_budget(&id);
+                }
+            }
+        }
+    }
+
+    /// Removes every core budget of the agent's limits.
+    pub fn remove(&self, agent_id: AgentId, budgets: &BudgetManager) {
+        for id in self.core_ids(agent_id) {
+            budgets.remove_budget(&id);
+        }
+    }
+
+    /// The ids of the core budgets of the agent's limits (its own first).
+    pub fn core_ids(&self, agent_id: AgentId) -> Vec<AgentId> {
+        let mut ids = vec![agent_id];
+        ids.extend(
+            self.cells
+                .iter()
+                .filter(|c| !c.primary)
+                .map(|c| c.id(agent_id)),
+        );
+        ids
+    }
+
+    /// What the core enforces for `agent_id` of its own limit: the first
+    /// cell's.
+    pub fn core(&self, agent_id: AgentId) -> CoreLimit {
+        self.core_limits(agent_id).swap_remove(0)
+    }
+
     /// The fixed window a fleet shares through Redis, or why these limits
-    /// cannot be shared (a bucket).
+    /// cannot be shared (a bucket, several limits, spend, a model).
     pub fn fleet_window(&self, agent_id: AgentId) -> Result<BudgetLimit, LimitError> {
+        let unsupported = |field: String, what: &str| {
+            error(
+                field,
+                format!(
+                    "budgets shared through Redis are one fixed window on tokens and \
+                     requests: {what} is enforced by a gateway on its own; run without --redis"
+                ),
+            )
+        };
+        if self.specs.len() > 1 {
+            return Err(unsupported(
+                "limits[1]".to_owned(),
+                "a list of several limits",
+            ));
+        }
+        if self.specs[0].spend_usd.is_some() {
+            return Err(unsupported("limits[0].spend_usd".to_owned(), "spend"));
+        }
+        if self.specs[0].model.is_some() {
+            return Err(unsupported(
+                "limits[0].model".to_owned(),
+                "a per-model limit",
+            ));
+        }
         match self.core(agent_id) {
             CoreLimit::Window(limit) => Ok(limit),
+            CoreLimit::Calendar(_) => Err(unsupported(
+                "limits[0].window".to_owned(),
+                "a calendar window",
+            )),
             CoreLimit::Refill(_) => Err(error(
                 "limits[0].refill".to_owned(),
                 "budgets shared through Redis are fixed windows: use `window` instead of \
@@ -375,36 +698,72 @@ impl Limits {
         }
     }
 
-    /// Where each limit stands, from the core's view of the agent; `None`
-    /// (a budget not set yet: a fleet's, until Redis has it) shows nothing
-    /// used.
-    pub fn states(&self, info: Option<&FullBudgetInfo>) -> Vec<LimitState> {
-        self.specs
-            .iter()
-            .map(|spec| LimitState::of(spec, info))
-            .collect()
+    /// Where each limit stands, from the core's view of each of its cells
+    /// (`info` of a cell's id); a cell without a budget yet (a fleet's,
+    /// until Redis has it) shows nothing used.
+    pub fn states(
+        &self,
+        agent_id: AgentId,
+        info: impl Fn(&AgentId) -> Option<FullBudgetInfo>,
+    ) -> Vec<LimitState> {
+        let mut states: Vec<LimitState> = self.specs.iter().map(LimitState::unused).collect();
+        for cell in self.cells.iter() {
+            if let Some(info) = info(&cell.id(agent_id)) {
+                states[cell.spec].add(cell, &info);
+            }
+        }
+        states
     }
 }
 
+/// Dollars as micro-dollars, to the nearest (the spend was checked to be
+/// finite, not negative and at most [`MAX_SPEND_USD`]).
+fn usd_to_micros(usd: f64) -> u64 {
+    (usd * 1e6).round() as u64
+}
+
+/// Micro-dollars as dollars, for display.
+pub fn micros_to_usd(micros: u64) -> f64 {
+    micros as f64 / 1e6
+}
+
 impl LimitSpec {
-    /// Checks one limit on its own, and reads what the core would enforce
-    /// of it; the error names the field.
-    fn check(&self) -> Result<Enforced, (&'static str, String)> {
-        if self.spend_usd.is_some() {
-            return Err((
-                "spend_usd",
-                "spend limits are not supported yet: limit `requests` and `tokens`".to_owned(),
-            ));
+    /// Checks one limit on its own, and reads its window; the error names
+    /// the field.
+    fn check(&self) -> Result<Timing, (&'static str, String)> {
+        if let Some(usd) = self.spend_usd {
+            if !(usd.is_finite() && (0.0..=MAX_SPEND_USD).contains(&usd)) {
+                return Err((
+                    "spend_usd",
+                    format!("{usd} is not a spend limit: give dollars from 0 to {MAX_SPEND_USD:e}"),
+                ));
+            }
         }
-        if self.model.is_some() {
-            return Err((
-                "model",
-                "per-model limits are not supported yet: leave out `model`".to_owned(),
-            ));
+        if let Some(model) = &self.model {
+            if model.trim().is_empty()
+                || model.chars().count() > MAX_MODEL_GLOB_CHARS
+                || model.chars().any(char::is_control)
+            {
+                return Err((
+                    "model",
+                    format!(
+                        "{model:?} is not a model glob: give 1 to {MAX_MODEL_GLOB_CHARS} \
+                         characters without control characters (\"gpt-4o*\")"
+                    ),
+                ));
+            }
         }
-        let (refills, period) = match (self.window, self.refill) {
-            (Some(window), None) => (false, window),
-            (None, Some(refill)) => (true, refill),
+        let timing = match (self.window, self.refill) {
+            (Some(window), None) => Timing::Window(window),
+            (None, Some(refill)) if refill.as_calendar().is_some() => {
+                return Err((
+                    "refill",
+                    "a bucket refills over a length of time (\"1h\", \"30d\"), not a \
+                     calendar window"
+                        .to_owned(),
+                ))
+            }
+            (None, Some(refill)) => Timing::Refill(refill),
             (Some(_), Some(_)) => {
                 return Err((
                     "refill",
@@ -420,25 +779,21 @@ impl LimitSpec {
                 ))
             }
         };
-        if self.requests.is_none() && self.tokens.is_none() {
+        if self.requests.is_none() && self.tokens.is_none() && self.spend_usd.is_none() {
             return Err((
                 "requests",
-                "a limit must limit something: give `requests`, `tokens` or both".to_owned(),
+                "a limit must limit something: give `requests`, `tokens`, `spend_usd`, or \
+                 several"
+                    .to_owned(),
             ));
         }
-        // A resource the limit leaves out is not limited by it.
-        Ok(Enforced {
-            refills,
-            period,
-            tokens: self.tokens.unwrap_or(u64::MAX),
-            calls: self.requests.unwrap_or(u64::MAX),
-        })
+        Ok(timing)
     }
 }
 
 /// Amounts of each resource a limit counts; a resource it does not limit
 /// is left out.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Amounts {
     /// Requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -446,6 +801,9 @@ pub struct Amounts {
     /// Tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens: Option<u64>,
+    /// Dollars (to the micro-dollar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spend_usd: Option<f64>,
 }
 
 /// A limit and where it stands now.
@@ -467,36 +825,43 @@ pub struct LimitState {
 }
 
 impl LimitState {
-    fn of(spec: &LimitSpec, info: Option<&FullBudgetInfo>) -> Self {
-        let Some(info) = info else {
-            return LimitState {
-                limit: spec.clone(),
-                used: Amounts {
-                    requests: spec.requests.map(|_| 0),
-                    tokens: spec.tokens.map(|_| 0),
-                },
-                remaining: Amounts {
-                    requests: spec.requests,
-                    tokens: spec.tokens,
-                },
-                resets_in_secs: 0,
-                exhausted: false,
-            };
-        };
-        let limited = |limit: Option<u64>, value: u64| limit.map(|_| value);
+    /// A limit with nothing used.
+    fn unused(spec: &LimitSpec) -> Self {
         LimitState {
             limit: spec.clone(),
             used: Amounts {
-                requests: limited(spec.requests, info.calls_used),
-                tokens: limited(spec.tokens, info.tokens_used),
+                requests: spec.requests.map(|_| 0),
+                tokens: spec.tokens.map(|_| 0),
+                spend_usd: spec.spend_usd.map(|_| 0.0),
             },
             remaining: Amounts {
-                requests: limited(spec.requests, info.calls_remaining),
-                tokens: limited(spec.tokens, info.tokens_remaining),
+                requests: spec.requests,
+                tokens: spec.tokens,
+                spend_usd: spec.spend_usd,
             },
-            resets_in_secs: info.window_remaining_secs,
-            exhausted: info.is_exhausted,
+            resets_in_secs: 0,
+            exhausted: false,
         }
+    }
+
+    /// Reads one of its cells' state.
+    fn add(&mut self, cell: &Cell, info: &FullBudgetInfo) {
+        let spec = &self.limit;
+        let limited = |limit: Option<u64>, value: u64| limit.map(|_| value);
+        match cell.counts {
+            Counts::Usage { .. } => {
+                self.used.requests = limited(spec.requests, info.calls_used);
+                self.used.tokens = limited(spec.tokens, info.tokens_used);
+                self.remaining.requests = limited(spec.requests, info.calls_remaining);
+                self.remaining.tokens = limited(spec.tokens, info.tokens_remaining);
+            }
+            Counts::Spend { .. } => {
+                self.used.spend_usd = Some(micros_to_usd(info.tokens_used));
+                self.remaining.spend_usd = Some(micros_to_usd(info.tokens_remaining));
+            }
+        }
+        self.resets_in_secs = self.resets_in_secs.max(info.window_remaining_secs);
+        self.exhausted |= info.is_exhausted;
     }
 }
 
@@ -534,7 +899,9 @@ mod tests {
             assert!(e.contains("a whole number and a unit"), "{bad}: {e}");
         }
         assert!(period("0s").unwrap_err().contains("must not be zero"));
-        assert!(period("1mo").unwrap_err().contains("calendar months"));
+        assert!(period("2mo").unwrap_err().contains("one month"));
+        assert_eq!(period("1mo").unwrap().to_string(), "1mo");
+        assert_eq!(period("day").unwrap().as_calendar(), Some(Calendar::Day));
         assert!(period("999999999999999999d")
             .unwrap_err()
             .contains("too long"));
@@ -612,23 +979,23 @@ mod tests {
     }
 
     #[test]
-    fn what_the_core_cannot_enforce_yet_is_refused_by_name() {
+    fn bad_limits_are_refused_by_name() {
         for (json, field, says) in [
             ("[]", "limits", "empty"),
             (
-                r#"[{"window": "1m", "requests": 1}, {"window": "1d", "tokens": 9}]"#,
-                "limits[1]",
-                "several limits",
+                r#"[{"window": "1m", "requests": 1}, {"window": "1m", "tokens": 9}]"#,
+                "limits[1].tokens",
+                "limits[0] already limits this",
             ),
             (
-                r#"[{"window": "1m", "spend_usd": 5.0}]"#,
+                r#"[{"window": "1m", "spend_usd": -5.0}]"#,
                 "limits[0].spend_usd",
-                "spend",
+                "not a spend limit",
             ),
             (
-                r#"[{"window": "1m", "requests": 1, "model": "gpt-4o*"}]"#,
+                r#"[{"window": "1m", "requests": 1, "model": " "}]"#,
                 "limits[0].model",
-                "per-model",
+                "not a model glob",
             ),
             (
                 r#"[{"window": "1m", "refill": "1m", "requests": 1}]"#,
@@ -646,6 +1013,56 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some(field), "{json}");
             assert!(e.message.contains(says), "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn several_limits_spend_and_models_become_cells_with_stable_ids() {
+        let id = AgentId::from_u128(7);
+        let limits = list(
+            r#"[{"window": "1m", "requests": 100, "tokens": 1000},
+                {"window": "1d", "tokens": 50000, "spend_usd": 1.5},
+                {"window": "1m", "requests": 10, "model": "gpt-4o*"}]"#,
+        )
+        .unwrap();
+        assert!(!limits.is_single());
+        assert!(limits.has_spend());
+        let cells = limits.cells();
+        assert_eq!(cells.len(), 4);
+        assert_eq!(
+            cells[0].id(id),
+            id,
+            "the first unscoped limit is the agent's own"
+        );
+        assert_eq!(cells[2].counts, Counts::Spend { micros: 1_500_000 });
+        let ids = limits.core_ids(id);
+        let distinct: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(distinct.len(), 4);
+        assert!(cells[3].counts_model(Some("gpt-4o-mini")));
+        assert!(!cells[3].counts_model(Some("o3")));
+        assert!(!cells[3].counts_model(None));
+        assert!(cells[1].counts_model(None));
+        // The same limits in another order keep their cells' ids; another
+        // agent's differ.
+        let reordered = list(
+            r#"[{"window": "1m", "requests": 100, "tokens": 1000},
+                {"window": "1m", "requests": 10, "model": "gpt-4o*"},
+                {"window": "1d", "tokens": 50000, "spend_usd": 1.5}]"#,
+        )
+        .unwrap();
+        let mut a = limits.core_ids(id);
+        let mut b = reordered.core_ids(id);
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_ne!(cells[1].id(id), cells[1].id(AgentId::from_u128(8)));
+        // A spend-only agent still has a budget of its own, unlimited.
+        let spend = list(r#"[{"window": "1h", "spend_usd": 2.0}]"#).unwrap();
+        let core = spend.core_limits(id);
+        assert_eq!(core.len(), 2);
+        assert!(
+            matches!(&core[1], CoreLimit::Window(l) if l.agent_id == id && l.token_budget == u64::MAX)
+        );
+        assert!(spend.fleet_window(id).is_err());
     }
 
     #[test]
@@ -671,12 +1088,13 @@ mod tests {
             window_remaining_secs: 42,
             is_exhausted: false,
         };
-        let state = &limits.states(Some(&info))[0];
+        let state = &limits.states(info.agent_id, |_| Some(info.clone()))[0];
         assert_eq!(
             state.used,
             Amounts {
                 requests: Some(3),
-                tokens: None
+                tokens: None,
+                spend_usd: None
             }
         );
         assert_eq!(state.remaining.requests, Some(7));

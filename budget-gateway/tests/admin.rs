@@ -327,15 +327,15 @@ async fn refusals(db: &str) {
         (
             Method::POST,
             agents.clone(),
-            r#"{"limits": [{"window": "1m", "requests": 1}, {"window": "1d", "tokens": 5}]}"#
+            r#"{"limits": [{"window": "1m", "requests": 1}, {"window": "60s", "tokens": 5}]}"#
                 .into(),
             StatusCode::UNPROCESSABLE_ENTITY,
-            Some("limits[1]"),
+            Some("limits[1].tokens"),
         ),
         (
             Method::POST,
             agents.clone(),
-            r#"{"limits": [{"window": "1m", "spend_usd": 5.0}]}"#.into(),
+            r#"{"limits": [{"window": "1m", "spend_usd": -5.0}]}"#.into(),
             StatusCode::UNPROCESSABLE_ENTITY,
             Some("limits[0].spend_usd"),
         ),

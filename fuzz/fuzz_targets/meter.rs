@@ -45,6 +45,7 @@ fuzz_target!(|case: Case<'_>| {
         calls: 1,
         hide_usage_chunk: case.hide_usage,
         deferred_count: None,
+            model: None,
     };
     let mut session = OpenAiUsage::max_buffered(1 << 16).start(&estimate, &mut parts);
     let mut sent = Vec::new();

@@ -461,6 +461,7 @@ mod tests {
                 calls: 1,
                 hide_usage_chunk: false,
                 deferred_count: None,
+                model: None,
             }
         );
         let e = completions(r#"{"prompt":["a b","c"],"max_tokens":10,"n":2}"#).unwrap();

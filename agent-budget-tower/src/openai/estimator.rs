@@ -26,8 +26,8 @@ use http::{Method, Request};
 use http_body::Body;
 
 use super::request::{
-    estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
-    TokenCounter,
+    estimate_body, prompt_tokens, request_model, ByteCount, Endpoint, EstimateOptions,
+    RequestEstimate, TokenCounter,
 };
 use crate::path::normalize_uri;
 use crate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost, Rejection};
@@ -251,9 +251,10 @@ where
             }
             let (mut parts, body) = request.into_parts();
             let bytes = read_body(body, this.max_body_bytes).await?;
-            let estimated = this
+            let mut estimated = this
                 .estimate_body(endpoint, &bytes)
                 .map_err(Rejection::bad_request)?;
+            estimated.estimate.model = request_model(&bytes);
             let body = match estimated.rewritten_body {
                 Some(rewritten) => {
                     parts

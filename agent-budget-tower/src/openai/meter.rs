@@ -40,7 +40,10 @@ use bytes::{Bytes, BytesMut};
 use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
 use http::response::Parts;
 
-use super::response::{json_usage, read_event, EventSplitter, StreamEvent};
+use super::response::{
+    event_used_tokens, json_used_tokens, read_event, EventSplitter, StreamEvent,
+};
+use crate::UsedTokens;
 use crate::{Estimate, Meter, MeterSession, Outcome};
 
 /// Reads OpenAI's `usage` from JSON bodies and event streams.
@@ -75,7 +78,7 @@ pub struct OpenAiSession {
     /// The request's estimate, for its prompt: what a stream the client
     /// left is charged at least.
     estimate: Estimate,
-    usage: Option<u64>,
+    usage: Option<UsedTokens>,
 }
 
 #[derive(Debug)]
@@ -146,7 +149,7 @@ impl Meter for OpenAiUsage {
 impl OpenAiSession {
     fn fallback(&self) -> Option<Outcome> {
         match self.usage {
-            Some(used) => Some(Outcome::Used(used)),
+            Some(used) => Some(Outcome::Used(used.total)),
             None if !self.success => Some(Outcome::Cancel),
             None => None,
         }
@@ -191,7 +194,10 @@ impl MeterSession for OpenAiSession {
                             *text_bytes = text_bytes.saturating_add(n);
                         }
                         StreamEvent::Usage { total_tokens, bare } => {
-                            self.usage = Some(total_tokens);
+                            self.usage = Some(event_used_tokens(&event).unwrap_or(UsedTokens {
+                                total: total_tokens,
+                                split: None,
+                            }));
                             if *hide_usage && bare {
                                 continue;
                             }
@@ -243,17 +249,21 @@ impl MeterSession for OpenAiSession {
         {
             // One chunk (the usual case) is read where it lies.
             let usage = if more.is_empty() {
-                json_usage(first)
+                json_used_tokens(first)
             } else {
                 let mut whole = first.to_vec();
                 for chunk in more {
                     whole.extend_from_slice(chunk);
                 }
-                json_usage(&whole)
+                json_used_tokens(&whole)
             };
             self.usage = self.usage.or(usage);
         }
         self.fallback().unwrap_or(Outcome::Reserved)
+    }
+
+    fn used_tokens(&self) -> Option<UsedTokens> {
+        self.usage
     }
 
     fn abandon(&mut self) -> Outcome {
@@ -297,6 +307,7 @@ mod tests {
             calls: 1,
             hide_usage_chunk: hide,
             deferred_count: None,
+            model: None,
         };
         let s = OpenAiUsage::max_buffered(64).start(&estimate, &mut parts);
         assert_eq!(
@@ -399,6 +410,7 @@ mod tests {
                 calls: 1,
                 hide_usage_chunk: true,
                 deferred_count: None,
+                model: None,
             };
             let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
             let gzipped = Bytes::from_static(b"\x1f\x8b\x08\x00garbage");
@@ -441,6 +453,7 @@ mod tests {
                 std::sync::Arc::new(|_: &[u8]| 10),
                 Bytes::new(),
             )),
+            model: None,
         };
         let mut s = OpenAiUsage::default().start(&estimate, &mut parts);
         s.data(Bytes::from([DELTA, DELTA].concat()));

@@ -17,7 +17,10 @@ mod scan;
 pub use estimator::{OpenAiEstimator, OtherRequests, PromptCount};
 pub use meter::{OpenAiSession, OpenAiUsage};
 pub use request::{
-    estimate_body, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
-    TokenCounter, NON_TEXT_PART_TOKENS,
+    estimate_body, prompt_tokens, request_model, ByteCount, Endpoint, EstimateOptions,
+    RequestEstimate, TokenCounter, NON_TEXT_PART_TOKENS,
 };
-pub use response::{json_usage, read_event, EventSplitter, StreamEvent, MAX_EVENT_BYTES};
+pub use response::{
+    event_used_tokens, json_usage, json_used_tokens, read_event, EventSplitter, StreamEvent,
+    MAX_EVENT_BYTES,
+};

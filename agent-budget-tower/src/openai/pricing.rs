@@ -106,37 +106,51 @@ impl PriceTable {
 
 /// Whether `text` matches `pattern`, where `*` matches any run of
 /// characters (none included) and `?` exactly one; everything else
-/// matches itself. The classic two-pointer walk with one backtrack point:
-/// at most the product of the lengths in steps, never exponential, so a
-/// hostile model name cannot make it slow.
+/// matches itself. The classic two-pointer walk with one backtrack point,
+/// over the bytes a character at a time (nothing allocated: it runs on
+/// every request with a per-model limit): at most the product of the
+/// lengths in steps, never exponential, so a hostile model name cannot
+/// make it slow.
 pub fn glob_matches(pattern: &str, text: &str) -> bool {
-    let (pattern, text): (Vec<char>, Vec<char>) =
-        (pattern.chars().collect(), text.chars().collect());
+    let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    // The length of the UTF-8 character that starts with `lead`.
+    let width = |lead: u8| match lead {
+        0..0xE0 if lead < 0x80 => 1,
+        0..0xE0 => 2,
+        0xE0..0xF0 => 3,
+        _ => 4,
+    };
     let (mut p, mut t) = (0, 0);
     // Where the last `*` was, and where the text stood when it was met.
     let mut star: Option<(usize, usize)> = None;
     while t < text.len() {
+        let w = width(text[t]).min(text.len() - t);
         match pattern.get(p) {
-            Some('*') => {
+            Some(b'*') => {
                 star = Some((p, t));
                 p += 1;
             }
-            Some(&c) if c == '?' || c == text[t] => {
+            Some(b'?') => {
                 p += 1;
-                t += 1;
+                t += w;
+            }
+            Some(_) if pattern[p..].starts_with(&text[t..t + w]) => {
+                p += w;
+                t += w;
             }
             _ => match star {
                 // Let the last `*` take one more character, and retry.
                 Some((star_p, star_t)) => {
+                    let taken = star_t + width(text[star_t]).min(text.len() - star_t);
                     p = star_p + 1;
-                    t = star_t + 1;
-                    star = Some((star_p, star_t + 1));
+                    t = taken;
+                    star = Some((star_p, taken));
                 }
                 None => return false,
             },
         }
     }
-    pattern[p..].iter().all(|&c| c == '*')
+    pattern[p..].iter().all(|&c| c == b'*')
 }
 
 #[cfg(test)]
@@ -251,6 +265,10 @@ mod tests {
             ("g*o*i", "gpt-4o-mini", true),
             ("claude-*-sonnet-*", "claude-3-5-sonnet-20241022", true),
             ("é*", "éa", true),
+            ("?a", "éa", true),
+            ("é?", "éé", true),
+            ("*é", "aéé", true),
+            ("a?", "aéx", false),
             ("**a", "bba", true),
         ] {
             assert_eq!(glob_matches(pattern, text), want, "{pattern} ~ {text}");

@@ -41,7 +41,7 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use super::scan::{Cursor, JsonStr};
+use super::scan::{Cursor, Fields, JsonStr};
 use super::{chat, embeddings, responses};
 use crate::Estimate;
 
@@ -162,9 +162,49 @@ pub fn estimate_body(
             calls: 1,
             hide_usage_chunk: cost.needs_usage_asked,
             deferred_count: None,
+            model: None,
         },
         rewritten_body,
     })
+}
+
+/// The top-level `"model"` of a request body, as a slice of it (no copy)
+/// when it is written without escapes, else decoded; `None` when the body
+/// names none (or is not a JSON object, which the estimate refuses).
+pub fn request_model(body: &Bytes) -> Option<Bytes> {
+    match fast_model(body) {
+        Some(found) => found.map(|range| body.slice(range)),
+        None => {
+            #[derive(serde::Deserialize)]
+            struct Model {
+                #[serde(default)]
+                model: Option<String>,
+            }
+            let parsed: Model = serde_json::from_slice(body).ok()?;
+            parsed.model.map(Bytes::from)
+        }
+    }
+}
+
+/// [`request_model`] by the strict reader: the model's byte range; `None`
+/// for a body it leaves to serde (an escaped model, a duplicate key).
+fn fast_model(body: &[u8]) -> Option<Option<std::ops::Range<usize>>> {
+    let mut cursor = Cursor::new(body)?;
+    let mut found = None;
+    let mut seen = Fields::default();
+    cursor.object(|c, key| {
+        if key == "model" {
+            seen.first(0)?;
+            let model = c.string()?;
+            let text = model.text()?;
+            let start = text.as_ptr() as usize - body.as_ptr() as usize;
+            found = Some(start..start + text.len());
+        } else {
+            c.skip()?;
+        }
+        Some(())
+    })?;
+    Some(found)
 }
 
 /// The prompt tokens of a body [`estimate_body`] accepts, as it counts
@@ -475,5 +515,23 @@ pub(super) mod tests {
     fn byte_count_is_the_utf8_length() {
         assert_eq!(ByteCount.count("héllo"), 6);
         assert_eq!(ByteCount.count(""), 0);
+    }
+
+    #[test]
+    fn the_model_is_read_from_the_top_level() {
+        let model = |body: &str| request_model(&Bytes::from(body.to_owned()));
+        assert_eq!(
+            model(r#"{"messages":[{"model":"inner"}],"model":"gpt-4o-mini"}"#).as_deref(),
+            Some(&b"gpt-4o-mini"[..])
+        );
+        assert_eq!(
+            model(r#"{"model":"gpt-\u0034o"}"#).as_deref(),
+            Some(&b"gpt-4o"[..]),
+            "escaped: decoded by serde"
+        );
+        assert_eq!(model(r#"{"messages":[]}"#), None);
+        assert_eq!(model(r#"{"model":null}"#), None);
+        assert_eq!(model(r#"{"model":5}"#), None);
+        assert_eq!(model("[1]"), None);
     }
 }

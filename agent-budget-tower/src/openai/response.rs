@@ -34,6 +34,7 @@ use serde_json::value::RawValue;
 use serde_json::Number;
 
 use super::scan::{Cursor, Fields};
+use crate::{TokenSplit, UsedTokens};
 
 /// An OpenAI `usage` object, read without allocating: numbers stay
 /// numbers until they are checked, other fields are skipped.
@@ -50,9 +51,49 @@ struct Usage {
     input_tokens: Option<Number>,
     #[serde(default)]
     output_tokens: Option<Number>,
+    /// Chat's and completions' cached prompt tokens.
+    #[serde(default)]
+    prompt_tokens_details: Option<Details>,
+    /// The Responses API's.
+    #[serde(default)]
+    input_tokens_details: Option<Details>,
+}
+
+/// `usage.prompt_tokens_details` (or `input_tokens_details`).
+#[derive(Deserialize)]
+struct Details {
+    #[serde(default)]
+    cached_tokens: Option<Number>,
 }
 
 impl Usage {
+    /// The usage by how it is priced: the total, and the prompt (with its
+    /// cached part) and completion when both are given; `None` when there
+    /// is no total.
+    fn split(&self) -> Option<UsedTokens> {
+        let total = self.total()?;
+        let part = |n: &Option<Number>| n.as_ref().and_then(Number::as_u64);
+        let input = part(&self.prompt_tokens).or(part(&self.input_tokens));
+        let output = part(&self.completion_tokens).or(part(&self.output_tokens));
+        let cached = self
+            .prompt_tokens_details
+            .as_ref()
+            .or(self.input_tokens_details.as_ref())
+            .and_then(|d| part(&d.cached_tokens))
+            .unwrap_or(0);
+        Some(match (input, output) {
+            (Some(input), Some(output)) => UsedTokens {
+                total,
+                split: Some(TokenSplit {
+                    input,
+                    cached_input: cached.min(input),
+                    output,
+                }),
+            },
+            _ => UsedTokens { total, split: None },
+        })
+    }
+
     /// `total_tokens`, or the prompt's plus the completion's when the total
     /// is missing (`prompt_tokens + completion_tokens`, or the Responses
     /// API's `input_tokens + output_tokens`); `None` unless they are
@@ -78,22 +119,40 @@ struct WithUsage {
 /// The total tokens a JSON response body reports in its `usage`, if it
 /// does.
 pub fn json_usage(body: &[u8]) -> Option<u64> {
+    json_used_tokens(body).map(|used| used.total)
+}
+
+/// [`json_usage`], with the prompt's (and its cached part's) and the
+/// completion's tokens when the usage gives them.
+pub fn json_used_tokens(body: &[u8]) -> Option<UsedTokens> {
     match fast_usage(body) {
         Some(usage) => usage,
         None => serde_usage(body),
     }
 }
 
-/// [`json_usage`] by serde: any body.
-fn serde_usage(body: &[u8]) -> Option<u64> {
+/// The usage of a stream's usage event (one [`read_event`] calls
+/// [`StreamEvent::Usage`]), split as [`json_used_tokens`] splits it.
+pub fn event_used_tokens(event: &[u8]) -> Option<UsedTokens> {
+    let data = event_data(event);
+    let chunk = serde_json::from_slice::<Chunk<'_>>(&data).ok()?;
+    chunk
+        .usage
+        .as_ref()
+        .or(chunk.response.as_ref().and_then(|r| r.usage.as_ref()))?
+        .split()
+}
+
+/// [`json_used_tokens`] by serde: any body.
+fn serde_usage(body: &[u8]) -> Option<UsedTokens> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
-    parsed.usage?.total()
+    parsed.usage?.split()
 }
 
 /// [`json_usage`] by the [strict reader](super::scan), which skips the
 /// rest of the body without building anything: `None` for a body it leaves
 /// to serde (see [`serde_usage`]), whose answer it gives where it answers.
-fn fast_usage(body: &[u8]) -> Option<Option<u64>> {
+fn fast_usage(body: &[u8]) -> Option<Option<UsedTokens>> {
     let mut cursor = Cursor::new(body)?;
     let mut usage = None;
     let mut seen = Fields::default();
@@ -107,7 +166,7 @@ fn fast_usage(body: &[u8]) -> Option<Option<u64>> {
         Some(())
     })?;
     cursor.end()?;
-    Some(usage.and_then(|usage| usage.total()))
+    Some(usage.and_then(|usage| usage.split()))
 }
 
 /// A `usage` object whose counts are plain integers (or null).
@@ -118,9 +177,21 @@ fn fast_usage_object(c: &mut Cursor<'_>) -> Option<Usage> {
         completion_tokens: None,
         input_tokens: None,
         output_tokens: None,
+        prompt_tokens_details: None,
+        input_tokens_details: None,
     };
     let mut seen = Fields::default();
     c.object(|c, key| {
+        let (field, details) = match key {
+            "prompt_tokens_details" => (5, &mut usage.prompt_tokens_details),
+            "input_tokens_details" => (6, &mut usage.input_tokens_details),
+            _ => (7, &mut None),
+        };
+        if field < 7 {
+            seen.first(field)?;
+            *details = c.optional(fast_details)?;
+            return Some(());
+        }
         let (field, count) = match key {
             "total_tokens" => (0, &mut usage.total_tokens),
             "prompt_tokens" => (1, &mut usage.prompt_tokens),
@@ -134,6 +205,23 @@ fn fast_usage_object(c: &mut Cursor<'_>) -> Option<Usage> {
         Some(())
     })?;
     Some(usage)
+}
+
+/// `prompt_tokens_details` whose `cached_tokens` is a plain integer (or
+/// null).
+fn fast_details(c: &mut Cursor<'_>) -> Option<Details> {
+    let mut cached_tokens = None;
+    let mut seen = Fields::default();
+    c.object(|c, key| {
+        if key == "cached_tokens" {
+            seen.first(0)?;
+            cached_tokens = c.optional(Cursor::integer)?.map(Number::from);
+            Some(())
+        } else {
+            c.skip().map(drop)
+        }
+    })?;
+    Some(Details { cached_tokens })
 }
 
 /// What one server-sent event of a completion stream is.
@@ -528,5 +616,46 @@ mod tests {
         assert_eq!(events.len(), 2);
         assert_eq!(events.concat(), stream.to_vec());
         assert_eq!(s.rest(), None);
+    }
+
+    #[test]
+    fn usage_splits_into_prompt_cached_and_completion() {
+        let body = br#"{"id":"x","usage":{"prompt_tokens":100,"completion_tokens":20,"total_tokens":120,"prompt_tokens_details":{"cached_tokens":60,"audio_tokens":0}}}"#;
+        let want = UsedTokens {
+            total: 120,
+            split: Some(TokenSplit {
+                input: 100,
+                cached_input: 60,
+                output: 20,
+            }),
+        };
+        assert_eq!(json_used_tokens(body), Some(want));
+        assert_eq!(serde_usage(body), Some(want), "serde agrees");
+        let responses = br#"{"usage":{"input_tokens":7,"output_tokens":3,"total_tokens":10,"input_tokens_details":{"cached_tokens":2}}}"#;
+        assert_eq!(
+            json_used_tokens(responses).unwrap().split,
+            Some(TokenSplit {
+                input: 7,
+                cached_input: 2,
+                output: 3
+            })
+        );
+        let total_only = br#"{"usage":{"total_tokens":10}}"#;
+        assert_eq!(
+            json_used_tokens(total_only),
+            Some(UsedTokens {
+                total: 10,
+                split: None
+            })
+        );
+        // More cached than prompt reads as all cached; an escaped key
+        // goes to serde, with the same answer.
+        let odd = br#"{"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":{"cached_tokens":9}, "tot\u0061l_tokens": 6}}"#;
+        assert_eq!(
+            json_used_tokens(odd).unwrap().split.unwrap().cached_input,
+            5
+        );
+        let event = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":4,\"completion_tokens\":2,\"total_tokens\":6}}\n\n";
+        assert_eq!(event_used_tokens(event).unwrap().split.unwrap().output, 2);
     }
 }

@@ -28,6 +28,7 @@ pub fn variant_name(variant: &str) -> &'static str {
         "none" => "plain proxy (`--limiter none`)",
         "budget" => "budget layer",
         "governor" => "tower_governor (`--limiter governor`)",
+        "limits" => "budget layer, two windows and spend",
         _ => "?",
     }
 }

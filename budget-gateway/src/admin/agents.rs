@@ -163,9 +163,9 @@ impl KeyView {
 impl Admin {
     fn agent_view(&self, entry: AgentEntry) -> AgentView {
         let id = entry.agent_id;
-        let info = match &self.budgets {
-            Budgets::Local(budgets) => budgets.full_info(&id),
-            Budgets::Fleet(fleet) => fleet.full_info(&id),
+        let info = |cell: &agent_budget::AgentId| match &self.budgets {
+            Budgets::Local(budgets) => budgets.full_info(cell),
+            Budgets::Fleet(fleet) => fleet.full_info(cell),
         };
         AgentView {
             agent_id: id,
@@ -175,7 +175,7 @@ impl Admin {
             },
             parent: entry.settings.parent,
             metrics_label: entry.settings.metrics_label.clone(),
-            limits: entry.settings.limits.states(info.as_ref()),
+            limits: entry.settings.limits.states(id, info),
             created_at: entry.created_at.map(timestamp),
             updated_at: entry.updated_at.map(timestamp),
         }

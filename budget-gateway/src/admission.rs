@@ -1,0 +1,541 @@
+//! [`LimitAdmission`]: admits a request against every limit that applies
+//! to it, the agent's and its ancestors', each with its own amount.
+//!
+//! # How it works
+//!
+//! Each agent's limits are laid out as core budgets, its cells
+//! ([`crate::limits::Cell`]). A [`Plan`] per agent, rebuilt by the
+//! [`Catalog`](crate::catalog::Catalog) whenever limits or parents change
+//! and read lock-free by requests, lists what a request of the agent
+//! claims besides its own core budget (which reaches its ancestors' own
+//! through the core's parents): every other cell of the agent and of its
+//! ancestors, with its model glob and whether it counts dollars.
+//!
+//! For a request:
+//!
+//! - an agent whose chain has one limit per level, on tokens and requests
+//!   for every model (every agent before lists), takes the core's
+//!   one-budget path, `acquire_owned`, as before;
+//! - otherwise every cell whose glob matches the request's `model` (a cell
+//!   without one matches all) is claimed: tokens and one call for a token
+//!   and request limit, the priced estimate in micro-dollars for a spend
+//!   limit; all or none. The settle gives each its own actual amount: the
+//!   response's tokens, or their price.
+//!
+//! Pricing: the estimate is the prompt's tokens at the input price plus
+//! the completion's maximum at the output price, rounded up to the
+//! micro-dollar ([`ModelPrice::cost_micros`]); the settle prices the
+//! response's usage, its cached prompt tokens at the cached price. A
+//! request that claims a spend limit for a model no `[[models]]` entry
+//! prices is refused with `400` before anything is taken.
+//!
+//! See [`crate::docs::limits`] for the reasoning.
+
+// A `Denial` (a refusal and its message) is returned on the cold path
+// only: boxing it would cost an allocation to save a copy, as in the tower
+// layer.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_budget::{
+    AgentId, BudgetManager, Claim, FullBudgetInfo, OwnedReservation, OwnedSetReservation, Refused,
+    Settlement,
+};
+use agent_budget_tower::headers::go_duration;
+use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
+use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsedTokens};
+use arc_swap::ArcSwap;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use smallvec::SmallVec;
+
+use crate::limits::{micros_to_usd, Counts, Limits};
+
+/// `x-budget-spend-limit-usd`: the dollars of the spend limit that binds
+/// the request (the one with the least left), per its window.
+pub const X_BUDGET_SPEND_LIMIT_USD: HeaderName =
+    HeaderName::from_static("x-budget-spend-limit-usd");
+/// `x-budget-spend-remaining-usd`: the dollars left in it.
+pub const X_BUDGET_SPEND_REMAINING_USD: HeaderName =
+    HeaderName::from_static("x-budget-spend-remaining-usd");
+/// `x-budget-spend-reset`: the time until its window ends (a bucket: until
+/// it is full), written like the `x-ratelimit-reset-*` headers (`6m0s`).
+pub const X_BUDGET_SPEND_RESET: HeaderName = HeaderName::from_static("x-budget-spend-reset");
+
+/// The Prometheus counter of dollars spent, in micro-dollars, as settled.
+pub const SPEND_METRIC: &str = "budget_spend_micro_usd_total";
+
+/// What a request of one agent claims.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Every level has one limit, on tokens and requests, for every
+    /// model: the core's chain is all there is to claim.
+    single: bool,
+    /// The cells beyond each level's own core budget, the agent's first,
+    /// then its ancestors', nearest first.
+    cells: Box<[PlanCell]>,
+}
+
+/// One cell a request may claim.
+#[derive(Debug)]
+struct PlanCell {
+    id: AgentId,
+    model: Option<Arc<str>>,
+    spend: bool,
+}
+
+impl PlanCell {
+    fn counts(&self, model: Option<&str>) -> bool {
+        match (&self.model, model) {
+            (None, _) => true,
+            (Some(glob), Some(model)) => {
+                agent_budget_tower::openai::pricing::glob_matches(glob, model)
+            }
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// Every agent's [`Plan`], swapped whole when a limit or a parent changes.
+pub type Plans = Arc<ArcSwap<HashMap<AgentId, Arc<Plan>>>>;
+
+/// The plans of `agents` (each with its limits and parent).
+pub fn build_plans<'a>(
+    agents: impl Iterator<Item = (AgentId, &'a Limits, Option<AgentId>)>,
+) -> HashMap<AgentId, Arc<Plan>> {
+    let all: HashMap<AgentId, (&Limits, Option<AgentId>)> = agents
+        .map(|(id, limits, parent)| (id, (limits, parent)))
+        .collect();
+    let mut plans = HashMap::with_capacity(all.len());
+    for &id in all.keys() {
+        let mut single = true;
+        let mut cells = Vec::new();
+        let mut level = Some(id);
+        // Bounded by the configuration's checks (no loops, at most
+        // MAX_LEVELS levels); the bound guards against a bug there.
+        for _ in 0..agent_budget::MAX_LEVELS {
+            let Some(at) = level else { break };
+            let Some(&(limits, parent)) = all.get(&at) else {
+                break;
+            };
+            single &= limits.is_single();
+            for cell in limits.cells().iter().filter(|c| !c.primary) {
+                cells.push(PlanCell {
+                    id: cell.id(at),
+                    model: cell.model.clone(),
+                    spend: matches!(cell.counts, Counts::Spend { .. }),
+                });
+            }
+            level = parent;
+        }
+        plans.insert(
+            id,
+            Arc::new(Plan {
+                single,
+                cells: cells.into(),
+            }),
+        );
+    }
+    plans
+}
+
+/// A model's prices, copied out of the table.
+#[derive(Clone, Copy, Debug)]
+struct Price {
+    input: agent_budget_tower::openai::pricing::PicoPerToken,
+    output: agent_budget_tower::openai::pricing::PicoPerToken,
+    cached_input: Option<agent_budget_tower::openai::pricing::PicoPerToken>,
+}
+
+impl Price {
+    fn of(model: &ModelPrice) -> Self {
+        Price {
+            input: model.input,
+            output: model.output,
+            cached_input: model.cached_input,
+        }
+    }
+
+    fn cost(&self, tokens: TokenCounts) -> u64 {
+        ModelPrice {
+            name: String::new(),
+            input: self.input,
+            output: self.output,
+            cached_input: self.cached_input,
+        }
+        .cost_micros(tokens)
+    }
+
+    /// What `used` costs: its split priced as such; a total without a
+    /// split all at the dearer of the two prices, so it is never
+    /// under-charged.
+    fn cost_of(&self, used: UsedTokens) -> u64 {
+        match used.split {
+            Some(split) => self.cost(TokenCounts {
+                input: split.input,
+                cached_input: split.cached_input,
+                output: split.output,
+            }),
+            None => {
+                let dearer = Price {
+                    input: self.input.max(self.output),
+                    output: self.input.max(self.output),
+                    cached_input: None,
+                };
+                dearer.cost(TokenCounts {
+                    input: used.total,
+                    cached_input: 0,
+                    output: 0,
+                })
+            }
+        }
+    }
+}
+
+/// The gateway's admission: the core's budgets, each agent's plan, and the
+/// prices.
+pub struct LimitAdmission {
+    budgets: Arc<BudgetManager>,
+    plans: Plans,
+    prices: PriceTable,
+    spent: metrics::Counter,
+}
+
+impl std::fmt::Debug for LimitAdmission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LimitAdmission").finish_non_exhaustive()
+    }
+}
+
+impl LimitAdmission {
+    /// Admits from `budgets` by `plans` (kept up to date by the catalog),
+    /// pricing with `prices`.
+    pub fn new(budgets: Arc<BudgetManager>, plans: Plans, prices: PriceTable) -> Self {
+        metrics::describe_counter!(
+            SPEND_METRIC,
+            metrics::Unit::Count,
+            "Dollars spent by admitted requests under spend limits, in micro-dollars, as settled"
+        );
+        LimitAdmission {
+            budgets,
+            plans,
+            prices,
+            spent: metrics::counter!(SPEND_METRIC),
+        }
+    }
+
+    fn plan(&self, agent: &AgentId) -> Option<Arc<Plan>> {
+        self.plans.load().get(agent).cloned()
+    }
+
+    /// Takes everything `estimate` claims of the agent's limits, or nothing.
+    fn take(&self, agent: &AgentId, estimate: &Estimate) -> Result<Held, Denial> {
+        let plan = match self.plan(agent) {
+            Some(plan) if !plan.single => plan,
+            // One budget per level (or an agent the plans do not know
+            // yet, which the core refuses if it has no budget).
+            _ => {
+                return self
+                    .budgets
+                    .acquire_owned(agent, estimate.tokens(), estimate.calls)
+                    .map(Held::One)
+                    .map_err(Denial::Refused)
+            }
+        };
+        let claims = self.claims(agent, &plan, estimate)?;
+        match self.budgets.acquire_set_owned(&claims.claims) {
+            Ok(set) => Ok(claims.held(set, self.spent.clone())),
+            Err(refused) => Err(self.denial(agent, &plan, refused, claims.micros)),
+        }
+    }
+
+    /// What a request of `agent` estimated as `estimate` claims under
+    /// `plan` (not single): its own budget, and every cell whose glob
+    /// matches its model; or the `400` of an unpriced model.
+    fn claims(&self, agent: &AgentId, plan: &Plan, estimate: &Estimate) -> Result<Claims, Denial> {
+        let (tokens, calls) = (estimate.tokens(), estimate.calls);
+        let model = estimate.model();
+        let spends = plan.cells.iter().any(|c| c.spend && c.counts(model));
+        let price = if spends && tokens > 0 {
+            Some(self.price(agent, model)?)
+        } else {
+            None
+        };
+        let micros = price.map_or(0, |p| {
+            p.cost(TokenCounts {
+                input: estimate.prompt_tokens,
+                cached_input: 0,
+                output: estimate.completion_tokens,
+            })
+        });
+        let mut claims = SmallVec::new();
+        claims.push(Claim {
+            agent_id: *agent,
+            tokens,
+            calls,
+        });
+        let mut spend_claims = 0u64;
+        for cell in plan.cells.iter().filter(|c| c.counts(model)) {
+            if cell.spend {
+                // Claims past the 64th are beyond the core's set limit
+                // anyway (MAX_SET_LIMITS), which refuses the set.
+                spend_claims |= 1u64.checked_shl(claims.len() as u32).unwrap_or(0);
+            }
+            claims.push(Claim {
+                agent_id: cell.id,
+                tokens: if cell.spend { micros } else { tokens },
+                calls: if cell.spend { 0 } else { calls },
+            });
+        }
+        Ok(Claims {
+            agent: *agent,
+            tokens,
+            claims,
+            spend_claims,
+            micros,
+            price,
+        })
+    }
+
+    /// The price of `model` for an agent with a spend limit on it, or the
+    /// `400` that says none is known.
+    fn price(&self, agent: &AgentId, model: Option<&str>) -> Result<Price, Denial> {
+        let found = match model {
+            Some(model) => self.prices.price_of(model),
+            None => self.prices.price_of(""),
+        };
+        found.map(Price::of).ok_or_else(|| Denial::Invalid {
+            agent_id: *agent,
+            message: match model {
+                Some(model) => format!(
+                    "the model {model:?} has no price, and this key has a spend limit: \
+                     nothing was forwarded or charged (the gateway's operator can price it \
+                     with a [[models]] entry, or a default with name = \"*\")"
+                ),
+                None => "the request names no model, and this key has a spend limit: \
+                         nothing was forwarded or charged (name the model, or the gateway's \
+                         operator can give a default price with name = \"*\")"
+                    .to_owned(),
+            },
+            code: "model_not_priced",
+        })
+    }
+
+    /// The refusal of `agent`'s request by one of its limits: in dollars
+    /// when a spend limit refused it.
+    fn denial(&self, agent: &AgentId, plan: &Plan, mut refused: Refused, micros: u64) -> Denial {
+        refused.agent_id = *agent;
+        let spend = plan
+            .cells
+            .iter()
+            .any(|c| c.spend && c.id == refused.refused_by);
+        if !spend {
+            return Denial::Refused(refused);
+        }
+        let left = match self.budgets.full_info(&refused.refused_by) {
+            Some(info) => format!(
+                ", and ${:.6} of ${:.6} is left in the window",
+                micros_to_usd(info.tokens_remaining),
+                micros_to_usd(info.token_limit),
+            ),
+            None => String::new(),
+        };
+        Denial::Worded {
+            refused,
+            message: format!(
+                "spend limit reached: this request may cost up to ${:.6}{left}",
+                micros_to_usd(micros)
+            ),
+            error_type: "spend",
+        }
+    }
+}
+
+/// A set's claims, and what its settle needs to know of them.
+struct Claims {
+    agent: AgentId,
+    tokens: u64,
+    claims: SmallVec<[Claim; 4]>,
+    /// Bit `i`: claim `i` counts micro-dollars.
+    spend_claims: u64,
+    micros: u64,
+    price: Option<Price>,
+}
+
+impl Claims {
+    fn held(self, set: OwnedSetReservation, spent: metrics::Counter) -> Held {
+        Held::Set(SetHeld {
+            agent: self.agent,
+            tokens: self.tokens,
+            set,
+            spend_claims: self.spend_claims,
+            price: self.price,
+            spent,
+        })
+    }
+}
+
+impl Admission for LimitAdmission {
+    type Reservation = Held;
+
+    fn admit(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<Held, Denial>> + Send {
+        std::future::ready(self.take(agent_id, estimate))
+    }
+
+    fn admit_wait(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<Held, Denial>> + Send {
+        enum Waiting<One, Set> {
+            One(One),
+            Set(Set, Arc<Plan>, Claims),
+            Invalid(Denial),
+        }
+        let waiting = match self.plan(agent_id).filter(|p| !p.single) {
+            None => Waiting::One(self.budgets.acquire_owned_wait(
+                agent_id,
+                estimate.tokens(),
+                estimate.calls,
+            )),
+            Some(plan) => match self.claims(agent_id, &plan, estimate) {
+                Ok(claims) => {
+                    let set = self.budgets.acquire_set_owned_wait(claims.claims.to_vec());
+                    Waiting::Set(set, plan, claims)
+                }
+                Err(denial) => Waiting::Invalid(denial),
+            },
+        };
+        let this = self.clone();
+        let agent = *agent_id;
+        async move {
+            match waiting {
+                Waiting::One(one) => one.await.map(Held::One).map_err(Denial::Refused),
+                Waiting::Set(set, plan, claims) => match set.await {
+                    Ok(set) => Ok(claims.held(set, this.spent.clone())),
+                    Err(refused) => Err(this.denial(&agent, &plan, refused, claims.micros)),
+                },
+                Waiting::Invalid(denial) => Err(denial),
+            }
+        }
+    }
+
+    fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
+        self.budgets.chain_info(agent_id)
+    }
+
+    fn rate_limits(&self, agent_id: &AgentId, estimate: &Estimate) -> Vec<FullBudgetInfo> {
+        let mut levels = self.budgets.chain_info(agent_id);
+        if let Some(plan) = self.plan(agent_id).filter(|p| !p.single) {
+            let model = estimate.model();
+            levels.extend(
+                plan.cells
+                    .iter()
+                    .filter(|c| !c.spend && c.counts(model))
+                    .filter_map(|c| self.budgets.full_info(&c.id)),
+            );
+        }
+        levels
+    }
+
+    fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
+        let Some(plan) = self.plan(agent_id).filter(|p| !p.single) else {
+            return;
+        };
+        let model = estimate.model();
+        let binding = plan
+            .cells
+            .iter()
+            .filter(|c| c.spend && c.counts(model))
+            .filter_map(|c| self.budgets.full_info(&c.id))
+            .min_by_key(|info| info.tokens_remaining);
+        let Some(info) = binding else { return };
+        let usd = |micros: u64| {
+            HeaderValue::from_str(&format!("{:.6}", micros_to_usd(micros)))
+                .expect("a number is a header value")
+        };
+        headers.insert(X_BUDGET_SPEND_LIMIT_USD, usd(info.token_limit));
+        headers.insert(X_BUDGET_SPEND_REMAINING_USD, usd(info.tokens_remaining));
+        let reset = go_duration(Duration::from_secs(info.window_remaining_secs));
+        if let Ok(value) = HeaderValue::from_str(&reset) {
+            headers.insert(X_BUDGET_SPEND_RESET, value);
+        }
+    }
+}
+
+/// What one request holds: the core's one reservation, or one per cell.
+// The set's reservation keeps its limits inline (no allocation per
+// request): moving it costs a copy, boxing it an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Held {
+    /// The agent's own budget (and its chain's).
+    One(OwnedReservation),
+    /// Every cell the request claimed.
+    Set(SetHeld),
+}
+
+/// The reservation of a request admitted against several cells.
+#[derive(Debug)]
+pub struct SetHeld {
+    agent: AgentId,
+    tokens: u64,
+    set: OwnedSetReservation,
+    /// Bit `i`: claim `i` counts micro-dollars.
+    spend_claims: u64,
+    price: Option<Price>,
+    spent: metrics::Counter,
+}
+
+impl Reservation for Held {
+    fn agent_id(&self) -> AgentId {
+        match self {
+            Held::One(r) => r.agent_id(),
+            Held::Set(set) => set.agent,
+        }
+    }
+
+    fn tokens(&self) -> u64 {
+        match self {
+            Held::One(r) => r.tokens(),
+            Held::Set(set) => set.tokens,
+        }
+    }
+
+    fn settle(self, used: UsedTokens) -> Settlement {
+        match self {
+            Held::One(r) => r.settle(used.total),
+            Held::Set(set) => {
+                let cost = set.price.map_or(0, |p| p.cost_of(used));
+                if set.price.is_some() {
+                    set.spent.increment(cost);
+                }
+                let spend_claims = set.spend_claims;
+                set.set.settle_with(|i, _| {
+                    let spend = 1u64
+                        .checked_shl(i as u32)
+                        .is_some_and(|bit| spend_claims & bit != 0);
+                    if spend {
+                        cost
+                    } else {
+                        used.total
+                    }
+                })
+            }
+        }
+    }
+
+    fn cancel(self) -> Settlement {
+        match self {
+            Held::One(r) => r.cancel(),
+            Held::Set(set) => set.set.cancel(),
+        }
+    }
+}
