@@ -135,6 +135,21 @@ pub trait Admission: Send + Sync + 'static {
     /// Where the agent's budget stands: its own level first, then each
     /// ancestor's, nearest first; empty if the agent has no budget.
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo>;
+
+    /// Whether `tokens` and `calls` would be admitted now, asked before a
+    /// request's body is read (with the least any request of its kind can
+    /// cost): the denial if they would not, taking nothing either way.
+    /// The default knows nothing without asking, and answers `Ok`: a
+    /// budget kept elsewhere is asked when the request is admitted.
+    fn precheck(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<(), Denial> {
+        let _ = (agent_id, tokens, calls);
+        Ok(())
+    }
 }
 
 impl<M: BudgetLimiter + 'static> Admission for M {
@@ -162,5 +177,20 @@ impl<M: BudgetLimiter + 'static> Admission for M {
 
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
         self.chain_info(agent_id)
+    }
+
+    /// Takes the amounts and gives them back at once: the same all-or-
+    /// nothing check as an admission, with its refusal's `Retry-After`.
+    fn precheck(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<(), Denial> {
+        let taken = self
+            .acquire_owned(agent_id, tokens, calls)
+            .map_err(Denial::Refused)?;
+        let _ = taken.cancel();
+        Ok(())
     }
 }

@@ -33,7 +33,12 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::telemetry::Telemetry;
-use crate::{Estimate, MeterSession, Outcome};
+use crate::{Estimate, MeterSession, Outcome, UsageLog};
+
+/// A deferred prompt count over more input than this is made on tokio's
+/// blocking threads, not on the worker that settles: a tokenizer takes
+/// about 80 ns a byte, so 64 KiB is 5 ms.
+pub(crate) const BLOCKING_COUNT_BYTES: usize = 64 << 10;
 
 /// Holds a reservation until it is settled, and settles it on drop.
 pub(crate) struct Settle<S: MeterSession> {
@@ -41,6 +46,20 @@ pub(crate) struct Settle<S: MeterSession> {
     session: Option<S>,
     estimate: Estimate,
     telemetry: Arc<Telemetry>,
+    /// The upstream received the request: a cancel charges the prompt.
+    prompt_received: bool,
+    log: Option<Arc<dyn UsageLog>>,
+    admitted_at: std::time::SystemTime,
+}
+
+/// What a settle books, before any deferred count is made.
+enum Charge {
+    Used(u64),
+    /// The estimate, with the prompt as counted.
+    Estimate,
+    /// The prompt as counted.
+    Prompt,
+    Cancel,
 }
 
 impl<S: MeterSession> Settle<S> {
@@ -48,13 +67,24 @@ impl<S: MeterSession> Settle<S> {
         reservation: OwnedReservation,
         estimate: Estimate,
         telemetry: Arc<Telemetry>,
+        log: Option<Arc<dyn UsageLog>>,
+        admitted_at: std::time::SystemTime,
     ) -> Self {
         Settle {
             reservation: Some(reservation),
             session: None,
             estimate,
             telemetry,
+            prompt_received: false,
+            log,
+            admitted_at,
         }
+    }
+
+    /// The upstream received the request (see
+    /// [`PromptReceived`](crate::PromptReceived)).
+    pub(crate) fn prompt_received(&mut self) {
+        self.prompt_received = true;
     }
 
     /// The estimate the reservation was taken for.
@@ -80,28 +110,61 @@ impl<S: MeterSession> Settle<S> {
     }
 
     fn abandon(&mut self) {
-        let outcome = match self.session.as_mut() {
-            Some(session) => session.abandon(),
+        match self.session.as_mut() {
+            Some(session) => {
+                let outcome = session.abandon();
+                self.book(outcome, true);
+            }
             // No response yet: the upstream has read the prompt.
-            None => Outcome::Used(self.estimate.counted_prompt_tokens()),
-        };
-        self.book(outcome, true);
+            None => self.charge(Charge::Prompt, true),
+        }
     }
 
     fn book(&mut self, outcome: Outcome, abandoned: bool) {
+        let charge = match outcome {
+            Outcome::Used(tokens) => Charge::Used(tokens),
+            // The estimate, with the prompt as counted: a bound reserved
+            // in its place is no charge.
+            Outcome::Reserved => Charge::Estimate,
+            Outcome::Cancel if self.prompt_received => Charge::Prompt,
+            Outcome::Cancel => Charge::Cancel,
+        };
+        self.charge(charge, abandoned);
+    }
+
+    fn charge(&mut self, charge: Charge, abandoned: bool) {
         let Some(reservation) = self.reservation.take() else {
             return;
         };
-        let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
-        let settlement = match outcome {
-            Outcome::Used(tokens) => reservation.settle(tokens),
-            // The estimate, with the prompt as counted: a bound reserved
-            // in its place is no charge.
-            Outcome::Reserved => reservation.settle(self.estimate.counted_tokens()),
-            Outcome::Cancel => reservation.cancel(),
+        let counts = matches!(charge, Charge::Estimate | Charge::Prompt);
+        let large = self
+            .estimate
+            .deferred_count
+            .as_ref()
+            .is_some_and(|d| d.input_len() > BLOCKING_COUNT_BYTES);
+        let estimate = std::mem::take(&mut self.estimate);
+        let (telemetry, log, at) = (self.telemetry.clone(), self.log.clone(), self.admitted_at);
+        let book = move || {
+            let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
+            let settlement = match charge {
+                Charge::Used(tokens) => reservation.settle(tokens),
+                Charge::Estimate => reservation.settle(estimate.counted_tokens()),
+                Charge::Prompt => reservation.settle(estimate.counted_prompt_tokens()),
+                Charge::Cancel => reservation.cancel(),
+            };
+            telemetry.settled(&agent, reserved, settlement, abandoned);
+            if let Some(log) = log {
+                log.settled(&agent, at, settlement);
+            }
         };
-        self.telemetry
-            .settled(&agent, reserved, settlement, abandoned);
+        // A large count is made off the worker (the settle may run in a
+        // `Drop` on it), when there is a runtime to make it on.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if counts && large => {
+                runtime.spawn_blocking(book);
+            }
+            _ => book(),
+        }
     }
 
     fn trailers(&mut self, trailers: &http::HeaderMap) {

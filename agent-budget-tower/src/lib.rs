@@ -129,7 +129,9 @@ pub use admission::{Admission, Denial, POLL_INTERVAL};
 pub use body::BudgetBody;
 pub use estimate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
-pub use meter::{HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome};
+pub use meter::{
+    HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome, PromptReceived, UsageLog,
+};
 pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests, PromptCount};
 pub use rejection::Rejection;
 pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};

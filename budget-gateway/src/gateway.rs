@@ -57,7 +57,7 @@ use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage, 
 use agent_budget_tower::{bearer_key, Admission, BudgetLayer, HeaderStyle};
 use axum::extract::Request;
 use axum::routing::get;
-use axum::{Router, ServiceExt};
+use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
@@ -70,6 +70,7 @@ use crate::db::{Database, DbError, Snapshot};
 use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
+use crate::server::ServerLimits;
 use crate::tokenizer::Counter;
 
 /// What stands between the client and the proxy.
@@ -116,6 +117,7 @@ pub struct Gateway {
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
+    server: ServerLimits,
 }
 
 /// Why the gateway could not start or stop cleanly.
@@ -247,6 +249,7 @@ impl Gateway {
             proxy,
             limiter,
             state,
+            server: ServerLimits::default(),
         })
     }
 
@@ -291,6 +294,7 @@ impl Gateway {
             proxy,
             limiter: Limiter::Budget,
             state: None,
+            server: ServerLimits::default(),
         })
     }
 
@@ -315,6 +319,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves under `limits` (connections, timeouts, the stop's deadline)
+    /// instead of [`ServerLimits::default`].
+    pub fn server_limits(mut self, limits: ServerLimits) -> Self {
+        self.server = limits;
+        self
+    }
+
+    /// Cuts off an upstream response that sends nothing for `idle` (300 s
+    /// unless set): the layer settles it as a hang-up.
+    pub fn upstream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.proxy = self.proxy.idle_timeout(idle);
+        self
+    }
+
     /// The budgets the gateway enforces.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets
@@ -326,18 +344,38 @@ impl Gateway {
         &self.catalog
     }
 
-    /// The gateway's routes (which [`serve`](Self::serve) puts behind
-    /// path normalization).
-    fn router(&self) -> Router {
+    /// The operator's routes: the admin API and `/metrics`.
+    fn admin_router(&self) -> Router {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
             catalog: self.catalog.clone(),
         };
-        let router = admin.router().route(
+        admin.router().route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
-        );
+        )
+    }
+
+    /// The gateway's routes (which [`serve`](Self::serve) puts behind
+    /// path normalization): the proxy's, and the operator's unless they
+    /// are served on their own address (`separate_admin`), in which case
+    /// their paths are `404` here rather than forwarded.
+    fn router(&self, separate_admin: bool) -> Router {
+        let router = if separate_admin {
+            self.admin_router().route_layer(axum::middleware::from_fn(
+                |_: Request, _: axum::middleware::Next| {
+                    std::future::ready(
+                        agent_budget_tower::Rejection::not_found(
+                            "the admin API and /metrics are served on the admin address",
+                        )
+                        .into_response::<axum::body::Body>(),
+                    )
+                },
+            ))
+        } else {
+            self.admin_router()
+        };
         let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
@@ -399,11 +437,23 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets requests
-    /// in flight finish and saves the state (or, in a fleet, gives the
+    /// in flight finish (cancelling those left at the limits'
+    /// `shutdown_timeout`) and saves the state (or, in a fleet, gives the
     /// unused leases back).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        self.serve_with_admin(listener, None, shutdown).await
+    }
+
+    /// [`serve`](Self::serve), with the admin API and `/metrics` on
+    /// `admin` instead of `listener` when it is given.
+    pub async fn serve_with_admin(
+        self,
+        listener: tokio::net::TcpListener,
+        admin: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let local = match &self.budgets {
@@ -428,10 +478,33 @@ impl Gateway {
                 })
             });
         let watchers = self.catalog.spawn_watchers();
-        let app = NormalizePath::new(self.router());
-        let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let app = NormalizePath::new(self.router(admin.is_some()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let admin_served = admin.map(|admin| {
+            let app = NormalizePath::new(self.admin_router());
+            // The operator's few connections are not the clients' to crowd.
+            let limits = ServerLimits {
+                max_connections: 64,
+                ..self.server
+            };
+            tokio::spawn(crate::server::serve(
+                admin,
+                app,
+                limits,
+                until_stopped(stopped.clone()),
+            ))
+        });
+        let served = crate::server::serve(listener, app, self.server, until_stopped(stopped)).await;
+        if let Some(admin_served) = admin_served {
+            let _ = admin_served.await;
+        }
         if let Some(saver) = saver {
             saver.abort();
         }

@@ -73,4 +73,5 @@ pub mod mock;
 pub mod paths;
 pub mod proxy;
 pub mod reload;
+pub mod server;
 pub mod tokenizer;
