@@ -67,6 +67,7 @@ use crate::admin::Admin;
 use crate::catalog::Catalog;
 use crate::config::{Config, Tokenizer};
 use crate::db::{Database, DbError, Snapshot};
+use crate::journal::Journal;
 use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
@@ -117,6 +118,7 @@ pub struct Gateway {
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
+    journal: Option<Journal>,
     server: ServerLimits,
 }
 
@@ -241,6 +243,19 @@ impl Gateway {
         // how large; the state file only brings back usage.
         let catalog = Catalog::new(&config, Budgets::Local(budgets.clone()), db)?;
         catalog.install_local(&budgets)?;
+        // What was admitted since the snapshot, from the journal beside it.
+        let journal = match &state {
+            Some(path) => {
+                let windowed: std::collections::HashSet<AgentId> = config
+                    .agents
+                    .iter()
+                    .filter(|a| a.limits.fleet_window(a.agent_id).is_ok())
+                    .map(|a| a.agent_id)
+                    .collect();
+                Some(Journal::open(path, &budgets, &|id| windowed.contains(id))?)
+            }
+            None => None,
+        };
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
@@ -249,6 +264,7 @@ impl Gateway {
             proxy,
             limiter,
             state,
+            journal,
             server: ServerLimits::default(),
         })
     }
@@ -294,6 +310,7 @@ impl Gateway {
             proxy,
             limiter: Limiter::Budget,
             state: None,
+            journal: None,
             server: ServerLimits::default(),
         })
     }
@@ -429,6 +446,10 @@ impl Gateway {
                 ietf: c.ietf_headers,
             })
             .agent_labels(self.catalog.metrics_labels());
+        let layer = match &self.journal {
+            Some(journal) => layer.usage_log(journal.log()),
+            None => layer,
+        };
         if c.max_wait_ms > 0 {
             layer.max_wait(Duration::from_millis(c.max_wait_ms))
         } else {
@@ -466,12 +487,19 @@ impl Gateway {
             .zip(local.clone())
             .map(|(path, budgets)| {
                 let every = Duration::from_secs(self.config.persist_interval_secs);
+                let journal = self.journal.clone();
                 tokio::spawn(async move {
                     let mut ticks = tokio::time::interval(every);
                     ticks.tick().await;
                     loop {
                         ticks.tick().await;
-                        if let Err(e) = budgets.persist(&path) {
+                        let (path, budgets, journal) =
+                            (path.clone(), budgets.clone(), journal.clone());
+                        let saved = tokio::task::spawn_blocking(move || {
+                            save(&path, &budgets, journal.as_ref())
+                        })
+                        .await;
+                        if let Ok(Err(e)) = saved {
                             eprintln!("budget-gateway: {e}");
                         }
                     }
@@ -516,12 +544,25 @@ impl Gateway {
             db.close().await;
         }
         if let Some((path, budgets)) = self.state.as_ref().zip(local) {
-            budgets.persist(path)?;
+            save(path, &budgets, self.journal.as_ref())?;
         }
         if let Budgets::Fleet(fleet) = &self.budgets {
             fleet.shutdown().await?;
         }
         Ok(served?)
+    }
+}
+
+/// Saves the usage to the state file (through the journal, which then
+/// starts afresh, if there is one).
+fn save(
+    path: &std::path::Path,
+    budgets: &BudgetManager,
+    journal: Option<&Journal>,
+) -> Result<(), agent_budget::PersistError> {
+    match journal {
+        Some(journal) => journal.snapshot(budgets),
+        None => budgets.persist(path),
     }
 }
 

@@ -67,6 +67,7 @@ pub mod catalog;
 pub mod config;
 pub mod db;
 pub mod gateway;
+pub mod journal;
 pub mod keys;
 pub mod limits;
 pub mod mock;
