@@ -344,9 +344,15 @@ where
         };
         let frame = frame.map_err(|e| {
             let e = e.into();
-            let timed_out = e
-                .downcast_ref::<std::io::Error>()
-                .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut);
+            // A server's body deadline, however many wrappers deep.
+            let timed_out =
+                std::iter::successors(Some(&*e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| {
+                    e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                });
             if timed_out {
                 Rejection::new(
                     http::StatusCode::REQUEST_TIMEOUT,
