@@ -32,13 +32,16 @@
 //!
 //! At start, after the snapshot is restored and the configuration's
 //! budgets installed, every journal file is replayed, oldest first: each
-//! agent's events in its current window are summed, and a positive sum is
-//! charged (the calls as far as the window still takes them, the tokens
-//! in full: they were spent). A negative sum (refunds of requests the
-//! snapshot held in flight) is not given back: the restored usage is then
-//! that of the snapshot, above the truth. Events of a window that has
-//! ended since are skipped for fixed windows; for buckets they are all
-//! charged (as of now, which is above the truth by what refilled since).
+//! agent's events of the last `window_secs` are summed, and a positive sum
+//! is charged (the calls as far as the window still takes them, the
+//! tokens in full: they were spent). A negative sum (refunds of requests
+//! the snapshot held in flight) is not given back: the restored usage is
+//! then that of the snapshot, above the truth. For a fixed window, events
+//! older than its length are of an ended window and skipped; events of a
+//! window that ended after the snapshot but less than a window ago are
+//! counted (the journal does not record when a window rolled over), above
+//! the truth again. For buckets every event is charged (as of now, which
+//! is above the truth by what refilled since).
 //! The result is saved at once and the replayed files deleted, so a second
 //! crash does not replay them again.
 
@@ -122,11 +125,11 @@ impl Journal {
         if !events.is_empty() {
             replay(budgets, &events, windowed);
         }
-        if !files.is_empty() {
-            budgets.persist(state)?;
-            for (_, path) in &files {
-                let _ = std::fs::remove_file(path);
-            }
+        // Saved at once: the replay, and the windows as they are now (a
+        // crash before the first periodic save restores them as they were).
+        budgets.persist(state)?;
+        for (_, path) in &files {
+            let _ = std::fs::remove_file(path);
         }
         let generation = files.last().map_or(0, |(g, _)| g + 1);
         let path = file_of(state, generation);
@@ -332,12 +335,14 @@ fn replay(budgets: &BudgetManager, events: &[Event], windowed: &dyn Fn(&AgentId)
     for event in events {
         let start = *starts.entry(event.agent).or_insert_with(|| {
             match budgets.full_info(&event.agent) {
-                // The window began `window_secs - remaining` ago, give or
-                // take the second `remaining` is rounded to: a second
-                // earlier, so that no event of it is skipped.
+                // The window current when the process died began at most
+                // `window_secs` ago (a second more for the rounding): an
+                // event older than that is of an ended window. One newer
+                // may be too (when the window rolled over after the
+                // snapshot, at a moment the journal does not record): it
+                // is counted, which errs on the side of the budget.
                 Some(info) if windowed(&event.agent) => {
-                    let elapsed = info.window_secs.saturating_sub(info.window_remaining_secs) + 1;
-                    now_ms.saturating_sub(elapsed.saturating_mul(1_000))
+                    now_ms.saturating_sub(info.window_secs.saturating_add(1).saturating_mul(1_000))
                 }
                 _ => 0,
             }
