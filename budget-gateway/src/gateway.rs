@@ -35,10 +35,14 @@
 //! With a state file, the budgets' usage is restored at start (the limits
 //! and parents come from the configuration and the database, which win;
 //! the usage of every agent, file or API, is kept), saved every
-//! `persist_interval_secs`, and saved once more after the server has
-//! stopped: on SIGTERM or Ctrl-C it stops accepting connections, lets the
-//! requests in flight finish (their bodies end, and settle), saves, and
-//! returns. A fleet gateway keeps no state file (usage lives in Redis,
+//! `persist_interval_secs` (with a [`Journal`] of every admission and
+//! settle in between, so that a crash loses at most 50 ms of usage), and
+//! saved once more after the server has stopped: on SIGTERM or Ctrl-C it
+//! stops accepting connections, lets the requests in flight finish (their
+//! bodies end, and settle) for up to the [`ServerLimits`]'
+//! `shutdown_timeout`, cancels (and so settles) those left, saves, and
+//! returns. The server and what it bounds (the request head's and body's
+//! deadlines, the connections) are [`crate::server`]'s. A fleet gateway keeps no state file (usage lives in Redis,
 //! which persists it if configured to); once the requests in flight have
 //! finished it gives its unused leases back to the fleet
 //! ([`FleetManager::shutdown`]).

@@ -10,7 +10,9 @@
 //! The binary is a thin shell over this library, which tests drive in
 //! process: [`config`] reads and checks the TOML (its limits through
 //! [`limits`], which the admin API shares), [`gateway::Gateway`] builds
-//! the routes and serves them behind [`paths`]' normalization, [`proxy`]
+//! the routes and serves them behind [`paths`]' normalization on
+//! [`server`] (deadlines, a connection limit, a stop with a deadline),
+//! [`journal`] keeps usage between two saves of the state file, [`proxy`]
 //! forwards, [`admin`] is the operator's API (budgets, agents, keys, its
 //! OpenAPI document), [`catalog`] holds the agents of the file and of the
 //! database ([`db`]) and applies their changes, [`keys`] makes, hashes and
