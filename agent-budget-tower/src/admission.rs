@@ -32,12 +32,12 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agent_budget::{AgentId, BudgetLimiter, FullBudgetInfo, OwnedReservation, Refused, Settlement};
 use http::HeaderMap;
 
-use crate::{Estimate, UsedTokens};
+use crate::{Estimate, UsageLog, UsedTokens};
 
 /// The longest the default [`Admission::admit_wait`] sleeps between two
 /// tries: 50 ms.
@@ -191,6 +191,21 @@ pub trait Admission: Send + Sync + 'static {
     fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
         let _ = (agent_id, estimate, headers);
     }
+
+    /// Whether `tokens` and `calls` would be admitted now, asked before a
+    /// request's body is read (with the least any request of its kind can
+    /// cost): the denial if they would not, taking nothing either way.
+    /// The default knows nothing without asking, and answers `Ok`: a
+    /// budget kept elsewhere is asked when the request is admitted.
+    fn precheck(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<(), Denial> {
+        let _ = (agent_id, tokens, calls);
+        Ok(())
+    }
 }
 
 /// What an [`Admission`] took for one request, settled once when its
@@ -202,12 +217,46 @@ pub trait Reservation: Send + 'static {
     /// The tokens it holds.
     fn tokens(&self) -> u64;
 
+    /// The calls it holds.
+    fn calls(&self) -> u64;
+
     /// Settles it with what the response used (`used.total` tokens), and
     /// gives the rest back.
     fn settle(self, used: UsedTokens) -> Settlement;
 
     /// Gives everything back.
     fn cancel(self) -> Settlement;
+
+    /// Tells `log` what it took at `at`, budget by budget. By default one
+    /// budget, the agent's: its [`tokens`](Self::tokens) and
+    /// [`calls`](Self::calls).
+    fn log_admitted(&self, log: &dyn UsageLog, at: SystemTime) {
+        log.admitted(&self.agent_id(), self.tokens(), self.calls(), at);
+    }
+
+    /// [`settle`](Self::settle) with `used`, or [`cancel`](Self::cancel)
+    /// for `None`, and tells `log` (when there is one) what that did to
+    /// each budget it held, as the reservation taken at `admitted_at`. By
+    /// default one budget, the agent's, with the core's settlement.
+    fn settle_logged(
+        self,
+        used: Option<UsedTokens>,
+        log: Option<&dyn UsageLog>,
+        admitted_at: SystemTime,
+    ) -> Settlement
+    where
+        Self: Sized,
+    {
+        let agent = self.agent_id();
+        let settlement = match used {
+            Some(used) => self.settle(used),
+            None => self.cancel(),
+        };
+        if let Some(log) = log {
+            log.settled(&agent, admitted_at, settlement);
+        }
+        settlement
+    }
 }
 
 impl Reservation for OwnedReservation {
@@ -217,6 +266,10 @@ impl Reservation for OwnedReservation {
 
     fn tokens(&self) -> u64 {
         OwnedReservation::tokens(self)
+    }
+
+    fn calls(&self) -> u64 {
+        OwnedReservation::calls(self)
     }
 
     fn settle(self, used: UsedTokens) -> Settlement {
@@ -253,5 +306,20 @@ impl<M: BudgetLimiter + 'static> Admission for M {
 
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
         self.chain_info(agent_id)
+    }
+
+    /// Takes the amounts and gives them back at once: the same all-or-
+    /// nothing check as an admission, with its refusal's `Retry-After`.
+    fn precheck(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<(), Denial> {
+        let taken = self
+            .acquire_owned(agent_id, tokens, calls)
+            .map_err(Denial::Refused)?;
+        let _ = taken.cancel();
+        Ok(())
     }
 }

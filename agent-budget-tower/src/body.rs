@@ -32,7 +32,12 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::telemetry::Telemetry;
-use crate::{Estimate, MeterSession, Outcome, Reservation, TokenSplit, UsedTokens};
+use crate::{Estimate, MeterSession, Outcome, Reservation, TokenSplit, UsageLog, UsedTokens};
+
+/// A deferred prompt count over more input than this is made on tokio's
+/// blocking threads, not on the worker that settles: a tokenizer takes
+/// about 80 ns a byte, so 64 KiB is 5 ms.
+pub(crate) const BLOCKING_COUNT_BYTES: usize = 64 << 10;
 
 /// Holds a reservation until it is settled, and settles it on drop.
 pub(crate) struct Settle<R: Reservation, S: MeterSession> {
@@ -40,16 +45,47 @@ pub(crate) struct Settle<R: Reservation, S: MeterSession> {
     session: Option<S>,
     estimate: Estimate,
     telemetry: Arc<Telemetry>,
+    /// The upstream received the request: a cancel charges the prompt.
+    prompt_received: bool,
+    log: Option<Arc<dyn UsageLog>>,
+    admitted_at: std::time::SystemTime,
+}
+
+/// What a settle books, before any deferred count is made.
+enum Charge {
+    /// What the response used: its split into prompt and completion when
+    /// the meter reported one.
+    Used(u64, Option<UsedTokens>),
+    /// The estimate, with the prompt as counted.
+    Estimate,
+    /// The prompt as counted.
+    Prompt,
+    Cancel,
 }
 
 impl<R: Reservation, S: MeterSession> Settle<R, S> {
-    pub(crate) fn new(reservation: R, estimate: Estimate, telemetry: Arc<Telemetry>) -> Self {
+    pub(crate) fn new(
+        reservation: R,
+        estimate: Estimate,
+        telemetry: Arc<Telemetry>,
+        log: Option<Arc<dyn UsageLog>>,
+        admitted_at: std::time::SystemTime,
+    ) -> Self {
         Settle {
             reservation: Some(reservation),
             session: None,
             estimate,
             telemetry,
+            prompt_received: false,
+            log,
+            admitted_at,
         }
+    }
+
+    /// The upstream received the request (see
+    /// [`PromptReceived`](crate::PromptReceived)).
+    pub(crate) fn prompt_received(&mut self) {
+        self.prompt_received = true;
     }
 
     /// The estimate the reservation was taken for.
@@ -75,58 +111,87 @@ impl<R: Reservation, S: MeterSession> Settle<R, S> {
     }
 
     fn abandon(&mut self) {
-        let outcome = match self.session.as_mut() {
-            Some(session) => session.abandon(),
+        match self.session.as_mut() {
+            Some(session) => {
+                let outcome = session.abandon();
+                self.book(outcome, true);
+            }
             // No response yet: the upstream has read the prompt.
-            None => Outcome::Used(self.estimate.counted_prompt_tokens()),
-        };
-        self.book(outcome, true);
+            None => self.charge(Charge::Prompt, true),
+        }
     }
 
     fn book(&mut self, outcome: Outcome, abandoned: bool) {
-        let Some(reservation) = self.reservation.take() else {
-            return;
-        };
-        let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
-        let settlement = match outcome {
+        let charge = match outcome {
             Outcome::Used(tokens) => {
                 let reported = self
                     .session
                     .as_ref()
                     .and_then(S::used_tokens)
                     .filter(|used| used.total == tokens);
-                reservation.settle(reported.unwrap_or_else(|| self.split(tokens)))
+                Charge::Used(tokens, reported)
             }
             // The estimate, with the prompt as counted: a bound reserved
             // in its place is no charge.
-            Outcome::Reserved => {
-                let prompt = self.estimate.counted_prompt_tokens();
-                reservation.settle(UsedTokens {
-                    total: prompt.saturating_add(self.estimate.completion_tokens),
-                    split: Some(TokenSplit {
-                        input: prompt,
-                        cached_input: 0,
-                        output: self.estimate.completion_tokens,
-                    }),
-                })
-            }
-            Outcome::Cancel => reservation.cancel(),
+            Outcome::Reserved => Charge::Estimate,
+            Outcome::Cancel if self.prompt_received => Charge::Prompt,
+            Outcome::Cancel => Charge::Cancel,
         };
-        self.telemetry
-            .settled(&agent, reserved, settlement, abandoned);
+        self.charge(charge, abandoned);
     }
 
-    /// `tokens` the meter reported without saying how they split: the
-    /// prompt as counted first (the upstream read it), the rest completion.
-    fn split(&self, tokens: u64) -> UsedTokens {
-        let input = self.estimate.counted_prompt_tokens().min(tokens);
-        UsedTokens {
-            total: tokens,
-            split: Some(TokenSplit {
-                input,
-                cached_input: 0,
-                output: tokens - input,
-            }),
+    fn charge(&mut self, charge: Charge, abandoned: bool) {
+        let Some(reservation) = self.reservation.take() else {
+            return;
+        };
+        let counts = matches!(charge, Charge::Estimate | Charge::Prompt);
+        let large = self
+            .estimate
+            .deferred_count
+            .as_ref()
+            .is_some_and(|d| d.input_len() > BLOCKING_COUNT_BYTES);
+        let estimate = std::mem::take(&mut self.estimate);
+        let (telemetry, log, at) = (self.telemetry.clone(), self.log.clone(), self.admitted_at);
+        let book = move || {
+            let (agent, reserved) = (reservation.agent_id(), reservation.tokens());
+            let used = match charge {
+                Charge::Used(tokens, reported) => {
+                    Some(reported.unwrap_or_else(|| split(&estimate, tokens)))
+                }
+                Charge::Estimate => {
+                    let prompt = estimate.counted_prompt_tokens();
+                    Some(UsedTokens {
+                        total: prompt.saturating_add(estimate.completion_tokens),
+                        split: Some(TokenSplit {
+                            input: prompt,
+                            cached_input: 0,
+                            output: estimate.completion_tokens,
+                        }),
+                    })
+                }
+                Charge::Prompt => {
+                    let prompt = estimate.counted_prompt_tokens();
+                    Some(UsedTokens {
+                        total: prompt,
+                        split: Some(TokenSplit {
+                            input: prompt,
+                            cached_input: 0,
+                            output: 0,
+                        }),
+                    })
+                }
+                Charge::Cancel => None,
+            };
+            let settlement = reservation.settle_logged(used, log.as_deref(), at);
+            telemetry.settled(&agent, reserved, settlement, abandoned);
+        };
+        // A large count is made off the worker (the settle may run in a
+        // `Drop` on it), when there is a runtime to make it on.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if counts && large => {
+                runtime.spawn_blocking(book);
+            }
+            _ => book(),
         }
     }
 
@@ -149,6 +214,20 @@ impl<R: Reservation, S: MeterSession> Settle<R, S> {
 
     fn preserves_body(&self) -> bool {
         self.session.as_ref().is_none_or(S::preserves_body)
+    }
+}
+
+/// `tokens` the meter reported without saying how they split: the prompt
+/// as counted first (the upstream read it), the rest completion.
+fn split(estimate: &Estimate, tokens: u64) -> UsedTokens {
+    let input = estimate.counted_prompt_tokens().min(tokens);
+    UsedTokens {
+        total: tokens,
+        split: Some(TokenSplit {
+            input,
+            cached_input: 0,
+            output: tokens - input,
+        }),
     }
 }
 

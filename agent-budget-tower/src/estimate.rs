@@ -123,6 +123,11 @@ impl DeferredCount {
         DeferredCount { count, input }
     }
 
+    /// The length of the input the count is made of.
+    pub fn input_len(&self) -> usize {
+        self.input.len()
+    }
+
     /// The count, made now.
     pub fn tokens(&self) -> u64 {
         (self.count)(&self.input)
@@ -153,6 +158,16 @@ pub trait Estimator<B>: Clone + Send + Sync + 'static {
         &self,
         request: Request<B>,
     ) -> impl Future<Output = Result<(Request<B>, Estimate), Rejection>> + Send;
+
+    /// The least `(tokens, calls)` any estimate of a request like this one
+    /// can come to, when the estimate has to read its body: the layer
+    /// checks that the budget has that much room before the body is read,
+    /// and refuses at once when it has not (an exhausted budget then costs
+    /// no body's memory or parsing). `None` (the default): no such check.
+    fn floor(&self, request: &Request<B>) -> Option<(u64, u64)> {
+        let _ = request;
+        None
+    }
 }
 
 /// The same cost for every request: `tokens` (counted as prompt) and

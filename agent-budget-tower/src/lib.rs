@@ -130,7 +130,8 @@ pub use body::BudgetBody;
 pub use estimate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};
 pub use meter::{
-    HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome, TokenSplit, UsedTokens,
+    HeaderUsage, HeaderUsageSession, Meter, MeterSession, Outcome, PromptReceived, TokenSplit,
+    UsageLog, UsedTokens,
 };
 pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests, PromptCount};
 pub use rejection::Rejection;

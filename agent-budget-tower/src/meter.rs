@@ -31,6 +31,39 @@ use http::response::Parts;
 
 use crate::Estimate;
 
+/// Put in a response's extensions by the inner service when the upstream
+/// received the request although its response says nothing of what was
+/// used (it timed out, or failed after the request was sent): the prompt
+/// may have been read and worked on, so an outcome of
+/// [`Outcome::Cancel`] charges the prompt instead of giving it back, as a
+/// client hanging up before the answer is charged. The layer removes it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PromptReceived;
+
+/// Told of every admission and settle, in the order they happen for each
+/// request: a journal of usage between snapshots (the gateway's) is one.
+///
+/// Called on the request's path (an admission) or where its body ends (a
+/// settle): it must not block.
+pub trait UsageLog: Send + Sync + 'static {
+    /// `tokens` and `calls` were taken from `agent`'s budget at `at`.
+    fn admitted(
+        &self,
+        agent: &agent_budget::AgentId,
+        tokens: u64,
+        calls: u64,
+        at: std::time::SystemTime,
+    );
+    /// The reservation taken at `admitted_at` was settled, with this
+    /// effect on `agent`'s budget.
+    fn settled(
+        &self,
+        agent: &agent_budget::AgentId,
+        admitted_at: std::time::SystemTime,
+        settlement: agent_budget::Settlement,
+    );
+}
+
 /// How a reservation is settled once its response is over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

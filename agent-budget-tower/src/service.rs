@@ -44,12 +44,12 @@ use http::{Request, Response, StatusCode};
 use http_body::Body;
 use tower::{Layer, Service};
 
-use crate::body::{BudgetBody, Settle};
+use crate::body::{BudgetBody, Settle, BLOCKING_COUNT_BYTES};
 use crate::headers::{write_retry_after, RateLimitSnapshot};
 use crate::telemetry::{RefusalReason, Telemetry};
 use crate::{
     Admission, AgentIdHeader, Denial, Estimate, Estimator, Identify, Meter, OpenAiEstimator,
-    OpenAiUsage, Rejection,
+    OpenAiUsage, PromptReceived, Rejection, UsageLog,
 };
 
 /// Which rate-limit headers responses carry.
@@ -134,6 +134,7 @@ struct Parts<M, I, E, U> {
     max_wait: Option<Duration>,
     headers: HeaderStyle,
     telemetry: Arc<Telemetry>,
+    log: Option<Arc<dyn UsageLog>>,
 }
 
 impl<M, I: Clone, E: Clone, U: Clone> Clone for Parts<M, I, E, U> {
@@ -146,6 +147,7 @@ impl<M, I: Clone, E: Clone, U: Clone> Clone for Parts<M, I, E, U> {
             max_wait: self.max_wait,
             headers: self.headers,
             telemetry: self.telemetry.clone(),
+            log: self.log.clone(),
         }
     }
 }
@@ -165,6 +167,7 @@ impl<M, I, E, U> Parts<M, I, E, U> {
             max_wait: self.max_wait,
             headers: self.headers,
             telemetry: self.telemetry,
+            log: self.log,
         }
     }
 }
@@ -184,6 +187,7 @@ impl<M: Admission> BudgetLayer<M> {
                 max_wait: None,
                 headers: HeaderStyle::default(),
                 telemetry: Telemetry::new(&HashMap::new()),
+                log: None,
             },
         }
     }
@@ -229,6 +233,12 @@ impl<M, I, E, U> BudgetLayer<M, I, E, U> {
     /// again, with the recorder installed now.
     pub fn agent_labels(mut self, labels: HashMap<AgentId, String>) -> Self {
         self.parts.telemetry = Telemetry::new(&labels);
+        self
+    }
+
+    /// Tells `log` of every admission and settle (a journal of usage, say).
+    pub fn usage_log(mut self, log: Arc<dyn UsageLog>) -> Self {
+        self.parts.log = Some(log);
         self
     }
 
@@ -336,6 +346,22 @@ where
             }
         };
         let request = Request::from_parts(parts, body);
+        if let Some((tokens, calls)) = self.estimator.floor(&request) {
+            if let Err(denial) = self.manager.precheck(&agent, tokens, calls) {
+                // Refused before the body is read, unless waiting up to
+                // `max_wait` may let it in.
+                let may_wait = self
+                    .max_wait
+                    .zip(denial.retry_after())
+                    .is_some_and(|(max, after)| after <= max);
+                if !may_wait {
+                    // Nothing is known of the request but its kind: its
+                    // headers describe the budget alone.
+                    let nothing_read = Estimate::default();
+                    return Ok(reject::<_, _, M>(self.rejection(denial, &nothing_read)));
+                }
+            }
+        }
         let (request, mut estimate) = match self.estimator.estimate(request).await {
             Ok(estimated) => estimated,
             Err(rejection) => {
@@ -348,7 +374,17 @@ where
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
-        let mut settle = Settle::new(reservation, estimate, self.telemetry.clone());
+        let admitted_at = std::time::SystemTime::now();
+        if let Some(log) = &self.log {
+            crate::Reservation::log_admitted(&reservation, log.as_ref(), admitted_at);
+        }
+        let mut settle = Settle::new(
+            reservation,
+            estimate,
+            self.telemetry.clone(),
+            self.log.clone(),
+            admitted_at,
+        );
         let response = match inner.call(request).await {
             Ok(response) => response,
             Err(e) => {
@@ -357,6 +393,9 @@ where
             }
         };
         let (mut parts, body) = response.into_parts();
+        if parts.extensions.remove::<PromptReceived>().is_some() {
+            settle.prompt_received();
+        }
         if let Some(snapshot) = snapshot {
             self.headers.write(&snapshot, &mut parts.headers);
         }
@@ -387,7 +426,7 @@ where
         if let Err(Denial::Refused(refused) | Denial::Worded { refused, .. }) = &admitted {
             let for_tokens = refused.kind == BudgetKind::Token
                 && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
-            if for_tokens && estimate.count_prompt() {
+            if for_tokens && count_prompt(estimate).await {
                 admitted = self.manager.admit(agent, estimate).await;
             }
         }
@@ -524,6 +563,27 @@ where
             .write_headers(&refused.agent_id, estimate, &mut rejection.headers);
         rejection
     }
+}
+
+/// [`Estimate::count_prompt`], on tokio's blocking threads when the input
+/// is large (so one client's long prompt does not stall the others on its
+/// worker).
+async fn count_prompt(estimate: &mut Estimate) -> bool {
+    let large = estimate
+        .deferred_count
+        .as_ref()
+        .filter(|d| d.input_len() > BLOCKING_COUNT_BYTES)
+        .cloned();
+    let Some(deferred) = large else {
+        return estimate.count_prompt();
+    };
+    let Ok(tokens) = tokio::task::spawn_blocking(move || deferred.tokens()).await else {
+        return estimate.count_prompt();
+    };
+    let before = estimate.prompt_tokens;
+    estimate.prompt_tokens = tokens;
+    estimate.deferred_count = None;
+    tokens != before
 }
 
 fn reject<B, S: crate::MeterSession, M: Admission>(

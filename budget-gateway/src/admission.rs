@@ -39,7 +39,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use agent_budget::{
     AgentId, BudgetManager, Claim, FullBudgetInfo, OwnedReservation, OwnedSetReservation, Refused,
@@ -47,7 +47,7 @@ use agent_budget::{
 };
 use agent_budget_tower::headers::go_duration;
 use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
-use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsedTokens};
+use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsageLog, UsedTokens};
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
@@ -293,6 +293,7 @@ impl LimitAdmission {
         Ok(Claims {
             agent: *agent,
             tokens,
+            calls,
             claims,
             spend_claims,
             micros,
@@ -358,6 +359,7 @@ impl LimitAdmission {
 struct Claims {
     agent: AgentId,
     tokens: u64,
+    calls: u64,
     claims: SmallVec<[Claim; 4]>,
     /// Bit `i`: claim `i` counts micro-dollars.
     spend_claims: u64,
@@ -370,6 +372,7 @@ impl Claims {
         Held::Set(SetHeld {
             agent: self.agent,
             tokens: self.tokens,
+            calls: self.calls,
             set,
             spend_claims: self.spend_claims,
             price: self.price,
@@ -431,6 +434,53 @@ impl Admission for LimitAdmission {
         self.budgets.chain_info(agent_id)
     }
 
+    /// Takes the least a request can cost and gives it back at once, as the
+    /// core's managers do, at the agent's own budget (its chain's) and at
+    /// every limit that counts every model: those whose glob needs the
+    /// request's `model`, and spend limits (which need its price), wait
+    /// for the body.
+    fn precheck(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+    ) -> Result<(), Denial> {
+        let plan = match self.plan(agent_id) {
+            Some(plan) if !plan.single => plan,
+            _ => {
+                let taken = self
+                    .budgets
+                    .acquire_owned(agent_id, tokens, calls)
+                    .map_err(Denial::Refused)?;
+                let _ = taken.cancel();
+                return Ok(());
+            }
+        };
+        let mut claims: SmallVec<[Claim; 4]> = SmallVec::new();
+        claims.push(Claim {
+            agent_id: *agent_id,
+            tokens,
+            calls,
+        });
+        claims.extend(
+            plan.cells
+                .iter()
+                .filter(|c| !c.spend && c.counts(None))
+                .map(|c| Claim {
+                    agent_id: c.id,
+                    tokens,
+                    calls,
+                }),
+        );
+        match self.budgets.acquire_set_owned(&claims) {
+            Ok(taken) => {
+                let _ = taken.cancel();
+                Ok(())
+            }
+            Err(refused) => Err(self.denial(agent_id, &plan, refused, 0)),
+        }
+    }
+
     fn rate_limits(&self, agent_id: &AgentId, estimate: &Estimate) -> Vec<FullBudgetInfo> {
         let mut levels = self.budgets.chain_info(agent_id);
         if let Some(plan) = self.plan(agent_id).filter(|p| !p.single) {
@@ -487,6 +537,7 @@ pub enum Held {
 pub struct SetHeld {
     agent: AgentId,
     tokens: u64,
+    calls: u64,
     set: OwnedSetReservation,
     /// Bit `i`: claim `i` counts micro-dollars.
     spend_claims: u64,
@@ -509,33 +560,131 @@ impl Reservation for Held {
         }
     }
 
+    fn calls(&self) -> u64 {
+        match self {
+            Held::One(r) => r.calls(),
+            Held::Set(set) => set.calls,
+        }
+    }
+
     fn settle(self, used: UsedTokens) -> Settlement {
         match self {
             Held::One(r) => r.settle(used.total),
-            Held::Set(set) => {
-                let cost = set.price.map_or(0, |p| p.cost_of(used));
-                if set.price.is_some() {
-                    set.spent.increment(cost);
-                }
-                let spend_claims = set.spend_claims;
-                set.set.settle_with(|i, _| {
-                    let spend = 1u64
-                        .checked_shl(i as u32)
-                        .is_some_and(|bit| spend_claims & bit != 0);
-                    if spend {
-                        cost
-                    } else {
-                        used.total
-                    }
-                })
-            }
+            Held::Set(set) => set.settle(Some(used), None),
         }
     }
 
     fn cancel(self) -> Settlement {
         match self {
             Held::One(r) => r.cancel(),
-            Held::Set(set) => set.set.cancel(),
+            Held::Set(set) => set.settle(None, None),
         }
+    }
+
+    /// Every limit the request claimed, each with its own amounts: a
+    /// journal replays them limit by limit.
+    fn log_admitted(&self, log: &dyn UsageLog, at: SystemTime) {
+        match self {
+            Held::One(r) => log.admitted(&r.agent_id(), r.tokens(), r.calls(), at),
+            Held::Set(set) => {
+                for claim in set.set.claims() {
+                    log.admitted(&claim.agent_id, claim.tokens, claim.calls, at);
+                }
+            }
+        }
+    }
+
+    fn settle_logged(
+        self,
+        used: Option<UsedTokens>,
+        log: Option<&dyn UsageLog>,
+        admitted_at: SystemTime,
+    ) -> Settlement {
+        match self {
+            Held::One(r) => {
+                let agent = r.agent_id();
+                let settlement = match used {
+                    Some(used) => r.settle(used.total),
+                    None => r.cancel(),
+                };
+                if let Some(log) = log {
+                    log.settled(&agent, admitted_at, settlement);
+                }
+                settlement
+            }
+            Held::Set(set) => set.settle(used, log.map(|log| (log, admitted_at))),
+        }
+    }
+}
+
+impl SetHeld {
+    /// Settles every claim with its own actual (the response's tokens, or
+    /// their price for a spend limit), or cancels them all (`used` of
+    /// `None`), and tells `log` what each claim's settle did.
+    ///
+    /// The core reports one outcome for the set (the worst); the journal
+    /// is told each claim's difference between actual and reserved as
+    /// booked in the reservation's window. Where the core booked it
+    /// otherwise (a window that ended before the settle), the journal
+    /// errs the way it always does: its replay counts usage above the
+    /// truth, never below.
+    fn settle(
+        self,
+        used: Option<UsedTokens>,
+        log: Option<(&dyn UsageLog, SystemTime)>,
+    ) -> Settlement {
+        let cost = match (&used, self.price) {
+            (Some(used), Some(price)) => {
+                let cost = price.cost_of(*used);
+                self.spent.increment(cost);
+                cost
+            }
+            _ => 0,
+        };
+        let spend_claims = self.spend_claims;
+        let actual = |i: usize, total: u64| {
+            let spend = 1u64
+                .checked_shl(i as u32)
+                .is_some_and(|bit| spend_claims & bit != 0);
+            if spend {
+                cost
+            } else {
+                total
+            }
+        };
+        let booked: SmallVec<[(AgentId, u64, u64, u64); 4]> = match (&used, log) {
+            (_, None) => SmallVec::new(),
+            (Some(used), Some(_)) => self
+                .set
+                .claims()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.agent_id, c.tokens, actual(i, used.total), 0))
+                .collect(),
+            (None, Some(_)) => self
+                .set
+                .claims()
+                .iter()
+                .map(|c| (c.agent_id, c.tokens, 0, c.calls))
+                .collect(),
+        };
+        let settlement = match used {
+            Some(used) => self.set.settle_with(|i, _| actual(i, used.total)),
+            None => self.set.cancel(),
+        };
+        if let Some((log, admitted_at)) = log {
+            for (agent, reserved, actual, refunded_calls) in booked {
+                log.settled(
+                    &agent,
+                    admitted_at,
+                    Settlement::Applied {
+                        refunded_tokens: reserved.saturating_sub(actual),
+                        charged_tokens: actual.saturating_sub(reserved),
+                        refunded_calls,
+                    },
+                );
+            }
+        }
+        settlement
     }
 }

@@ -339,7 +339,29 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             Ok(s.get_ref().clone())
         }
     };
-    let admin_key = nonblank(&raw.admin_key, "the admin key")?;
+    // A key a client can never send as `Authorization: Bearer KEY` (see
+    // `bearer_key`: the header's value is trimmed, and must be visible
+    // ASCII, spaces and tabs) would lock its agent out without a word.
+    let sendable = |s: &Spanned<String>, what: &str| {
+        let key = nonblank(s, what)?;
+        let why = if key.trim() != key {
+            Some("has spaces at an end, which a header's value loses")
+        } else if !key.is_ascii() {
+            Some("has non-ASCII characters, which a bearer key cannot carry")
+        } else if key.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            Some("has control characters, which a header's value cannot carry")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(invalid(
+                Some(s.span()),
+                format!("{what} {why}: no client could ever send it"),
+            )),
+            None => Ok(key),
+        }
+    };
+    let admin_key = sendable(&raw.admin_key, "the admin key")?;
     let upstream_api_key = raw
         .upstream_api_key
         .as_ref()
@@ -361,7 +383,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let api_key = match &a.api_key {
             None => None,
             Some(spanned) => {
-                let api_key = nonblank(spanned, "an API key")?;
+                let api_key = sendable(spanned, "an API key")?;
                 if api_key == admin_key {
                     return Err(invalid(
                         Some(spanned.span()),

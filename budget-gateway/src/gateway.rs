@@ -35,10 +35,14 @@
 //! With a state file, the budgets' usage is restored at start (the limits
 //! and parents come from the configuration and the database, which win;
 //! the usage of every agent, file or API, is kept), saved every
-//! `persist_interval_secs`, and saved once more after the server has
-//! stopped: on SIGTERM or Ctrl-C it stops accepting connections, lets the
-//! requests in flight finish (their bodies end, and settle), saves, and
-//! returns. A fleet gateway keeps no state file (usage lives in Redis,
+//! `persist_interval_secs` (with a [`Journal`] of every admission and
+//! settle in between, so that a crash loses at most 50 ms of usage), and
+//! saved once more after the server has stopped: on SIGTERM or Ctrl-C it
+//! stops accepting connections, lets the requests in flight finish (their
+//! bodies end, and settle) for up to the [`ServerLimits`]'
+//! `shutdown_timeout`, cancels (and so settles) those left, saves, and
+//! returns. The server and what it bounds (the request head's and body's
+//! deadlines, the connections) are [`crate::server`]'s. A fleet gateway keeps no state file (usage lives in Redis,
 //! which persists it if configured to); once the requests in flight have
 //! finished it gives its unused leases back to the fleet
 //! ([`FleetManager::shutdown`]).
@@ -57,7 +61,7 @@ use agent_budget_tower::openai::{EstimateOptions, OpenAiEstimator, OpenAiUsage, 
 use agent_budget_tower::{bearer_key, Admission, BudgetLayer, HeaderStyle};
 use axum::extract::Request;
 use axum::routing::get;
-use axum::{Router, ServiceExt};
+use axum::Router;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tower_governor::governor::GovernorConfigBuilder;
 use tower_governor::key_extractor::KeyExtractor;
@@ -68,9 +72,11 @@ use crate::admission::LimitAdmission;
 use crate::catalog::Catalog;
 use crate::config::{Config, Tokenizer};
 use crate::db::{Database, DbError, Snapshot};
+use crate::journal::Journal;
 use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
+use crate::server::ServerLimits;
 use crate::tokenizer::Counter;
 
 /// What stands between the client and the proxy.
@@ -117,6 +123,8 @@ pub struct Gateway {
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
+    journal: Option<Journal>,
+    server: ServerLimits,
 }
 
 /// Why the gateway could not start or stop cleanly.
@@ -240,6 +248,19 @@ impl Gateway {
         // how large; the state file only brings back usage.
         let catalog = Catalog::new(&config, Budgets::Local(budgets.clone()), db)?;
         catalog.install_local(&budgets)?;
+        // What was admitted since the snapshot, from the journal beside it.
+        let journal = match &state {
+            Some(path) => {
+                let windowed: std::collections::HashSet<AgentId> = config
+                    .agents
+                    .iter()
+                    .filter(|a| a.limits.fleet_window(a.agent_id).is_ok())
+                    .map(|a| a.agent_id)
+                    .collect();
+                Some(Journal::open(path, &budgets, &|id| windowed.contains(id))?)
+            }
+            None => None,
+        };
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
             config,
@@ -248,6 +269,8 @@ impl Gateway {
             proxy,
             limiter,
             state,
+            journal,
+            server: ServerLimits::default(),
         })
     }
 
@@ -292,6 +315,8 @@ impl Gateway {
             proxy,
             limiter: Limiter::Budget,
             state: None,
+            journal: None,
+            server: ServerLimits::default(),
         })
     }
 
@@ -316,6 +341,20 @@ impl Gateway {
         Ok(())
     }
 
+    /// Serves under `limits` (connections, timeouts, the stop's deadline)
+    /// instead of [`ServerLimits::default`].
+    pub fn server_limits(mut self, limits: ServerLimits) -> Self {
+        self.server = limits;
+        self
+    }
+
+    /// Cuts off an upstream response that sends nothing for `idle` (300 s
+    /// unless set): the layer settles it as a hang-up.
+    pub fn upstream_idle_timeout(mut self, idle: Duration) -> Self {
+        self.proxy = self.proxy.idle_timeout(idle);
+        self
+    }
+
     /// The budgets the gateway enforces.
     pub fn budgets(&self) -> &Budgets {
         &self.budgets
@@ -327,18 +366,38 @@ impl Gateway {
         &self.catalog
     }
 
-    /// The gateway's routes (which [`serve`](Self::serve) puts behind
-    /// path normalization).
-    fn router(&self) -> Router {
+    /// The operator's routes: the admin API and `/metrics`.
+    fn admin_router(&self) -> Router {
         let metrics = metrics_handle();
         let admin = Admin {
             budgets: self.budgets.clone(),
             catalog: self.catalog.clone(),
         };
-        let router = admin.router().route(
+        admin.router().route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
-        );
+        )
+    }
+
+    /// The gateway's routes (which [`serve`](Self::serve) puts behind
+    /// path normalization): the proxy's, and the operator's unless they
+    /// are served on their own address (`separate_admin`), in which case
+    /// their paths are `404` here rather than forwarded.
+    fn router(&self, separate_admin: bool) -> Router {
+        let router = if separate_admin {
+            self.admin_router().route_layer(axum::middleware::from_fn(
+                |_: Request, _: axum::middleware::Next| {
+                    std::future::ready(
+                        agent_budget_tower::Rejection::not_found(
+                            "the admin API and /metrics are served on the admin address",
+                        )
+                        .into_response::<axum::body::Body>(),
+                    )
+                },
+            ))
+        } else {
+            self.admin_router()
+        };
         let proxy = self.proxy.clone();
         match self.limiter {
             Limiter::Budget => match &self.budgets {
@@ -399,6 +458,10 @@ impl Gateway {
                 ietf: c.ietf_headers,
             })
             .agent_labels(self.catalog.metrics_labels());
+        let layer = match &self.journal {
+            Some(journal) => layer.usage_log(journal.log()),
+            None => layer,
+        };
         if c.max_wait_ms > 0 {
             layer.max_wait(Duration::from_millis(c.max_wait_ms))
         } else {
@@ -407,11 +470,23 @@ impl Gateway {
     }
 
     /// Serves on `listener` until `shutdown` resolves, then lets requests
-    /// in flight finish and saves the state (or, in a fleet, gives the
+    /// in flight finish (cancelling those left at the limits'
+    /// `shutdown_timeout`) and saves the state (or, in a fleet, gives the
     /// unused leases back).
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), GatewayError> {
+        self.serve_with_admin(listener, None, shutdown).await
+    }
+
+    /// [`serve`](Self::serve), with the admin API and `/metrics` on
+    /// `admin` instead of `listener` when it is given.
+    pub async fn serve_with_admin(
+        self,
+        listener: tokio::net::TcpListener,
+        admin: Option<tokio::net::TcpListener>,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), GatewayError> {
         let local = match &self.budgets {
@@ -424,22 +499,52 @@ impl Gateway {
             .zip(local.clone())
             .map(|(path, budgets)| {
                 let every = Duration::from_secs(self.config.persist_interval_secs);
+                let journal = self.journal.clone();
                 tokio::spawn(async move {
                     let mut ticks = tokio::time::interval(every);
                     ticks.tick().await;
                     loop {
                         ticks.tick().await;
-                        if let Err(e) = budgets.persist(&path) {
+                        let (path, budgets, journal) =
+                            (path.clone(), budgets.clone(), journal.clone());
+                        let saved = tokio::task::spawn_blocking(move || {
+                            save(&path, &budgets, journal.as_ref())
+                        })
+                        .await;
+                        if let Ok(Err(e)) = saved {
                             eprintln!("budget-gateway: {e}");
                         }
                     }
                 })
             });
         let watchers = self.catalog.spawn_watchers();
-        let app = NormalizePath::new(self.router());
-        let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let app = NormalizePath::new(self.router(admin.is_some()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = stop.send(true);
+        });
+        let until_stopped = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        let admin_served = admin.map(|admin| {
+            let app = NormalizePath::new(self.admin_router());
+            // The operator's few connections are not the clients' to crowd.
+            let limits = ServerLimits {
+                max_connections: 64,
+                ..self.server
+            };
+            tokio::spawn(crate::server::serve(
+                admin,
+                app,
+                limits,
+                until_stopped(stopped.clone()),
+            ))
+        });
+        let served = crate::server::serve(listener, app, self.server, until_stopped(stopped)).await;
+        if let Some(admin_served) = admin_served {
+            let _ = admin_served.await;
+        }
         if let Some(saver) = saver {
             saver.abort();
         }
@@ -451,12 +556,25 @@ impl Gateway {
             db.close().await;
         }
         if let Some((path, budgets)) = self.state.as_ref().zip(local) {
-            budgets.persist(path)?;
+            save(path, &budgets, self.journal.as_ref())?;
         }
         if let Budgets::Fleet(fleet) = &self.budgets {
             fleet.shutdown().await?;
         }
         Ok(served?)
+    }
+}
+
+/// Saves the usage to the state file (through the journal, which then
+/// starts afresh, if there is one).
+fn save(
+    path: &std::path::Path,
+    budgets: &BudgetManager,
+    journal: Option<&Journal>,
+) -> Result<(), agent_budget::PersistError> {
+    match journal {
+        Some(journal) => journal.snapshot(budgets),
+        None => budgets.persist(path),
     }
 }
 

@@ -12,7 +12,9 @@
 //! [`limits`], which the admin API shares), [`admission`] admits each
 //! request against every limit that applies to it (spend priced,
 //! per-model limits; the design in [`docs::limits`]), [`gateway::Gateway`] builds
-//! the routes and serves them behind [`paths`]' normalization, [`proxy`]
+//! the routes and serves them behind [`paths`]' normalization on
+//! [`server`] (deadlines, a connection limit, a stop with a deadline),
+//! [`journal`] keeps usage between two saves of the state file, [`proxy`]
 //! forwards, [`admin`] is the operator's API (budgets, agents, keys, its
 //! OpenAPI document), [`catalog`] holds the agents of the file and of the
 //! database ([`db`]) and applies their changes, [`keys`] makes, hashes and
@@ -71,10 +73,12 @@ pub mod config;
 pub mod db;
 pub mod docs;
 pub mod gateway;
+pub mod journal;
 pub mod keys;
 pub mod limits;
 pub mod mock;
 pub mod paths;
 pub mod proxy;
 pub mod reload;
+pub mod server;
 pub mod tokenizer;

@@ -10,6 +10,7 @@ use agent_budget::BudgetManager;
 use agent_budget_redis::{FleetConfig, FleetManager};
 use budget_gateway::db::Database;
 use budget_gateway::gateway::{stop_signal, Gateway, Limiter};
+use budget_gateway::server::ServerLimits;
 
 const USAGE: &str = "\
 budget-gateway: token and call budgets per API key in front of an OpenAI-compatible upstream
@@ -30,6 +31,17 @@ OPTIONS:
                              usage lives in Redis, so not with --state; budgets cannot nest (no `parent`)
     --upstream-timeout SECS  answer 504 when the upstream has not answered by then (default 600)
     --threads N              worker threads (default: one per core)
+    --admin-listen ADDR      serve the admin API and /metrics on ADDR instead of --listen (then 404 there)
+    --max-connections N      client connections at once (default: half the open-file limit less 64,
+                             at most 16384); past it a new one replaces one that holds no request,
+                             else it is refused with 503
+    --header-timeout SECS    a request head must arrive whole within this (also the keep-alive
+                             idle timeout; default 10)
+    --body-timeout SECS      a request body must arrive whole within this of its head (default 60)
+    --upstream-idle-timeout SECS  an upstream response that sends nothing for this long is cut
+                             off, and settled as a hang-up (default 300)
+    --shutdown-timeout SECS  on SIGTERM, requests in flight get this long, then are cancelled and
+                             settled (default 30)
     --limiter KIND           budget (default), none or governor: the last two are for measuring the layer's cost
     --mock-upstream          serve a small OpenAI-compatible mock instead (for trying the gateway)
     -h, --help               this text
@@ -48,6 +60,18 @@ struct Args {
     limiter: Limiter,
     threads: Option<usize>,
     mock: bool,
+    admin_listen: Option<SocketAddr>,
+    server: ServerLimits,
+    upstream_idle_timeout: Duration,
+}
+
+/// Seconds, fractions allowed (`0.2`), as a duration of at least 1 ms.
+fn seconds(flag: &str, v: &str) -> Result<Duration, String> {
+    let secs: f64 = v.parse().map_err(|e| format!("{flag} {v:?}: {e}"))?;
+    if !secs.is_finite() || !(0.0..=31_536_000.0).contains(&secs) {
+        return Err(format!("{flag} {v:?}: give seconds, at most a year"));
+    }
+    Ok(Duration::from_secs_f64(secs).max(Duration::from_millis(1)))
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -63,6 +87,9 @@ fn parse_args() -> Result<Args, String> {
         limiter: Limiter::Budget,
         threads: None,
         mock: false,
+        admin_listen: None,
+        server: ServerLimits::default(),
+        upstream_idle_timeout: Duration::from_secs(300),
     };
     let mut parser = lexopt::Parser::from_env();
     let text = |v: std::ffi::OsString| v.into_string().map_err(|v| format!("not UTF-8: {v:?}"));
@@ -93,6 +120,36 @@ fn parse_args() -> Result<Args, String> {
                 let v = text(parser.value().map_err(|e| e.to_string())?)?;
                 let n: usize = v.parse().map_err(|e| format!("--threads {v:?}: {e}"))?;
                 args.threads = Some(n.max(1));
+            }
+            Long("admin-listen") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.admin_listen = Some(
+                    v.parse()
+                        .map_err(|e| format!("--admin-listen {v:?}: {e}"))?,
+                );
+            }
+            Long("max-connections") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                let n: usize = v
+                    .parse()
+                    .map_err(|e| format!("--max-connections {v:?}: {e}"))?;
+                args.server.max_connections = n.max(1);
+            }
+            Long("header-timeout") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.server.header_timeout = seconds("--header-timeout", &v)?;
+            }
+            Long("body-timeout") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.server.body_timeout = seconds("--body-timeout", &v)?;
+            }
+            Long("shutdown-timeout") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.server.shutdown_timeout = seconds("--shutdown-timeout", &v)?;
+            }
+            Long("upstream-idle-timeout") => {
+                let v = text(parser.value().map_err(|e| e.to_string())?)?;
+                args.upstream_idle_timeout = seconds("--upstream-idle-timeout", &v)?;
             }
             Long("mock-upstream") => args.mock = true,
             Short('h') | Long("help") => {
@@ -218,12 +275,21 @@ async fn run(args: Args) -> Result<(), String> {
         config_path,
     ));
     let listener = bind(listen).await?;
+    let admin = match args.admin_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let admin_at = admin.as_ref().map_or_else(String::new, |admin| {
+        format!(", admin API and /metrics on http://{}", local(admin))
+    });
     eprintln!(
-        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}{stored}",
+        "budget-gateway: listening on http://{}, forwarding /v1/ to {upstream}, {agents} agents, {budgets}{stored}{admin_at}",
         local(&listener),
     );
     gateway
-        .serve(listener, stop_signal())
+        .server_limits(args.server)
+        .upstream_idle_timeout(args.upstream_idle_timeout)
+        .serve_with_admin(listener, admin, stop_signal())
         .await
         .map_err(|e| e.to_string())?;
     eprintln!("budget-gateway: stopped");

@@ -8,8 +8,11 @@
 //! `Keep-Alive`, `Proxy-*`, `TE`, `Trailer`, `Transfer-Encoding`,
 //! `Upgrade`) and `Host` (the client sets the upstream's). If the
 //! configuration has an `upstream_api_key`, it replaces the client's
-//! `Authorization`: clients never see the upstream's key, and the upstream
-//! never sees the clients'. Without one, the client's `Authorization` goes
+//! `Authorization`, and the client's other credentials for the upstream's
+//! account (`OpenAI-Organization`, `OpenAI-Project`, `Cookie`) are dropped:
+//! clients never see the upstream's key, the upstream never sees the
+//! clients', and no client picks which of the operator's organizations or
+//! projects pays. Without one, the client's `Authorization` goes
 //! through as it is. `Accept-Encoding` is replaced by `identity`: the
 //! budget layer reads the usage from the response's bytes, which a
 //! compressed response would hide (the client gets an uncompressed
@@ -17,10 +20,14 @@
 //!
 //! The response streams back as it arrives (hop-by-hop headers dropped),
 //! so server-sent events reach the client event by event. An upstream
-//! that cannot be reached, or fails before a response, is answered `502`;
-//! one that does not answer within the timeout, `504`: the budget layer
-//! sees a response with an error status and no usage, and cancels the
-//! reservation.
+//! that cannot be reached is answered `502`, and the budget layer cancels
+//! the reservation: nobody read the request. One that fails after the
+//! connection was made, or does not answer within the timeout (`504`), may
+//! have read the prompt and worked on it: the response carries
+//! [`PromptReceived`], and the layer charges the prompt (as it does a
+//! client that hangs up before the answer). A response whose body sends
+//! nothing for the idle timeout is cut off with an error, which the layer
+//! settles as a hang-up (the prompt and what streamed).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -29,10 +36,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use agent_budget_tower::Rejection;
+use agent_budget_tower::{PromptReceived, Rejection};
 use axum::body::Body;
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -43,13 +53,20 @@ pub struct Proxy {
     inner: Arc<Inner>,
 }
 
+#[derive(Clone)]
 struct Inner {
     client: Client<HttpConnector, Body>,
     /// `scheme://authority` of the upstream.
     base: Uri,
     authorization: Option<HeaderValue>,
     timeout: Duration,
+    /// The longest a response body may send nothing.
+    idle: Duration,
 }
+
+/// The client's headers that pick or prove an account upstream: dropped
+/// when the operator's key replaces the client's.
+const CLIENT_CREDENTIALS: [&str; 3] = ["openai-organization", "openai-project", "cookie"];
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -111,8 +128,15 @@ impl Proxy {
                 base,
                 authorization,
                 timeout,
+                idle: Duration::from_secs(300),
             }),
         })
+    }
+
+    /// Cuts off a response body that sends nothing for `idle`.
+    pub fn idle_timeout(mut self, idle: Duration) -> Self {
+        Arc::make_mut(&mut self.inner).idle = idle;
+        self
     }
 
     /// Forwards `request` and returns the upstream's response, or the
@@ -145,6 +169,9 @@ impl Proxy {
             parts
                 .headers
                 .insert(header::AUTHORIZATION, authorization.clone());
+            for name in CLIENT_CREDENTIALS {
+                parts.headers.remove(name);
+            }
         }
         parts.version = http::Version::HTTP_11;
         let sent = self.inner.client.request(Request::from_parts(parts, body));
@@ -152,24 +179,85 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
+                let body = IdleBody {
+                    inner: body,
+                    idle: self.inner.idle,
+                    deadline: Box::pin(tokio::time::sleep(self.inner.idle)),
+                };
                 Response::from_parts(parts, Body::new(body))
             }
-            Ok(Err(e)) => error_response(Rejection::new(
-                StatusCode::BAD_GATEWAY,
-                format!("the upstream failed: {}", source_chain(&e)),
-                "upstream_error",
-                "bad_gateway",
-            )),
-            Err(_) => error_response(Rejection::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "the upstream did not answer within {} s",
-                    self.inner.timeout.as_secs()
-                ),
-                "upstream_error",
-                "gateway_timeout",
-            )),
+            Ok(Err(e)) => {
+                let mut response = error_response(Rejection::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("the upstream failed: {}", source_chain(&e)),
+                    "upstream_error",
+                    "bad_gateway",
+                ));
+                // Connected, the request may have been read: only a
+                // connection never made proves it was not.
+                if !e.is_connect() {
+                    response.extensions_mut().insert(PromptReceived);
+                }
+                response
+            }
+            Err(_) => {
+                let mut response = error_response(Rejection::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "the upstream did not answer within {} s",
+                        self.inner.timeout.as_secs_f64()
+                    ),
+                    "upstream_error",
+                    "gateway_timeout",
+                ));
+                response.extensions_mut().insert(PromptReceived);
+                response
+            }
         }
+    }
+}
+
+/// An upstream response body that fails when it sends nothing for `idle`.
+struct IdleBody {
+    inner: Incoming,
+    idle: Duration,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl HttpBody for IdleBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let next = tokio::time::Instant::now() + this.idle;
+                this.deadline.as_mut().reset(next);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "the upstream sent nothing for {} s",
+                        this.idle.as_secs_f64()
+                    ),
+                ))))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -186,7 +274,7 @@ fn source_chain(e: &dyn std::error::Error) -> String {
 }
 
 fn error_response(rejection: Rejection) -> Response<Body> {
-    rejection.into_response()
+    rejection.into_response::<Body>()
 }
 
 /// Headers that concern one connection and must not be forwarded.

@@ -319,3 +319,85 @@ async fn a_fleet_gateway_refuses_nested_budgets() {
         "nothing was set"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_leases_large_enough_for_the_fleet_cap_to_bind_the_fleet_admits_exactly_the_budget() {
+    let redis = RedisServer::start();
+    let windows = FakeClock::new(60_000 * 1_000);
+    let (upstream, stats) = start_mock().await;
+    // Leases of 30% of a 40-call budget (12 calls): two gateways' leases
+    // and a refill each ask for more than the fleet has, so the last
+    // grants are cut to what is left and the fleet-wide cap refuses.
+    let lease = |name: &str| {
+        let mut config = never_idle(&redis, name, &windows);
+        config.lease = LeasePolicy {
+            fraction: 0.3,
+            low_water: 0.5,
+        };
+        config
+    };
+    let text = config_text(1_000_000, 40, "");
+    let nodes = Arc::new([
+        node(lease("gw-a"), &text, &upstream).await,
+        node(lease("gw-b"), &text, &upstream).await,
+    ]);
+    let per_node = Arc::new([AtomicU64::new(0), AtomicU64::new(0)]);
+    let mut clients = Vec::new();
+    for n in 0..2 {
+        for _ in 0..4 {
+            let (nodes, per_node) = (nodes.clone(), per_node.clone());
+            clients.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                for _ in 0..20 {
+                    let r = chat(&client, &nodes[n], KEY_A).await;
+                    match r.status() {
+                        StatusCode::OK => {
+                            r.bytes().await.unwrap();
+                            per_node[n].fetch_add(1, Ordering::SeqCst);
+                        }
+                        StatusCode::TOO_MANY_REQUESTS => {
+                            assert_eq!(header(&r, "x-ratelimit-remaining-requests"), "0");
+                        }
+                        StatusCode::SERVICE_UNAVAILABLE => {}
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+            }));
+        }
+    }
+    for client in clients {
+        client.await.unwrap();
+    }
+    // A refill granted after a gateway's clients stopped sits in its lease:
+    // more requests on both spend it, until both refuse.
+    let client = reqwest::Client::new();
+    for _ in 0..40 {
+        let mut any = false;
+        for (n, node) in nodes.iter().enumerate() {
+            let r = chat(&client, node, KEY_A).await;
+            if r.status() == StatusCode::OK {
+                per_node[n].fetch_add(1, Ordering::SeqCst);
+                any = true;
+            }
+        }
+        if !any && calls(&stats) >= 40 {
+            break;
+        }
+    }
+    let (a, b) = (
+        per_node[0].load(Ordering::SeqCst),
+        per_node[1].load(Ordering::SeqCst),
+    );
+    assert_eq!(a + b, 40, "admitted {a} + {b}");
+    assert_eq!(calls(&stats), 40, "the upstream served exactly the budget");
+    // Each gateway took more than one lease's worth or the other did: the
+    // leases were refilled, up to the fleet's cap.
+    assert!(a > 0 && b > 0, "{a} and {b}");
+    assert!(a.max(b) > 12, "no refill was needed: {a} and {b}");
+    for node in nodes.iter() {
+        assert_eq!(
+            chat(&client, node, KEY_A).await.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+}

@@ -251,9 +251,20 @@ where
             }
             let (mut parts, body) = request.into_parts();
             let bytes = read_body(body, this.max_body_bytes).await?;
-            let mut estimated = this
-                .estimate_body(endpoint, &bytes)
-                .map_err(Rejection::bad_request)?;
+            let mut estimated = if bytes.len() > BLOCKING_ESTIMATE_BYTES
+                && tokio::runtime::Handle::try_current().is_ok()
+            {
+                // Parsing and counting a large body takes milliseconds to
+                // seconds: off the worker, so other clients are not stalled.
+                let (estimator, body) = (this.clone(), bytes.clone());
+                tokio::task::spawn_blocking(move || estimator.estimate_body(endpoint, &body))
+                    .await
+                    .map_err(|e| e.to_string())
+                    .and_then(|estimated| estimated)
+            } else {
+                this.estimate_body(endpoint, &bytes)
+            }
+            .map_err(Rejection::bad_request)?;
             estimated.estimate.model = request_model(&bytes);
             let body = match estimated.rewritten_body {
                 Some(rewritten) => {
@@ -270,7 +281,24 @@ where
             ))
         }
     }
+
+    /// One token and one call for a `POST` to a metered endpoint (every
+    /// estimate of one is at least that); `None` for the rest, which are
+    /// admitted without their body being read.
+    fn floor(&self, request: &Request<B>) -> Option<(u64, u64)> {
+        if request.method() != Method::POST {
+            return None;
+        }
+        let normalized = normalize_uri(request.uri()).ok()?;
+        let path = normalized
+            .as_ref()
+            .map_or_else(|| request.uri().path(), |uri| uri.path());
+        (Endpoint::of_path(path) != Endpoint::Other).then_some((1, 1))
+    }
 }
+
+/// A body larger than this is estimated on tokio's blocking threads.
+const BLOCKING_ESTIMATE_BYTES: usize = 64 << 10;
 
 /// How each metered endpoint's prompt is counted later: chat,
 /// completions, responses, embeddings. Only bodies [`estimate_body`]
@@ -304,7 +332,8 @@ where
 {
     let too_large =
         || Rejection::too_large(format!("the request body is larger than {limit} bytes"));
-    if body.size_hint().lower() > limit as u64 {
+    let hint_lower = body.size_hint().lower();
+    if hint_lower > limit as u64 {
         return Err(too_large());
     }
     let mut body = std::pin::pin!(body);
@@ -315,7 +344,26 @@ where
             break;
         };
         let frame = frame.map_err(|e| {
-            Rejection::bad_request(format!("cannot read the request body: {}", e.into()))
+            let e = e.into();
+            // A server's body deadline, however many wrappers deep.
+            let timed_out =
+                std::iter::successors(Some(&*e as &(dyn std::error::Error + 'static)), |e| {
+                    e.source()
+                })
+                .any(|e| {
+                    e.downcast_ref::<std::io::Error>()
+                        .is_some_and(|e| e.kind() == std::io::ErrorKind::TimedOut)
+                });
+            if timed_out {
+                Rejection::new(
+                    http::StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body was not read: {e}"),
+                    "invalid_request_error",
+                    "request_timeout",
+                )
+            } else {
+                Rejection::bad_request(format!("cannot read the request body: {e}"))
+            }
         })?;
         // Trailers say nothing about the cost.
         let Ok(data) = frame.into_data() else {
@@ -329,7 +377,10 @@ where
             (None, _) => first = Some(data),
             (Some(_), Some(joined)) => joined.extend_from_slice(&data),
             (Some(head), None) => {
-                let mut both = BytesMut::with_capacity(length);
+                // Room for the whole body at once where its length is
+                // known: growing by doubling would hold twice as much.
+                let expected = (hint_lower as usize).clamp(length, limit);
+                let mut both = BytesMut::with_capacity(expected);
                 both.extend_from_slice(head);
                 both.extend_from_slice(&data);
                 joined = Some(both);
