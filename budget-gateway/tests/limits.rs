@@ -321,6 +321,12 @@ async fn a_parents_list_of_limits_binds_its_children() {
         &team,
     );
     let g = start_with(BudgetManager::new(), &text, None).await;
+    // The team's spend limit needs a price: an unpriced model is 400 for
+    // its children too, nothing charged.
+    assert_eq!(
+        g.chat(KEY_A, &small("o3")).await.status(),
+        StatusCode::BAD_REQUEST
+    );
     assert_eq!(
         g.chat(KEY_A, &small("gpt-4o")).await.status(),
         StatusCode::OK
@@ -338,11 +344,11 @@ async fn a_parents_list_of_limits_binds_its_children() {
     let r = g.chat(KEY_B, &small("gpt-4o")).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS, "the team's hour");
     assert_eq!(header(&r, "x-ratelimit-limit-requests"), "3");
-    // The team's spend limit needs a price: an unpriced model is 400 for
-    // its children too.
+    // Once a limit that needs no body is spent, the refusal comes before
+    // the body is read: an unpriced model is refused for the budget.
     assert_eq!(
         g.chat(KEY_A, &small("o3")).await.status(),
-        StatusCode::BAD_REQUEST
+        StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(calls(&g.stats), 3);
 }
