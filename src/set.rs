@@ -94,7 +94,13 @@ impl<P: Copy> Plan<P> {
         let depth = u8::try_from(depth).unwrap_or(u8::MAX);
         let own = depth == 0;
         let bit = 1 << claim;
-        if let Some(known) = self.limits.iter_mut().find(|l| l.id == id) {
+        // The first claim's walk up its chain meets each limit once (the
+        // walk stops at a limit seen before): only later claims can merge.
+        let known = match claim {
+            0 => None,
+            _ => self.limits.iter_mut().find(|l| l.id == id),
+        };
+        if let Some(known) = known {
             known.tokens = known.tokens.max(tokens);
             known.calls = known.calls.max(calls);
             known.reached_by |= bit;
@@ -148,6 +154,13 @@ impl<P: Copy> Plan<P> {
             (l.depth, l.id)
         };
         self.order.clear();
+        if limits.iter().all(|l| l.reached_by == 1) {
+            // One claim: its chain, walked from the agent up, is already
+            // in order (one limit per depth). What `acquire` on a chain
+            // runs.
+            self.order.extend(0..limits.len() as u8);
+            return;
+        }
         // An insertion sort: a plan holds a few limits, at most 32.
         for n in 0..limits.len() {
             let n = n as u8; // at most MAX_SET_LIMITS

@@ -17,7 +17,7 @@ use crate::reservation::{
     SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Policy, Refund, State};
-use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
+use crate::set::{self, Plan, SetLevel, SetTicket, TooMany, MAX_SET_LIMITS};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
 use crate::types::{
     AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
@@ -754,8 +754,41 @@ impl BudgetManager {
         pinned: &Pinned<'_>,
         claims: &[Claim],
     ) -> Result<SetTicket, (Refusal, AgentId)> {
+        let now = self.clock.now();
+        // One claim on an agent without a parent is a plan of one limit:
+        // taken directly, as `acquire` takes it.
+        if let [claim] = claims {
+            let cell = pinned
+                .get(&claim.agent_id)
+                .ok_or((Refusal::NoBudget, claim.agent_id))?;
+            let enforced = cell.enforced();
+            if !enforced.has_parent {
+                let amounts = (claim.tokens, claim.calls);
+                let generation = cell.generation();
+                return match take(
+                    claim.agent_id,
+                    cell,
+                    enforced.policy,
+                    now,
+                    amounts,
+                    generation,
+                ) {
+                    Ok(Some(level)) => Ok(SetTicket::new(
+                        claims,
+                        std::iter::once(SetLevel {
+                            level,
+                            tokens: claim.tokens,
+                            calls: claim.calls,
+                            reached_by: 1,
+                        }),
+                    )),
+                    Ok(None) => Err((Refusal::NoBudget, claim.agent_id)),
+                    Err(refusal) => Err((refusal, claim.agent_id)),
+                };
+            }
+        }
         let mut plan = Plan::new();
-        self.take_claims(pinned, claims, None, self.clock.now(), &mut plan)?;
+        self.take_claims(pinned, claims, None, now, &mut plan)?;
         Ok(SetTicket::new(claims, plan.taken()))
     }
 
