@@ -71,6 +71,7 @@ use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
 use crate::tokenizer::Counter;
+use crate::watch::Watch;
 
 /// What stands between the client and the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +117,7 @@ pub struct Gateway {
     proxy: Proxy,
     limiter: Limiter,
     state: Option<PathBuf>,
+    watch: Watch,
 }
 
 /// Why the gateway could not start or stop cleanly.
@@ -247,6 +249,7 @@ impl Gateway {
             proxy,
             limiter,
             state,
+            watch: Watch::new(),
         })
     }
 
@@ -291,6 +294,7 @@ impl Gateway {
             proxy,
             limiter: Limiter::Budget,
             state: None,
+            watch: Watch::new(),
         })
     }
 
@@ -333,8 +337,9 @@ impl Gateway {
         let admin = Admin {
             budgets: self.budgets.clone(),
             catalog: self.catalog.clone(),
+            history: self.watch.history.clone(),
         };
-        let router = admin.router().route(
+        let router = admin.router().merge(crate::dashboard::router()).route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         );
@@ -390,7 +395,8 @@ impl Gateway {
                 openai: true,
                 ietf: c.ietf_headers,
             })
-            .agent_labels(self.catalog.metrics_labels());
+            .agent_labels(self.catalog.metrics_labels())
+            .observe(self.watch.observer());
         if c.max_wait_ms > 0 {
             layer.max_wait(Duration::from_millis(c.max_wait_ms))
         } else {
@@ -427,7 +433,8 @@ impl Gateway {
                     }
                 })
             });
-        let watchers = self.catalog.spawn_watchers();
+        let mut watchers = self.catalog.spawn_watchers();
+        watchers.extend(self.watch.spawn(&self.catalog));
         let app = NormalizePath::new(self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)

@@ -65,8 +65,10 @@
 pub mod admin;
 pub mod catalog;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod gateway;
+pub mod history;
 pub mod keys;
 pub mod limits;
 pub mod mock;
@@ -74,3 +76,4 @@ pub mod paths;
 pub mod proxy;
 pub mod reload;
 pub mod tokenizer;
+pub mod watch;
