@@ -243,13 +243,13 @@ impl Gateway {
         catalog.install_local(&budgets)?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
+            watch: Watch::new(&config),
             config,
             budgets: Budgets::Local(budgets),
             catalog,
             proxy,
             limiter,
             state,
-            watch: Watch::new(),
         })
     }
 
@@ -288,13 +288,13 @@ impl Gateway {
         catalog.install_fleet(&fleet).await?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
+            watch: Watch::new(&config),
             config,
             budgets: Budgets::Fleet(fleet),
             catalog,
             proxy,
             limiter: Limiter::Budget,
             state: None,
-            watch: Watch::new(),
         })
     }
 
@@ -434,7 +434,7 @@ impl Gateway {
                 })
             });
         let mut watchers = self.catalog.spawn_watchers();
-        watchers.extend(self.watch.spawn(&self.catalog));
+        watchers.extend(self.watch.spawn(&self.catalog, &self.budgets));
         let app = NormalizePath::new(self.router());
         let served = axum::serve(listener, ServiceExt::<Request>::into_make_service(app))
             .with_graceful_shutdown(shutdown)

@@ -26,7 +26,7 @@
 //! own) and starts empty at each start.
 
 use std::hash::BuildHasherDefault;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -101,10 +101,13 @@ impl Counter {
     }
 }
 
-/// One agent's last hour: a slot per minute.
+/// One agent's last hour: a slot per minute; and its refusals since the
+/// start, with the last one's reason, for the alerts.
 pub struct Ring {
     admitted: [Counter; MINUTES],
     refused: [Counter; MINUTES],
+    refusals: AtomicU64,
+    last_reason: AtomicU8,
 }
 
 impl Default for Ring {
@@ -112,8 +115,28 @@ impl Default for Ring {
         Ring {
             admitted: std::array::from_fn(|_| Counter::default()),
             refused: std::array::from_fn(|_| Counter::default()),
+            refusals: AtomicU64::new(0),
+            last_reason: AtomicU8::new(0),
         }
     }
+}
+
+/// The reasons a refusal is noted with, by their code (index + 1; 0 is
+/// none).
+const REASONS: [RefusalReason; 6] = [
+    RefusalReason::Unidentified,
+    RefusalReason::BadRequest,
+    RefusalReason::Tokens,
+    RefusalReason::Calls,
+    RefusalReason::NoBudget,
+    RefusalReason::Unavailable,
+];
+
+fn reason_code(reason: RefusalReason) -> u8 {
+    REASONS
+        .iter()
+        .position(|r| *r == reason)
+        .map_or(0, |i| i as u8 + 1)
 }
 
 impl Ring {
@@ -125,6 +148,26 @@ impl Ring {
     /// Counts a refusal in `minute`.
     pub fn refuse(&self, minute: u64) {
         self.refused[slot(minute)].add(minute);
+    }
+
+    /// Notes a refusal (a real one or, in shadow mode, one that would have
+    /// been) for the alerts: the count, and the reason of the last.
+    pub fn note_refusal(&self, reason: RefusalReason) {
+        // Relaxed, both: the alert task reads them as hints, a little
+        // late at worst; the reason may be a later refusal's.
+        self.last_reason
+            .store(reason_code(reason), Ordering::Relaxed);
+        self.refusals.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Refusals noted so far, and the last one's reason.
+    pub fn refusals(&self) -> (u64, Option<RefusalReason>) {
+        let count = self.refusals.load(Ordering::Relaxed);
+        let code = self.last_reason.load(Ordering::Relaxed);
+        (
+            count,
+            REASONS.get(usize::from(code).wrapping_sub(1)).copied(),
+        )
     }
 
     /// The counts of the [`MINUTES`] minutes ending with `minute`, oldest
@@ -190,6 +233,34 @@ impl History {
     /// Reads the clock into the current minute.
     pub fn tick(&self) {
         self.set_minute(minute_now());
+    }
+
+    /// `agent`'s ring, if it has had a decision since the start.
+    pub fn ring_of(&self, agent: &AgentId) -> Option<Arc<Ring>> {
+        self.inner.rings.pin().get(agent).cloned()
+    }
+
+    /// The agents with a decision this minute or the one before.
+    pub fn active_agents(&self) -> Vec<AgentId> {
+        let minute = self.minute();
+        let recent = [minute, minute.wrapping_sub(1)];
+        self.inner
+            .rings
+            .pin()
+            .iter()
+            .filter(|(_, ring)| {
+                recent
+                    .iter()
+                    .any(|&m| ring.admitted[slot(m)].get(m) > 0 || ring.refused[slot(m)].get(m) > 0)
+            })
+            .map(|(agent, _)| *agent)
+            .collect()
+    }
+
+    /// Notes a refusal of `agent` for the alerts (not counted in the
+    /// history: [`refuse`](Self::refuse) does that).
+    pub fn note_refusal(&self, agent: &AgentId, reason: RefusalReason) {
+        self.ring(agent).note_refusal(reason);
     }
 
     fn ring(&self, agent: &AgentId) -> Arc<Ring> {
@@ -262,7 +333,14 @@ impl Observe for History {
     fn refused(&self, agent: &AgentId, reason: RefusalReason) {
         // A request that could not be read was not a budget's decision.
         if reason != RefusalReason::BadRequest {
-            self.refuse(agent);
+            let rings = self.inner.rings.pin();
+            let minute = self.minute();
+            let ring = match rings.get(agent) {
+                Some(ring) => ring.clone(),
+                None => self.ring(agent),
+            };
+            ring.refuse(minute);
+            ring.note_refusal(reason);
         }
     }
 }

@@ -63,6 +63,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod alerts;
 pub mod catalog;
 pub mod config;
 pub mod dashboard;
