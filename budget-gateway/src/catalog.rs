@@ -245,6 +245,7 @@ impl AgentSettings {
             row.parent,
             row.metrics_label.clone(),
         )
+        .map(|settings| settings.with_enforce(row.enforce))
         .map_err(|e| format!("its limits cannot be enforced: {e}"))
     }
 }
@@ -711,14 +712,17 @@ impl Catalog {
         }
         let now = now_ms();
         let created_at = created_at.unwrap_or(now);
-        let row = AgentRow::new(
-            agent_id,
-            settings.parent,
-            settings.metrics_label.clone(),
-            settings.limits.specs(),
-            created_at,
-            now,
-        );
+        let row = AgentRow {
+            enforce: settings.enforce,
+            ..AgentRow::new(
+                agent_id,
+                settings.parent,
+                settings.metrics_label.clone(),
+                settings.limits.specs(),
+                created_at,
+                now,
+            )
+        };
         change.put_agent(&row).await?;
         let written = change.commit().await?;
         self.after_commit(db, applied, written).await;

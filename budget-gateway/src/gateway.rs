@@ -70,6 +70,7 @@ use crate::db::{Database, DbError, Snapshot};
 use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
+use crate::shadow::Shadow;
 use crate::tokenizer::Counter;
 use crate::watch::Watch;
 
@@ -374,7 +375,7 @@ impl Gateway {
     fn budget_layer<M: Admission>(
         &self,
         budgets: Arc<M>,
-    ) -> BudgetLayer<M, KeyTable, OpenAiEstimator<Counter>> {
+    ) -> BudgetLayer<Shadow<M>, KeyTable, OpenAiEstimator<Counter>> {
         let c = &self.config;
         let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer))
             .options(EstimateOptions {
@@ -387,7 +388,8 @@ impl Gateway {
                 Tokenizer::Bytes => PromptCount::Always,
                 _ => c.count_prompts,
             });
-        let layer = BudgetLayer::new(budgets)
+        let budgets = Shadow::new(budgets, self.catalog.clone(), self.watch.clone());
+        let layer = BudgetLayer::new(Arc::new(budgets))
             .identify(self.catalog.keys().clone())
             .estimator(estimator)
             .meter(OpenAiUsage::default())

@@ -76,5 +76,6 @@ pub mod mock;
 pub mod paths;
 pub mod proxy;
 pub mod reload;
+pub mod shadow;
 pub mod tokenizer;
 pub mod watch;
