@@ -31,6 +31,7 @@
 //! calls_budget = 1000
 //! window_secs = 60
 //! metrics_label = "search-bot"           # optional: an `agent` label on the metrics
+//! enforce = false                        # optional: shadow mode, nothing refused (crate::shadow)
 //! parent = "5d1e7c2a-0000-4000-8000-00000000a11a"  # optional: the team's budget, below
 //!
 //! [[agents]]                             # a team: a budget without a key of its own
@@ -39,6 +40,11 @@
 //! window = "1h"                          # or refill = "1h": a bucket refilling in an hour
 //! tokens = 500000
 //! requests = 5000
+//!
+//! [[alerts]]                             # optional, any number: POSTed when any agent's usage
+//! url = "http://127.0.0.1:9100/hook"     #   of a limit crosses a fraction (crate::alerts)
+//! at = [0.8, 1.0]
+//! headers = { "x-hook-secret" = "s3cret" }
 //! ```
 //!
 //! # Nested budgets

@@ -7,7 +7,7 @@
 //! layer's [`Observe`]r). Each agent has a [`Ring`] of [`MINUTES`] slots,
 //! one per minute, the slot of minute `m` being `m % MINUTES`. A slot is
 //! two `AtomicU64`s, admitted and refused, each holding the minute it
-//! counts in its top [`STAMP_BITS`] bits and the count in the rest. A
+//! counts in its top 24 bits and the count in the rest. A
 //! decision costs the request path a lookup of the agent's ring in a
 //! lock-free map (`papaya`, hashed by the id's first eight bytes), a
 //! relaxed load of the current minute, a relaxed load of the slot and one

@@ -16,7 +16,10 @@
 //! database ([`db`]) and applies their changes, [`keys`] makes, hashes and
 //! looks up API keys, [`reload`] re-reads the file on SIGHUP,
 //! [`tokenizer`] counts prompts, [`mock`] is a small upstream to try it all
-//! against.
+//! against. [`dashboard`] serves the page at `/dashboard`, fed by the
+//! admin API and by [`history`] (each agent's last hour, told of every
+//! decision through [`watch`]); [`alerts`] POSTs crossings of a limit's
+//! fractions; [`shadow`] is `enforce = false`.
 //!
 //! # The admin API
 //!
