@@ -43,7 +43,7 @@
 //! An alert goes into a bounded queue per entry ([`QUEUE`]); a full queue
 //! drops it, counted in `budget_gateway_alerts_dropped_total`. One task per
 //! entry POSTs them in order, each retried up to [`ATTEMPTS`] times with a
-//! backoff doubling from 100 ms to 5 s (about 17 s in all), each try given
+//! backoff doubling from 100 ms to 5 s (about 11 s of waiting in all), each try given
 //! 5 s; a `2xx` is delivered (`budget_gateway_alerts_sent_total`), anything
 //! else is retried, and an alert that never got through is counted in
 //! `budget_gateway_alerts_failed_total`. While an endpoint is down, the
