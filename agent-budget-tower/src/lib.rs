@@ -136,7 +136,7 @@ pub use meter::{
 pub use openai::{OpenAiEstimator, OpenAiUsage, OtherRequests, PromptCount};
 pub use rejection::Rejection;
 pub use service::{BudgetLayer, BudgetResponse, BudgetService, HeaderStyle};
-pub use telemetry::RefusalReason;
+pub use telemetry::{Observe, RefusalReason};
 
 /// The README's example, compiled as a doc test.
 #[cfg(doctest)]

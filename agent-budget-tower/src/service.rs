@@ -46,7 +46,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BudgetBody, Settle, BLOCKING_COUNT_BYTES};
 use crate::headers::{write_retry_after, RateLimitSnapshot};
-use crate::telemetry::{RefusalReason, Telemetry};
+use crate::telemetry::{Observe, RefusalReason, Telemetry};
 use crate::{
     Admission, AgentIdHeader, Denial, Estimate, Estimator, Identify, Meter, OpenAiEstimator,
     OpenAiUsage, PromptReceived, Rejection, UsageLog,
@@ -232,7 +232,15 @@ impl<M, I, E, U> BudgetLayer<M, I, E, U> {
     /// every other agent is counted without one. Registers the metrics
     /// again, with the recorder installed now.
     pub fn agent_labels(mut self, labels: HashMap<AgentId, String>) -> Self {
-        self.parts.telemetry = Telemetry::new(&labels);
+        let observer = self.parts.telemetry.observer();
+        self.parts.telemetry = Telemetry::new(&labels).with_observer(observer);
+        self
+    }
+
+    /// Tells `observer` of every request the layer admits or refuses, by
+    /// agent (a request whose agent is unknown is not told).
+    pub fn observe(mut self, observer: Arc<dyn Observe>) -> Self {
+        self.parts.telemetry = self.parts.telemetry.with_observer(Some(observer));
         self
     }
 

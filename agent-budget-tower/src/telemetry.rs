@@ -82,7 +82,20 @@ impl RefusalReason {
     }
 }
 
+/// Told the outcome of every request the layer decides on, per agent:
+/// for what the metrics' series cannot keep (every agent's own counts, a
+/// dashboard's history). Called on the request path, once per request,
+/// after the decision: an implementation should cost a few atomic
+/// operations, and must not block.
+pub trait Observe: Send + Sync + 'static {
+    /// A request of `agent` was admitted.
+    fn admitted(&self, agent: &AgentId);
+    /// A request of `agent` was refused, for `reason`.
+    fn refused(&self, agent: &AgentId, reason: RefusalReason);
+}
+
 /// The handles of one series (the unlabelled one, or one agent's).
+#[derive(Clone)]
 struct Handles {
     admitted: Counter,
     refused: [Counter; RefusalReason::ALL.len()],
@@ -116,10 +129,13 @@ impl Handles {
     }
 }
 
-/// The layer's metrics: the unlabelled series, and those of named agents.
+/// The layer's metrics: the unlabelled series, and those of named agents;
+/// and the observer, if one was given.
+#[derive(Clone)]
 pub(crate) struct Telemetry {
     all: Handles,
     named: HashMap<AgentId, Handles>,
+    observer: Option<Arc<dyn Observe>>,
 }
 
 impl Telemetry {
@@ -136,7 +152,20 @@ impl Telemetry {
         Arc::new(Telemetry {
             all: Handles::register(Vec::new()),
             named,
+            observer: None,
         })
+    }
+
+    /// The same metrics, with `observer` told of every decision.
+    pub(crate) fn with_observer(&self, observer: Option<Arc<dyn Observe>>) -> Arc<Self> {
+        Arc::new(Telemetry {
+            observer,
+            ..self.clone()
+        })
+    }
+
+    pub(crate) fn observer(&self) -> Option<Arc<dyn Observe>> {
+        self.observer.clone()
     }
 
     fn of(&self, agent: Option<&AgentId>) -> &Handles {
@@ -148,11 +177,17 @@ impl Telemetry {
         h.admitted.increment(1);
         h.reserved.increment(tokens);
         h.check.record(check.as_secs_f64());
+        if let Some(observer) = &self.observer {
+            observer.admitted(agent);
+        }
     }
 
     pub(crate) fn refused(&self, agent: Option<&AgentId>, reason: RefusalReason) {
         let h = self.of(agent);
         h.refused[reason as usize].increment(1);
+        if let (Some(observer), Some(agent)) = (&self.observer, agent) {
+            observer.refused(agent, reason);
+        }
     }
 
     pub(crate) fn checked(&self, agent: &AgentId, check: Duration) {

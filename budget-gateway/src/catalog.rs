@@ -73,6 +73,8 @@ pub struct AgentSettings {
     pub parent: Option<AgentId>,
     /// Its `agent` label on the metrics.
     pub metrics_label: Option<String>,
+    /// `false` in shadow mode: its own budget refuses nothing ([`crate::shadow`]).
+    pub enforce: bool,
 }
 
 /// Where an agent comes from.
@@ -229,7 +231,13 @@ impl AgentSettings {
             limits,
             parent,
             metrics_label,
+            enforce: true,
         })
+    }
+
+    /// The same settings, enforced or in shadow mode.
+    pub fn with_enforce(self, enforce: bool) -> Self {
+        AgentSettings { enforce, ..self }
     }
 
     fn of_row(row: &AgentRow) -> Result<Self, String> {
@@ -241,6 +249,7 @@ impl AgentSettings {
             row.parent,
             row.metrics_label.clone(),
         )
+        .map(|settings| settings.with_enforce(row.enforce))
         .map_err(|e| format!("its limits cannot be enforced: {e}"))
     }
 }
@@ -255,6 +264,7 @@ fn file_agents(config: &Config) -> BTreeMap<AgentId, FileAgent> {
                     limits: a.limits.clone(),
                     parent: a.parent,
                     metrics_label: a.metrics_label.clone(),
+                    enforce: a.enforce,
                 },
                 key: a.api_key.as_deref().map(KeyHash::of),
             };
@@ -476,6 +486,17 @@ impl Catalog {
     pub fn agent_ids(&self) -> Vec<AgentId> {
         let view = self.view();
         view.file.keys().chain(view.api.keys()).copied().collect()
+    }
+
+    /// Whether `agent_id`'s own budget refuses requests: `false` for an
+    /// agent in shadow mode (an unknown agent is enforced).
+    pub fn enforces(&self, agent_id: &AgentId) -> bool {
+        let view = self.view();
+        view.file
+            .get(agent_id)
+            .map(|a| a.settings.enforce)
+            .or_else(|| view.api.get(agent_id).map(|a| a.settings.enforce))
+            .unwrap_or(true)
     }
 
     /// The agent's parent, if it has one.
@@ -718,14 +739,17 @@ impl Catalog {
         }
         let now = now_ms();
         let created_at = created_at.unwrap_or(now);
-        let row = AgentRow::new(
-            agent_id,
-            settings.parent,
-            settings.metrics_label.clone(),
-            settings.limits.specs(),
-            created_at,
-            now,
-        );
+        let row = AgentRow {
+            enforce: settings.enforce,
+            ..AgentRow::new(
+                agent_id,
+                settings.parent,
+                settings.metrics_label.clone(),
+                settings.limits.specs(),
+                created_at,
+                now,
+            )
+        };
         change.put_agent(&row).await?;
         let written = change.commit().await?;
         self.after_commit(db, applied, written).await;

@@ -35,6 +35,7 @@
 //! calls_budget = 1000
 //! window_secs = 60
 //! metrics_label = "search-bot"           # optional: an `agent` label on the metrics
+//! enforce = false                        # optional: shadow mode, nothing refused (crate::shadow)
 //! parent = "5d1e7c2a-0000-4000-8000-00000000a11a"  # optional: the team's budget, below
 //!
 //! [[agents]]                             # a team: a budget without a key of its own
@@ -43,6 +44,11 @@
 //! window = "1h"                          # or refill = "1h": a bucket refilling in an hour
 //! tokens = 500000
 //! requests = 5000
+//!
+//! [[alerts]]                             # optional, any number: POSTed when any agent's usage
+//! url = "http://127.0.0.1:9100/hook"     #   of a limit crosses a fraction (crate::alerts)
+//! at = [0.8, 1.0]
+//! headers = { "x-hook-secret" = "s3cret" }
 //! ```
 //!
 //! # Nested budgets
@@ -102,6 +108,21 @@ pub struct Config {
     pub prices: PriceTable,
     /// The agents.
     pub agents: Vec<Agent>,
+    /// Where to POST an alert when an agent's usage crosses a fraction of
+    /// a limit (`[[alerts]]`, see [`crate::alerts`]).
+    pub alerts: Vec<AlertTarget>,
+}
+
+/// One `[[alerts]]` entry: an HTTP endpoint told when any agent's usage
+/// of a limit crosses one of the fractions `at`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AlertTarget {
+    /// `http://host:port/path`.
+    pub url: http::Uri,
+    /// The fractions of a limit to alert at (`0.8` is 80%), ascending.
+    pub at: Vec<f64>,
+    /// Headers sent with every alert (a shared secret, say).
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// `other_endpoints` in the file.
@@ -150,6 +171,10 @@ pub struct Agent {
     pub metrics_label: Option<String>,
     /// The agent whose budget it also spends from, if any.
     pub parent: Option<AgentId>,
+    /// `false` for shadow mode: nothing is refused for its own budget,
+    /// usage is counted, and what would have been refused is counted (see
+    /// [`crate::shadow`]).
+    pub enforce: bool,
 }
 
 impl Config {
@@ -206,6 +231,7 @@ impl Config {
             self.other_endpoints != new.other_endpoints,
         );
         compare("models", self.prices != new.prices);
+        compare("alerts", self.alerts != new.alerts);
         changed
     }
 }
@@ -263,6 +289,17 @@ struct RawConfig {
     models: Vec<Spanned<RawModel>>,
     #[serde(default)]
     agents: Vec<Spanned<RawAgent>>,
+    #[serde(default)]
+    alerts: Vec<Spanned<RawAlert>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlert {
+    url: Spanned<String>,
+    at: Spanned<Vec<f64>>,
+    #[serde(default)]
+    headers: Option<Spanned<std::collections::BTreeMap<String, String>>>,
 }
 
 /// A `[[models]]` entry: prices in dollars per million tokens.
@@ -306,6 +343,8 @@ struct RawAgent {
     metrics_label: Option<String>,
     #[serde(default)]
     parent: Option<Spanned<String>>,
+    #[serde(default)]
+    enforce: Option<bool>,
 }
 
 /// Reads and checks the configuration in `path`.
@@ -426,10 +465,16 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
             limits,
             metrics_label: a.metrics_label.clone(),
             parent: None,
+            enforce: a.enforce.unwrap_or(true),
         });
     }
     let raw_agents: Vec<&RawAgent> = raw.agents.iter().map(Spanned::get_ref).collect();
     link_parents(&raw_agents, &mut agents, &invalid)?;
+    let alerts = raw
+        .alerts
+        .iter()
+        .map(|a| alert_target(a.get_ref(), &invalid))
+        .collect::<Result<Vec<_>, _>>()?;
     Ok(Config {
         admin_key,
         upstream_api_key,
@@ -445,6 +490,7 @@ pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         other_endpoints,
         prices,
         agents,
+        alerts,
     })
 }
 
@@ -496,6 +542,65 @@ fn prices(
         });
     }
     Ok(PriceTable::new(table))
+}
+
+/// The largest fraction an alert may be set at: ten times the limit (an
+/// agent in shadow mode may go past its limit).
+const MAX_ALERT_FRACTION: f64 = 10.0;
+
+/// One `[[alerts]]` entry, checked.
+fn alert_target(
+    raw: &RawAlert,
+    invalid: &dyn Fn(Option<Range<usize>>, String) -> ConfigError,
+) -> Result<AlertTarget, ConfigError> {
+    let url: http::Uri = raw.url.get_ref().parse().map_err(|e| {
+        invalid(
+            Some(raw.url.span()),
+            format!("not a URL ({e}): {:?}", raw.url.get_ref()),
+        )
+    })?;
+    if url.scheme_str() != Some("http") || url.authority().is_none() {
+        return Err(invalid(
+            Some(raw.url.span()),
+            "an alert URL must be http://host[:port]/path (https is not supported: \
+             send to a relay on a trusted network)"
+                .to_owned(),
+        ));
+    }
+    let mut at = raw.at.get_ref().clone();
+    if at.is_empty() {
+        return Err(invalid(
+            Some(raw.at.span()),
+            "give at least one fraction, e.g. `at = [0.8, 1.0]`".to_owned(),
+        ));
+    }
+    if let Some(bad) = at
+        .iter()
+        .find(|f| !(f.is_finite() && **f > 0.0 && **f <= MAX_ALERT_FRACTION))
+    {
+        return Err(invalid(
+            Some(raw.at.span()),
+            format!(
+                "{bad} is not a fraction of a limit: give numbers above 0 and at most \
+                 {MAX_ALERT_FRACTION} (0.8 is 80%, 1.0 the whole limit)"
+            ),
+        ));
+    }
+    at.sort_by(f64::total_cmp);
+    at.dedup();
+    let mut headers = Vec::new();
+    if let Some(raw_headers) = &raw.headers {
+        for (name, value) in raw_headers.get_ref() {
+            let bad =
+                |what: &str| invalid(Some(raw_headers.span()), format!("header {name:?}: {what}"));
+            let name = http::HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| bad("not a valid header name"))?;
+            let value =
+                http::HeaderValue::from_str(value).map_err(|_| bad("not a valid header value"))?;
+            headers.push((name, value));
+        }
+    }
+    Ok(AlertTarget { url, at, headers })
 }
 
 /// `other_endpoints` and `other_endpoint_tokens`, which go together: a

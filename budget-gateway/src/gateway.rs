@@ -77,7 +77,9 @@ use crate::keys::KeyTable;
 use crate::paths::NormalizePath;
 use crate::proxy::Proxy;
 use crate::server::ServerLimits;
+use crate::shadow::Shadow;
 use crate::tokenizer::Counter;
+use crate::watch::Watch;
 
 /// What stands between the client and the proxy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +127,7 @@ pub struct Gateway {
     state: Option<PathBuf>,
     journal: Option<Journal>,
     server: ServerLimits,
+    watch: Watch,
 }
 
 /// Why the gateway could not start or stop cleanly.
@@ -263,6 +266,7 @@ impl Gateway {
         };
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
+            watch: Watch::new(&config),
             config,
             budgets: Budgets::Local(budgets),
             catalog,
@@ -309,6 +313,7 @@ impl Gateway {
         catalog.install_fleet(&fleet).await?;
         Counter::new(config.tokenizer).warm_up();
         Ok(Gateway {
+            watch: Watch::new(&config),
             config,
             budgets: Budgets::Fleet(fleet),
             catalog,
@@ -372,8 +377,9 @@ impl Gateway {
         let admin = Admin {
             budgets: self.budgets.clone(),
             catalog: self.catalog.clone(),
+            history: self.watch.history.clone(),
         };
-        admin.router().route(
+        admin.router().merge(crate::dashboard::router()).route(
             "/metrics",
             get(move || std::future::ready(metrics.render())),
         )
@@ -436,7 +442,7 @@ impl Gateway {
     fn budget_layer<M: Admission>(
         &self,
         budgets: Arc<M>,
-    ) -> BudgetLayer<M, KeyTable, OpenAiEstimator<Counter>> {
+    ) -> BudgetLayer<Shadow<M>, KeyTable, OpenAiEstimator<Counter>> {
         let c = &self.config;
         let estimator = OpenAiEstimator::new(Counter::new(c.tokenizer))
             .options(EstimateOptions {
@@ -449,7 +455,8 @@ impl Gateway {
                 Tokenizer::Bytes => PromptCount::Always,
                 _ => c.count_prompts,
             });
-        let layer = BudgetLayer::new(budgets)
+        let budgets = Shadow::new(budgets, self.catalog.clone(), self.watch.clone());
+        let layer = BudgetLayer::new(Arc::new(budgets))
             .identify(self.catalog.keys().clone())
             .estimator(estimator)
             .meter(OpenAiUsage::default())
@@ -457,7 +464,8 @@ impl Gateway {
                 openai: true,
                 ietf: c.ietf_headers,
             })
-            .agent_labels(self.catalog.metrics_labels());
+            .agent_labels(self.catalog.metrics_labels())
+            .observe(self.watch.observer());
         let layer = match &self.journal {
             Some(journal) => layer.usage_log(journal.log()),
             None => layer,
@@ -517,7 +525,8 @@ impl Gateway {
                     }
                 })
             });
-        let watchers = self.catalog.spawn_watchers();
+        let mut watchers = self.catalog.spawn_watchers();
+        watchers.extend(self.watch.spawn(&self.catalog, &self.budgets));
         let app = NormalizePath::new(self.router(admin.is_some()));
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {

@@ -20,7 +20,10 @@
 //! database ([`db`]) and applies their changes, [`keys`] makes, hashes and
 //! looks up API keys, [`reload`] re-reads the file on SIGHUP,
 //! [`tokenizer`] counts prompts, [`mock`] is a small upstream to try it all
-//! against.
+//! against. [`dashboard`] serves the page at `/dashboard`, fed by the
+//! admin API and by [`history`] (each agent's last hour, told of every
+//! decision through [`watch`]); [`alerts`] POSTs crossings of a limit's
+//! fractions; [`shadow`] is `enforce = false`.
 //!
 //! # The admin API
 //!
@@ -68,12 +71,15 @@
 
 pub mod admin;
 pub mod admission;
+pub mod alerts;
 pub mod catalog;
 pub mod config;
+pub mod dashboard;
 pub mod db;
 pub mod docs;
 pub mod gateway;
 pub mod journal;
+pub mod history;
 pub mod keys;
 pub mod limits;
 pub mod mock;
@@ -81,4 +87,6 @@ pub mod paths;
 pub mod proxy;
 pub mod reload;
 pub mod server;
+pub mod shadow;
 pub mod tokenizer;
+pub mod watch;

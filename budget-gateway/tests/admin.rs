@@ -797,7 +797,7 @@ async fn every_documented_operation_is_served_as_documented() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 10);
+    assert_eq!(checked, 11);
     assert_eq!(calls(&stats), 0, "nothing was forwarded");
     // What is not an admin route goes on to the layer: the admin key is
     // no client's key.

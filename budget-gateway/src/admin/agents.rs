@@ -56,6 +56,11 @@ pub struct AgentRequest {
     #[serde(default)]
     #[schema(minimum = 1)]
     pub window_secs: Option<u64>,
+    /// `false` for shadow mode: usage is counted and would-be refusals
+    /// are counted in `/metrics`, but the agent's own budget refuses
+    /// nothing. Enforced when left out.
+    #[serde(default)]
+    pub enforce: Option<bool>,
 }
 
 /// Where an agent comes from.
@@ -83,6 +88,8 @@ pub struct AgentView {
     pub metrics_label: Option<String>,
     /// Its limits, each with where it stands now.
     pub limits: Vec<LimitState>,
+    /// `false` in shadow mode: its own budget refuses nothing.
+    pub enforce: bool,
     /// When it was created (API agents).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>, format = DateTime)]
@@ -176,6 +183,7 @@ impl Admin {
             parent: entry.settings.parent,
             metrics_label: entry.settings.metrics_label.clone(),
             limits: entry.settings.limits.states(id, info),
+            enforce: entry.settings.enforce,
             created_at: entry.created_at.map(timestamp),
             updated_at: entry.updated_at.map(timestamp),
         }
@@ -212,12 +220,10 @@ impl AgentRequest {
             calls_budget: self.calls_budget,
             window_secs: self.window_secs,
         };
-        Ok(AgentSettings::new(
-            self.limits.as_deref(),
-            legacy,
-            self.parent,
-            metrics_label,
-        )?)
+        Ok(
+            AgentSettings::new(self.limits.as_deref(), legacy, self.parent, metrics_label)?
+                .with_enforce(self.enforce.unwrap_or(true)),
+        )
     }
 }
 

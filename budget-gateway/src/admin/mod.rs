@@ -11,6 +11,7 @@
 //! | `POST /v1/agents/{agent_id}/keys` | `201` with a new key, shown this once |
 //! | `GET /v1/agents/{agent_id}/keys` | its keys, without their secrets |
 //! | `DELETE /v1/agents/{agent_id}/keys/{key_id}` | `204`; that key is refused at once |
+//! | `GET /v1/agents/{agent_id}/history` | requests admitted and refused each minute of the last hour ([`crate::history`]) |
 //! | `GET /openapi.json` | the OpenAPI 3 document of all of these (no key needed) |
 //!
 //! # How it works
@@ -39,6 +40,7 @@
 mod agents;
 pub mod budgets;
 mod error;
+mod history;
 pub mod openapi;
 
 use agent_budget_tower::bearer_key;
@@ -54,6 +56,7 @@ pub use error::{ApiError, Denied, ErrorBody, ErrorDetail};
 
 use crate::catalog::Catalog;
 use crate::gateway::Budgets;
+use crate::history::History;
 
 /// What the admin endpoints need.
 #[derive(Clone, Debug)]
@@ -62,6 +65,8 @@ pub struct Admin {
     pub budgets: Budgets,
     /// The agents, and the admin key.
     pub catalog: Catalog,
+    /// Each agent's requests over the last hour.
+    pub history: History,
 }
 
 impl Admin {
@@ -111,6 +116,7 @@ impl Admin {
                 "/v1/agents/{agent_id}/keys/{key_id}",
                 delete(agents::revoke_key),
             )
+            .route("/v1/agents/{agent_id}/history", get(history::agent_history))
             .with_state(self)
             .route("/openapi.json", get(openapi::document))
     }

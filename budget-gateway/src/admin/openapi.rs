@@ -9,7 +9,7 @@ use axum::Json;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::OpenApi;
 
-use super::{agents, budgets};
+use super::{agents, budgets, history};
 
 /// The admin API's OpenAPI document.
 #[derive(OpenApi)]
@@ -31,6 +31,7 @@ use super::{agents, budgets};
         agents::create_key,
         agents::list_keys,
         agents::revoke_key,
+        history::agent_history,
     ),
     modifiers(&AdminKey),
     security(("admin_key" = [])),
@@ -136,6 +137,7 @@ mod tests {
                 "DELETE /v1/agents/{agent_id}/keys/{key_id}",
                 "GET /v1/agents",
                 "GET /v1/agents/{agent_id}",
+                "GET /v1/agents/{agent_id}/history",
                 "GET /v1/agents/{agent_id}/keys",
                 "GET /v1/budgets",
                 "GET /v1/budgets/{agent_id}",

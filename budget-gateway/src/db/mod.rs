@@ -110,7 +110,7 @@ pub fn now_ms() -> i64 {
 }
 
 const AGENT_COLUMNS: &str =
-    "agent_id, parent, metrics_label, limits, created_at, updated_at, deleted_at, revision";
+    "agent_id, parent, metrics_label, limits, created_at, updated_at, deleted_at, revision, enforce";
 const KEY_COLUMNS: &str =
     "key_id, agent_id, name, shown, hash, created_at, last_used_at, revoked_at, revision";
 
@@ -405,8 +405,8 @@ impl Change<'_> {
     /// Writes the agent (over a tombstone of the same id, if any).
     pub async fn put_agent(&mut self, agent: &AgentRow) -> Result<(), DbError> {
         sqlx::query(&format!(
-            "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7) \
-             ON CONFLICT (agent_id) DO UPDATE SET parent = excluded.parent, \
+            "INSERT INTO agents ({AGENT_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, NULL, $7, $8) \
+             ON CONFLICT (agent_id) DO UPDATE SET parent = excluded.parent, enforce = excluded.enforce, \
              metrics_label = excluded.metrics_label, limits = excluded.limits, \
              created_at = excluded.created_at, updated_at = excluded.updated_at, \
              deleted_at = NULL, revision = excluded.revision"
@@ -418,6 +418,7 @@ impl Change<'_> {
         .bind(agent.created_at)
         .bind(agent.updated_at)
         .bind(self.revision)
+        .bind(i64::from(agent.enforce))
         .execute(&mut *self.tx)
         .await
         .map_err(|e| self.sql(e))?;

@@ -28,6 +28,8 @@ pub struct AgentRow {
     pub deleted: bool,
     /// The revision of its last change.
     pub revision: i64,
+    /// `false` for shadow mode ([`crate::shadow`]).
+    pub enforce: bool,
 }
 
 /// A key of the admin API, as stored: never the key itself.
@@ -72,6 +74,7 @@ impl AgentRow {
             updated_at,
             deleted: false,
             revision: 0,
+            enforce: true,
         }
     }
 
@@ -85,6 +88,7 @@ impl AgentRow {
             updated_at: column(row, "updated_at")?,
             deleted: column::<Option<i64>>(row, "deleted_at")?.is_some(),
             revision: column(row, "revision")?,
+            enforce: column::<i64>(row, "enforce")? != 0,
         })
     }
 }
