@@ -90,6 +90,10 @@ async fn two_windows_on_one_key_each_bind_in_turn() {
         StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(calls(&g.stats), 5);
+    // The budgets view lists the agent's own budget, not its other cells.
+    let all: Vec<Value> = admin_view(&g.client, &g.url, "/v1/budgets").await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["agent_id"], AGENT_A);
     // The hour's end frees both.
     time.increment(Duration::from_secs(3_600));
     assert_eq!(g.chat(KEY_A, &small("m")).await.status(), StatusCode::OK);
