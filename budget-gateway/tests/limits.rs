@@ -419,3 +419,30 @@ async fn calendar_windows_reset_at_midnight_utc_and_on_the_first() {
     assert_eq!(agent["limits"][0]["resets_in_secs"], 30 * 86_400, "{agent}");
     assert_eq!(calls(&g.stats), 5);
 }
+
+#[tokio::test]
+async fn a_streamed_response_settles_its_spend_from_the_usage_chunk() {
+    let text = with_limits(
+        PRICES,
+        "[[agents.limits]]\nwindow = \"1h\"\nspend_usd = 1.0\n",
+        "",
+    );
+    let g = start_with(BudgetManager::new(), &text, None).await;
+    let mut body = chat("gpt-4o", 100, 200, 100);
+    body["stream"] = json!(true);
+    let r = g.chat(KEY_A, &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the usage chunk is hidden: {text}"
+    );
+    // 200 × $2.50/M + 100 × $10/M, from the stream's usage chunk.
+    eventually("the settle", || {
+        g.budgets
+            .all_full_info()
+            .iter()
+            .any(|i| i.token_limit == 1_000_000 && i.tokens_used == 1_500)
+    })
+    .await;
+}
