@@ -321,7 +321,7 @@ fn count(
         format!("--callgrind-out-file={}.%p", out_prefix.display()),
         support::BIN.to_owned(),
     ];
-    let limiter = if variant == "limits" {
+    let limiter = if variant.starts_with("limits") {
         "budget"
     } else {
         variant
