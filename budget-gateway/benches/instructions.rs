@@ -85,8 +85,8 @@ fn options() -> Options {
     assert!(
         o.variants
             .iter()
-            .all(|v| VARIANTS.contains(&v.as_str()) || v == "limits"),
-        "--variants takes some of none,budget,governor,limits"
+            .all(|v| VARIANTS.contains(&v.as_str()) || v == "limits" || v == "limits30d"),
+        "--variants takes some of none,budget,governor,limits,limits30d"
     );
     o
 }
@@ -94,9 +94,10 @@ fn options() -> Options {
 /// The `limits` variant's configuration: the budget layer with the load
 /// key under two windows and a spend limit (issue 17's target: within 10%
 /// of one window without spend, the `budget` variant), none of which the
-/// bench can spend.
-fn write_limits_config(dir: &Path) -> PathBuf {
-    let path = dir.join("gateway-limits.toml");
+/// bench can spend; the spend limit's window is `spend_window` (`limits`:
+/// a calendar month, `limits30d`: 30 days from first use).
+fn write_limits_config(dir: &Path, spend_window: &str) -> PathBuf {
+    let path = dir.join(format!("gateway-limits-{spend_window}.toml"));
     std::fs::write(
         &path,
         format!(
@@ -119,7 +120,7 @@ window = "1h"
 tokens = 1000000000000000
 requests = 4000000000
 [[agents.limits]]
-window = "1mo"
+window = "{spend_window}"
 spend_usd = 1000000.0
 "#
         ),
@@ -320,7 +321,7 @@ fn count(
         format!("--callgrind-out-file={}.%p", out_prefix.display()),
         support::BIN.to_owned(),
     ];
-    let limiter = if variant == "limits" {
+    let limiter = if variant.starts_with("limits") {
         "budget"
     } else {
         variant
@@ -504,7 +505,8 @@ fn main() {
         None => tempfile::tempdir().unwrap().keep(),
     };
     let config = write_config(&dir, "");
-    let limits_config = write_limits_config(&dir);
+    let limits_config = write_limits_config(&dir, "1mo");
+    let limits30d_config = write_limits_config(&dir, "30d");
     let (_mock, upstream) = start_mock();
     let mut counted: HashMap<String, Runs> = HashMap::new();
     for run in 0..o.runs {
@@ -517,10 +519,10 @@ fn main() {
                 run + 1,
                 o.runs
             );
-            let config = if variant == "limits" {
-                &limits_config
-            } else {
-                &config
+            let config = match variant.as_str() {
+                "limits" => &limits_config,
+                "limits30d" => &limits30d_config,
+                _ => &config,
             };
             let one = count(variant, &o, config, upstream, &dir);
             counted.entry(variant.clone()).or_default().0.push(one);

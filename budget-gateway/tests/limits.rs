@@ -90,6 +90,10 @@ async fn two_windows_on_one_key_each_bind_in_turn() {
         StatusCode::TOO_MANY_REQUESTS
     );
     assert_eq!(calls(&g.stats), 5);
+    // The budgets view lists the agent's own budget, not its other cells.
+    let all: Vec<Value> = admin_view(&g.client, &g.url, "/v1/budgets").await;
+    assert_eq!(all.len(), 1, "{all:?}");
+    assert_eq!(all[0]["agent_id"], AGENT_A);
     // The hour's end frees both.
     time.increment(Duration::from_secs(3_600));
     assert_eq!(g.chat(KEY_A, &small("m")).await.status(), StatusCode::OK);
@@ -420,4 +424,31 @@ async fn calendar_windows_reset_at_midnight_utc_and_on_the_first() {
     // 30 days of March are left: 2 March 00:00 to 1 April 00:00.
     assert_eq!(agent["limits"][0]["resets_in_secs"], 30 * 86_400, "{agent}");
     assert_eq!(calls(&g.stats), 5);
+}
+
+#[tokio::test]
+async fn a_streamed_response_settles_its_spend_from_the_usage_chunk() {
+    let text = with_limits(
+        PRICES,
+        "[[agents.limits]]\nwindow = \"1h\"\nspend_usd = 1.0\n",
+        "",
+    );
+    let g = start_with(BudgetManager::new(), &text, None).await;
+    let mut body = chat("gpt-4o", 100, 200, 100);
+    body["stream"] = json!(true);
+    let r = g.chat(KEY_A, &body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    assert!(
+        !text.contains("\"usage\":{"),
+        "the usage chunk is hidden: {text}"
+    );
+    // 200 × $2.50/M + 100 × $10/M, from the stream's usage chunk.
+    eventually("the settle", || {
+        g.budgets
+            .all_full_info()
+            .iter()
+            .any(|i| i.token_limit == 1_000_000 && i.tokens_used == 1_500)
+    })
+    .await;
 }

@@ -28,7 +28,8 @@ pub fn variant_name(variant: &str) -> &'static str {
         "none" => "plain proxy (`--limiter none`)",
         "budget" => "budget layer",
         "governor" => "tower_governor (`--limiter governor`)",
-        "limits" => "budget layer, two windows and spend",
+        "limits" => "budget layer, two windows and spend (`1mo`)",
+        "limits30d" => "budget layer, two windows and spend (`30d`)",
         _ => "?",
     }
 }

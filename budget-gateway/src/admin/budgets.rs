@@ -6,7 +6,10 @@
 //! `tokens_used`, `tokens_remaining`, `calls_limit`, `calls_used`,
 //! `calls_remaining`, `window_secs`, `window_remaining_secs`,
 //! `is_exhausted`), and `parent` (its id) for an agent that has one; the
-//! list is sorted by agent id.
+//! list is sorted by agent id. Each agent's budget here is its own core
+//! budget: its first limit on tokens and requests for every model (an
+//! unlimited one when it has none); `GET /v1/agents/{id}` shows every
+//! limit, spend and per-model ones included.
 //!
 //! In a fleet (`--redis`), they show the fleet's usage, read from Redis at
 //! each request ([`FleetManager::fleet_info`]): "used" is what the whole
@@ -109,7 +112,17 @@ impl Admin {
     /// Every agent's budget.
     async fn all(&self) -> Result<Vec<FullBudgetInfo>, ApiError> {
         match &self.budgets {
-            Budgets::Local(budgets) => Ok(budgets.all_full_info()),
+            // The agents' own budgets: the other cells of their limits
+            // (see `crate::docs::limits`) are shown by `/v1/agents`.
+            Budgets::Local(budgets) => {
+                let agents: std::collections::HashSet<AgentId> =
+                    self.catalog.agent_ids().into_iter().collect();
+                Ok(budgets
+                    .all_full_info()
+                    .into_iter()
+                    .filter(|info| agents.contains(&info.agent_id))
+                    .collect())
+            }
             Budgets::Fleet(_) => {
                 let agents = self.catalog.agent_ids();
                 let mut all = Vec::with_capacity(agents.len());
