@@ -89,7 +89,7 @@ impl Default for ServerLimits {
 const RESERVED_FDS: u64 = 64;
 
 /// The default connection limit: half of what the process's open-file limit
-/// leaves after [`RESERVED_FDS`] (each client connection may need one to
+/// leaves after 64 reserved descriptors (each client connection may need one to
 /// the upstream too), between 16 and 16,384; 1,024 if the limit cannot be
 /// read.
 pub fn default_max_connections() -> usize {
