@@ -73,10 +73,16 @@ pub enum Calendar {
 /// [`Display`](fmt::Display) tries them in).
 const UNITS: [(&str, u64); 4] = [("d", 86_400), ("h", 3_600), ("m", 60), ("s", 1)];
 
+/// The longest period: a hundred years of 365 days, well within what the
+/// core's clock marks count (about 139 years), so that no period is
+/// silently shortened.
+pub const MAX_PERIOD_SECS: u64 = 100 * 365 * 86_400;
+
 impl Period {
-    /// A period of `secs` seconds; `None` for zero.
+    /// A period of `secs` seconds; `None` for zero or more than
+    /// [`MAX_PERIOD_SECS`].
     pub fn from_secs(secs: u64) -> Option<Self> {
-        (secs > 0).then_some(Period {
+        (1..=MAX_PERIOD_SECS).contains(&secs).then_some(Period {
             secs,
             calendar: None,
         })
@@ -134,10 +140,12 @@ impl FromStr for Period {
             .find(|(name, _)| *name == unit)
             .ok_or_else(usage)?;
         let count: u64 = number.parse().map_err(|_| usage())?;
-        let secs = count
-            .checked_mul(*scale)
-            .ok_or_else(|| format!("{text:?} is too long"))?;
-        Period::from_secs(secs).ok_or_else(|| format!("{text:?}: a period must not be zero"))
+        match count.checked_mul(*scale) {
+            Some(0) => Err(format!("{text:?}: a period must not be zero")),
+            secs => secs.and_then(Period::from_secs).ok_or_else(|| {
+                format!("{text:?} is too long: a period is at most 100 years (\"36500d\")")
+            }),
+        }
     }
 }
 
@@ -211,13 +219,15 @@ pub struct LimitSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Period>)]
     pub refill: Option<Period>,
-    /// Requests admitted per window (or held by the bucket).
+    /// Requests admitted per window (or held by the bucket, at most half
+    /// the maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 4_294_967_295_f64)]
     pub requests: Option<u64>,
-    /// Tokens admitted per window (or held by the bucket).
+    /// Tokens admitted per window (or held by the bucket, at most half the
+    /// maximum).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 4_503_599_627_370_495_f64)]
     pub tokens: Option<u64>,
     /// Dollars per window (or held by the bucket), priced by the
     /// configuration's `[[models]]` table, counted in micro-dollars.
@@ -277,6 +287,19 @@ pub const MAX_SPEND_USD: f64 = 1e6;
 
 /// The longest `model` glob, in characters.
 pub const MAX_MODEL_GLOB_CHARS: usize = 256;
+
+/// The most limits one agent may have: their cells (at most two each)
+/// then fit in one core admission ([`agent_budget::MAX_SET_LIMITS`]).
+pub const MAX_LIMITS_PER_AGENT: usize = 16;
+
+/// The most tokens a limit may admit per window: what the core counts
+/// exactly ([`agent_budget::MAX_TOKENS`]; half of it for a bucket). A
+/// larger number would be enforced as this one, so it is refused instead.
+pub const MAX_LIMIT_TOKENS: u64 = agent_budget::MAX_TOKENS;
+
+/// The most requests a limit may admit per window: what the core counts
+/// exactly ([`agent_budget::MAX_CALLS`]; half of it for a bucket).
+pub const MAX_LIMIT_REQUESTS: u64 = agent_budget::MAX_CALLS;
 
 /// An agent's limits, checked, and the limit cells the core enforces them
 /// with (see [`crate::docs::limits`]).
@@ -487,7 +510,7 @@ impl Limits {
         let window = Period::from_secs(secs).ok_or_else(|| {
             error(
                 "window_secs".to_owned(),
-                "a window must be at least one second",
+                format!("a window is from one second to {MAX_PERIOD_SECS} (100 years)"),
             )
         })?;
         Self::from_list(&[LimitSpec {
@@ -496,6 +519,15 @@ impl Limits {
             tokens: Some(tokens),
             ..LimitSpec::default()
         }])
+        .map_err(|mut e| {
+            // The one limit's fields, by the names they were given.
+            e.field = e.field.map(|field| match field.as_str() {
+                "limits[0].tokens" => "token_budget".to_owned(),
+                "limits[0].requests" => "calls_budget".to_owned(),
+                _ => field,
+            });
+            e
+        })
     }
 
     /// Checks a list of limits, and lays out their cells.
@@ -504,6 +536,15 @@ impl Limits {
             return Err(error(
                 "limits".to_owned(),
                 "the list is empty: give at least one limit",
+            ));
+        }
+        if list.len() > MAX_LIMITS_PER_AGENT {
+            return Err(error(
+                "limits".to_owned(),
+                format!(
+                    "{} limits: an agent may have at most {MAX_LIMITS_PER_AGENT}",
+                    list.len()
+                ),
             ));
         }
         let mut cells: Vec<Cell> = Vec::with_capacity(list.len());
@@ -779,6 +820,24 @@ impl LimitSpec {
                 ))
             }
         };
+        let (max_tokens, max_requests) = match timing {
+            Timing::Window(_) => (MAX_LIMIT_TOKENS, MAX_LIMIT_REQUESTS),
+            Timing::Refill(_) => (MAX_LIMIT_TOKENS / 2, MAX_LIMIT_REQUESTS / 2),
+        };
+        if let Some(tokens) = self.tokens.filter(|&t| t > max_tokens) {
+            return Err((
+                "tokens",
+                format!("{tokens} tokens is more than a limit counts: give at most {max_tokens}"),
+            ));
+        }
+        if let Some(requests) = self.requests.filter(|&r| r > max_requests) {
+            return Err((
+                "requests",
+                format!(
+                    "{requests} requests is more than a limit counts: give at most {max_requests}"
+                ),
+            ));
+        }
         if self.requests.is_none() && self.tokens.is_none() && self.spend_usd.is_none() {
             return Err((
                 "requests",
@@ -905,6 +964,9 @@ mod tests {
         assert!(period("999999999999999999d")
             .unwrap_err()
             .contains("too long"));
+        assert_eq!(period("36500d").unwrap().secs(), MAX_PERIOD_SECS);
+        assert!(period("36501d").unwrap_err().contains("at most 100 years"));
+        assert!(Period::from_secs(MAX_PERIOD_SECS + 1).is_none());
     }
 
     fn spec(json: &str) -> LimitSpec {
@@ -972,6 +1034,33 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(e.field.as_deref(), Some("window_secs"));
+        let e = Limits::from_fields(
+            None,
+            LegacyFields {
+                window_secs: Some(1 << 63),
+                ..legacy
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("window_secs"), "{e}");
+        let e = Limits::from_fields(
+            None,
+            LegacyFields {
+                token_budget: Some(1 << 63),
+                ..legacy
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("token_budget"), "{e}");
+        let e = Limits::from_fields(
+            None,
+            LegacyFields {
+                calls_budget: Some(u64::MAX),
+                ..legacy
+            },
+        )
+        .unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("calls_budget"), "{e}");
         let e = Limits::from_fields(Some(limits.specs()), legacy).unwrap_err();
         assert!(e.message.contains("not both"), "{e}");
         let e = Limits::from_fields(None, LegacyFields::default()).unwrap_err();
@@ -991,6 +1080,21 @@ mod tests {
                 r#"[{"window": "1m", "spend_usd": -5.0}]"#,
                 "limits[0].spend_usd",
                 "not a spend limit",
+            ),
+            (
+                r#"[{"window": "1m", "tokens": 4503599627370496}]"#,
+                "limits[0].tokens",
+                "at most 4503599627370495",
+            ),
+            (
+                r#"[{"refill": "1m", "tokens": 2251799813685248}]"#,
+                "limits[0].tokens",
+                "at most 2251799813685247",
+            ),
+            (
+                r#"[{"window": "1m", "requests": 4294967296}]"#,
+                "limits[0].requests",
+                "at most 4294967295",
             ),
             (
                 r#"[{"window": "1m", "requests": 1, "model": " "}]"#,
@@ -1013,6 +1117,16 @@ mod tests {
             assert_eq!(e.field.as_deref(), Some(field), "{json}");
             assert!(e.message.contains(says), "{json}: {e}");
         }
+        let many = |n: usize| {
+            let specs: Vec<String> = (1..=n)
+                .map(|i| format!(r#"{{"window": "{i}m", "requests": 1}}"#))
+                .collect();
+            list(&format!("[{}]", specs.join(",")))
+        };
+        assert!(many(MAX_LIMITS_PER_AGENT).is_ok());
+        let e = many(MAX_LIMITS_PER_AGENT + 1).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("limits"));
+        assert!(e.message.contains("at most 16"), "{e}");
     }
 
     #[test]

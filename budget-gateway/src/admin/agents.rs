@@ -39,22 +39,22 @@ pub struct AgentRequest {
     #[serde(default)]
     #[schema(min_length = 1, max_length = 128)]
     pub metrics_label: Option<String>,
-    /// The agent's limits: one limit for now.
+    /// The agent's limits (at most 16), all of which a request must fit.
     #[serde(default)]
-    #[schema(min_items = 1, max_items = 1)]
+    #[schema(min_items = 1, max_items = 16)]
     pub limits: Option<Vec<LimitSpec>>,
     /// Tokens per window (with `calls_budget` and `window_secs`).
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 4_503_599_627_370_495_f64)]
     pub token_budget: Option<u64>,
     /// Calls per window (with `token_budget` and `window_secs`).
     #[serde(default)]
-    #[schema(minimum = 0)]
+    #[schema(minimum = 0, maximum = 4_294_967_295_f64)]
     pub calls_budget: Option<u64>,
     /// The window's length in seconds (with `token_budget` and
     /// `calls_budget`).
     #[serde(default)]
-    #[schema(minimum = 1)]
+    #[schema(minimum = 1, maximum = 3_153_600_000_f64)]
     pub window_secs: Option<u64>,
     /// `false` for shadow mode: usage is counted and would-be refusals
     /// are counted in `/metrics`, but the agent's own budget refuses
