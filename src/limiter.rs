@@ -90,6 +90,22 @@ pub trait BudgetLimiter: Send + Sync {
     ) -> Result<OwnedSetReservation, Refused>
     where
         Self: Sized;
+    /// [`acquire_set`](Self::acquire_set), the limits `shadowed` names
+    /// taken past their limit instead of refusing (shadow mode).
+    fn acquire_set_shadowed(
+        &self,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<SetReservation<'_>, Refused>;
+    /// [`acquire_set_shadowed`](Self::acquire_set_shadowed), holding an
+    /// `Arc` of the manager.
+    fn acquire_set_owned_shadowed(
+        self: &Arc<Self>,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<OwnedSetReservation, Refused>
+    where
+        Self: Sized;
     /// Waits until every claim fits, then takes them all.
     #[cfg(feature = "async")]
     fn acquire_set_owned_wait(

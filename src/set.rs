@@ -23,6 +23,10 @@ pub const MAX_SET_LIMITS: usize = 32;
 /// level each, or one chain of [`MAX_LEVELS`](crate::MAX_LEVELS).
 pub(crate) const INLINE_LIMITS: usize = 8;
 
+/// Which limits of a set take past their limit instead of refusing (those
+/// in shadow mode): `None` for none, the common case, which asks nothing.
+pub(crate) type Shadowed<'a> = Option<&'a dyn Fn(&AgentId) -> bool>;
+
 /// Which claims (by index, as given) reach a limit.
 pub(crate) type ClaimMask = u32;
 

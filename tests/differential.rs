@@ -43,7 +43,9 @@ enum Op {
     Release(usize, u64),
     TrackCall(usize),
     Acquire(usize, u64, u64),
-    AcquireSet(Vec<(usize, u64, u64)>),
+    /// Claims, and which agents (bit `i`: `agents[i]`) are in shadow mode:
+    /// none, mostly, which is `acquire_set`.
+    AcquireSet(Vec<(usize, u64, u64)>, u8),
     SettleSet(usize, Vec<u64>),
     CancelSet(usize),
     Settle(usize, u64),
@@ -74,7 +76,11 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (agent.clone(), amount()).prop_map(|(a, n)| Op::Release(a, n)),
         3 => agent.clone().prop_map(Op::TrackCall),
         4 => (agent.clone(), amount(), 0..3u64).prop_map(|(a, t, c)| Op::Acquire(a, t, c)),
-        4 => prop::collection::vec((agent.clone(), amount(), 0..3u64), 0..4).prop_map(Op::AcquireSet),
+        4 => (
+            prop::collection::vec((agent.clone(), amount(), 0..3u64), 0..4),
+            prop_oneof![3 => Just(0u8), 1 => any::<u8>()],
+        )
+            .prop_map(|(claims, shadowed)| Op::AcquireSet(claims, shadowed)),
         2 => (any::<usize>(), prop::collection::vec(amount(), 4)).prop_map(|(i, n)| Op::SettleSet(i, n)),
         1 => any::<usize>().prop_map(Op::CancelSet),
         3 => (any::<usize>(), amount()).prop_map(|(i, n)| Op::Settle(i, n)),
@@ -235,7 +241,7 @@ fn run(ops: Vec<Op>) -> Outcomes {
                     (x, y) => panic!("acquire disagrees: {x:?} vs {y:?}"),
                 }
             }
-            Op::AcquireSet(claims) => {
+            Op::AcquireSet(claims, shadowed) => {
                 let claims: Vec<Claim> = claims
                     .into_iter()
                     .map(|(a, tokens, calls)| Claim {
@@ -244,7 +250,21 @@ fn run(ops: Vec<Op>) -> Outcomes {
                         calls,
                     })
                     .collect();
-                match (lock_free.acquire_set(&claims), locked.acquire_set(&claims)) {
+                let in_shadow = |id: &AgentId| {
+                    let i = agents
+                        .iter()
+                        .position(|a| a == id)
+                        .expect("one of the agents");
+                    shadowed & (1 << i) != 0
+                };
+                let taken = match shadowed {
+                    0 => (lock_free.acquire_set(&claims), locked.acquire_set(&claims)),
+                    _ => (
+                        lock_free.acquire_set_shadowed(&claims, in_shadow),
+                        locked.acquire_set_shadowed(&claims, in_shadow),
+                    ),
+                };
+                match taken {
                     (Ok(x), Ok(y)) => {
                         sets_admitted += 1;
                         assert_eq!(x.claims(), y.claims());

@@ -262,3 +262,58 @@ for_both_managers_async! {
         assert_eq!(m.waiting(), 0);
     }
 }
+
+for_both_managers! {
+    fn a_shadowed_limit_counts_past_its_limit_and_refuses_nothing<M>() {
+        let (m, time) = mocked::<M>();
+        let (trial, day) = (agent(), agent());
+        m.set_budget(limit(trial, 100, 2, 60));
+        m.set_budget(limit(day, 10_000, 100, 86_400));
+        let shadowed = |id: &AgentId| *id == trial;
+        let claims = [claim(trial, 80, 1), claim(day, 80, 1)];
+        let mut held = Vec::new();
+        for _ in 0..3 {
+            held.push(m.acquire_set_shadowed(&claims, shadowed).unwrap());
+        }
+        // Past its limit on both resources, and counted there.
+        assert_eq!(used(&m, &trial), (240, 3));
+        assert_eq!(used(&m, &day), (240, 3));
+        assert!(m.acquire_set(&claims).is_err(), "enforced, it refuses");
+        // Settled like any set: less than reserved comes back everywhere.
+        for set in held {
+            set.settle(50);
+        }
+        assert_eq!(used(&m, &trial), (150, 3));
+        assert_eq!(used(&m, &day), (150, 3));
+        time.advance_secs(60);
+        assert_eq!(used(&m, &trial), (0, 0), "a new window forgets it");
+        assert_eq!(used(&m, &day), (150, 3));
+    }
+}
+
+for_both_managers! {
+    fn an_enforced_limit_beside_a_shadowed_one_still_refuses_and_takes_nothing<M>() {
+        let (m, _time) = mocked::<M>();
+        let (team, key, spend) = (agent(), agent(), agent());
+        m.set_budget(limit(team, 1_000, 100, 60));
+        m.set_budget(limit(key, 10, 1, 60));
+        m.set_budget(limit(spend, 500, u64::MAX, 60));
+        m.set_parent(&key, Some(&team)).unwrap();
+        let shadowed = |id: &AgentId| *id == key;
+        let claims = [claim(key, 400, 1), claim(spend, 400, 0)];
+        let first = m.acquire_set_shadowed(&claims, shadowed).unwrap();
+        assert_eq!(used(&m, &key), (400, 1));
+        // The team (an enforced ancestor) has room, the spend limit has not.
+        let refused = m.acquire_set_shadowed(&claims, shadowed).unwrap_err();
+        assert_eq!(refused.refused_by, spend);
+        assert_eq!(used(&m, &key), (400, 1), "the shadowed take was given back");
+        assert_eq!(used(&m, &team), (400, 1));
+        first.cancel();
+        // An enforced ancestor refuses through a shadowed child.
+        let big = [claim(key, 1_001, 1)];
+        let refused = m.acquire_set_shadowed(&big, shadowed).unwrap_err();
+        assert_eq!(refused.refused_by, team);
+        assert_eq!(used(&m, &key), (0, 0));
+        assert_eq!(used(&m, &team), (0, 0));
+    }
+}

@@ -172,6 +172,35 @@ pub trait Admission: Send + Sync + 'static {
         }
     }
 
+    /// Like [`admit`](Self::admit), for a request whose agent (or one of
+    /// its ancestors) rolls its limits out in shadow mode: every limit of
+    /// an agent for which `shadowed` is true takes what the request asks
+    /// even past that limit, counting it, instead of refusing; every other
+    /// limit the request reaches is enforced as ever, all in one admission.
+    ///
+    /// The default cannot take past a limit: for an agent in shadow mode it
+    /// admits the request with nothing reserved (its settle then charges
+    /// the tokens used, past the limit; its call is not counted), and for
+    /// any other agent it is [`admit`](Self::admit). The core's sets do
+    /// better (`BudgetManager::acquire_set_owned_shadowed`).
+    fn admit_shadowed(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+        shadowed: &(dyn Fn(&AgentId) -> bool + Send + Sync),
+    ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send {
+        let estimate = if shadowed(agent_id) {
+            Estimate {
+                model: estimate.model.clone(),
+                ..Estimate::default()
+            }
+        } else {
+            estimate.clone()
+        };
+        let (this, agent_id) = (self.clone(), *agent_id);
+        async move { this.admit(&agent_id, &estimate).await }
+    }
+
     /// Where the agent's budget stands: its own level first, then each
     /// ancestor's, nearest first; empty if the agent has no budget.
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo>;

@@ -83,6 +83,8 @@ pub struct Plan {
 #[derive(Debug)]
 struct PlanCell {
     id: AgentId,
+    /// The agent whose limit it is (the agent or one of its ancestors).
+    owner: AgentId,
     model: Option<Arc<str>>,
     spend: bool,
 }
@@ -125,6 +127,7 @@ pub fn build_plans<'a>(
             for cell in limits.cells().iter().filter(|c| !c.primary) {
                 cells.push(PlanCell {
                     id: cell.id(at),
+                    owner: at,
                     model: cell.model.clone(),
                     spend: matches!(cell.counts, Counts::Spend { .. }),
                 });
@@ -252,6 +255,42 @@ impl LimitAdmission {
         }
     }
 
+    /// [`take`](Self::take), except that the limits of the agents
+    /// `shadowed` names take past their limit (see
+    /// [`Admission::admit_shadowed`]): one set admission, whatever the
+    /// plan, so that calls and dollars are counted past a limit in shadow
+    /// mode and an enforced ancestor's limit still refuses.
+    fn take_shadowed(
+        &self,
+        agent: &AgentId,
+        estimate: &Estimate,
+        shadowed: &(dyn Fn(&AgentId) -> bool + Send + Sync),
+    ) -> Result<Held, Denial> {
+        let plan = self.plan(agent);
+        // A limit is an agent's own budget (its id is the agent's) or one
+        // of the plan's cells.
+        let owner = |id: &AgentId| {
+            plan.as_deref()
+                .and_then(|p| p.cells.iter().find(|c| c.id == *id))
+                .map_or(*id, |c| c.owner)
+        };
+        let past = |id: &AgentId| shadowed(&owner(id));
+        let claims = match plan.as_deref().filter(|p| !p.single) {
+            Some(plan) => self.claims(agent, plan, estimate)?,
+            None => Claims::one(*agent, estimate.tokens(), estimate.calls),
+        };
+        match self
+            .budgets
+            .acquire_set_owned_shadowed(&claims.claims, past)
+        {
+            Ok(set) => Ok(claims.held(set, self.spent.clone())),
+            Err(refused) => Err(match plan.as_deref() {
+                Some(plan) => self.denial(agent, plan, refused, claims.micros),
+                None => Denial::Refused(refused),
+            }),
+        }
+    }
+
     /// What a request of `agent` estimated as `estimate` claims under
     /// `plan` (not single): its own budget, and every cell whose glob
     /// matches its model; or the `400` of an unpriced model.
@@ -368,6 +407,23 @@ struct Claims {
 }
 
 impl Claims {
+    /// The one claim of an agent whose levels each have one limit.
+    fn one(agent: AgentId, tokens: u64, calls: u64) -> Self {
+        Claims {
+            agent,
+            tokens,
+            calls,
+            claims: smallvec::smallvec![Claim {
+                agent_id: agent,
+                tokens,
+                calls,
+            }],
+            spend_claims: 0,
+            micros: 0,
+            price: None,
+        }
+    }
+
     fn held(self, set: OwnedSetReservation, spent: metrics::Counter) -> Held {
         Held::Set(Box::new(SetHeld {
             agent: self.agent,
@@ -390,6 +446,15 @@ impl Admission for LimitAdmission {
         estimate: &Estimate,
     ) -> impl Future<Output = Result<Held, Denial>> + Send {
         std::future::ready(self.take(agent_id, estimate))
+    }
+
+    fn admit_shadowed(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+        shadowed: &(dyn Fn(&AgentId) -> bool + Send + Sync),
+    ) -> impl Future<Output = Result<Held, Denial>> + Send {
+        std::future::ready(self.take_shadowed(agent_id, estimate, shadowed))
     }
 
     fn admit_wait(

@@ -509,6 +509,41 @@ impl Catalog {
             .flatten()
     }
 
+    /// The agent's `agent` label on the metrics, if it has one.
+    pub fn metrics_label(&self, agent_id: &AgentId) -> Option<String> {
+        let view = self.view();
+        view.file
+            .get(agent_id)
+            .map(|a| &a.settings)
+            .or_else(|| view.api.get(agent_id).map(|a| &a.settings))
+            .and_then(|s| s.metrics_label.clone())
+    }
+
+    /// Whether the agent or one of its ancestors is in shadow mode: only
+    /// then may a refusal of its requests be one to let through.
+    pub fn shadow_in_chain(&self, agent_id: &AgentId) -> bool {
+        let view = self.view();
+        let settings = |id: &AgentId| {
+            view.file
+                .get(id)
+                .map(|a| &a.settings)
+                .or_else(|| view.api.get(id).map(|a| &a.settings))
+        };
+        let mut level = Some(*agent_id);
+        // Bounded by the configuration's checks (no loops, at most
+        // MAX_LEVELS levels); the bound guards against a bug there.
+        for _ in 0..agent_budget::MAX_LEVELS {
+            let Some(settings) = level.as_ref().and_then(settings) else {
+                return false;
+            };
+            if !settings.enforce {
+                return true;
+            }
+            level = settings.parent;
+        }
+        false
+    }
+
     /// The agents' `agent` labels on the metrics, as of now (the layer
     /// takes them when it is built).
     pub fn metrics_labels(&self) -> HashMap<AgentId, String> {

@@ -9,35 +9,38 @@
 //! once it is used up), and alerts fire at the same fractions (with
 //! `"enforced": false`). What differs: a request its own budget refuses is
 //! admitted anyway, counted in `/metrics` as
-//! `budget_gateway_shadow_refusals_total{reason="tokens"|"calls"}`, and
+//! `budget_gateway_shadow_refusals_total{reason="tokens"|"calls"}` (with
+//! an `agent` label for agents with a `metrics_label`, as the layer's
+//! metrics have), and
 //! noted for the alerts as a refusal would be.
 //!
 //! # How it works
 //!
 //! [`Shadow`] wraps the layer's [`Admission`] (the core's manager or a
-//! fleet's). An admission goes through untouched; a refusal by the budget
-//! (not "no budget") is looked at: if the level of the chain that refused
-//! (`Refused::refused_by`) is in shadow mode, the request is admitted
-//! instead with a reservation of zero tokens and zero calls (zero always
-//! fits, at every level). The layer then settles that reservation with the
-//! response's real usage as it does any other, and the core charges
-//! tokens beyond a reservation even past the limit (overuse is never
-//! forgiven): so the agent's tokens keep being counted past its limit, at
-//! every level of its chain. An enforced agent pays nothing for this: the
-//! wrapper only matches on the result.
+//! fleet's). An admission goes through untouched. A refusal for tokens or
+//! calls (not "no budget") of an agent with a level in shadow mode is
+//! asked again with [`Admission::admit_shadowed`]: the limits of every
+//! agent in shadow mode take the request past their limit, counting it,
+//! while every other limit the request reaches (an enforced parent's, an
+//! enforced spend limit beside it) is enforced as ever, all in the one
+//! atomic admission of the core's sets
+//! (`BudgetManager::acquire_set_owned_shadowed`). If that admits it, the
+//! first refusal is counted as a would-be refusal; if it refuses, an
+//! enforced limit refused, and that refusal is the answer. The request's
+//! reservation is settled like any other: its calls, tokens and dollars
+//! are counted past the limit, at every level. An agent whose chain is all
+//! enforced pays nothing for this: one look at the catalog, on a refusal.
 //!
-//! Limits of the approach, each a consequence of charging through a settle:
+//! A request that may wait (`max_wait`) is never kept waiting by a limit in
+//! shadow mode: it is admitted at once past that limit, and waits only for
+//! what an enforced limit refuses.
 //!
-//! - **Calls past the limit are not counted**: a settle changes tokens
-//!   only, so the call counter stops at its limit (tokens go on). The would-be
-//!   refusals in `/metrics` count them.
-//! - **An ancestor's limit is not checked** for a request admitted this
-//!   way: its tokens are charged to every level at the settle, so an
-//!   enforced parent may go past its limit through a child in shadow mode
-//!   (and then refuses its other children until its budget recovers).
-//! - **Spend is not charged past a spend limit**: the request is admitted
-//!   with an estimate of nothing, which needs no price, so its settle has
-//!   none to charge dollars with (tokens and requests limits are charged).
+//! Limits of the approach:
+//!
+//! - **A fleet's budgets** (Redis leases) cannot take past a limit: there
+//!   the request is admitted with nothing reserved and charged its tokens
+//!   at the settle (its call is not counted past the limit). A fleet's
+//!   budgets are flat, so no enforced parent is skipped.
 //! - **A refusal judged on the first estimate**: with `count_prompts =
 //!   "when_tight"` the layer counts the prompt only after a refusal for
 //!   tokens; a shadow agent is admitted at the first one, so a would-be
@@ -47,19 +50,20 @@
 use std::sync::Arc;
 
 use agent_budget::{AgentId, BudgetKind, FullBudgetInfo, RefusalReason, Refused};
-use agent_budget_tower::{Admission, Denial, Estimate, RefusalReason as Reason};
+use agent_budget_tower::{Admission, Denial, Estimate, RefusalReason as Reason, POLL_INTERVAL};
 use http::HeaderMap;
 
 use crate::catalog::Catalog;
 use crate::watch::Watch;
+
+/// Would-be refusals, by `reason` (and `agent`, where it has a label).
+const SHADOW_METRIC: &str = "budget_gateway_shadow_refusals_total";
 
 /// An [`Admission`] that admits what shadow-mode budgets refuse.
 pub struct Shadow<M> {
     inner: Arc<M>,
     catalog: Catalog,
     watch: Watch,
-    /// Would-be refusals, for tokens and for calls.
-    would_refuse: [metrics::Counter; 2],
 }
 
 impl<M> std::fmt::Debug for Shadow<M> {
@@ -72,38 +76,45 @@ impl<M: Admission> Shadow<M> {
     /// `inner`, with the agents `catalog` says are not enforced in shadow
     /// mode; would-be refusals noted in `watch`.
     pub fn new(inner: Arc<M>, catalog: Catalog, watch: Watch) -> Self {
-        let counter = |reason: &'static str| metrics::counter!("budget_gateway_shadow_refusals_total", "reason" => reason);
+        metrics::describe_counter!(
+            SHADOW_METRIC,
+            metrics::Unit::Count,
+            "Requests admitted in shadow mode that an enforced limit would have refused"
+        );
         Shadow {
             inner,
             catalog,
             watch,
-            would_refuse: [counter("tokens"), counter("calls")],
         }
     }
 
-    /// Whether `refused` came from a budget in shadow mode.
-    fn shadowed(&self, refused: &Refused) -> bool {
-        matches!(refused.reason, RefusalReason::Exceeded { .. })
-            && !self.catalog.enforces(&refused.refused_by)
+    /// The refusal in `denial`, if it is one that shadow mode may let
+    /// through: for tokens or calls, of an agent with a level in shadow
+    /// mode.
+    fn shadowable(&self, agent: &AgentId, denial: &Denial) -> Option<Refused> {
+        let refused = refusal(denial)?;
+        (matches!(refused.reason, RefusalReason::Exceeded { .. })
+            && self.catalog.shadow_in_chain(agent))
+        .then_some(*refused)
     }
 
-    /// Admits `agent`'s request that `refused` turned down, with nothing
-    /// reserved; the refusal again if even that fails.
+    /// Admits `agent`'s request that `refused` turned down, with the limits
+    /// in shadow mode taken past their limit: counted as a would-be
+    /// refusal if that admits it; an enforced limit's refusal if not.
     async fn pass(
         &self,
         agent: &AgentId,
         estimate: &Estimate,
         refused: Refused,
     ) -> Result<M::Reservation, Denial> {
+        let catalog = &self.catalog;
+        let shadowed = |id: &AgentId| !catalog.enforces(id);
+        let admitted = self
+            .inner
+            .admit_shadowed(agent, estimate, &shadowed)
+            .await?;
         self.note(agent, &refused);
-        let nothing = Estimate {
-            model: estimate.model.clone(),
-            ..Estimate::default()
-        };
-        self.inner
-            .admit(agent, &nothing)
-            .await
-            .map_err(|_| Denial::Refused(refused))
+        Ok(admitted)
     }
 
     /// Counts a would-be refusal.
@@ -112,7 +123,19 @@ impl<M: Admission> Shadow<M> {
             BudgetKind::Token => Reason::Tokens,
             BudgetKind::Call => Reason::Calls,
         };
-        self.would_refuse[usize::from(reason == Reason::Calls)].increment(1);
+        let reason_label = match reason {
+            Reason::Calls => "calls",
+            _ => "tokens",
+        };
+        // Looked up on each would-be refusal (not the admission's path):
+        // labels change with the catalog.
+        match self.catalog.metrics_label(agent) {
+            Some(label) => {
+                metrics::counter!(SHADOW_METRIC, "agent" => label, "reason" => reason_label)
+            }
+            None => metrics::counter!(SHADOW_METRIC, "reason" => reason_label),
+        }
+        .increment(1);
         self.watch.shadow_refused(agent, reason);
     }
 }
@@ -134,11 +157,11 @@ impl<M: Admission> Admission for Shadow<M> {
         estimate: &Estimate,
     ) -> Result<M::Reservation, Denial> {
         match self.inner.admit(agent_id, estimate).await {
-            Err(denial) if refusal(&denial).is_some_and(|r| self.shadowed(r)) => {
-                let refused = refusal(&denial).cloned().expect("matched");
-                self.pass(agent_id, estimate, refused).await
-            }
-            other => other,
+            Err(denial) => match self.shadowable(agent_id, &denial) {
+                Some(refused) => self.pass(agent_id, estimate, refused).await,
+                None => Err(denial),
+            },
+            admitted => admitted,
         }
     }
 
@@ -147,13 +170,31 @@ impl<M: Admission> Admission for Shadow<M> {
         agent_id: &AgentId,
         estimate: &Estimate,
     ) -> Result<M::Reservation, Denial> {
-        match self.inner.admit_wait(agent_id, estimate).await {
-            Err(denial) if refusal(&denial).is_some_and(|r| self.shadowed(r)) => {
-                let refused = refusal(&denial).cloned().expect("matched");
-                self.pass(agent_id, estimate, refused).await
-            }
-            other => other,
+        if !self.catalog.shadow_in_chain(agent_id) {
+            return self.inner.admit_wait(agent_id, estimate).await;
         }
+        // Not the inner wait, which would wait at a limit in shadow mode:
+        // asked again only while an enforced limit refuses (the layer
+        // drops this at its `max_wait`).
+        loop {
+            let denial = match self.admit(agent_id, estimate).await {
+                Ok(admitted) => return Ok(admitted),
+                Err(denial) => denial,
+            };
+            match denial.retry_after() {
+                Some(wait) => tokio::time::sleep(wait.min(POLL_INTERVAL)).await,
+                None => return Err(denial),
+            }
+        }
+    }
+
+    fn admit_shadowed(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+        shadowed: &(dyn Fn(&AgentId) -> bool + Send + Sync),
+    ) -> impl std::future::Future<Output = Result<M::Reservation, Denial>> + Send {
+        self.inner.admit_shadowed(agent_id, estimate, shadowed)
     }
 
     fn budget_chain(&self, agent_id: &AgentId) -> Vec<FullBudgetInfo> {
@@ -169,7 +210,8 @@ impl<M: Admission> Admission for Shadow<M> {
     }
 
     /// A budget in shadow mode refuses nothing before the body either: the
-    /// request goes on to its admission, which counts the would-be refusal.
+    /// request goes on to its admission, which tells a would-be refusal
+    /// from an enforced limit's.
     fn precheck(
         self: &Arc<Self>,
         agent_id: &AgentId,
@@ -177,8 +219,8 @@ impl<M: Admission> Admission for Shadow<M> {
         calls: u64,
     ) -> Result<(), Denial> {
         match self.inner.precheck(agent_id, tokens, calls) {
-            Err(denial) if refusal(&denial).is_some_and(|r| self.shadowed(r)) => Ok(()),
-            other => other,
+            Err(denial) if self.shadowable(agent_id, &denial).is_some() => Ok(()),
+            checked => checked,
         }
     }
 }

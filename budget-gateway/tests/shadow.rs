@@ -62,16 +62,16 @@ async fn a_shadow_agent_is_admitted_past_its_calls_counted_and_alerted() {
     // The headers are an enforced limit's.
     assert_eq!(remaining, ["1", "0", "0", "0", "0"]);
     assert_eq!(calls(&g.stats), 5, "all five reached the upstream");
-    // Tokens are counted past the limit; calls stop at it (see the docs).
-    eventually("every token is charged", || {
-        g.used(AGENT_A) == (tokens(&g.stats), 2)
+    // Tokens and calls are both counted past the limit.
+    eventually("every token and call is charged", || {
+        g.used(AGENT_A) == (tokens(&g.stats), 5)
     })
     .await;
     let metrics = g.admin("/metrics", None).await.text().await.unwrap();
     assert_eq!(
         metric(
             &metrics,
-            "budget_gateway_shadow_refusals_total{reason=\"calls\"}"
+            "budget_gateway_shadow_refusals_total{agent=\"agent-a\",reason=\"calls\"}"
         ),
         3.0,
         "{metrics}"
@@ -166,5 +166,115 @@ async fn shadow_mode_is_set_and_cleared_through_the_admin_api() {
     assert_eq!(
         g.get(&format!("/v1/agents/{shadow_id}")).await["enforce"],
         false
+    );
+}
+
+const TEAM: &str = "5d1e7c2a-0000-4000-8000-00000000a11a";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enforced_team_still_refuses_its_shadow_child() {
+    let text = format!(
+        r#"admin_key = "{ADMIN_KEY}"
+
+[[agents]]
+api_key = "{KEY_A}"
+agent_id = "{AGENT_A}"
+token_budget = 1000000
+calls_budget = 1
+window_secs = 60
+enforce = false
+parent = "{TEAM}"
+metrics_label = "team-child"
+
+[[agents]]
+agent_id = "{TEAM}"
+token_budget = 1000000
+calls_budget = 3
+window_secs = 60
+"#
+    );
+    let g = start_with(BudgetManager::new(), &text, None).await;
+    let mut statuses = Vec::new();
+    for _ in 0..5 {
+        let r = g.chat(KEY_A, &question(5)).await;
+        statuses.push(r.status().as_u16());
+        r.bytes().await.unwrap();
+    }
+    // The child's one call is passed twice in shadow mode; the team's
+    // three calls are enforced.
+    assert_eq!(statuses, [200, 200, 200, 429, 429]);
+    assert_eq!(calls(&g.stats), 3);
+    eventually("the settles", || {
+        g.used(AGENT_A) == (tokens(&g.stats), 3) && g.used(TEAM) == (tokens(&g.stats), 3)
+    })
+    .await;
+    let metrics = g.admin("/metrics", None).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "budget_gateway_shadow_refusals_total{agent=\"team-child\",reason=\"calls\"}"
+        ),
+        2.0,
+        "only the child's own refusals were let through: {metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_spend_limit_is_charged_past_its_dollars() {
+    let text = format!(
+        r#"admin_key = "{ADMIN_KEY}"
+tokenizer = "bytes"
+
+[[models]]
+name = "gpt-4o*"
+input_usd_per_mtok = 2.50
+output_usd_per_mtok = 10.00
+
+[[agents]]
+api_key = "{KEY_A}"
+agent_id = "{AGENT_A}"
+enforce = false
+metrics_label = "spender"
+[[agents.limits]]
+window = "1h"
+spend_usd = 0.01
+"#
+    );
+    let g = start_with(BudgetManager::new(), &text, None).await;
+    // Each request costs 200 × $2.50/M + 100 × $10/M = $0.0015: the
+    // seventh would not fit the $0.01, enforced.
+    let body = json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 100,
+        "mock_prompt_tokens": 200,
+        "mock_completion_tokens": 100,
+    });
+    for i in 1..=10u64 {
+        let r = g.chat(KEY_A, &body).await;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        r.bytes().await.unwrap();
+        eventually("the settle", || {
+            g.budgets
+                .all_full_info()
+                .iter()
+                .any(|info| info.token_limit == 10_000 && info.tokens_used == 1_500 * i)
+        })
+        .await;
+    }
+    let agent: Value = admin_view(&g.client, &g.url, &format!("/v1/agents/{AGENT_A}")).await;
+    assert_eq!(
+        agent["limits"][0]["used"]["spend_usd"],
+        json!(0.015),
+        "{agent}"
+    );
+    let metrics = g.admin("/metrics", None).await.text().await.unwrap();
+    assert_eq!(
+        metric(
+            &metrics,
+            "budget_gateway_shadow_refusals_total{agent=\"spender\",reason=\"tokens\"}"
+        ),
+        4.0,
+        "{metrics}"
     );
 }

@@ -19,7 +19,7 @@ use crate::reservation::{
     SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
-use crate::set::{self, Plan, SetTicket, TooMany, MAX_SET_LIMITS};
+use crate::set::{self, Plan, SetTicket, Shadowed, TooMany, MAX_SET_LIMITS};
 use crate::sync::ClockSource;
 use crate::types::{
     AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
@@ -270,9 +270,35 @@ impl LockedBudgetManager {
     /// [`BudgetManager::acquire_set`](crate::BudgetManager::acquire_set).
     pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
         let ticket = self
-            .admit_set(claims)
+            .admit_set(claims, None)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         Ok(SetReservation::new(self, ticket))
+    }
+
+    /// Takes a set, the `shadowed` limits past their limit; see
+    /// [`BudgetManager::acquire_set_shadowed`](crate::BudgetManager::acquire_set_shadowed).
+    pub fn acquire_set_shadowed(
+        &self,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<SetReservation<'_>, Refused> {
+        let ticket = self
+            .admit_set(claims, Some(&shadowed))
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(SetReservation::new(self, ticket))
+    }
+
+    /// Takes a set, the `shadowed` limits past their limit, owned; see
+    /// [`BudgetManager::acquire_set_owned_shadowed`](crate::BudgetManager::acquire_set_owned_shadowed).
+    pub fn acquire_set_owned_shadowed(
+        self: &Arc<Self>,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<OwnedSetReservation, Refused> {
+        let ticket = self
+            .admit_set(claims, Some(&shadowed))
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// Takes a set, owned; see
@@ -282,7 +308,7 @@ impl LockedBudgetManager {
         claims: &[Claim],
     ) -> Result<OwnedSetReservation, Refused> {
         let ticket = self
-            .admit_set(claims)
+            .admit_set(claims, None)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         Ok(OwnedSetReservation::new(self.clone(), ticket))
     }
@@ -357,7 +383,7 @@ impl LockedBudgetManager {
             calls,
         }];
         let plan = self
-            .take_claims(&claim, generation)
+            .take_claims(&claim, generation, None)
             .map_err(|(refusal, _)| refusal)?;
         let own = plan.limits.iter().find(|l| l.own).and_then(|l| l.taken);
         let mut levels = Levels::Own(own.ok_or(Refusal::NoBudget)?);
@@ -371,8 +397,12 @@ impl LockedBudgetManager {
 
     /// Takes every limit `claims` reach, all or none; see
     /// [`BudgetManager::acquire_set`](crate::BudgetManager::acquire_set).
-    fn admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
-        let plan = self.take_claims(claims, None)?;
+    fn admit_set(
+        &self,
+        claims: &[Claim],
+        shadowed: Shadowed<'_>,
+    ) -> Result<SetTicket, (Refusal, AgentId)> {
+        let plan = self.take_claims(claims, None, shadowed)?;
         Ok(SetTicket::new(claims, plan.taken()))
     }
 
@@ -384,6 +414,7 @@ impl LockedBudgetManager {
         &self,
         claims: &[Claim],
         generation: Option<u64>,
+        shadowed: Shadowed<'_>,
     ) -> Result<Plan<()>, (Refusal, AgentId)> {
         let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
         if claims.len() > MAX_SET_LIMITS {
@@ -431,7 +462,14 @@ impl LockedBudgetManager {
                 ) else {
                     continue;
                 };
-                let (next, verdict) = slot.state.admit(&policy, now, limit.tokens, limit.calls);
+                let (next, verdict) = match shadowed {
+                    Some(shadowed) if shadowed(&limit.id) => (
+                        slot.state
+                            .admit_past(&policy, now, limit.tokens, limit.calls),
+                        Ok(()),
+                    ),
+                    _ => slot.state.admit(&policy, now, limit.tokens, limit.calls),
+                };
                 slot.state = next;
                 match verdict {
                     Ok(()) => {
@@ -740,7 +778,7 @@ impl crate::wait::Waitable for LockedBudgetManager {
     }
 
     fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
-        self.admit_set(claims)
+        self.admit_set(claims, None)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

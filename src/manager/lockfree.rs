@@ -17,7 +17,7 @@ use crate::reservation::{
     SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Policy, Refund, State};
-use crate::set::{self, Plan, SetLevel, SetTicket, TooMany, MAX_SET_LIMITS};
+use crate::set::{self, Plan, SetLevel, SetTicket, Shadowed, TooMany, MAX_SET_LIMITS};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
 use crate::types::{
     AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
@@ -419,9 +419,63 @@ impl BudgetManager {
     #[inline]
     pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
         let ticket = self
-            .admit_set(&self.pin(), claims)
+            .admit_set(&self.pin(), claims, None)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         Ok(SetReservation::new(self, ticket))
+    }
+
+    /// [`acquire_set`](Self::acquire_set), except that a limit for which
+    /// `shadowed` is true (a limit rolled out in shadow mode) never
+    /// refuses: it takes what the claims ask of it even past its limit,
+    /// and counts it, while every other limit is enforced as ever, all in
+    /// the one admission. Settled and given back like any set: what a
+    /// shadowed limit took beyond its limit is rebooked at the settle.
+    ///
+    /// `shadowed` is asked once for each limit the claims reach (their
+    /// agents and ancestors), while the admission runs: it should be a
+    /// quick lookup.
+    ///
+    /// ```
+    /// use agent_budget::{BudgetLimit, BudgetManager, Claim};
+    ///
+    /// let budgets = BudgetManager::new();
+    /// let (team, trial) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+    /// budgets.set_budget(BudgetLimit { agent_id: team, token_budget: 1_000, calls_budget: 100, window_secs: 60 });
+    /// budgets.set_budget(BudgetLimit { agent_id: trial, token_budget: 10, calls_budget: 1, window_secs: 60 });
+    /// budgets.set_parent(&trial, Some(&team)).unwrap();
+    ///
+    /// // The trial limit is rolled out in shadow mode: it counts, it does
+    /// // not refuse; the team's limit still does.
+    /// let claim = [Claim { agent_id: trial, tokens: 600, calls: 1 }];
+    /// let taken = budgets.acquire_set_shadowed(&claim, |id| *id == trial)?;
+    /// assert_eq!(budgets.full_info(&trial).unwrap().tokens_used, 600);
+    /// assert!(budgets.acquire_set_shadowed(&claim, |id| *id == trial).is_err());
+    /// taken.settle(500);
+    /// assert_eq!(budgets.remaining(&team).tokens_remaining, 500);
+    /// # Ok::<(), agent_budget::Refused>(())
+    /// ```
+    pub fn acquire_set_shadowed(
+        &self,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<SetReservation<'_>, Refused> {
+        let ticket = self
+            .admit_set(&self.pin(), claims, Some(&shadowed))
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(SetReservation::new(self, ticket))
+    }
+
+    /// [`acquire_set_shadowed`](Self::acquire_set_shadowed), returning an
+    /// [`OwnedSetReservation`] that holds an `Arc` of the manager.
+    pub fn acquire_set_owned_shadowed(
+        self: &Arc<Self>,
+        claims: &[Claim],
+        shadowed: impl Fn(&AgentId) -> bool,
+    ) -> Result<OwnedSetReservation, Refused> {
+        let ticket = self
+            .admit_set(&self.pin(), claims, Some(&shadowed))
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        Ok(OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// [`acquire_set`](Self::acquire_set), returning an
@@ -431,7 +485,7 @@ impl BudgetManager {
         claims: &[Claim],
     ) -> Result<OwnedSetReservation, Refused> {
         let ticket = self
-            .admit_set(&self.pin(), claims)
+            .admit_set(&self.pin(), claims, None)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         Ok(OwnedSetReservation::new(self.clone(), ticket))
     }
@@ -615,7 +669,7 @@ impl BudgetManager {
             calls,
         }];
         let mut plan = Plan::new();
-        self.take_claims(pinned, &claim, Some(own), now, &mut plan)
+        self.take_claims(pinned, &claim, Some(own), None, now, &mut plan)
             .map_err(|(refusal, _)| refusal)?;
         // The reservation keeps the agent's own level first (it reports
         // that one), then the ancestors in the order they were taken.
@@ -648,16 +702,19 @@ impl BudgetManager {
     /// they share, so that one of them wins there instead of each holding
     /// what the other needs.
     ///
-    /// `first` is `claims[0]`'s cell when the caller has it at hand; `plan`
-    /// an empty plan, filled in place (it is a kilobyte inline: returning
-    /// it by value would copy it). A refusal comes with the agent of the
-    /// claim it concerns.
+    /// `first` is `claims[0]`'s cell when the caller has it at hand;
+    /// `shadowed` names the limits that take past their limit instead of
+    /// refusing (see [`acquire_set_shadowed`](Self::acquire_set_shadowed));
+    /// `plan` an empty plan, filled in place (it is a kilobyte inline:
+    /// returning it by value would copy it). A refusal comes with the
+    /// agent of the claim it concerns.
     #[inline]
     pub(crate) fn take_claims<'p>(
         &self,
         pinned: &'p Pinned<'_>,
         claims: &[Claim],
         first: Option<CellRef<'p>>,
+        shadowed: Shadowed<'_>,
         now: Now,
         plan: &mut Plan<(CellRef<'p>, Policy)>,
     ) -> Result<(), (Refusal, AgentId)> {
@@ -705,7 +762,13 @@ impl BudgetManager {
             let limit = &plan.limits[n];
             let (cell, policy) = limit.payload;
             let amounts = (limit.tokens, limit.calls);
-            let refusal = match take(limit.id, cell, policy, now, amounts, generation) {
+            let taken = match shadowed {
+                Some(shadowed) if shadowed(&limit.id) => {
+                    Ok(take_past(limit.id, cell, policy, now, amounts))
+                }
+                _ => take(limit.id, cell, policy, now, amounts, generation),
+            };
+            let refusal = match taken {
                 Ok(Some(level)) => {
                     plan.limits[n].taken = Some(level);
                     continue;
@@ -746,18 +809,19 @@ impl BudgetManager {
         }
     }
 
-    /// Takes every limit `claims` reach, all or none; see
-    /// [`take_claims`](Self::take_claims).
+    /// Takes every limit `claims` reach, all or none, the `shadowed` ones
+    /// past their limit; see [`take_claims`](Self::take_claims).
     #[inline]
     fn admit_set(
         &self,
         pinned: &Pinned<'_>,
         claims: &[Claim],
+        shadowed: Shadowed<'_>,
     ) -> Result<SetTicket, (Refusal, AgentId)> {
         let now = self.clock.now();
         // One claim on an agent without a parent is a plan of one limit:
         // taken directly, as `acquire` takes it.
-        if let [claim] = claims {
+        if let ([claim], None) = (claims, shadowed) {
             let cell = pinned
                 .get(&claim.agent_id)
                 .ok_or((Refusal::NoBudget, claim.agent_id))?;
@@ -788,7 +852,7 @@ impl BudgetManager {
             }
         }
         let mut plan = Plan::new();
-        self.take_claims(pinned, claims, None, now, &mut plan)?;
+        self.take_claims(pinned, claims, None, shadowed, now, &mut plan)?;
         Ok(SetTicket::new(claims, plan.taken()))
     }
 
@@ -965,6 +1029,26 @@ fn take(
         })
 }
 
+/// Takes `(tokens, calls)` at a limit in shadow mode: past its limit if
+/// need be, never refused; `None` if the cell was retired meanwhile.
+fn take_past(
+    id: AgentId,
+    cell: CellRef<'_>,
+    policy: crate::rules::Policy,
+    now: Now,
+    (tokens, calls): (u64, u64),
+) -> Option<Level> {
+    // Relaxed: as for `take`, taking budget publishes nothing.
+    let (_, after, ()) = cell.update(Ordering::Relaxed, now, |s| {
+        (s.admit_past(&policy, now, tokens, calls), ())
+    })?;
+    Some(Level {
+        agent_id: id,
+        generation: cell.generation(),
+        taken_in: after.mark,
+    })
+}
+
 /// `full_info` of a cell, `None` if it was retired meanwhile.
 fn info_of(agent_id: &AgentId, cell: CellRef<'_>, now: Now) -> Option<FullBudgetInfo> {
     let state = cell.load(now)?;
@@ -1098,7 +1182,7 @@ impl crate::wait::Waitable for BudgetManager {
 
     fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
         let pinned = self.agents.pin_confirming(&self.clock);
-        self.admit_set(&pinned, claims)
+        self.admit_set(&pinned, claims, None)
     }
 
     fn headroom(&self, agent_id: &AgentId) -> Option<(u64, u64)> {

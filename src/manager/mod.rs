@@ -194,6 +194,20 @@ macro_rules! forward_budget_limiter {
             ) -> Result<$crate::OwnedSetReservation, $crate::Refused> {
                 <$manager>::acquire_set_owned(self, claims)
             }
+            fn acquire_set_shadowed(
+                &self,
+                claims: &[$crate::Claim],
+                shadowed: impl Fn(&$crate::AgentId) -> bool,
+            ) -> Result<$crate::SetReservation<'_>, $crate::Refused> {
+                <$manager>::acquire_set_shadowed(self, claims, shadowed)
+            }
+            fn acquire_set_owned_shadowed(
+                self: &std::sync::Arc<Self>,
+                claims: &[$crate::Claim],
+                shadowed: impl Fn(&$crate::AgentId) -> bool,
+            ) -> Result<$crate::OwnedSetReservation, $crate::Refused> {
+                <$manager>::acquire_set_owned_shadowed(self, claims, shadowed)
+            }
             #[cfg(feature = "async")]
             fn acquire_set_owned_wait(
                 self: &std::sync::Arc<Self>,

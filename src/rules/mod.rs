@@ -288,6 +288,34 @@ impl State {
         }
     }
 
+    /// Takes `tokens` and `calls` without a verdict, for a limit in shadow
+    /// mode: it counts what it would have refused. Into the current window
+    /// (or the bucket), past the limit if need be, as overuse is charged at
+    /// a settle: saturating at the field's width, so that a later settle
+    /// rebooks it like any reservation.
+    #[inline]
+    pub(crate) fn admit_past(self, policy: &Policy, now: Now, tokens: u64, calls: u64) -> State {
+        match policy.refill {
+            Refill::Window | Refill::Calendar(_) => {
+                let window = self.current_window(policy, now);
+                State {
+                    tokens: window.tokens.saturating_add(tokens).min(MAX_TOKENS),
+                    calls: window.calls.saturating_add(calls).min(MAX_CALLS),
+                    mark: window.mark,
+                }
+            }
+            Refill::Bucket => {
+                let (next, _, _) = self.rebook_bucket(policy, now, |used| {
+                    (
+                        rebook(used.0, 0, tokens, MAX_TOKENS),
+                        rebook(used.1, 0, calls, MAX_CALLS),
+                    )
+                });
+                next
+            }
+        }
+    }
+
     /// The seed's `release`: gives tokens back now, never below zero. (Any
     /// caller may call it with any amount; new code settles a
     /// [`crate::Reservation`] instead.)

@@ -633,3 +633,40 @@ fn switching_between_a_window_and_a_bucket_keeps_what_was_spent() {
     let wider = policy(2_000, 20, 120);
     assert_eq!(w.convert(&window, &wider, at(10 * SEC)), w);
 }
+
+#[test]
+fn a_take_past_the_limit_counts_beyond_it_and_settles_like_a_reservation() {
+    let p = policy(100, 2, 60);
+    let w = State::fresh(at(0).start_tick());
+    let full = w.try_admit(&p, at(0), 100, 2).unwrap();
+    let past = full.admit_past(&p, at(SEC), 30, 1);
+    assert_eq!((past.tokens, past.calls, past.mark), (130, 3, full.mark));
+    let reading = past.read(&p, at(SEC));
+    assert_eq!(reading.used, (130, 3));
+    assert_eq!(reading.remaining, (0, 0));
+    // Settled for less than taken: the difference comes back, in its window.
+    match past.settle(&p, at(2 * SEC), past.mark, (30, 1), (10, 1)) {
+        Refund::Applied { next, .. } => assert_eq!((next.tokens, next.calls), (110, 3)),
+        other => panic!("settled in its own window: {other:?}"),
+    }
+    // In an ended window, it goes into a fresh one.
+    let later = full.admit_past(&p, at(61 * SEC), 30, 1);
+    assert_ne!(later.mark, full.mark);
+    assert_eq!((later.tokens, later.calls), (30, 1));
+    // At the field's width it saturates instead of wrapping.
+    let huge = past.admit_past(&p, at(SEC), u64::MAX, u64::MAX);
+    assert_eq!((huge.tokens, huge.calls), (MAX_TOKENS, MAX_CALLS));
+}
+
+#[test]
+fn a_bucket_taken_past_empty_refills_through_its_debt() {
+    let p = bucket(1_000, 10, ms(1_000));
+    let full = State::fresh(at(0).start_tick());
+    let empty = full.try_admit(&p, at(0), 1_000, 10).unwrap();
+    let past = empty.admit_past(&p, at(0), 500, 5);
+    assert_eq!(past.read(&p, at(0)).used, (1_500, 15));
+    // Half a period refills 500 tokens and 5 calls: the debt, nothing more.
+    assert_eq!(past.read(&p, at(500 * MS)).remaining, (0, 0));
+    assert_eq!(past.read(&p, at(1_000 * MS)).remaining, (500, 5));
+    assert_eq!(past.read(&p, at(1_500 * MS)).remaining, (1_000, 10));
+}
