@@ -1,7 +1,9 @@
 //! Every interleaving (up to `LOOM_MAX_PREEMPTIONS`) of requests admitted
 //! against sets of limits (`acquire_set`): a limit two requests share is
 //! never over-admitted, each request is taken at all of its limits or at
-//! none, and a refused set leaves nothing taken anywhere.
+//! none, and a refused set leaves nothing taken anywhere; limits in shadow
+//! mode (`acquire_set_shadowed`) take past their limit without breaking
+//! any of that for the enforced ones.
 #![cfg(agent_budget_loom)]
 
 use agent_budget::{AgentId, BudgetManager, Claim, ClockSource};
@@ -99,6 +101,43 @@ fn a_refused_set_gives_back_what_it_took_and_nothing_is_over_admitted() {
             // documented exception), but whatever it got is all A holds:
             // the refused set kept nothing, at A or at S.
             assert_eq!(used(&m, &OWN_A), if single { 2 } else { 0 });
+            assert_eq!(used(&m, &SHARED), 2);
+        },
+    );
+}
+
+#[test]
+fn shadowed_limits_take_past_their_limit_but_the_enforced_one_they_share_never_over_admits() {
+    explore(
+        "acquire_set_shadowed {A:2, S:2} vs {S:2, B:2} vs a reader, A and B of 1 in shadow mode, S of 3",
+        || {
+            let m = BudgetManager::with_clock(ClockSource::mock());
+            for (agent, tokens) in [(OWN_A, 1), (SHARED, 3), (OWN_B, 1)] {
+                m.set_budget(window(agent, tokens));
+            }
+            let m = Arc::new(m);
+            let shadowed = |id: &AgentId| *id != SHARED;
+            let spawn = |claims: Vec<Claim>| {
+                let m = m.clone();
+                thread::spawn(move || m.acquire_set_shadowed(&claims, shadowed).is_ok())
+            };
+            let left = spawn(vec![claim(OWN_A, 2), claim(SHARED, 2)]);
+            let right = spawn(vec![claim(SHARED, 2), claim(OWN_B, 2)]);
+            let reader = {
+                let m = m.clone();
+                thread::spawn(move || {
+                    let info = m.full_info(&SHARED).expect("configured");
+                    assert!(info.tokens_used <= 3, "{info:?} over 3");
+                })
+            };
+            let (left, right) = (left.join().unwrap(), right.join().unwrap());
+            reader.join().unwrap();
+            // The shadowed limits never refuse; the shared one admits one.
+            assert!(left != right, "exactly one of them is admitted");
+            // The winner's shadowed limit holds its 2 (past its 1); the
+            // loser's gave its take back.
+            assert_eq!(used(&m, &OWN_A), if left { 2 } else { 0 });
+            assert_eq!(used(&m, &OWN_B), if right { 2 } else { 0 });
             assert_eq!(used(&m, &SHARED), 2);
         },
     );
