@@ -158,18 +158,7 @@ pub trait Admission: Send + Sync + 'static {
         agent_id: &AgentId,
         estimate: &Estimate,
     ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send {
-        async move {
-            loop {
-                let denial = match self.admit(agent_id, estimate).await {
-                    Ok(reservation) => return Ok(reservation),
-                    Err(denial) => denial,
-                };
-                match denial.retry_after() {
-                    Some(wait) => tokio::time::sleep(wait.min(POLL_INTERVAL)).await,
-                    None => return Err(denial),
-                }
-            }
-        }
+        admit_polling(self, agent_id, estimate)
     }
 
     /// Like [`admit`](Self::admit), for a request whose agent (or one of
@@ -234,6 +223,28 @@ pub trait Admission: Send + Sync + 'static {
     ) -> Result<(), Denial> {
         let _ = (agent_id, tokens, calls);
         Ok(())
+    }
+}
+
+/// Asks `admission` to [`admit`](Admission::admit) again after each
+/// denial's `retry_after`, at most [`POLL_INTERVAL`] apart, until it is
+/// admitted or denied without one: the default
+/// [`admit_wait`](Admission::admit_wait), for an admission that has no
+/// wake-ups of its own (or wraps one whose wait it must not use).
+pub async fn admit_polling<A: Admission + ?Sized>(
+    admission: &Arc<A>,
+    agent_id: &AgentId,
+    estimate: &Estimate,
+) -> Result<A::Reservation, Denial> {
+    loop {
+        let denial = match admission.admit(agent_id, estimate).await {
+            Ok(reservation) => return Ok(reservation),
+            Err(denial) => denial,
+        };
+        match denial.retry_after() {
+            Some(wait) => tokio::time::sleep(wait.min(POLL_INTERVAL)).await,
+            None => return Err(denial),
+        }
     }
 }
 

@@ -50,7 +50,7 @@
 use std::sync::Arc;
 
 use agent_budget::{AgentId, BudgetKind, FullBudgetInfo, RefusalReason, Refused};
-use agent_budget_tower::{Admission, Denial, Estimate, RefusalReason as Reason, POLL_INTERVAL};
+use agent_budget_tower::{admit_polling, Admission, Denial, Estimate, RefusalReason as Reason};
 use http::HeaderMap;
 
 use crate::catalog::Catalog;
@@ -176,16 +176,7 @@ impl<M: Admission> Admission for Shadow<M> {
         // Not the inner wait, which would wait at a limit in shadow mode:
         // asked again only while an enforced limit refuses (the layer
         // drops this at its `max_wait`).
-        loop {
-            let denial = match self.admit(agent_id, estimate).await {
-                Ok(admitted) => return Ok(admitted),
-                Err(denial) => denial,
-            };
-            match denial.retry_after() {
-                Some(wait) => tokio::time::sleep(wait.min(POLL_INTERVAL)).await,
-                None => return Err(denial),
-            }
-        }
+        admit_polling(self, agent_id, estimate).await
     }
 
     fn admit_shadowed(
