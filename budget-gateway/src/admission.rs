@@ -104,6 +104,9 @@ impl PlanCell {
 /// Every agent's [`Plan`], swapped whole when a limit or a parent changes.
 pub type Plans = Arc<ArcSwap<HashMap<AgentId, Arc<Plan>>>>;
 
+/// The `[[models]]` prices, swapped whole when the file is reloaded.
+pub type Prices = Arc<ArcSwap<PriceTable>>;
+
 /// The plans of `agents` (each with its limits and parent).
 pub fn build_plans<'a>(
     agents: impl Iterator<Item = (AgentId, &'a Limits, Option<AgentId>)>,
@@ -203,7 +206,7 @@ impl Price {
 pub struct LimitAdmission {
     budgets: Arc<BudgetManager>,
     plans: Plans,
-    prices: PriceTable,
+    prices: Prices,
     spent: metrics::Counter,
 }
 
@@ -214,9 +217,9 @@ impl std::fmt::Debug for LimitAdmission {
 }
 
 impl LimitAdmission {
-    /// Admits from `budgets` by `plans` (kept up to date by the catalog),
-    /// pricing with `prices`.
-    pub fn new(budgets: Arc<BudgetManager>, plans: Plans, prices: PriceTable) -> Self {
+    /// Admits from `budgets` by `plans`, pricing with `prices` (both kept
+    /// up to date by the catalog).
+    pub fn new(budgets: Arc<BudgetManager>, plans: Plans, prices: Prices) -> Self {
         metrics::describe_counter!(
             SPEND_METRIC,
             metrics::Unit::Count,
@@ -343,9 +346,10 @@ impl LimitAdmission {
     /// The price of `model` for an agent with a spend limit on it, or the
     /// `400` that says none is known.
     fn price(&self, agent: &AgentId, model: Option<&str>) -> Result<Price, Denial> {
+        let prices = self.prices.load();
         let found = match model {
-            Some(model) => self.prices.price_of(model),
-            None => self.prices.price_of(""),
+            Some(model) => prices.price_of(model),
+            None => prices.price_of(""),
         };
         found.map(Price::of).ok_or_else(|| Denial::Invalid {
             agent_id: *agent,

@@ -51,7 +51,7 @@ use agent_budget_redis::FleetManager;
 use arc_swap::ArcSwap;
 use tokio::task::JoinHandle;
 
-use crate::admission::{build_plans, Plans};
+use crate::admission::{build_plans, Plans, Prices};
 use crate::config::Config;
 use crate::db::{now_ms, AgentRow, Change, Database, DbError, KeyRow, Snapshot};
 use crate::gateway::{Budgets, GatewayError};
@@ -197,6 +197,8 @@ struct Inner {
     /// What each agent's requests claim, rebuilt whenever limits or
     /// parents change (see [`crate::admission`]).
     plans: Plans,
+    /// The file's `[[models]]` prices, replaced by a reload.
+    prices: Prices,
 }
 
 /// The agents of the file and of the database, and the machinery that
@@ -312,6 +314,7 @@ impl Catalog {
                 writer: tokio::sync::Mutex::new(revision),
                 poll_failing: AtomicBool::new(false),
                 plans: Plans::default(),
+                prices: Prices::new(ArcSwap::from_pointee(config.prices.clone())),
             }),
         })
     }
@@ -335,6 +338,11 @@ impl Catalog {
     /// What each agent's requests claim, for the admission.
     pub fn plans(&self) -> &Plans {
         &self.inner.plans
+    }
+
+    /// The `[[models]]` prices, for the admission (a reload replaces them).
+    pub fn prices(&self) -> &Prices {
+        &self.inner.prices
     }
 
     /// Lays out every agent's plan from `view` (after any change to
@@ -1026,6 +1034,7 @@ impl Catalog {
         if label_changed {
             reloaded.at_restart.push("metrics_label".to_owned());
         }
+        self.inner.prices.store(Arc::new(config.prices.clone()));
         if let Some(budgets) = self.local() {
             for (id, gone) in old.iter().filter(|(id, _)| !new.contains_key(id)) {
                 gone.settings.limits.remove(*id, budgets);

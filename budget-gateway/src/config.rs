@@ -230,7 +230,6 @@ impl Config {
             "other_endpoints",
             self.other_endpoints != new.other_endpoints,
         );
-        compare("models", self.prices != new.prices);
         compare("alerts", self.alerts != new.alerts);
         changed
     }

@@ -411,7 +411,7 @@ impl Gateway {
                     let admission = LimitAdmission::new(
                         budgets.clone(),
                         self.catalog.plans().clone(),
-                        self.config.prices.clone(),
+                        self.catalog.prices().clone(),
                     );
                     router.route_service(
                         "/v1/{*path}",

@@ -8,11 +8,12 @@
 //! same error as at start, printed to stderr, and the running
 //! configuration stays. A good file is applied by
 //! [`Catalog::reload`](crate::catalog::Catalog::reload): agents added and
-//! removed, limits changed without losing usage, parents relinked, keys
-//! and the admin key replaced. Settings built into the proxy and the layer
-//! (the upstream key, the tokenizer, waiting, headers, `other_endpoints`,
-//! metrics labels) apply at the next start, and the reload says which
-//! changed.
+//! removed, limits changed without losing usage, parents relinked; keys,
+//! the admin key and the `[[models]]` prices replaced (a request admitted
+//! before is settled at the price it was admitted with). Settings built
+//! into the proxy and the layer (the upstream key, the tokenizer, waiting,
+//! headers, `other_endpoints`, metrics labels, alerts) apply at the next
+//! start, and the reload says which changed.
 
 use std::path::{Path, PathBuf};
 

@@ -835,3 +835,78 @@ async fn without_a_database_the_file_agents_are_listed_and_changes_refused() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_reload_replaces_the_prices_that_spend_limits_charge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, _) = start_mock().await;
+    let priced = |usd_per_mtok: &str| {
+        format!(
+            r#"admin_key = "{ADMIN_KEY}"
+tokenizer = "bytes"
+
+[[models]]
+name = "gpt-4o*"
+input_usd_per_mtok = {usd_per_mtok}
+output_usd_per_mtok = {usd_per_mtok}
+
+[[agents]]
+api_key = "{KEY_A}"
+agent_id = "{AGENT_A}"
+[[agents.limits]]
+window = "1h"
+spend_usd = 1.0
+"#
+        )
+    };
+    let g = start_with_db(&priced("10.0"), &sqlite_in(&dir), &upstream, None).await;
+    let spent = || async {
+        let (status, agent) = g
+            .call(Method::GET, &format!("/v1/agents/{AGENT_A}"), None)
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        agent["limits"][0]["used"]["spend_usd"].as_f64().unwrap()
+    };
+    let ask = || async {
+        let r = g
+            .client
+            .post(format!("{}/v1/chat/completions", g.url))
+            .bearer_auth(KEY_A)
+            .json(&json!({
+                "model": "gpt-4o",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 100,
+                "mock_prompt_tokens": 100,
+                "mock_completion_tokens": 100,
+            }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.unwrap();
+    };
+    // 200 tokens at $10 a million: $0.002.
+    ask().await;
+    let mut waited = 0;
+    while spent().await < 0.002 {
+        waited += 1;
+        assert!(waited < 200, "the settle at the first price");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(spent().await, 0.002);
+    let reloaded = g
+        .catalog
+        .reload(&config::parse(Path::new("new.toml"), &priced("20.0")).unwrap())
+        .await
+        .unwrap();
+    assert!(reloaded.at_restart.is_empty(), "{:?}", reloaded.at_restart);
+    // The same 200 tokens at $20 a million: $0.004 more.
+    ask().await;
+    let mut waited = 0;
+    while spent().await < 0.006 {
+        waited += 1;
+        assert!(waited < 200, "the settle at the new price");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(spent().await, 0.006);
+}

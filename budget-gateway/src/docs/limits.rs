@@ -133,8 +133,9 @@
 //!   at start and by the admin API.
 //! - A request may reach at most `agent_budget::MAX_SET_LIMITS` (32) core
 //!   budgets; a chain with more applicable cells is refused by the core.
-//! - The price table is read at start (a SIGHUP reports `models` as
-//!   applying at the next start).
+//! - The price table is replaced by a SIGHUP reload: requests admitted
+//!   from then on are priced with it; one admitted before is settled at
+//!   the price it was admitted with.
 //!
 //! ## Cost
 //!
