@@ -269,10 +269,8 @@ impl LockedBudgetManager {
     /// Takes every claim at its agent and its ancestors, all or none; see
     /// [`BudgetManager::acquire_set`](crate::BudgetManager::acquire_set).
     pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
-        let ticket = self
-            .admit_set(claims, None)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(SetReservation::new(self, ticket))
+        self.acquire_ticket(claims, None)
+            .map(|ticket| SetReservation::new(self, ticket))
     }
 
     /// Takes a set, the `shadowed` limits past their limit; see
@@ -282,10 +280,8 @@ impl LockedBudgetManager {
         claims: &[Claim],
         shadowed: impl Fn(&AgentId) -> bool,
     ) -> Result<SetReservation<'_>, Refused> {
-        let ticket = self
-            .admit_set(claims, Some(&shadowed))
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(SetReservation::new(self, ticket))
+        self.acquire_ticket(claims, Some(&shadowed))
+            .map(|ticket| SetReservation::new(self, ticket))
     }
 
     /// Takes a set, the `shadowed` limits past their limit, owned; see
@@ -295,10 +291,8 @@ impl LockedBudgetManager {
         claims: &[Claim],
         shadowed: impl Fn(&AgentId) -> bool,
     ) -> Result<OwnedSetReservation, Refused> {
-        let ticket = self
-            .admit_set(claims, Some(&shadowed))
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(OwnedSetReservation::new(self.clone(), ticket))
+        self.acquire_ticket(claims, Some(&shadowed))
+            .map(|ticket| OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// Takes a set, owned; see
@@ -307,10 +301,8 @@ impl LockedBudgetManager {
         self: &Arc<Self>,
         claims: &[Claim],
     ) -> Result<OwnedSetReservation, Refused> {
-        let ticket = self
-            .admit_set(claims, None)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(OwnedSetReservation::new(self.clone(), ticket))
+        self.acquire_ticket(claims, None)
+            .map(|ticket| OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// Waits until a set fits, owned; see
@@ -393,6 +385,18 @@ impl LockedBudgetManager {
             }
         }
         Ok(levels)
+    }
+
+    /// [`admit_set`](Self::admit_set), its refusal as the public API
+    /// answers it.
+    #[inline]
+    fn acquire_ticket(
+        &self,
+        claims: &[Claim],
+        shadowed: Shadowed<'_>,
+    ) -> Result<SetTicket, Refused> {
+        self.admit_set(claims, shadowed)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))
     }
 
     /// Takes every limit `claims` reach, all or none; see

@@ -418,10 +418,8 @@ impl BudgetManager {
     /// ```
     #[inline]
     pub fn acquire_set(&self, claims: &[Claim]) -> Result<SetReservation<'_>, Refused> {
-        let ticket = self
-            .admit_set(&self.pin(), claims, None)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(SetReservation::new(self, ticket))
+        self.acquire_ticket(claims, None)
+            .map(|ticket| SetReservation::new(self, ticket))
     }
 
     /// [`acquire_set`](Self::acquire_set), except that a limit for which
@@ -459,10 +457,8 @@ impl BudgetManager {
         claims: &[Claim],
         shadowed: impl Fn(&AgentId) -> bool,
     ) -> Result<SetReservation<'_>, Refused> {
-        let ticket = self
-            .admit_set(&self.pin(), claims, Some(&shadowed))
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(SetReservation::new(self, ticket))
+        self.acquire_ticket(claims, Some(&shadowed))
+            .map(|ticket| SetReservation::new(self, ticket))
     }
 
     /// [`acquire_set_shadowed`](Self::acquire_set_shadowed), returning an
@@ -472,10 +468,8 @@ impl BudgetManager {
         claims: &[Claim],
         shadowed: impl Fn(&AgentId) -> bool,
     ) -> Result<OwnedSetReservation, Refused> {
-        let ticket = self
-            .admit_set(&self.pin(), claims, Some(&shadowed))
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(OwnedSetReservation::new(self.clone(), ticket))
+        self.acquire_ticket(claims, Some(&shadowed))
+            .map(|ticket| OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// [`acquire_set`](Self::acquire_set), returning an
@@ -484,10 +478,8 @@ impl BudgetManager {
         self: &Arc<Self>,
         claims: &[Claim],
     ) -> Result<OwnedSetReservation, Refused> {
-        let ticket = self
-            .admit_set(&self.pin(), claims, None)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
-        Ok(OwnedSetReservation::new(self.clone(), ticket))
+        self.acquire_ticket(claims, None)
+            .map(|ticket| OwnedSetReservation::new(self.clone(), ticket))
     }
 
     /// Waits until every claim fits, then takes them all, like
@@ -840,6 +832,18 @@ impl BudgetManager {
         for level in levels.iter().rev() {
             self.give_back_level(pinned, level, request, now);
         }
+    }
+
+    /// [`admit_set`](Self::admit_set), its refusal as the public API
+    /// answers it.
+    #[inline]
+    fn acquire_ticket(
+        &self,
+        claims: &[Claim],
+        shadowed: Shadowed<'_>,
+    ) -> Result<SetTicket, Refused> {
+        self.admit_set(&self.pin(), claims, shadowed)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))
     }
 
     /// Takes every limit `claims` reach, all or none, the `shadowed` ones
