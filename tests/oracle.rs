@@ -72,6 +72,20 @@
 //!   policies keeping what is in use, and only a new rate converting
 //!   (`Model::set_budget`, `Model::set_refill`); `full_info`'s period in
 //!   seconds rounded up and time until full (`Policy::window_secs`).
+//! - **Calendar windows** (semantics, "Calendar windows"): a manager
+//!   whose clock zero is a generated UTC instant a little before a month's
+//!   end (`with_clock_at`), runs that cross midnights and months' ends
+//!   (`Op::ToBoundary`, a few milliseconds either side); "a day from 00:00
+//!   UTC to the next 00:00 UTC, a month from the 1st at 00:00 UTC to the
+//!   1st of the next month", computed from chrono's dates
+//!   (`Now::calendar_window`), never from the crate's; the window is the
+//!   one containing its start, and "otherwise every rule of fixed windows
+//!   holds" (`Window::expired`, `Policy::observe`); `set_calendar` on a
+//!   known agent on windows "keeps its usage and window, which now ends at
+//!   the calendar boundary after its start" (`Model::set_calendar`);
+//!   `full_info`'s "current window's length" and "time to the next
+//!   boundary", and a refusal's `retry_after` as that time
+//!   (`Policy::window_secs`, `Window::retry_after`).
 //! - **Overuse carries over** ("Overuse carries over"; `Reservation::settle`
 //!   and `Settlement`): `Applied` with what changed, `CarriedOver` into the
 //!   current window, `WindowEnded`, `AgentRemoved` (`Model::book_level`).
@@ -130,9 +144,9 @@
 //!   how racing operations interleave. Linearizability, the chain's one
 //!   exception to atomicity and the absence of over-admission under races
 //!   are the loom models' and the stress tests' job.
-//! - **Calendar windows, and sets larger than `MAX_SET_LIMITS`**: their
-//!   own tests (`calendar.rs`, `sets.rs`) and the differential test cover
-//!   them; the model keeps windows anchored at `set_budget`.
+//! - **Sets larger than `MAX_SET_LIMITS`**, and calendar windows'
+//!   persistence: their own tests (`sets.rs`, `calendar.rs`) and the
+//!   differential test cover them.
 //! - **Waiting, handles, owned reservations, persistence, the coarse
 //!   clock.** `acquire_wait`, `AgentHandle`, `OwnedReservation`,
 //!   `persist`/`restore` and `with_coarse_clock` are not generated here;
@@ -160,9 +174,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agent_budget::{
-    AgentId, BudgetExceeded, BudgetKind, BudgetManager, Claim, HierarchyError, LockedBudgetManager,
-    RefillLimit, Refused, Reservation, SetReservation, Settlement,
+    AgentId, BudgetExceeded, BudgetKind, BudgetManager, CalendarLimit, CalendarPeriod, Claim,
+    HierarchyError, LockedBudgetManager, RefillLimit, Refused, Reservation, SetReservation,
+    Settlement,
 };
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use common::limit;
 use level::{Pair, MAX_CALLS, MAX_TOKENS, YEAR_SECS};
 use model::{Model, Refusal, SetTicket, Ticket};
@@ -194,6 +210,12 @@ enum Op {
         calls: u64,
         period: Duration,
     },
+    SetCalendar {
+        agent: usize,
+        tokens: u64,
+        calls: u64,
+        period: CalendarPeriod,
+    },
     SetParent(usize, Option<usize>),
     /// `set_parent(i, i + 1)` for `i` in `from..from + len`.
     Ladder {
@@ -201,7 +223,7 @@ enum Op {
         len: usize,
     },
     Remove(usize),
-    /// The agent's last `SetBudget` or `SetRefill` again.
+    /// The agent's last `SetBudget`, `SetRefill` or `SetCalendar` again.
     SetAgain(usize),
     Reserve(usize, Amount),
     Release(usize, Amount),
@@ -219,6 +241,9 @@ enum Op {
     ReadAll,
     Advance(Duration),
     Rewind(Duration),
+    /// To the next UTC midnight (`Day`) or first of a month (`Month`),
+    /// give or take a few milliseconds (in ns).
+    ToBoundary(CalendarPeriod, i64),
 }
 
 /// An amount of tokens or calls to ask for or give back: fixed, or
@@ -331,6 +356,30 @@ fn step() -> impl Strategy<Value = Duration> {
     ]
 }
 
+fn calendar_period() -> impl Strategy<Value = CalendarPeriod> {
+    prop_oneof![Just(CalendarPeriod::Day), Just(CalendarPeriod::Month)]
+}
+
+/// Where the manager's clock zero sits in UTC: a little before the end of
+/// a month (a day's end too) of a year from 1960 to 2110 (leap years, 2000
+/// and 2100 among them), so that runs cross midnights and month ends.
+fn utc_origin() -> impl Strategy<Value = DateTime<Utc>> {
+    let before = prop_oneof![
+        2 => 0..5_000i64,
+        2 => 0..600_000i64,
+        1 => 0..3 * 86_400_000i64,
+    ];
+    (1960..2110i32, 1..=12u32, before).prop_map(|(year, month, before_ms)| {
+        let first = NaiveDate::from_ymd_opt(year, month, 1).expect("a 1st of a month");
+        let end = first.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        // The 1st of the next month is this one's plus 31 days, set back
+        // to the 1st.
+        let next = end + chrono::Duration::days(31);
+        let next = next - chrono::Duration::days(i64::from(next.day() - 1));
+        next - chrono::Duration::milliseconds(before_ms)
+    })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         3 => (agent(), token_budget(), call_budget(), window_secs())
@@ -338,6 +387,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (token_budget(), call_budget()).prop_map(|(tokens, calls)| Op::SetBudgetEach { tokens, calls }),
         2 => (agent(), token_budget(), call_budget(), period())
             .prop_map(|(agent, tokens, calls, period)| Op::SetRefill { agent, tokens, calls, period }),
+        2 => (agent(), token_budget(), call_budget(), calendar_period())
+            .prop_map(|(agent, tokens, calls, period)| Op::SetCalendar { agent, tokens, calls, period }),
         3 => (agent(), prop::option::weighted(0.8, agent())).prop_map(|(c, p)| Op::SetParent(c, p)),
         2 => (0..AGENTS, 2..AGENTS).prop_map(|(from, len)| Op::Ladder { from, len }),
         2 => agent().prop_map(Op::Remove),
@@ -357,6 +408,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::ReadAll),
         5 => step().prop_map(Op::Advance),
         1 => (0..3_000_000u64).prop_map(|ns| Op::Rewind(Duration::from_nanos(ns))),
+        2 => (calendar_period(), -3_000_000..3_000_000i64).prop_map(|(p, ns)| Op::ToBoundary(p, ns)),
     ]
 }
 
@@ -387,6 +439,8 @@ struct Trio<'m> {
     locked: &'m LockedBudgetManager,
     model: Model,
     mock: &'m quanta::Mock,
+    /// The UTC instant of the clock's zero.
+    utc_origin: DateTime<Utc>,
     agents: Vec<AgentId>,
     open: Vec<Open<'m>>,
     open_sets: Vec<OpenSet<'m>>,
@@ -494,7 +548,10 @@ impl<'m> Trio<'m> {
 
     fn apply(&mut self, op: Op) {
         let (lock_free, locked) = (self.lock_free, self.locked);
-        if let Op::SetBudget { agent, .. } | Op::SetRefill { agent, .. } = op {
+        if let Op::SetBudget { agent, .. }
+        | Op::SetRefill { agent, .. }
+        | Op::SetCalendar { agent, .. } = op
+        {
             self.last_set.insert(agent, op.clone());
         }
         match op {
@@ -533,6 +590,23 @@ impl<'m> Trio<'m> {
                 locked.set_refill(l);
                 self.model
                     .set_refill(self.agents[agent], tokens, calls, period);
+            }
+            Op::SetCalendar {
+                agent,
+                tokens,
+                calls,
+                period,
+            } => {
+                let l = CalendarLimit {
+                    agent_id: self.agents[agent],
+                    token_budget: tokens,
+                    calls_budget: calls,
+                    period,
+                };
+                lock_free.set_calendar(l.clone());
+                locked.set_calendar(l);
+                self.model
+                    .set_calendar(self.agents[agent], tokens, calls, period);
             }
             Op::SetAgain(agent) => {
                 if let Some(op) = self.last_set.get(&agent).cloned() {
@@ -749,6 +823,16 @@ impl<'m> Trio<'m> {
                 let by = by.min(Duration::from_nanos(self.mock.value()));
                 self.mock.decrement(by);
             }
+            Op::ToBoundary(period, off_ns) => {
+                let now = Duration::from_nanos(self.mock.value());
+                let at = self.utc_origin + chrono::Duration::from_std(now).expect("in range");
+                let next = next_boundary(period, at) + chrono::Duration::nanoseconds(off_ns);
+                if let Ok(by) = (next - at).to_std() {
+                    if now + by <= LATEST {
+                        self.mock.increment(by);
+                    }
+                }
+            }
         }
         self.model.set_now(u128::from(self.mock.value()));
     }
@@ -775,16 +859,17 @@ impl<'m> Trio<'m> {
 /// Runs `ops` on both managers and the model, asserting every answer is
 /// the same; returns how often each kind of answer and each rule of the
 /// model came up.
-fn run(ops: Vec<Op>) -> BTreeMap<&'static str, u32> {
+fn run(utc_origin: DateTime<Utc>, ops: Vec<Op>) -> BTreeMap<&'static str, u32> {
     level::take_events();
     let (clock, mock) = quanta::Clock::mock();
-    let lock_free = BudgetManager::with_clock(clock.clone());
-    let locked = LockedBudgetManager::with_clock(clock);
+    let lock_free = BudgetManager::with_clock_at(clock.clone(), utc_origin);
+    let locked = LockedBudgetManager::with_clock_at(clock, utc_origin);
     let mut trio = Trio {
         lock_free: &lock_free,
         locked: &locked,
-        model: Model::new(),
+        model: Model::new(utc_origin),
         mock: &mock,
+        utc_origin,
         agents: (0..AGENTS).map(|_| common::agent()).collect(),
         open: Vec::new(),
         open_sets: Vec::new(),
@@ -813,6 +898,22 @@ fn run(ops: Vec<Op>) -> BTreeMap<&'static str, u32> {
     seen
 }
 
+/// The first UTC midnight (`Day`) or first of a month (`Month`) after
+/// `at`, by chrono's calendar.
+fn next_boundary(period: CalendarPeriod, at: DateTime<Utc>) -> DateTime<Utc> {
+    let date = at.date_naive();
+    let next = match period {
+        CalendarPeriod::Day => date.succ_opt().expect("a next day"),
+        CalendarPeriod::Month if date.month() == 12 => {
+            NaiveDate::from_ymd_opt(date.year() + 1, 1, 1).expect("a January")
+        }
+        CalendarPeriod::Month => {
+            NaiveDate::from_ymd_opt(date.year(), date.month() + 1, 1).expect("a 1st")
+        }
+    };
+    next.and_hms_opt(0, 0, 0).expect("midnight").and_utc()
+}
+
 /// Cases per run: 256 in CI; `ORACLE_CASES=100000 cargo test --release
 /// --test oracle` for a long search.
 fn cases() -> u32 {
@@ -827,8 +928,8 @@ proptest! {
 
     /// Every answer of both managers is the documents'.
     #[test]
-    fn both_managers_answer_as_the_documents_say(ops in ops()) {
-        run(ops);
+    fn both_managers_answer_as_the_documents_say(utc_origin in utc_origin(), ops in ops()) {
+        run(utc_origin, ops);
     }
 }
 
@@ -844,8 +945,9 @@ fn the_generated_sequences_reach_every_outcome_and_rule() {
     let mut runner = TestRunner::deterministic();
     let mut total: BTreeMap<&'static str, u32> = BTreeMap::new();
     for _ in 0..400 {
+        let utc_origin = utc_origin().new_tree(&mut runner).unwrap().current();
         let ops = ops().new_tree(&mut runner).unwrap().current();
-        for (what, n) in run(ops) {
+        for (what, n) in run(utc_origin, ops) {
             *total.entry(what).or_default() += n;
         }
     }
@@ -892,6 +994,10 @@ fn the_generated_sequences_reach_every_outcome_and_rule() {
         "set refused",
         "a limit reached twice in a set",
         "a refused set gives back what it took",
+        "a calendar day rolled over",
+        "a calendar day rolled over into a new month",
+        "a calendar month rolled over",
+        "a fixed window switched to the calendar keeps its usage",
     ];
     for what in required {
         let n = total.get(what).copied().unwrap_or(0);

@@ -76,6 +76,7 @@ pub mod catalog;
 pub mod config;
 pub mod dashboard;
 pub mod db;
+mod deadline;
 pub mod docs;
 pub mod gateway;
 pub mod history;

@@ -38,14 +38,13 @@ use std::time::Duration;
 
 use agent_budget_tower::{PromptReceived, Rejection};
 use axum::body::Body;
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body as HttpBody, Frame, SizeHint};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+
+use crate::deadline::{Deadline, DeadlineBody};
 
 /// Forwards requests to one upstream.
 #[derive(Clone)]
@@ -179,11 +178,12 @@ impl Proxy {
             Ok(Ok(response)) => {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                let body = IdleBody {
-                    inner: body,
-                    idle: self.inner.idle,
-                    deadline: Box::pin(tokio::time::sleep(self.inner.idle)),
-                };
+                let body = DeadlineBody::new(
+                    body,
+                    Deadline::Rearmed,
+                    self.inner.idle,
+                    "the upstream sent nothing for",
+                );
                 Response::from_parts(parts, Body::new(body))
             }
             Ok(Err(e)) => {
@@ -214,50 +214,6 @@ impl Proxy {
                 response
             }
         }
-    }
-}
-
-/// An upstream response body that fails when it sends nothing for `idle`.
-struct IdleBody {
-    inner: Incoming,
-    idle: Duration,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl HttpBody for IdleBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let next = tokio::time::Instant::now() + this.idle;
-                this.deadline.as_mut().reset(next);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the upstream sent nothing for {} s",
-                        this.idle.as_secs_f64()
-                    ),
-                ))))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

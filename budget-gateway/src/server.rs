@@ -40,7 +40,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,6 +56,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 use tower::ServiceExt;
+
+use crate::deadline::{Deadline, DeadlineBody};
 
 /// What one client may hold, and how long a stop may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -352,12 +353,13 @@ async fn serve_connection<S>(
                 let read = Arc::new(AtomicBool::new(false));
                 let had_body = request.body().size_hint().upper() != Some(0);
                 let request = request.map(|body| {
-                    Body::new(TimedBody {
-                        inner: body,
-                        deadline: Box::pin(tokio::time::sleep(limits.body_timeout)),
-                        timeout: limits.body_timeout,
-                        read: read.clone(),
-                    })
+                    let body = DeadlineBody::new(
+                        body,
+                        Deadline::Fixed,
+                        limits.body_timeout,
+                        "the request body did not arrive within",
+                    );
+                    Body::new(body.tell_finished(read.clone()))
                 });
                 let Ok(mut response) = app.oneshot(request).await;
                 // hyper closes a connection whose request body was left
@@ -444,57 +446,6 @@ impl HttpBody for Guarded {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// A request body with a deadline for its last byte.
-struct TimedBody {
-    inner: Incoming,
-    deadline: Pin<Box<tokio::time::Sleep>>,
-    timeout: Duration,
-    /// Set once the body has been read to its end.
-    read: Arc<AtomicBool>,
-}
-
-impl HttpBody for TimedBody {
-    type Data = Bytes;
-    type Error = Box<dyn std::error::Error + Send + Sync>;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(None) => {
-                this.read.store(true, Ordering::SeqCst);
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(frame)) => {
-                if this.inner.is_end_stream() {
-                    this.read.store(true, Ordering::SeqCst);
-                }
-                Poll::Ready(Some(frame.map_err(Into::into)))
-            }
-            Poll::Pending => match this.deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!(
-                        "the request body did not arrive within {} s",
-                        this.timeout.as_secs_f64()
-                    ),
-                ))))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
     }
 
     fn is_end_stream(&self) -> bool {

@@ -5,80 +5,13 @@
 mod common;
 
 use std::io::Read;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::process::*;
 use common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_budget-gateway");
-
-/// A free loopback address (bound, then let go, for the child to bind).
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// Kills the child if a test fails before it stops.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Gateway {
-    Gateway(
-        Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Waits (at most 20 s) until `addr` accepts connections.
-fn wait_listening(addr: &str, child: &mut Gateway) {
-    let start = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            let mut err = String::new();
-            child
-                .0
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            panic!("the gateway exited ({status}): {err}");
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{addr} never listened"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Waits (at most 20 s) for the child to exit.
-fn wait_exit(child: &mut Gateway) -> std::process::ExitStatus {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the gateway never exited"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_bad_configuration_is_refused_with_file_line_and_field() {

@@ -5,57 +5,13 @@
 
 mod common;
 
-use std::io::Read;
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::process::*;
 use common::*;
 use serde_json::{json, Value};
-
-const BIN: &str = env!("CARGO_BIN_EXE_budget-gateway");
-
-fn free_addr() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
-}
-
-/// Kills the child if the test fails before it does.
-struct Gateway(Child);
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Gateway {
-    Gateway(
-        Command::new(BIN)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-/// Waits (at most 20 s) until `addr` accepts connections.
-fn wait_listening(addr: &str, child: &mut Gateway) {
-    let start = Instant::now();
-    while TcpStream::connect(addr).is_err() {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            let mut err = String::new();
-            let _ = child.0.stderr.take().unwrap().read_to_string(&mut err);
-            panic!("the gateway exited ({status}): {err}");
-        }
-        assert!(start.elapsed() < Duration::from_secs(20), "never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Tokens the mock reports for one [`REQUEST`] at most: its prompt's words
 /// and its `max_tokens`.

@@ -10,7 +10,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agent_budget::BudgetKind;
+use agent_budget::{BudgetKind, CalendarPeriod};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 /// "up to MAX_TOKENS (2^52 − 1, about 4.5 × 10^15) tokens"
 pub const MAX_TOKENS: u64 = (1 << 52) - 1;
@@ -69,10 +70,12 @@ impl Pair {
 }
 
 /// The instant of an operation: "Time ... is counted in whole milliseconds
-/// since the manager was created."
+/// since the manager was created"; "`with_clock_at(clock, utc_origin)`
+/// gives that instant" in UTC.
 #[derive(Clone, Copy, Debug)]
 pub struct Now {
     pub ns: u128,
+    pub utc_origin: DateTime<Utc>,
 }
 
 impl Now {
@@ -91,6 +94,35 @@ impl Now {
     /// (a window starts at the next boundary, which may not have come).
     fn since(self, start: u64) -> u64 {
         self.tick().saturating_sub(start)
+    }
+
+    /// The calendar window containing the instant `at` (ms since the
+    /// manager was created), as (start, end) in ms since then: "a day from
+    /// 00:00 UTC to the next 00:00 UTC, a month from the 1st at 00:00 UTC to
+    /// the 1st of the next month". From chrono's dates, not the crate's
+    /// day arithmetic.
+    pub fn calendar_window(self, period: CalendarPeriod, at: u64) -> (i64, i64) {
+        let instant = self.utc_origin + chrono::Duration::milliseconds(at as i64);
+        let date = instant.date_naive();
+        let (first, next) = match period {
+            CalendarPeriod::Day => (date, date.succ_opt().expect("a next day")),
+            CalendarPeriod::Month => {
+                let first = date.with_day(1).expect("every month has a 1st");
+                let (y, m) = match first.month() {
+                    12 => (first.year() + 1, 1),
+                    m => (first.year(), m + 1),
+                };
+                (
+                    first,
+                    NaiveDate::from_ymd_opt(y, m, 1).expect("a next month"),
+                )
+            }
+        };
+        let ms = |date: NaiveDate| {
+            let midnight = date.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+            (midnight - self.utc_origin).num_milliseconds()
+        };
+        (ms(first), ms(next))
     }
 }
 
@@ -116,12 +148,14 @@ pub struct Short {
     pub numbers: [u64; 4],
 }
 
-/// A fixed window.
+/// A fixed window, of a length or of the UTC calendar.
 #[derive(Clone, Copy, Debug)]
 pub struct Window {
-    /// As `set_budget` was given it.
+    /// As `set_budget` (or `set_calendar`) was given it.
     pub configured: Pair,
     pub secs: u64,
+    /// A day or a month of the UTC calendar (`secs` then unused).
+    pub calendar: Option<CalendarPeriod>,
     /// Tells this window from the agent's others.
     pub id: u64,
     /// Its start, in ms.
@@ -151,10 +185,33 @@ impl Window {
     }
 
     /// "a window has expired once the time since its start is at least its
-    /// length".
+    /// length"; a calendar window once the boundary after its start has
+    /// come ("ends at the calendar boundary after its start").
     pub fn expired(&self, now: Now) -> bool {
+        if let Some(period) = self.calendar {
+            return i128::from(now.tick()) >= i128::from(now.calendar_window(period, self.start).1);
+        }
         self.length_ms()
             .is_some_and(|len| now.since(self.start) >= len)
+    }
+
+    /// A calendar window's start and end as reads tell them: the one
+    /// containing its start, or, once expired, the fresh one the next
+    /// write will start at the next millisecond boundary.
+    fn calendar_bounds(&self, period: CalendarPeriod, now: Now) -> (i64, i64) {
+        let start = if self.expired(now) {
+            now.boundary()
+        } else {
+            self.start
+        };
+        now.calendar_window(period, start)
+    }
+
+    /// Milliseconds from now to a calendar window's end: "the time to the
+    /// next boundary".
+    fn calendar_left(&self, period: CalendarPeriod, now: Now) -> u64 {
+        let end = self.calendar_bounds(period, now).1;
+        (i128::from(end) - i128::from(now.tick())).max(0) as u64
     }
 
     /// "Reads report an expired window as the fresh one the next write
@@ -176,6 +233,9 @@ impl Window {
     /// length once expired. The crate's reading: one that never ends
     /// counts down as the longest one that does.
     fn remaining_ms(&self, now: Now) -> u64 {
+        if let Some(period) = self.calendar {
+            return self.calendar_left(period, now);
+        }
         match self.length_ms() {
             None => LONGEST_MS.saturating_sub(now.since(self.start)),
             Some(len) if self.expired(now) => len,
@@ -187,6 +247,9 @@ impl Window {
     /// time; "`None` if it never can": a window that never ends never makes
     /// room.
     fn retry_after(&self, now: Now) -> Option<Duration> {
+        if let Some(period) = self.calendar {
+            return Some(Duration::from_millis(self.calendar_left(period, now)));
+        }
         let len = self.length_ms()?;
         Some(Duration::from_millis(len - now.since(self.start)))
     }
@@ -358,11 +421,21 @@ impl Policy {
     }
 
     /// `full_info`'s `window_secs` and `window_remaining_secs`: a window's
-    /// own, or "the period in whole seconds (rounded up)" and "the time
-    /// until the bucket is full". The crate's reading: whole seconds
-    /// rounded down.
+    /// own; for a calendar window "the current window's length (86,400 for
+    /// a day; 2,419,200 to 2,678,400 for a month)"; or "the period in whole
+    /// seconds (rounded up)" and "the time until the bucket is full". The
+    /// crate's reading: whole seconds rounded down.
     pub fn window_secs(&self, now: Now) -> (u64, u64) {
         match self {
+            Policy::Window(
+                w @ Window {
+                    calendar: Some(period),
+                    ..
+                },
+            ) => {
+                let (start, end) = w.calendar_bounds(*period, now);
+                ((end - start) as u64 / 1000, w.remaining_ms(now) / 1000)
+            }
             Policy::Window(w) => (w.secs, w.remaining_ms(now) / 1000),
             Policy::Bucket(b) => {
                 let period = b
@@ -386,6 +459,17 @@ impl Policy {
             return false;
         }
         note("window rolled over by a write");
+        if let Some(period) = w.calendar {
+            // Which boundary was crossed: the day's, or the month's too.
+            let crossed = now.calendar_window(CalendarPeriod::Month, w.start).1;
+            note(match period {
+                CalendarPeriod::Day if i128::from(now.tick()) >= i128::from(crossed) => {
+                    "a calendar day rolled over into a new month"
+                }
+                CalendarPeriod::Day => "a calendar day rolled over",
+                CalendarPeriod::Month => "a calendar month rolled over",
+            });
+        }
         *w = Window {
             id,
             start: now.boundary(),

@@ -13,8 +13,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agent_budget::{
-    AgentId, BudgetInfo, BudgetKind, FullBudgetInfo, HierarchyError, RefusalReason, Settlement,
+    AgentId, BudgetInfo, BudgetKind, CalendarPeriod, FullBudgetInfo, HierarchyError, RefusalReason,
+    Settlement,
 };
+use chrono::{DateTime, Utc};
 
 use crate::level::{note, restart, Bucket, Now, Pair, Policy, Window, MAX_CALLS, MAX_TOKENS};
 
@@ -82,10 +84,11 @@ pub struct Model {
 }
 
 impl Model {
-    /// The documents' model, with no agent yet.
-    pub fn new() -> Self {
+    /// The documents' model, with no agent yet, of a manager created at
+    /// `utc_origin`.
+    pub fn new(utc_origin: DateTime<Utc>) -> Self {
         Model {
-            now: Now { ns: 0 },
+            now: Now { ns: 0, utc_origin },
             agents: BTreeMap::new(),
             incarnations: 0,
             windows: 0,
@@ -95,7 +98,7 @@ impl Model {
     /// Sets the clock (quanta's mock, in ns since the manager was created),
     /// backwards too: "a clock that reads slightly backwards".
     pub fn set_now(&mut self, ns: u128) {
-        self.now = Now { ns };
+        self.now = Now { ns, ..self.now };
     }
 
     fn new_window(&mut self) -> u64 {
@@ -137,7 +140,31 @@ impl Model {
     /// `set_refill` keeps what it has in use: the new policy starts with
     /// that much already used."
     pub fn set_budget(&mut self, id: AgentId, tokens: u64, calls: u64, secs: u64) {
-        let configured = Pair { tokens, calls };
+        self.set_window(id, Pair { tokens, calls }, secs, None);
+    }
+
+    /// "`set_calendar(CalendarLimit { period: Day | Month, .. })` gives an
+    /// agent fixed windows on the UTC calendar"; "Otherwise every rule of
+    /// fixed windows holds"; "`set_calendar` on a known agent on windows
+    /// keeps its usage and window, which now ends at the calendar boundary
+    /// after its start".
+    pub fn set_calendar(&mut self, id: AgentId, tokens: u64, calls: u64, period: CalendarPeriod) {
+        if let Some(Policy::Window(w)) = self.agents.get(&id).map(|a| a.policy) {
+            if w.calendar.is_none() && w.used != Pair::default() && !w.expired(self.now) {
+                note("a fixed window switched to the calendar keeps its usage");
+            }
+        }
+        self.set_window(id, Pair { tokens, calls }, 0, Some(period));
+    }
+
+    fn set_window(
+        &mut self,
+        id: AgentId,
+        configured: Pair,
+        secs: u64,
+        calendar: Option<CalendarPeriod>,
+    ) {
+        let Pair { tokens, calls } = configured;
         if tokens > MAX_TOKENS || calls > MAX_CALLS {
             note("a budget beyond the maximum");
         }
@@ -145,6 +172,7 @@ impl Model {
         let fresh = |id, used| Window {
             configured,
             secs,
+            calendar,
             id,
             start: now.boundary(),
             used,
@@ -165,6 +193,7 @@ impl Model {
                 *self.policy(&id) = Policy::Window(Window {
                     configured,
                     secs,
+                    calendar,
                     ..w
                 });
             }

@@ -167,13 +167,14 @@ impl KeyView {
     }
 }
 
-impl Admin {
-    fn agent_view(&self, entry: AgentEntry) -> AgentView {
+impl AgentView {
+    /// How the API shows `entry`, each limit standing where `info` (the
+    /// core's view of a limit cell's budget, by the cell's id) says.
+    pub fn new(
+        entry: AgentEntry,
+        info: impl Fn(&agent_budget::AgentId) -> Option<agent_budget::FullBudgetInfo>,
+    ) -> Self {
         let id = entry.agent_id;
-        let info = |cell: &agent_budget::AgentId| match &self.budgets {
-            Budgets::Local(budgets) => budgets.full_info(cell),
-            Budgets::Fleet(fleet) => fleet.full_info(cell),
-        };
         AgentView {
             agent_id: id,
             source: match entry.source {
@@ -187,6 +188,15 @@ impl Admin {
             created_at: entry.created_at.map(timestamp),
             updated_at: entry.updated_at.map(timestamp),
         }
+    }
+}
+
+impl Admin {
+    fn agent_view(&self, entry: AgentEntry) -> AgentView {
+        AgentView::new(entry, |cell| match &self.budgets {
+            Budgets::Local(budgets) => budgets.full_info(cell),
+            Budgets::Fleet(fleet) => fleet.full_info(cell),
+        })
     }
 }
 
@@ -209,6 +219,42 @@ fn check_label(field: &str, value: Option<String>) -> Result<Option<String>, Api
         )),
         None => Ok(Some(value)),
     }
+}
+
+/// Reads a `POST /v1/agents` body (`path_id` `None`) or a `PUT
+/// /v1/agents/{agent_id}` body (`path_id` the path's) and checks it as the
+/// handlers do before they ask the [`Catalog`](crate::catalog::Catalog):
+/// the agent's id, if one is given, and its settings. What needs the
+/// catalog (a parent that exists, no loop, an id not taken) is not
+/// checked here.
+#[doc(hidden)]
+pub fn read_agent_body(
+    body: &[u8],
+    path_id: Option<Uuid>,
+) -> Result<(Option<Uuid>, AgentSettings), ApiError> {
+    let request: AgentRequest = json_body(body)?;
+    if let Some(path_id) = path_id {
+        if request.agent_id.is_some_and(|id| id != path_id) {
+            return Err(ApiError::invalid(
+                Some("agent_id".to_owned()),
+                format!("`agent_id` must be the path's, {path_id}, or left out"),
+            ));
+        }
+    }
+    let agent_id = request.agent_id.or(path_id);
+    Ok((agent_id, request.settings()?))
+}
+
+/// Reads a `POST /v1/agents/{agent_id}/keys` body and checks the name it
+/// gives the key, as the handler does: no body, or `null`, is `{}`.
+#[doc(hidden)]
+pub fn read_key_body(body: &[u8]) -> Result<Option<String>, ApiError> {
+    let request: KeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        KeyRequest::default()
+    } else {
+        json_body::<Option<KeyRequest>>(body)?.unwrap_or_default()
+    };
+    check_label("name", request.name)
 }
 
 impl AgentRequest {
@@ -287,12 +333,8 @@ pub async fn create_agent(
     body: Bytes,
 ) -> Response<Body> {
     admin_only(&admin, &headers, async {
-        let request: AgentRequest = json_body(&body)?;
-        let agent_id = request.agent_id;
-        let entry = admin
-            .catalog
-            .create_agent(agent_id, request.settings()?)
-            .await?;
+        let (agent_id, settings) = read_agent_body(&body, None)?;
+        let entry = admin.catalog.create_agent(agent_id, settings).await?;
         Ok((StatusCode::CREATED, Json(admin.agent_view(entry))))
     })
     .await
@@ -356,17 +398,8 @@ pub async fn update_agent(
 ) -> Response<Body> {
     admin_only(&admin, &headers, async {
         let agent_id = uuid_in_path("an agent id", &agent_id)?;
-        let request: AgentRequest = json_body(&body)?;
-        if request.agent_id.is_some_and(|id| id != agent_id) {
-            return Err(ApiError::invalid(
-                Some("agent_id".to_owned()),
-                format!("`agent_id` must be the path's, {agent_id}, or left out"),
-            ));
-        }
-        let entry = admin
-            .catalog
-            .update_agent(agent_id, request.settings()?)
-            .await?;
+        let (_, settings) = read_agent_body(&body, Some(agent_id))?;
+        let entry = admin.catalog.update_agent(agent_id, settings).await?;
         Ok(Json(admin.agent_view(entry)))
     })
     .await
@@ -427,13 +460,7 @@ pub async fn create_key(
 ) -> Response<Body> {
     admin_only(&admin, &headers, async {
         let agent_id = uuid_in_path("an agent id", &agent_id)?;
-        // No body, or `null`, is `{}`.
-        let request: KeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
-            KeyRequest::default()
-        } else {
-            json_body::<Option<KeyRequest>>(&body)?.unwrap_or_default()
-        };
-        let name = check_label("name", request.name)?;
+        let name = read_key_body(&body)?;
         let (row, api_key) = admin.catalog.create_key(agent_id, name).await?;
         let view = NewKeyView {
             key_id: row.key_id,

@@ -50,6 +50,8 @@ use axum::routing::get;
 use axum::Router;
 use http::{HeaderMap, StatusCode};
 
+#[doc(hidden)]
+pub use agents::{read_agent_body, read_key_body};
 pub use agents::{AgentRequest, AgentView, KeyRequest, KeyView, NewKeyView, SourceView};
 pub use budgets::BudgetView;
 pub use error::{ApiError, Denied, ErrorBody, ErrorDetail};

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod postgres;
+pub mod process;
 pub mod redis;
 
 use std::path::Path;
