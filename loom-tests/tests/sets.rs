@@ -29,6 +29,15 @@ fn claim(agent_id: AgentId, tokens: u64) -> Claim {
     }
 }
 
+/// Reads `agent`'s usage on another thread, once: never over `most`.
+fn read_at_most(m: &Arc<BudgetManager>, agent: AgentId, most: u64) -> thread::JoinHandle<()> {
+    let m = m.clone();
+    thread::spawn(move || {
+        let info = m.full_info(&agent).expect("configured");
+        assert!(info.tokens_used <= most, "{info:?} over {most}");
+    })
+}
+
 /// Admits `claims` on another thread and cancels nothing: whether they
 /// were taken (the reservation is dropped, so stays charged).
 fn acquire_set(m: &Arc<BudgetManager>, claims: Vec<Claim>) -> thread::JoinHandle<bool> {
@@ -50,13 +59,7 @@ fn two_sets_sharing_a_limit_are_each_taken_whole_and_never_over_admit_it() {
             // they are taken in is the plan's, not the caller's.
             let left = acquire_set(&m, vec![claim(OWN_A, 2), claim(SHARED, 2)]);
             let right = acquire_set(&m, vec![claim(SHARED, 2), claim(OWN_B, 2)]);
-            let reader = {
-                let m = m.clone();
-                thread::spawn(move || {
-                    let info = m.full_info(&SHARED).expect("configured");
-                    assert!(info.tokens_used <= 3, "{info:?} over 3");
-                })
-            };
+            let reader = read_at_most(&m, SHARED, 3);
             let (left, right) = (left.join().unwrap(), right.join().unwrap());
             reader.join().unwrap();
             // Either fits alone; both would take 4 of the shared 3. Only
@@ -87,13 +90,7 @@ fn a_refused_set_gives_back_what_it_took_and_nothing_is_over_admitted() {
                 let m = m.clone();
                 thread::spawn(move || m.reserve(&OWN_A, 2).is_ok())
             };
-            let reader = {
-                let m = m.clone();
-                thread::spawn(move || {
-                    let info = m.full_info(&OWN_A).expect("configured");
-                    assert!(info.tokens_used <= 3, "{info:?} over 3");
-                })
-            };
+            let reader = read_at_most(&m, OWN_A, 3);
             let (set, single) = (set.join().unwrap(), single.join().unwrap());
             reader.join().unwrap();
             assert!(!set, "the set never fits at S");
@@ -123,13 +120,7 @@ fn shadowed_limits_take_past_their_limit_but_the_enforced_one_they_share_never_o
             };
             let left = spawn(vec![claim(OWN_A, 2), claim(SHARED, 2)]);
             let right = spawn(vec![claim(SHARED, 2), claim(OWN_B, 2)]);
-            let reader = {
-                let m = m.clone();
-                thread::spawn(move || {
-                    let info = m.full_info(&SHARED).expect("configured");
-                    assert!(info.tokens_used <= 3, "{info:?} over 3");
-                })
-            };
+            let reader = read_at_most(&m, SHARED, 3);
             let (left, right) = (left.join().unwrap(), right.join().unwrap());
             reader.join().unwrap();
             // The shadowed limits never refuse; the shared one admits one.
