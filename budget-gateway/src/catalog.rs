@@ -184,6 +184,16 @@ struct View {
     config: Option<Config>,
 }
 
+impl View {
+    /// An agent's settings, from the file or the database.
+    fn settings(&self, agent_id: &AgentId) -> Option<&AgentSettings> {
+        self.file
+            .get(agent_id)
+            .map(|a| &a.settings)
+            .or_else(|| self.api.get(agent_id).map(|a| &a.settings))
+    }
+}
+
 struct Inner {
     budgets: Budgets,
     keys: KeyTable,
@@ -499,31 +509,18 @@ impl Catalog {
     /// Whether `agent_id`'s own budget refuses requests: `false` for an
     /// agent in shadow mode (an unknown agent is enforced).
     pub fn enforces(&self, agent_id: &AgentId) -> bool {
-        let view = self.view();
-        view.file
-            .get(agent_id)
-            .map(|a| a.settings.enforce)
-            .or_else(|| view.api.get(agent_id).map(|a| a.settings.enforce))
-            .unwrap_or(true)
+        self.view().settings(agent_id).is_none_or(|s| s.enforce)
     }
 
     /// The agent's parent, if it has one.
     pub fn parent_of(&self, agent_id: &AgentId) -> Option<AgentId> {
-        let view = self.view();
-        view.file
-            .get(agent_id)
-            .map(|a| a.settings.parent)
-            .or_else(|| view.api.get(agent_id).map(|a| a.settings.parent))
-            .flatten()
+        self.view().settings(agent_id).and_then(|s| s.parent)
     }
 
     /// The agent's `agent` label on the metrics, if it has one.
     pub fn metrics_label(&self, agent_id: &AgentId) -> Option<String> {
-        let view = self.view();
-        view.file
-            .get(agent_id)
-            .map(|a| &a.settings)
-            .or_else(|| view.api.get(agent_id).map(|a| &a.settings))
+        self.view()
+            .settings(agent_id)
             .and_then(|s| s.metrics_label.clone())
     }
 
@@ -531,12 +528,7 @@ impl Catalog {
     /// then may a refusal of its requests be one to let through.
     pub fn shadow_in_chain(&self, agent_id: &AgentId) -> bool {
         let view = self.view();
-        let settings = |id: &AgentId| {
-            view.file
-                .get(id)
-                .map(|a| &a.settings)
-                .or_else(|| view.api.get(id).map(|a| &a.settings))
-        };
+        let settings = |id: &AgentId| view.settings(id);
         let mut level = Some(*agent_id);
         // Bounded by the configuration's checks (no loops, at most
         // MAX_LEVELS levels); the bound guards against a bug there.
