@@ -15,7 +15,8 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::request::{
-    non_negative, parse, saturating_sum, Cost, EstimateOptions, TokenCounter, NON_TEXT_PART_TOKENS,
+    non_negative, parse, saturating_sum, Cost, EstimateOptions, ModelField, ModelName,
+    TokenCounter, NON_TEXT_PART_TOKENS,
 };
 use super::scan::{Cursor, Fields};
 
@@ -31,6 +32,8 @@ const MAX_CHOICES: u64 = 128;
 /// The narrow view of a chat body.
 #[derive(Deserialize)]
 struct ChatBody<'a> {
+    #[serde(default, borrow)]
+    model: Option<ModelField<'a>>,
     #[serde(default, borrow)]
     messages: Option<Vec<Message<'a>>>,
     #[serde(default, borrow)]
@@ -54,6 +57,8 @@ struct ChatBody<'a> {
 /// The narrow view of a completions body.
 #[derive(Deserialize)]
 struct CompletionsBody<'a> {
+    #[serde(default, borrow)]
+    model: Option<ModelField<'a>>,
     #[serde(default, borrow)]
     prompt: Option<Prompt<'a>>,
     #[serde(default)]
@@ -155,6 +160,7 @@ impl Prompt<'_> {
 /// What a chat body says about its cost, however it was read.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct ChatFacts {
+    model: ModelName,
     prompt_tokens: u64,
     max_completion_tokens: Option<u64>,
     max_tokens: Option<u64>,
@@ -181,6 +187,7 @@ pub(super) fn chat_cost(
         prompt_tokens: facts.prompt_tokens,
         completion_tokens: max.unwrap_or(options.default_max_tokens).saturating_mul(n),
         needs_usage_asked: facts.stream == Some(true) && facts.include_usage != Some(true),
+        model: facts.model,
     })
 }
 
@@ -189,6 +196,7 @@ pub(super) fn chat_cost(
 fn serde_chat(body: &[u8], counter: &dyn TokenCounter) -> Result<ChatFacts, String> {
     let parsed: ChatBody<'_> = parse(body)?;
     Ok(ChatFacts {
+        model: ModelName::of(body, parsed.model.clone()),
         prompt_tokens: count_messages(&parsed, counter),
         max_completion_tokens: non_negative(
             "max_completion_tokens",
@@ -211,6 +219,12 @@ fn fast_chat(body: &[u8], counter: &dyn TokenCounter) -> Option<ChatFacts> {
     let mut seen = Fields::default();
     cursor.object(|c, key| {
         match key {
+            "model" => {
+                seen.first(9)?;
+                if let Some(model) = c.optional(Cursor::string)? {
+                    facts.model = ModelName::within(body, model.text()?);
+                }
+            }
             "messages" => {
                 seen.first(0)?;
                 if !c.null()? {
@@ -355,6 +369,7 @@ pub(super) fn completions_cost(
             .saturating_mul(n.max(best_of))
             .saturating_mul(prompts),
         needs_usage_asked: needs_usage_asked(parsed.stream, parsed.stream_options.as_ref()),
+        model: ModelName::of(body, parsed.model),
     })
 }
 

@@ -7,11 +7,13 @@
 use serde::Deserialize;
 
 use super::chat::Prompt;
-use super::request::{parse, Cost, TokenCounter};
+use super::request::{parse, Cost, ModelField, ModelName, TokenCounter};
 
 /// The narrow view of an embeddings body.
 #[derive(Deserialize)]
 struct EmbeddingsBody<'a> {
+    #[serde(default, borrow)]
+    model: Option<ModelField<'a>>,
     #[serde(default, borrow)]
     input: Option<Prompt<'a>>,
 }
@@ -23,6 +25,7 @@ pub(super) fn cost(body: &[u8], counter: &dyn TokenCounter) -> Result<Cost, Stri
         prompt_tokens: parsed.input.as_ref().map_or(0, |i| i.tokens(counter).0),
         completion_tokens: 0,
         needs_usage_asked: false,
+        model: ModelName::of(body, parsed.model),
     })
 }
 

@@ -26,8 +26,8 @@ use http::{Method, Request};
 use http_body::Body;
 
 use super::request::{
-    estimate_body, prompt_tokens, request_model, ByteCount, Endpoint, EstimateOptions,
-    RequestEstimate, TokenCounter,
+    estimate_bytes, prompt_tokens, ByteCount, Endpoint, EstimateOptions, RequestEstimate,
+    TokenCounter,
 };
 use crate::path::normalize_uri;
 use crate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost, Rejection};
@@ -181,9 +181,9 @@ impl<C: TokenCounter> OpenAiEstimator<C> {
     /// counted or bounded as configured.
     fn estimate_body(&self, endpoint: Endpoint, body: &Bytes) -> Result<RequestEstimate, String> {
         match self.prompt_count {
-            PromptCount::Always => estimate_body(endpoint, body, &*self.counter, &self.options),
+            PromptCount::Always => estimate_bytes(endpoint, body, &*self.counter, &self.options),
             PromptCount::WhenTight => {
-                let mut bounded = estimate_body(endpoint, body, &ByteCount, &self.options)?;
+                let mut bounded = estimate_bytes(endpoint, body, &ByteCount, &self.options)?;
                 let count = match endpoint {
                     Endpoint::Chat => &self.deferred[0],
                     Endpoint::Completions => &self.deferred[1],
@@ -251,7 +251,7 @@ where
             }
             let (mut parts, body) = request.into_parts();
             let bytes = read_body(body, this.max_body_bytes).await?;
-            let mut estimated = if bytes.len() > BLOCKING_ESTIMATE_BYTES
+            let estimated = if bytes.len() > BLOCKING_ESTIMATE_BYTES
                 && tokio::runtime::Handle::try_current().is_ok()
             {
                 // Parsing and counting a large body takes milliseconds to
@@ -265,7 +265,6 @@ where
                 this.estimate_body(endpoint, &bytes)
             }
             .map_err(Rejection::bad_request)?;
-            estimated.estimate.model = request_model(&bytes);
             let body = match estimated.rewritten_body {
                 Some(rewritten) => {
                     parts

@@ -139,23 +139,109 @@ pub(super) struct Cost {
     pub(super) completion_tokens: u64,
     /// Streams without asking for usage (chat and completions only).
     pub(super) needs_usage_asked: bool,
+    /// The body's top-level `"model"`, read in the same pass.
+    pub(super) model: ModelName,
 }
 
-/// The estimate of a request body to `endpoint`. Errors are messages for
-/// a `400`; [`Endpoint::Other`] is one (it has no body to estimate).
+/// A body's top-level `"model"`, as the pass that read its cost found it:
+/// where it is in the body when written without escapes (sliced out of
+/// the body's `Bytes` later, no copy), else decoded. Every view reads it,
+/// so a duplicate or a model that is not a string is refused with the
+/// rest of the body's errors, instead of leaving the request without a
+/// model (and so outside every per-model limit).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) enum ModelName {
+    /// None, or `null`.
+    #[default]
+    Absent,
+    /// The bytes of the body between the string's quotes.
+    At(std::ops::Range<usize>),
+    /// Written with escapes: the decoded text.
+    Decoded(String),
+}
+
+/// A `"model"` as serde reads it into the endpoints' views: borrowed from
+/// the body where it can be (serde borrows a `Cow` only as a struct's
+/// field, not inside an `Option`).
+#[derive(Clone, serde::Deserialize)]
+pub(super) struct ModelField<'a>(#[serde(borrow)] pub(super) std::borrow::Cow<'a, str>);
+
+impl ModelName {
+    /// The model a serde view of `body` read: borrowed from the body
+    /// where serde could (no escapes), decoded where it could not.
+    pub(super) fn of(body: &[u8], model: Option<ModelField<'_>>) -> Self {
+        match model.map(|m| m.0) {
+            None => ModelName::Absent,
+            Some(std::borrow::Cow::Borrowed(text)) => ModelName::within(body, text),
+            Some(std::borrow::Cow::Owned(text)) => ModelName::Decoded(text),
+        }
+    }
+
+    /// `text`, a slice of `body`, by its place in it.
+    pub(super) fn within(body: &[u8], text: &str) -> Self {
+        let start = text.as_ptr() as usize - body.as_ptr() as usize;
+        ModelName::At(start..start + text.len())
+    }
+
+    /// The model as a slice of `body` (the bytes it was read from).
+    fn slice_of(self, body: &Bytes) -> Option<Bytes> {
+        match self {
+            ModelName::Absent => None,
+            ModelName::At(range) => Some(body.slice(range)),
+            ModelName::Decoded(text) => Some(Bytes::from(text)),
+        }
+    }
+
+    /// The model copied out of `body` (the bytes it was read from).
+    fn copied_from(self, body: &[u8]) -> Option<Bytes> {
+        match self {
+            ModelName::Absent => None,
+            ModelName::At(range) => Some(Bytes::copy_from_slice(&body[range])),
+            ModelName::Decoded(text) => Some(Bytes::from(text)),
+        }
+    }
+}
+
+/// The estimate of a request body to `endpoint`, with its top-level
+/// `model` (read in the same pass). Errors are messages for a `400`
+/// (a `model` given twice, or not a string, is one); [`Endpoint::Other`]
+/// is one (it has no body to estimate).
 pub fn estimate_body(
     endpoint: Endpoint,
     body: &[u8],
     counter: &dyn TokenCounter,
     options: &EstimateOptions,
 ) -> Result<RequestEstimate, String> {
+    estimate_with_model(endpoint, body, counter, options)
+        .map(|(estimated, model)| estimated.with_model(model.copied_from(body)))
+}
+
+/// [`estimate_body`] of a body held as `Bytes`: its model is a slice of
+/// them, not a copy.
+pub(crate) fn estimate_bytes(
+    endpoint: Endpoint,
+    body: &Bytes,
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<RequestEstimate, String> {
+    estimate_with_model(endpoint, body, counter, options)
+        .map(|(estimated, model)| estimated.with_model(model.slice_of(body)))
+}
+
+/// The estimate of a body without its model, and its model.
+fn estimate_with_model(
+    endpoint: Endpoint,
+    body: &[u8],
+    counter: &dyn TokenCounter,
+    options: &EstimateOptions,
+) -> Result<(RequestEstimate, ModelName), String> {
     let cost = cost(endpoint, body, counter, options)?;
     let rewritten_body = if cost.needs_usage_asked {
         Some(ask_for_usage(body)?)
     } else {
         None
     };
-    Ok(RequestEstimate {
+    let estimated = RequestEstimate {
         estimate: Estimate {
             prompt_tokens: cost.prompt_tokens.max(1),
             completion_tokens: cost.completion_tokens,
@@ -165,7 +251,15 @@ pub fn estimate_body(
             model: None,
         },
         rewritten_body,
-    })
+    };
+    Ok((estimated, cost.model))
+}
+
+impl RequestEstimate {
+    fn with_model(mut self, model: Option<Bytes>) -> Self {
+        self.estimate.model = model;
+        self
+    }
 }
 
 /// The top-level `"model"` of a request body, as a slice of it (no copy)
@@ -515,6 +609,47 @@ pub(super) mod tests {
     fn byte_count_is_the_utf8_length() {
         assert_eq!(ByteCount.count("héllo"), 6);
         assert_eq!(ByteCount.count(""), 0);
+    }
+
+    #[test]
+    fn every_endpoints_estimate_carries_the_model_it_read() {
+        for (endpoint, rest) in [
+            (
+                Endpoint::Chat,
+                r#""messages":[{"role":"user","content":"hi"}]"#,
+            ),
+            (Endpoint::Completions, r#""prompt":"hi""#),
+            (Endpoint::Responses, r#""input":"hi""#),
+            (Endpoint::Embeddings, r#""input":"hi""#),
+        ] {
+            let model = |model: &str| {
+                estimate(endpoint, &format!("{{{rest},\"model\":{model}}}"))
+                    .map(|e| e.estimate.model)
+            };
+            assert_eq!(
+                model(r#""gpt-4o""#),
+                Ok(Some(Bytes::from_static(b"gpt-4o"))),
+                "{endpoint:?}"
+            );
+            assert_eq!(
+                model(r#""gpt-\u0034o""#),
+                Ok(Some(Bytes::from_static(b"gpt-4o"))),
+                "{endpoint:?}: escaped, decoded"
+            );
+            assert_eq!(model("null"), Ok(None), "{endpoint:?}");
+            assert_eq!(
+                estimate(endpoint, &format!("{{{rest}}}")).map(|e| e.estimate.model),
+                Ok(None),
+                "{endpoint:?}"
+            );
+            // Either would leave the request outside every per-model
+            // limit, while the upstream picks a model.
+            assert!(model("5").is_err(), "{endpoint:?}: not a string");
+            assert!(
+                model(r#""cheap","model":"gpt-4o""#).is_err(),
+                "{endpoint:?}: named twice"
+            );
+        }
     }
 
     #[test]

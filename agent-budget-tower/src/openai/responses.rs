@@ -20,11 +20,15 @@ use serde_json::value::RawValue;
 use serde_json::Value;
 
 use super::chat::{Content, REPLY_PRIMING, TOKENS_PER_MESSAGE};
-use super::request::{non_negative, parse, saturating_sum, Cost, EstimateOptions, TokenCounter};
+use super::request::{
+    non_negative, parse, saturating_sum, Cost, EstimateOptions, ModelField, ModelName, TokenCounter,
+};
 
 /// The narrow view of a Responses body.
 #[derive(Deserialize)]
 struct ResponsesBody<'a> {
+    #[serde(default, borrow)]
+    model: Option<ModelField<'a>>,
     #[serde(default, borrow)]
     input: Option<&'a RawValue>,
     #[serde(default, borrow)]
@@ -80,6 +84,7 @@ pub(super) fn cost(
         prompt_tokens,
         completion_tokens: max.unwrap_or(options.default_max_tokens),
         needs_usage_asked: false,
+        model: ModelName::of(body, parsed.model),
     })
 }
 
