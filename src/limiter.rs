@@ -127,6 +127,12 @@ pub trait BudgetLimiter: Send + Sync {
     fn remaining(&self, agent_id: &AgentId) -> BudgetInfo;
     /// Whether the agent has both tokens and calls left.
     fn can_schedule(&self, agent_id: &AgentId) -> bool;
+    /// Whether an `acquire` of these amounts would be admitted now, taking
+    /// nothing.
+    fn check(&self, agent_id: &AgentId, tokens: u64, calls: u64) -> Result<(), Refused>;
+    /// Whether an `acquire_set` of these claims would be admitted now,
+    /// taking nothing.
+    fn check_set(&self, claims: &[Claim]) -> Result<(), Refused>;
     /// Starts a fresh window now.
     fn reset_window(&self, agent_id: &AgentId);
     /// Limits and usage of one agent.

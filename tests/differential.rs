@@ -223,12 +223,17 @@ fn run(ops: Vec<Op>) -> Outcomes {
                 }
             }
             Op::Acquire(a, t, c) => {
+                // A check at the same instant answers as the acquire does,
+                // refusal and all.
+                let checked = lock_free.check(&agents[a], t, c);
+                assert_eq!(checked, locked.check(&agents[a], t, c), "check disagrees");
                 match (
                     lock_free.acquire(&agents[a], t, c),
                     locked.acquire(&agents[a], t, c),
                 ) {
                     (Ok(x), Ok(y)) => {
                         admitted += 1;
+                        assert_eq!(checked, Ok(()), "checked, then admitted");
                         open.push((x, y));
                     }
                     (Err(x), Err(y)) => {
@@ -237,6 +242,7 @@ fn run(ops: Vec<Op>) -> Outcomes {
                             refused_by_ancestor += 1;
                         }
                         assert_eq!(x, y);
+                        assert_eq!(checked, Err(x), "checked, then refused");
                     }
                     (x, y) => panic!("acquire disagrees: {x:?} vs {y:?}"),
                 }
@@ -257,6 +263,8 @@ fn run(ops: Vec<Op>) -> Outcomes {
                         .expect("one of the agents");
                     shadowed & (1 << i) != 0
                 };
+                let checked = lock_free.check_set(&claims);
+                assert_eq!(checked, locked.check_set(&claims), "check_set disagrees");
                 let taken = match shadowed {
                     0 => (lock_free.acquire_set(&claims), locked.acquire_set(&claims)),
                     _ => (
@@ -267,12 +275,20 @@ fn run(ops: Vec<Op>) -> Outcomes {
                 match taken {
                     (Ok(x), Ok(y)) => {
                         sets_admitted += 1;
+                        // The limit a refusal names may differ (the check
+                        // goes claim by claim), its verdict may not.
+                        if shadowed == 0 {
+                            assert_eq!(checked, Ok(()), "checked, then admitted");
+                        }
                         assert_eq!(x.claims(), y.claims());
                         open_sets.push((x, y));
                     }
                     (Err(x), Err(y)) => {
                         sets_refused += 1;
                         assert_eq!(x, y);
+                        if shadowed == 0 {
+                            assert!(checked.is_err(), "checked {checked:?}, then refused");
+                        }
                     }
                     (x, y) => panic!("acquire_set disagrees: {x:?} vs {y:?}"),
                 }

@@ -317,3 +317,45 @@ for_both_managers! {
         assert_eq!(used(&m, &team), (0, 0));
     }
 }
+
+for_both_managers! {
+    fn a_check_takes_nothing_and_answers_as_the_acquire_would<M>() {
+        let (m, time) = mocked::<M>();
+        let (key, team, day) = (agent(), agent(), agent());
+        m.set_budget(limit(key, 200, 2, 60));
+        m.set_budget(limit(team, 150, 10, 120));
+        m.set_budget(limit(day, 1_000, 100, 86_400));
+        m.set_parent(&key, Some(&team)).unwrap();
+
+        assert_eq!(m.check(&key, 100, 1), Ok(()));
+        assert_eq!(m.check_set(&[claim(key, 100, 1), claim(day, 1_000, 1)]), Ok(()));
+        assert_eq!(used(&m, &key), (0, 0), "a check takes nothing");
+        assert_eq!(used(&m, &team), (0, 0));
+
+        // The team is short: named, with its own window's end, as the
+        // acquire names it.
+        let held = m.acquire(&key, 100, 1).unwrap();
+        time.advance_secs(30);
+        let checked = m.check(&key, 60, 1).unwrap_err();
+        assert_eq!(checked, m.acquire(&key, 60, 1).unwrap_err());
+        assert_eq!((checked.agent_id, checked.refused_by), (key, team));
+        assert_eq!(checked.retry_after, Some(Duration::from_secs(90)));
+        // In a set, any claim short of room refuses it.
+        let checked = m.check_set(&[claim(day, 10, 1), claim(key, 60, 1)]).unwrap_err();
+        assert_eq!((checked.agent_id, checked.refused_by), (key, team));
+        assert!(m.acquire_set(&[claim(day, 10, 1), claim(key, 60, 1)]).is_err());
+        assert_eq!(m.check(&key, 50, 1), Ok(()));
+        assert_eq!(used(&m, &key), (100, 1));
+        assert_eq!(used(&m, &day), (0, 0));
+        held.cancel();
+        assert_eq!(m.check(&key, 100, 1), Ok(()), "the cancel gave it back");
+
+        let unknown = agent();
+        let err = m.check(&unknown, 1, 1).unwrap_err();
+        assert_eq!((err.agent_id, err.reason), (unknown, RefusalReason::NoBudget));
+        assert_eq!(m.check_set(&[]), Ok(()), "nothing to take");
+        let many: Vec<Claim> = (0..=MAX_SET_LIMITS).map(|_| claim(day, 1, 1)).collect();
+        let err = m.check_set(&many).unwrap_err();
+        assert!(matches!(err.reason, RefusalReason::TooManyLimits { .. }), "{err:?}");
+    }
+}

@@ -348,18 +348,14 @@ impl<M: BudgetLimiter + 'static> Admission for M {
         self.chain_info(agent_id)
     }
 
-    /// Takes the amounts and gives them back at once: the same all-or-
-    /// nothing check as an admission, with its refusal's `Retry-After`.
+    /// The core's [`check`](BudgetManager::check): the admission's verdict
+    /// and its refusal's `Retry-After`, taking nothing.
     fn precheck(
         self: &Arc<Self>,
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
     ) -> Result<(), Denial> {
-        let taken = self
-            .acquire_owned(agent_id, tokens, calls)
-            .map_err(Denial::Refused)?;
-        let _ = taken.cancel();
-        Ok(())
+        self.check(agent_id, tokens, calls).map_err(Denial::Refused)
     }
 }

@@ -68,12 +68,10 @@ pub const X_BUDGET_SPEND_RESET: HeaderName = HeaderName::from_static("x-budget-s
 /// The Prometheus counter of dollars spent, in micro-dollars, as settled.
 pub const SPEND_METRIC: &str = "budget_spend_micro_usd_total";
 
-/// What a request of one agent claims.
+/// What a request of one agent with more than the core's chain to claim
+/// takes besides its own core budget.
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// Every level has one limit, on tokens and requests, for every
-    /// model: the core's chain is all there is to claim.
-    single: bool,
     /// The cells beyond each level's own core budget, the agent's first,
     /// then its ancestors', nearest first.
     cells: Box<[PlanCell]>,
@@ -101,8 +99,30 @@ impl PlanCell {
     }
 }
 
-/// Every agent's [`Plan`], swapped whole when a limit or a parent changes.
-pub type Plans = Arc<ArcSwap<HashMap<AgentId, Arc<Plan>>>>;
+/// The [`Plan`] of every agent whose chain has more than one limit at
+/// some level, or a limit on one model: the others are not in it, and
+/// take the core's one-budget path. Swapped whole when a limit or a
+/// parent changes.
+pub type Plans = Arc<ArcSwap<PlanTable>>;
+
+/// The plans [`Plans`] swaps.
+#[derive(Debug, Default)]
+pub struct PlanTable {
+    /// Keyed with ahash: ids are the operator's (from the file and the
+    /// admin API), and SipHash cost more than the rest of a lookup.
+    by_agent: HashMap<AgentId, Arc<Plan>, ahash::RandomState>,
+}
+
+impl PlanTable {
+    /// The agent's plan; `None` for an agent whose chain is all it claims
+    /// (every agent when no agent has lists), found without hashing then.
+    fn get(&self, agent: &AgentId) -> Option<&Arc<Plan>> {
+        if self.by_agent.is_empty() {
+            return None;
+        }
+        self.by_agent.get(agent)
+    }
+}
 
 /// The `[[models]]` prices, swapped whole when the file is reloaded.
 pub type Prices = Arc<ArcSwap<PriceTable>>;
@@ -110,11 +130,11 @@ pub type Prices = Arc<ArcSwap<PriceTable>>;
 /// The plans of `agents` (each with its limits and parent).
 pub fn build_plans<'a>(
     agents: impl Iterator<Item = (AgentId, &'a Limits, Option<AgentId>)>,
-) -> HashMap<AgentId, Arc<Plan>> {
+) -> PlanTable {
     let all: HashMap<AgentId, (&Limits, Option<AgentId>)> = agents
         .map(|(id, limits, parent)| (id, (limits, parent)))
         .collect();
-    let mut plans = HashMap::with_capacity(all.len());
+    let mut by_agent = HashMap::default();
     for &id in all.keys() {
         let mut single = true;
         let mut cells = Vec::new();
@@ -137,15 +157,18 @@ pub fn build_plans<'a>(
             }
             level = parent;
         }
-        plans.insert(
-            id,
-            Arc::new(Plan {
-                single,
-                cells: cells.into(),
-            }),
-        );
+        // One limit per level, on tokens and requests for every model:
+        // the core's chain is all there is to claim.
+        if !single {
+            by_agent.insert(
+                id,
+                Arc::new(Plan {
+                    cells: cells.into(),
+                }),
+            );
+        }
     }
-    plans
+    PlanTable { by_agent }
 }
 
 /// A model's prices, copied out of the table.
@@ -233,17 +256,19 @@ impl LimitAdmission {
         }
     }
 
-    fn plan(&self, agent: &AgentId) -> Option<Arc<Plan>> {
-        self.plans.load().get(agent).cloned()
+    /// The plans, read lock-free: [`PlanTable::get`] the agent's.
+    fn plans(&self) -> arc_swap::Guard<Arc<PlanTable>> {
+        self.plans.load()
     }
 
     /// Takes everything `estimate` claims of the agent's limits, or nothing.
     fn take(&self, agent: &AgentId, estimate: &Estimate) -> Result<Held, Denial> {
-        let plan = match self.plan(agent) {
-            Some(plan) if !plan.single => plan,
+        let plans = self.plans();
+        let plan = match plans.get(agent) {
+            Some(plan) => plan,
             // One budget per level (or an agent the plans do not know
             // yet, which the core refuses if it has no budget).
-            _ => {
+            None => {
                 return self
                     .budgets
                     .acquire_owned(agent, estimate.tokens(), estimate.calls)
@@ -251,10 +276,10 @@ impl LimitAdmission {
                     .map_err(Denial::Refused)
             }
         };
-        let claims = self.claims(agent, &plan, estimate)?;
+        let claims = self.claims(agent, plan, estimate)?;
         match self.budgets.acquire_set_owned(&claims.claims) {
             Ok(set) => Ok(claims.held(set, self.spent.clone())),
-            Err(refused) => Err(self.denial(agent, &plan, refused, claims.micros)),
+            Err(refused) => Err(self.denial(agent, plan, refused, claims.micros)),
         }
     }
 
@@ -269,16 +294,16 @@ impl LimitAdmission {
         estimate: &Estimate,
         shadowed: &(dyn Fn(&AgentId) -> bool + Send + Sync),
     ) -> Result<Held, Denial> {
-        let plan = self.plan(agent);
+        let plans = self.plans();
+        let plan = plans.get(agent);
         // A limit is an agent's own budget (its id is the agent's) or one
         // of the plan's cells.
         let owner = |id: &AgentId| {
-            plan.as_deref()
-                .and_then(|p| p.cells.iter().find(|c| c.id == *id))
+            plan.and_then(|p| p.cells.iter().find(|c| c.id == *id))
                 .map_or(*id, |c| c.owner)
         };
         let past = |id: &AgentId| shadowed(&owner(id));
-        let claims = match plan.as_deref().filter(|p| !p.single) {
+        let claims = match plan {
             Some(plan) => self.claims(agent, plan, estimate)?,
             None => Claims::one(*agent, estimate.tokens(), estimate.calls),
         };
@@ -287,7 +312,7 @@ impl LimitAdmission {
             .acquire_set_owned_shadowed(&claims.claims, past)
         {
             Ok(set) => Ok(claims.held(set, self.spent.clone())),
-            Err(refused) => Err(match plan.as_deref() {
+            Err(refused) => Err(match plan {
                 Some(plan) => self.denial(agent, plan, refused, claims.micros),
                 None => Denial::Refused(refused),
             }),
@@ -471,7 +496,7 @@ impl Admission for LimitAdmission {
             Set(Set, Arc<Plan>, Claims),
             Invalid(Denial),
         }
-        let waiting = match self.plan(agent_id).filter(|p| !p.single) {
+        let waiting = match self.plans().get(agent_id).cloned() {
             None => Waiting::One(self.budgets.acquire_owned_wait(
                 agent_id,
                 estimate.tokens(),
@@ -503,27 +528,22 @@ impl Admission for LimitAdmission {
         self.budgets.chain_info(agent_id)
     }
 
-    /// Takes the least a request can cost and gives it back at once, as the
-    /// core's managers do, at the agent's own budget (its chain's) and at
-    /// every limit that counts every model: those whose glob needs the
-    /// request's `model`, and spend limits (which need its price), wait
-    /// for the body.
+    /// Checks the least a request can cost, taking nothing (the core's
+    /// `check`), at the agent's own budget (its chain's) and at every
+    /// limit that counts every model: those whose glob needs the request's
+    /// `model`, and spend limits (which need its price), wait for the body.
     fn precheck(
         self: &Arc<Self>,
         agent_id: &AgentId,
         tokens: u64,
         calls: u64,
     ) -> Result<(), Denial> {
-        let plan = match self.plan(agent_id) {
-            Some(plan) if !plan.single => plan,
-            _ => {
-                let taken = self
-                    .budgets
-                    .acquire_owned(agent_id, tokens, calls)
-                    .map_err(Denial::Refused)?;
-                let _ = taken.cancel();
-                return Ok(());
-            }
+        let plans = self.plans();
+        let Some(plan) = plans.get(agent_id) else {
+            return self
+                .budgets
+                .check(agent_id, tokens, calls)
+                .map_err(Denial::Refused);
         };
         let mut claims: SmallVec<[Claim; 4]> = SmallVec::new();
         claims.push(Claim {
@@ -541,18 +561,14 @@ impl Admission for LimitAdmission {
                     calls,
                 }),
         );
-        match self.budgets.acquire_set_owned(&claims) {
-            Ok(taken) => {
-                let _ = taken.cancel();
-                Ok(())
-            }
-            Err(refused) => Err(self.denial(agent_id, &plan, refused, 0)),
-        }
+        self.budgets
+            .check_set(&claims)
+            .map_err(|refused| self.denial(agent_id, plan, refused, 0))
     }
 
     fn rate_limits(&self, agent_id: &AgentId, estimate: &Estimate) -> Vec<FullBudgetInfo> {
         let mut levels = self.budgets.chain_info(agent_id);
-        if let Some(plan) = self.plan(agent_id).filter(|p| !p.single) {
+        if let Some(plan) = self.plans().get(agent_id) {
             let model = estimate.model();
             levels.extend(
                 plan.cells
@@ -565,7 +581,8 @@ impl Admission for LimitAdmission {
     }
 
     fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
-        let Some(plan) = self.plan(agent_id).filter(|p| !p.single) else {
+        let plans = self.plans();
+        let Some(plan) = plans.get(agent_id) else {
             return;
         };
         let model = estimate.model();

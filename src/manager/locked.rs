@@ -543,6 +543,53 @@ impl LockedBudgetManager {
         .unwrap_or_else(unknown_agent_info)
     }
 
+    /// Whether `acquire` would be admitted now, taking nothing; see
+    /// [`BudgetManager::check`](crate::BudgetManager::check).
+    pub fn check(&self, agent_id: &AgentId, tokens: u64, calls: u64) -> Result<(), Refused> {
+        let claim = Claim {
+            agent_id: *agent_id,
+            tokens,
+            calls,
+        };
+        self.check_set(std::slice::from_ref(&claim))
+    }
+
+    /// Whether `acquire_set` would be admitted now, taking nothing; see
+    /// [`BudgetManager::check_set`](crate::BudgetManager::check_set).
+    pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
+        if claims.len() > MAX_SET_LIMITS {
+            let limits = claims.len();
+            return Err(Refusal::TooMany { limits }.refused(claims[0].agent_id, Operation::Acquire));
+        }
+        let now = self.clock.now();
+        let budgets = self.budgets.read();
+        let usage = self.usage.read();
+        let check_chain = |claim: &Claim| -> Result<(), Refusal> {
+            let own = budgets
+                .contains_key(&claim.agent_id)
+                .then(|| usage.get(&claim.agent_id))
+                .flatten()
+                .ok_or(Refusal::NoBudget)?;
+            for (id, limit) in chain(&budgets, &claim.agent_id) {
+                let Some(slot) = usage.get(&id) else { continue };
+                let (_, verdict) = slot
+                    .state
+                    .admit(&limit.policy, now, claim.tokens, claim.calls);
+                verdict.map_err(|shortfall| Refusal::Short {
+                    shortfall,
+                    asked: (claim.tokens, claim.calls),
+                    generation: own.generation,
+                    level: id,
+                })?;
+            }
+            Ok(())
+        };
+        claims.iter().try_for_each(|claim| {
+            check_chain(claim)
+                .map_err(|refusal| refusal.refused(claim.agent_id, Operation::Acquire))
+        })
+    }
+
     /// Whether every level has both tokens and calls left; see
     /// [`BudgetManager::can_schedule`](crate::BudgetManager::can_schedule).
     pub fn can_schedule(&self, agent_id: &AgentId) -> bool {

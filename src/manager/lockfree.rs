@@ -919,6 +919,56 @@ impl BudgetManager {
         })
     }
 
+    /// Whether [`acquire`](Self::acquire) of `tokens` and `calls` would be
+    /// admitted now, taking nothing: `Err` with the refusal it would give
+    /// (naming the lowest level short of room) if not.
+    ///
+    /// A check and a later acquire are two moments, and other requests
+    /// may take or give back between them: `Ok` promises nothing. It is for
+    /// deciding early what is already known, as a gateway refuses a request
+    /// before reading its body when not even the least a request costs
+    /// fits. Unlike an acquire and its cancel, it never makes a concurrent
+    /// request find less room, and it costs one read per level.
+    ///
+    /// ```
+    /// use agent_budget::{BudgetLimit, BudgetManager};
+    ///
+    /// let budgets = BudgetManager::new();
+    /// let agent = uuid::Uuid::new_v4();
+    /// budgets.set_budget(BudgetLimit { agent_id: agent, token_budget: 100, calls_budget: 1, window_secs: 60 });
+    /// assert!(budgets.check(&agent, 100, 1).is_ok());
+    /// assert_eq!(budgets.remaining(&agent).calls_remaining, 1, "nothing taken");
+    /// let _taken = budgets.acquire(&agent, 10, 1)?;
+    /// assert!(budgets.check(&agent, 1, 1).unwrap_err().retry_after.is_some());
+    /// # Ok::<(), agent_budget::Refused>(())
+    /// ```
+    pub fn check(&self, agent_id: &AgentId, tokens: u64, calls: u64) -> Result<(), Refused> {
+        let claim = Claim {
+            agent_id: *agent_id,
+            tokens,
+            calls,
+        };
+        self.check_set(std::slice::from_ref(&claim))
+    }
+
+    /// [`check`](Self::check) for [`acquire_set`](Self::acquire_set):
+    /// whether every limit the claims reach has room now for what each
+    /// claim asks of it, taking nothing. `Ok` is no promise, as for
+    /// `check`; nor does it count the limits against the set's maximum,
+    /// which the acquire does.
+    pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
+        if claims.len() > MAX_SET_LIMITS {
+            let limits = claims.len();
+            return Err(Refusal::TooMany { limits }.refused(claims[0].agent_id, Operation::Acquire));
+        }
+        let now = self.clock.now();
+        let pinned = self.pin();
+        claims.iter().try_for_each(|claim| {
+            check_chain(&pinned, claim, now)
+                .map_err(|refusal| refusal.refused(claim.agent_id, Operation::Acquire))
+        })
+    }
+
     /// Whether the agent, and every level above it, has both tokens and
     /// calls left.
     pub fn can_schedule(&self, agent_id: &AgentId) -> bool {
@@ -1084,6 +1134,37 @@ fn take_past(
         generation: cell.generation(),
         taken_in: after.mark,
     })
+}
+
+/// Whether every level of `claim`'s chain has room for its amounts now
+/// (read, not taken): [`State::admit`] on a copy, the verdict the take
+/// would reach from the same word. A limit reached by several claims is
+/// asked for each one's amounts, which is the same as asking for their
+/// largest (each resource is admitted on its own), as the set's plan does.
+fn check_chain(pinned: &Pinned<'_>, claim: &Claim, now: Now) -> Result<(), Refusal> {
+    let own = pinned.get(&claim.agent_id).ok_or(Refusal::NoBudget)?;
+    let generation = own.generation();
+    let asked = (claim.tokens, claim.calls);
+    let mut verdict = Ok(());
+    walk_chain(pinned, claim.agent_id, own, |id, cell, enforced| {
+        verdict = match cell.load(now) {
+            Some(state) => state
+                .admit(&enforced.policy, now, claim.tokens, claim.calls)
+                .1
+                .map_err(|shortfall| Refusal::Short {
+                    shortfall,
+                    asked,
+                    generation,
+                    level: id,
+                }),
+            // Removed meanwhile: the agent's own budget is gone; an
+            // ancestor's is no longer a limit.
+            None if id == claim.agent_id => Err(Refusal::NoBudget),
+            None => Ok(()),
+        };
+        verdict.is_ok()
+    });
+    verdict
 }
 
 /// `full_info` of a cell, `None` if it was retired meanwhile.

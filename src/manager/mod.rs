@@ -241,6 +241,17 @@ macro_rules! forward_budget_limiter {
             fn can_schedule(&self, agent_id: &$crate::AgentId) -> bool {
                 <$manager>::can_schedule(self, agent_id)
             }
+            fn check(
+                &self,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+            ) -> Result<(), $crate::Refused> {
+                <$manager>::check(self, agent_id, tokens, calls)
+            }
+            fn check_set(&self, claims: &[$crate::Claim]) -> Result<(), $crate::Refused> {
+                <$manager>::check_set(self, claims)
+            }
             fn reset_window(&self, agent_id: &$crate::AgentId) {
                 <$manager>::reset_window(self, agent_id)
             }
