@@ -248,6 +248,12 @@ pub fn go_duration(d: Duration) -> String {
     GoDuration::of(d).as_str().to_owned()
 }
 
+/// [`go_duration`] appended to `out`, for a caller that builds several
+/// header values in one buffer (no `String` of its own).
+pub fn push_go_duration(d: Duration, out: &mut Vec<u8>) {
+    out.extend_from_slice(GoDuration::of(d).as_str().as_bytes());
+}
+
 /// The text of OpenAI's six header values: four numbers of at most 20
 /// digits and two Go durations of at most 22 bytes.
 struct ValueText {

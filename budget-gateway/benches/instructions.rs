@@ -48,6 +48,10 @@ struct Options {
     warmup: u64,
     top: usize,
     variants: Vec<String>,
+    /// The two variants whose difference the by-crate and by-function
+    /// tables break down: what the second adds to the first (by default
+    /// the budget layer to the plain proxy).
+    compare: (String, String),
     keep: Option<PathBuf>,
 }
 
@@ -59,6 +63,7 @@ fn options() -> Options {
         warmup: 200,
         top: 30,
         variants: VARIANTS.map(str::to_owned).to_vec(),
+        compare: ("none".to_owned(), "budget".to_owned()),
         keep: None,
     };
     let mut args = std::env::args().skip(1);
@@ -71,6 +76,12 @@ fn options() -> Options {
             "--warmup" => o.warmup = value().parse().expect("--warmup N"),
             "--top" => o.top = value().parse().expect("--top N"),
             "--variants" => o.variants = value().split(',').map(str::to_owned).collect(),
+            // `--compare budget,limits`: what the limits add to one window.
+            "--compare" => {
+                let pair = value();
+                let (base, other) = pair.split_once(',').expect("--compare BASE,OTHER");
+                o.compare = (base.to_owned(), other.to_owned());
+            }
             // Keeps the callgrind files there, for callgrind_annotate or
             // kcachegrind.
             "--keep" => o.keep = Some(value().into()),
@@ -87,6 +98,11 @@ fn options() -> Options {
             .iter()
             .all(|v| VARIANTS.contains(&v.as_str()) || v == "limits" || v == "limits30d"),
         "--variants takes some of none,budget,governor,limits,limits30d"
+    );
+    assert!(
+        o.variants.contains(&o.compare.0) && o.variants.contains(&o.compare.1)
+            || o.compare == ("none".to_owned(), "budget".to_owned()),
+        "--compare takes two of the variants counted"
     );
     o
 }
@@ -564,13 +580,15 @@ fn main() {
         upkeep.join(", ")
     );
 
-    let plain_total = counted.get("none").map(Runs::median).unwrap_or_default();
+    let (base_name, other_name) = (&o.compare.0, &o.compare.1);
+    let plain_total = counted.get(base_name).map(Runs::median).unwrap_or_default();
     let (Some(none), Some(budget)) = (
-        counted.get_mut("none").map(Runs::costs),
-        counted.get_mut("budget").map(Runs::costs),
+        counted.get_mut(base_name).map(Runs::costs),
+        counted.get_mut(other_name).map(Runs::costs),
     ) else {
         return;
     };
+    let (base_label, other_label) = (variant_name(base_name), variant_name(other_name));
     let mut groups: HashMap<String, (f64, f64)> = HashMap::new();
     for (function, cost) in &budget.exclusive {
         groups.entry(group(function)).or_default().1 += cost;
@@ -581,9 +599,10 @@ fn main() {
     let mut groups: Vec<_> = groups.into_iter().collect();
     groups.sort_by(|a, b| (b.1 .1 - b.1 .0).total_cmp(&(a.1 .1 - a.1 .0)));
     println!(
-        "\nWhat the layer adds, by crate (self cost per request; the rows add up to the difference):\n"
+        "\nWhat {other_label} adds to {base_label}, by crate (self cost per request; the rows add \
+         up to the difference):\n"
     );
-    println!("| crate | plain proxy | budget layer | difference |");
+    println!("| crate | {base_label} | {other_label} | difference |");
     println!("|---|---|---|---|");
     let total: f64 = groups.iter().map(|g| g.1 .1 - g.1 .0).sum();
     let mut rest = total;
@@ -613,11 +632,12 @@ fn main() {
         .collect();
     functions.sort_by(|a, b| (b.2 - b.1).abs().total_cmp(&(a.2 - a.1).abs()));
     println!(
-        "\nWhat the layer adds, by function (inclusive cost per request: each row holds its callees; \
-         the threads' and the server's frames around the layer left out), the {} largest differences:\n",
+        "\nWhat {other_label} adds to {base_label}, by function (inclusive cost per request: each \
+         row holds its callees; the threads' and the server's frames around the layer left out), \
+         the {} largest differences:\n",
         o.top
     );
-    println!("| function | plain proxy | budget layer | difference |");
+    println!("| function | {base_label} | {other_label} | difference |");
     println!("|---|---|---|---|");
     for (function, plain, layer) in functions.iter().take(o.top) {
         println!(

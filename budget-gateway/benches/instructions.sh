@@ -4,7 +4,8 @@
 # From a fresh clone: installs valgrind if it is missing, builds the release
 # binary with line tables (the functions' names; the code is the same), and
 # prints the tables. Arguments go to the bench: --requests N --batches N
-# --warmup N --top N --variants none,budget,governor --keep DIR.
+# --warmup N --top N --variants none,budget,governor --keep DIR, and
+# --compare budget,limits to break down what the limits add to one window.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 command -v valgrind >/dev/null || (apt-get update && apt-get install -y valgrind)

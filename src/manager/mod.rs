@@ -8,7 +8,7 @@ pub(crate) mod locked;
 pub(crate) mod lockfree;
 
 use crate::limit::Limit;
-use crate::rules::{Now, Policy, State};
+use crate::rules::{Now, Policy, Reading, State};
 use crate::types::{AgentId, BudgetInfo, FullBudgetInfo};
 
 const MILLIS_PER_SEC: u64 = 1_000;
@@ -70,7 +70,11 @@ pub(crate) fn unknown_agent_info() -> BudgetInfo {
 /// `remaining` for a known agent. Reads the state as the next operation
 /// would find it, so reads and writes share one expiry rule.
 pub(crate) fn budget_info(policy: &Policy, stored: State, now: Now) -> BudgetInfo {
-    let reading = stored.read(policy, now);
+    info_of_reading(&stored.read(policy, now))
+}
+
+/// [`budget_info`] of a reading at hand.
+fn info_of_reading(reading: &Reading) -> BudgetInfo {
     let (tokens_remaining, calls_remaining) = reading.remaining;
     BudgetInfo {
         tokens_remaining,
@@ -83,8 +87,9 @@ pub(crate) fn budget_info(policy: &Policy, stored: State, now: Now) -> BudgetInf
 /// `full_info` for a known agent: [`budget_info`] with the configured
 /// limits and the usage beside it.
 pub(crate) fn full_budget_info(limit: &Limit, stored: State, now: Now) -> FullBudgetInfo {
-    let info = budget_info(&limit.policy, stored, now);
-    let (tokens_used, calls_used) = stored.read(&limit.policy, now).used;
+    let reading = stored.read(&limit.policy, now);
+    let info = info_of_reading(&reading);
+    let (tokens_used, calls_used) = reading.used;
     FullBudgetInfo {
         agent_id: limit.configured.agent_id(),
         token_limit: limit.configured.token_budget(),
