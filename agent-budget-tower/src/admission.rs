@@ -348,7 +348,7 @@ impl<M: BudgetLimiter + 'static> Admission for M {
         self.chain_info(agent_id)
     }
 
-    /// The core's [`check`](BudgetManager::check): the admission's verdict
+    /// The core's [`check`](agent_budget::BudgetManager::check): the admission's verdict
     /// and its refusal's `Retry-After`, taking nothing.
     fn precheck(
         self: &Arc<Self>,
