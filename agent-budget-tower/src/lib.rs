@@ -57,19 +57,22 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 20,000 instructions per request (19,853 and 20,541 in two
-//! runs; 66,800 before the changes below). What they are, roughly:
+//! adds about 25,700 instructions per request (66,800 before the changes
+//! below; 20,541 before spend limits, shadow mode, the model and the check
+//! before the body were added, which took it to 30,245). What they are,
+//! roughly:
 //!
 //! | part | instructions |
 //! |---|---|
-//! | reading the response's `usage` (290 bytes, validated to the end) | 3,700 |
-//! | the request's estimate (the body's JSON, read and validated) | 2,900 |
-//! | reading the body, and the path checked again (the gateway checked it before routing) | 1,400 |
+//! | the bearer key: its SHA-256 in software (valgrind hides the CPU's SHA extensions, which `sha2` uses natively: 63 ns a digest, against 215 ns in software), and the lookup | 3,500 + 650 |
+//! | reading the response's `usage` (290 bytes, validated to the end) | 3,800 |
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
+//! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,800 |
+//! | the core: `check` before the body, `acquire_owned`, `settle`, and `chain_info` for the headers (830) | 2,500 |
 //! | hyper and tokio: the body read in the server's own task wakes that task (hyper's body channel wakes its sender whenever the receiver takes a chunk), so tokio yields it and rouses a parked sibling worker; the six headers written out | 2,300 |
-//! | the core: `acquire_owned`, `settle`, and `chain_info` for the headers (750) | 2,200 |
 //! | the boxed service future and its moves, axum's boxed bodies | 2,000 |
-//! | the bearer key, the meter's start, the settle's bookkeeping, metrics | 2,000 |
+//! | reading the body, and the path checked again (the gateway checked it before routing) | 1,500 |
+//! | the meter's start, the settle's bookkeeping, metrics | 2,000 |
 //!
 //! What took the rest:
 //!
@@ -89,6 +92,10 @@
 //! - Smaller: the path check in one pass and then eight bytes at a time,
 //!   the bearer key read from its bytes and hashed with ahash, Go
 //!   durations in `u64`.
+//! - **The model, read in a second pass** over the body (2,400), and a
+//!   check before the body that took the least a request costs and gave
+//!   it back (1,400, and a concurrent request could find less room
+//!   meanwhile): now one pass, and the core's `check`, which takes nothing.
 //!
 //! Tried and dropped, with their counts: `quanta::Instant` for the check's
 //! duration (136 instructions where `std::time::Instant`, through the
@@ -98,9 +105,10 @@
 //! runtime per core (no cross-worker wake-ups at all) moved the median
 //! latency by -2 ± 9 µs at one connection: not kept.
 //!
-//! Left, and where they would go: the post-admission `chain_info` (750),
+//! Left, and where they would go: the post-admission `chain_info` (830),
 //! which an `acquire` returning its levels' state would make unnecessary
-//! (an addition to the core); the self-wake, which is hyper's.
+//! (an addition to the core); the self-wake, which is hyper's; the key's
+//! digest, which costs what the table says only under valgrind.
 //!
 //! # Embedding it in axum
 //!

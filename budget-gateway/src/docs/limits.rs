@@ -140,26 +140,28 @@
 //! ## Cost
 //!
 //! `budget-gateway/benches/instructions.sh --variants
-//! budget,limits,limits30d --runs 1 --batches 1 --requests 200 --warmup
-//! 100` (callgrind, one process per variant, 2-core Intel Xeon @ 2.80GHz
-//! VM), instructions per proxied chat completion:
+//! none,budget,governor,limits` (callgrind, the median of three processes
+//! per variant, 2-vCPU AMD EPYC VM), instructions per proxied chat
+//! completion; `--compare budget,limits` breaks the difference down:
 //!
 //! | configuration | instructions | vs one window |
 //! |---|---|---|
-//! | one window on tokens and requests (`budget`) | 85,959 | |
-//! | two windows and a spend limit in `1mo` (`limits`) | 98,098 | +14.1% |
-//! | the same, spend in `30d` (`limits30d`) | 96,364 | +12.1% |
+//! | one window on tokens and requests (`budget`) | 86,183 | |
+//! | two windows and a spend limit in `1mo` (`limits`) | 96,648 | +12.1% |
 //!
-//! Issue 17's target (within 10%) is not met yet. Where the difference
-//! goes (inclusive, from the callgrind files): the core's set admission
-//! and settle (`acquire_set_owned` about 3,100 where `acquire_owned` is
-//! about 700; `settle_with` about 2,000, of which `set::worst` 1,900),
-//! the spend headers (a `full_info` of the spend cell, whose calendar
-//! month costs 2,700 in `rules::calendar::window_of`, and three header
-//! inserts), the plan's three lookups (`admit`, `rate_limits`,
-//! `write_headers`) and `rate_limits`' extra `full_info`. Already cut:
-//! the dollars formatted from integer digits rather than `{:.6}` (4,700),
-//! the set's reservation boxed (its moves were 1,900 of copies). Left to
-//! try: one plan lookup per request (kept in the reservation), the spend
-//! cell's state returned by the admission instead of a second
-//! `full_info`, and, in the core, a cheaper `window_of` and `worst`.
+//! (An earlier session, on a 2-core Intel Xeon: 85,959 and 98,098,
+//! +14.1%.) Issue 17's target (within 10%) is not met yet. Where the
+//! difference goes (inclusive, `--compare budget,limits`): the core's set
+//! admission and settle (`acquire_set_owned` 2,430 where `acquire_owned`
+//! is about 480; the set's settle 1,600 where one budget's is 550: four
+//! compare-and-swaps and four lookups where there is one of each), the
+//! spend headers (a `full_info` of the spend cell and three header
+//! inserts, 3,800), `rate_limits`' extra `full_info`s (870) and the
+//! claims (900). Already cut: the dollars formatted from integer digits
+//! rather than `{:.6}` (4,700); the set's reservation boxed (its moves
+//! were 1,900 of copies); the month's dates remembered per thread (they
+//! were computed about ten times a request, 1,800) and `full_info`
+//! reading the state once; the spend headers in one allocation; the plan
+//! table read without cloning an `Arc`. Left to try: the spend cell's
+//! state returned by the admission instead of a second `full_info`, and,
+//! in the core, settling through the slot the take found.
