@@ -147,7 +147,7 @@
 //! | configuration | instructions | vs one window |
 //! |---|---|---|
 //! | one window on tokens and requests (`budget`) | 86,183 | |
-//! | two windows and a spend limit in `1mo` (`limits`) | 96,648 | +12.1% |
+//! | two windows and a spend limit in `1mo` (`limits`) | 96,648 | +12.1% (+12.9% in another, one-process run) |
 //!
 //! (An earlier session, on a 2-core Intel Xeon: 85,959 and 98,098,
 //! +14.1%.) Issue 17's target (within 10%) is not met yet. Where the
