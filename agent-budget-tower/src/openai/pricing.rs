@@ -113,6 +113,27 @@ impl PriceTable {
 /// make it slow.
 pub fn glob_matches(pattern: &str, text: &str) -> bool {
     let (pattern, text) = (pattern.as_bytes(), text.as_bytes());
+    // The literal run before the first wildcard, compared at once (the
+    // common globs are `gpt-4o*` and exact names: a character at a time,
+    // they cost 380 instructions a request, callgrind). Both sides then
+    // stand after the same characters, at a character boundary.
+    let literal = pattern
+        .iter()
+        .position(|&c| c == b'*' || c == b'?')
+        .unwrap_or(pattern.len());
+    if !text.starts_with(&pattern[..literal]) {
+        return false;
+    }
+    match &pattern[literal..] {
+        [] => return text.len() == literal,
+        [b'*'] => return true,
+        _ => {}
+    }
+    walk(&pattern[literal..], &text[literal..])
+}
+
+/// [`glob_matches`] after the literal run: the two-pointer walk.
+fn walk(pattern: &[u8], text: &[u8]) -> bool {
     // The length of the UTF-8 character that starts with `lead`.
     let width = |lead: u8| match lead {
         0..0xE0 if lead < 0x80 => 1,
@@ -247,6 +268,35 @@ mod tests {
         let no_default = PriceTable::new(vec![price("gpt-4o", 2.5, 10.0, None)]);
         assert_eq!(no_default.price_of("gpt-4o-2024"), None);
         assert!(PriceTable::default().is_empty());
+    }
+
+    #[test]
+    fn the_literal_prefix_shortcut_answers_as_the_walk_does() {
+        // Every pattern of up to four of `a`, `é`, `*`, `?` against every
+        // text of up to four of `a`, `b`, `é`: the shortcut against the
+        // walk alone, from the start.
+        fn all(symbols: &[&str], up_to: usize) -> Vec<String> {
+            let mut out = vec![String::new()];
+            let mut last = vec![String::new()];
+            for _ in 0..up_to {
+                last = last
+                    .iter()
+                    .flat_map(|s| symbols.iter().map(move |c| format!("{s}{c}")))
+                    .collect();
+                out.extend(last.iter().cloned());
+            }
+            out
+        }
+        let texts = all(&["a", "b", "é"], 4);
+        for pattern in all(&["a", "é", "*", "?"], 4) {
+            for text in &texts {
+                assert_eq!(
+                    glob_matches(&pattern, text),
+                    walk(pattern.as_bytes(), text.as_bytes()),
+                    "{pattern} ~ {text}"
+                );
+            }
+        }
     }
 
     #[test]
