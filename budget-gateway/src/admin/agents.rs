@@ -535,3 +535,33 @@ pub async fn revoke_key(
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_limit_as_shown_is_read_back_exactly() {
+        // serde_json parses a float to the nearest double only with its
+        // `float_roundtrip` feature: without it, 24.5666... (50 digits)
+        // was shown as 24.566666666666666, which read back one unit in the
+        // last place off, so a PUT of what a GET showed changed the agent
+        // (found by the `admin` fuzz target).
+        let long = format!("24.5{}", "6".repeat(50));
+        for usd in [
+            &long,
+            "24.566666666666666",
+            "0.1",
+            "50.0",
+            "0.000001",
+            "123456.789012",
+        ] {
+            let body = format!(r#"{{"limits":[{{"window":"1mo","spend_usd":{usd}}}]}}"#);
+            let (_, first) = read_agent_body(body.as_bytes(), None).unwrap();
+            let shown =
+                serde_json::to_vec(&serde_json::json!({ "limits": first.limits.specs() })).unwrap();
+            let (_, again) = read_agent_body(&shown, None).unwrap();
+            assert_eq!(first, again, "{usd}");
+        }
+    }
+}
