@@ -19,6 +19,17 @@ use crate::types::{AgentId, Claim};
 /// taking nothing.
 pub const MAX_SET_LIMITS: usize = 32;
 
+/// The refusal of more than [`MAX_SET_LIMITS`] claims, which a set's
+/// check gives before it reads anything (the acquire refuses them too).
+pub(crate) fn check_size(claims: &[Claim]) -> Result<(), crate::error::Refused> {
+    if claims.len() <= MAX_SET_LIMITS {
+        return Ok(());
+    }
+    let limits = claims.len();
+    Err(crate::error::Refusal::TooMany { limits }
+        .refused(claims[0].agent_id, crate::error::Operation::Acquire))
+}
+
 /// How many limits a plan holds without allocating: four claims of one
 /// level each, or one chain of [`MAX_LEVELS`](crate::MAX_LEVELS).
 pub(crate) const INLINE_LIMITS: usize = 8;

@@ -557,10 +557,7 @@ impl LockedBudgetManager {
     /// Whether `acquire_set` would be admitted now, taking nothing; see
     /// [`BudgetManager::check_set`](crate::BudgetManager::check_set).
     pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
-        if claims.len() > MAX_SET_LIMITS {
-            let limits = claims.len();
-            return Err(Refusal::TooMany { limits }.refused(claims[0].agent_id, Operation::Acquire));
-        }
+        set::check_size(claims)?;
         let now = self.clock.now();
         let budgets = self.budgets.read();
         let usage = self.usage.read();

@@ -957,10 +957,7 @@ impl BudgetManager {
     /// `check`; nor does it count the limits against the set's maximum,
     /// which the acquire does.
     pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
-        if claims.len() > MAX_SET_LIMITS {
-            let limits = claims.len();
-            return Err(Refusal::TooMany { limits }.refused(claims[0].agent_id, Operation::Acquire));
-        }
+        set::check_size(claims)?;
         let now = self.clock.now();
         let pinned = self.pin();
         claims.iter().try_for_each(|claim| {
