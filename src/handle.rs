@@ -17,7 +17,12 @@
 //! incarnation after every load of its usage word and finds no one, so its
 //! operations are refused as for an unknown agent, and a fresh handle is
 //! needed. If the agent moves to a cell of the other width (its limit
-//! changed), the handle follows it.
+//! changed), the handle follows it: an operation through the hint finds
+//! the old cell's word saying where the agent went, stops there (the old
+//! cell keeps the policy it had when the agent left, and an operation
+//! reads its policy before it follows the word), and the handle looks
+//! the agent up by id and remembers its new place. Before this, a handle
+//! made before a move judged a later, smaller limit by the old policy.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -56,8 +61,9 @@ impl Grip {
     }
 
     /// This incarnation's cell, looked up by id, when the hint found no
-    /// one: the agent moved to the other width and its old slot was
-    /// reused. Remembers the new place. `None` if the agent is gone.
+    /// one: the agent moved to the other width (its old cell keeps the
+    /// policy it had then, so it is not used), and its old slot may have
+    /// been reused. Remembers the new place. `None` if the agent is gone.
     #[cold]
     fn moved<'p>(&self, pinned: &'p Pinned<'_>) -> Option<CellRef<'p>> {
         let hint = self.slot.load(Ordering::Relaxed);

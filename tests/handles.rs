@@ -135,6 +135,31 @@ fn a_handle_honours_the_agents_chain_and_its_new_limits() {
 }
 
 #[test]
+fn a_handle_follows_its_agent_to_a_wider_cell_and_its_later_limits() {
+    // The agent's cell moves when a limit needs the wider word (here, calls
+    // past 2^16); its old cell keeps the policy it had. A handle made
+    // before the move once read that policy through its hint and judged a
+    // later, smaller limit by it: 500 tokens of a 10-token budget.
+    let m = Arc::new(mocked().0);
+    let key = agent();
+    m.set_budget(limit(key, 1_000, 100, 60));
+    let handle = m.handle(&key).expect("configured");
+    let owned = m.handle_owned(&key).expect("configured");
+    m.set_budget(limit(key, 1_000, 100_000, 60));
+    m.set_budget(limit(key, 10, 100_000, 60));
+    let refused = handle.reserve(500).unwrap_err();
+    assert_eq!(refused.kind, BudgetKind::Token);
+    assert!(owned.acquire(11, 1).is_err(), "the owned handle too");
+    assert_eq!(m.remaining(&key).tokens_remaining, 10, "nothing taken");
+    handle.reserve(10).unwrap();
+    assert_eq!(m.remaining(&key).tokens_remaining, 0);
+    // And back to the narrow word, smaller still.
+    m.set_budget(limit(key, 5, 100, 60));
+    assert!(owned.acquire(1, 1).is_err(), "5 were used of a limit of 5");
+    assert_eq!(handle.remaining().tokens_remaining, 0);
+}
+
+#[test]
 fn owned_handles_work_from_many_threads_and_admit_exactly_the_budget() {
     fn send_sync_static<T: Send + Sync + 'static>() {}
     send_sync_static::<OwnedAgentHandle>();

@@ -603,6 +603,7 @@ impl<'r> Pinned<'r> {
                     target,
                     at,
                     expect: None,
+                    follows_moves: true,
                 });
             }
         }
@@ -610,10 +611,11 @@ impl<'r> Pinned<'r> {
     }
 
     /// The cell at `at`, for incarnation `generation` of its agent: what a
-    /// handle reaches its agent by. Operations on it follow the agent if it
-    /// moved to the other width, and find no one if the slot holds another
-    /// incarnation (the agent was removed, or moved and its old slot
-    /// reused: the handle then looks the agent up again).
+    /// handle reaches its agent by. Operations on it find no one if the
+    /// agent moved to the other width (its old cell keeps the policy it
+    /// had then), or if the slot holds another incarnation (the agent was
+    /// removed, or moved and its old slot reused): the handle then looks
+    /// the agent up again.
     #[inline]
     pub(crate) fn at(&self, at: SlotRef, generation: u64) -> Option<CellRef<'_>> {
         Some(CellRef {
@@ -621,6 +623,7 @@ impl<'r> Pinned<'r> {
             target: self.registry.target(at)?,
             at,
             expect: Some(generation),
+            follows_moves: false,
         })
     }
 
@@ -637,6 +640,7 @@ impl<'r> Pinned<'r> {
                         target,
                         at,
                         expect: None,
+                        follows_moves: true,
                     },
                 );
             }
@@ -657,6 +661,13 @@ pub(crate) struct CellRef<'p> {
     at: SlotRef,
     /// The incarnation a handle or a reservation is for.
     expect: Option<u64>,
+    /// Whether operations follow the agent into the cell it moved to.
+    /// Not for a cell reached through a handle's slot hint: a cell the
+    /// agent moved out of keeps the policy it had then, which the caller
+    /// has already read, while `set_budget` changes the policy where the
+    /// agent lives now. Such an operation finds no one, and the handle
+    /// looks its agent up again (and reads the live cell's policy).
+    follows_moves: bool,
 }
 
 impl<'p> CellRef<'p> {
@@ -700,9 +711,11 @@ impl<'p> CellRef<'p> {
     }
 
     /// [`Cell::update`] on wherever the agent is: follows a move to the
-    /// other width, and widens a narrow cell whose next state does not fit
-    /// (the only time an operation takes the writer's lock). `None` if the
-    /// agent is gone (removed, or another incarnation).
+    /// other width (unless this reference came from a handle's hint: see
+    /// `follows_moves`), and widens a narrow cell whose next state does not
+    /// fit (the only time an operation takes the writer's lock). `None` if
+    /// the agent is gone (removed, or another incarnation), or moved away
+    /// from a hinted cell.
     ///
     /// One loop for both widths, on the raw word in a `u128`, so that
     /// `transition` has one call site and is inlined into it.
@@ -727,6 +740,7 @@ impl<'p> CellRef<'p> {
             let before = match on!(target, c => c.decode_raw(current, now, &fresh)) {
                 Word::Live(state) => state,
                 Word::Retired => return None,
+                Word::Moved(_) if !self.follows_moves => return None,
                 Word::Moved(slot) => {
                     at = at.moved_to(slot);
                     target = pinned.registry.target(at)?;
