@@ -153,18 +153,14 @@ impl RateLimitSnapshot {
         let token_limit = number(&mut text, self.token_limit);
         let calls_remaining = number(&mut text, self.calls_remaining);
         let tokens_remaining = number(&mut text, self.tokens_remaining);
-        let tokens_reset = text.push(GoDuration::of(self.tokens_reset).as_str().as_bytes());
+        let tokens_reset = text.push_go_duration(self.tokens_reset);
         // One budget (the common case): one reset, formatted once.
         let calls_reset = if self.calls_reset == self.tokens_reset {
             tokens_reset.clone()
         } else {
-            text.push(GoDuration::of(self.calls_reset).as_str().as_bytes())
+            text.push_go_duration(self.calls_reset)
         };
-        let shared = Bytes::from_owner(text.bytes);
-        let value = |range| {
-            HeaderValue::from_maybe_shared(shared.slice(range))
-                .expect("digits, '.' and unit letters make a valid header value")
-        };
+        let value = text.into_values();
         headers.reserve(6);
         headers.insert(X_RATELIMIT_LIMIT_REQUESTS, value(calls_limit));
         headers.insert(X_RATELIMIT_LIMIT_TOKENS, value(token_limit));
@@ -248,15 +244,12 @@ pub fn go_duration(d: Duration) -> String {
     GoDuration::of(d).as_str().to_owned()
 }
 
-/// [`go_duration`] appended to `out`, for a caller that builds several
-/// header values in one buffer (no `String` of its own).
-pub fn push_go_duration(d: Duration, out: &mut Vec<u8>) {
-    out.extend_from_slice(GoDuration::of(d).as_str().as_bytes());
-}
-
-/// The text of OpenAI's six header values: four numbers of at most 20
-/// digits and two Go durations of at most 22 bytes.
-struct ValueText {
+/// Several header values' text in one buffer on the stack, shared by
+/// every value made of it (one allocation for them all, where a value
+/// each would be one allocation each): OpenAI's six values (four numbers
+/// of at most 20 digits and two Go durations of at most 22 bytes), or
+/// any others as short. It holds 128 bytes; a push past them panics.
+pub struct ValueText {
     bytes: [u8; 128],
     len: usize,
 }
@@ -272,11 +265,27 @@ impl Default for ValueText {
 
 impl ValueText {
     /// Appends `text`; where it lies.
-    fn push(&mut self, text: &[u8]) -> std::ops::Range<usize> {
+    pub fn push(&mut self, text: &[u8]) -> std::ops::Range<usize> {
         let start = self.len;
         self.bytes[start..start + text.len()].copy_from_slice(text);
         self.len += text.len();
         start..self.len
+    }
+
+    /// Appends `d` as a Go duration (see [`go_duration`]); where it lies.
+    pub fn push_go_duration(&mut self, d: Duration) -> std::ops::Range<usize> {
+        self.push(GoDuration::of(d).as_str().as_bytes())
+    }
+
+    /// The header value of each range a push returned, all sharing the
+    /// one allocation made here. The pushed text must be a valid header
+    /// value (digits, dots, letters).
+    pub fn into_values(self) -> impl Fn(std::ops::Range<usize>) -> HeaderValue {
+        let shared = Bytes::from_owner(self.bytes);
+        move |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range))
+                .expect("digits, '.' and unit letters make a valid header value")
+        }
     }
 }
 

@@ -45,12 +45,11 @@ use agent_budget::{
     AgentId, BudgetManager, Claim, FullBudgetInfo, OwnedReservation, OwnedSetReservation, Refused,
     Settlement,
 };
-use agent_budget_tower::headers::push_go_duration;
+use agent_budget_tower::headers::ValueText;
 use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
 use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsageLog, UsedTokens};
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{HeaderMap, HeaderName};
 use smallvec::SmallVec;
 
 use crate::limits::{micros_to_usd, Counts, Limits};
@@ -597,22 +596,12 @@ impl Admission for LimitAdmission {
         // The three values in one buffer, each header a slice of it (one
         // allocation, not three), the dollars as integer digits (formatting
         // them as a float, {:.6}, cost four times as much: callgrind).
-        let mut text = Vec::with_capacity(2 * 28 + 40);
-        let push = |text: &mut Vec<u8>, bytes: &[u8]| {
-            text.extend_from_slice(bytes);
-            text.len() - bytes.len()..text.len()
-        };
+        let mut text = ValueText::default();
         let mut digits = [0u8; 28];
-        let limit = push(&mut text, usd_digits(info.token_limit, &mut digits));
-        let remaining = push(&mut text, usd_digits(info.tokens_remaining, &mut digits));
-        let reset_at = text.len();
-        push_go_duration(Duration::from_secs(info.window_remaining_secs), &mut text);
-        let reset = reset_at..text.len();
-        let shared = Bytes::from(text);
-        let value = |range| {
-            HeaderValue::from_maybe_shared(shared.slice(range))
-                .expect("digits, a dot and unit letters are a header value")
-        };
+        let limit = text.push(usd_digits(info.token_limit, &mut digits));
+        let remaining = text.push(usd_digits(info.tokens_remaining, &mut digits));
+        let reset = text.push_go_duration(Duration::from_secs(info.window_remaining_secs));
+        let value = text.into_values();
         headers.reserve(3);
         headers.insert(X_BUDGET_SPEND_LIMIT_USD, value(limit));
         headers.insert(X_BUDGET_SPEND_REMAINING_USD, value(remaining));
