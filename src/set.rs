@@ -19,15 +19,20 @@ use crate::types::{AgentId, Claim};
 /// taking nothing.
 pub const MAX_SET_LIMITS: usize = 32;
 
-/// The refusal of more than [`MAX_SET_LIMITS`] claims, which a set's
-/// check gives before it reads anything (the acquire refuses them too).
-pub(crate) fn check_size(claims: &[Claim]) -> Result<(), crate::error::Refused> {
-    if claims.len() <= MAX_SET_LIMITS {
-        return Ok(());
+/// The refusal of more than [`MAX_SET_LIMITS`] claims, given before
+/// anything is read or taken (by the acquire and the check alike), with
+/// the first claim's agent.
+#[inline]
+pub(crate) fn check_size(claims: &[Claim]) -> Result<(), (crate::error::Refusal, AgentId)> {
+    match claims.first() {
+        Some(first) if claims.len() > MAX_SET_LIMITS => Err((
+            crate::error::Refusal::TooMany {
+                limits: claims.len(),
+            },
+            first.agent_id,
+        )),
+        _ => Ok(()),
     }
-    let limits = claims.len();
-    Err(crate::error::Refusal::TooMany { limits }
-        .refused(claims[0].agent_id, crate::error::Operation::Acquire))
 }
 
 /// How many limits a plan holds without allocating: four claims of one

@@ -19,7 +19,7 @@ use crate::reservation::{
     SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Refund, State};
-use crate::set::{self, Plan, SetTicket, Shadowed, TooMany, MAX_SET_LIMITS};
+use crate::set::{self, Plan, SetTicket, Shadowed, TooMany};
 use crate::sync::ClockSource;
 use crate::types::{
     AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
@@ -421,14 +421,7 @@ impl LockedBudgetManager {
         shadowed: Shadowed<'_>,
     ) -> Result<Plan<()>, (Refusal, AgentId)> {
         let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
-        if claims.len() > MAX_SET_LIMITS {
-            return Err((
-                Refusal::TooMany {
-                    limits: claims.len(),
-                },
-                who(0),
-            ));
-        }
+        set::check_size(claims)?;
         let mut given_back = Plan::<()>::new();
         let verdict = {
             let budgets = self.budgets.read();
@@ -557,7 +550,7 @@ impl LockedBudgetManager {
     /// Whether `acquire_set` would be admitted now, taking nothing; see
     /// [`BudgetManager::check_set`](crate::BudgetManager::check_set).
     pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
-        set::check_size(claims)?;
+        set::check_size(claims).map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         let now = self.clock.now();
         let budgets = self.budgets.read();
         let usage = self.usage.read();

@@ -17,7 +17,7 @@ use crate::reservation::{
     SetReservation, Settlement, Ticket,
 };
 use crate::rules::{Now, Policy, Refund, State};
-use crate::set::{self, Plan, SetLevel, SetTicket, Shadowed, TooMany, MAX_SET_LIMITS};
+use crate::set::{self, Plan, SetLevel, SetTicket, Shadowed, TooMany};
 use crate::sync::{AtomicU64, ClockSource, Mutex, MutexGuard, Ordering};
 use crate::types::{
     AgentId, BudgetInfo, BudgetLimit, CalendarLimit, Claim, FullBudgetInfo, RefillLimit,
@@ -726,14 +726,7 @@ impl BudgetManager {
         plan: &mut Plan<(CellRef<'p>, Policy)>,
     ) -> Result<(), (Refusal, AgentId)> {
         let who = |n: usize| claims.get(n).map_or(AgentId::nil(), |c| c.agent_id);
-        if claims.len() > MAX_SET_LIMITS {
-            return Err((
-                Refusal::TooMany {
-                    limits: claims.len(),
-                },
-                who(0),
-            ));
-        }
+        set::check_size(claims)?;
         let mut generation = None;
         for (n, claim) in claims.iter().enumerate() {
             let cell = match (n, first) {
@@ -957,7 +950,7 @@ impl BudgetManager {
     /// `check`; nor does it count the limits against the set's maximum,
     /// which the acquire does.
     pub fn check_set(&self, claims: &[Claim]) -> Result<(), Refused> {
-        set::check_size(claims)?;
+        set::check_size(claims).map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         let now = self.clock.now();
         let pinned = self.pin();
         claims.iter().try_for_each(|claim| {
