@@ -267,7 +267,7 @@ impl RequestEstimate {
 /// names none (or is not a JSON object, which the estimate refuses).
 pub fn request_model(body: &Bytes) -> Option<Bytes> {
     match fast_model(body) {
-        Some(found) => found.map(|range| body.slice(range)),
+        Some(found) => found.slice_of(body),
         None => {
             #[derive(serde::Deserialize)]
             struct Model {
@@ -280,19 +280,16 @@ pub fn request_model(body: &Bytes) -> Option<Bytes> {
     }
 }
 
-/// [`request_model`] by the strict reader: the model's byte range; `None`
+/// [`request_model`] by the strict reader: where the model is; `None`
 /// for a body it leaves to serde (an escaped model, a duplicate key).
-fn fast_model(body: &[u8]) -> Option<Option<std::ops::Range<usize>>> {
+fn fast_model(body: &[u8]) -> Option<ModelName> {
     let mut cursor = Cursor::new(body)?;
-    let mut found = None;
+    let mut found = ModelName::Absent;
     let mut seen = Fields::default();
     cursor.object(|c, key| {
         if key == "model" {
             seen.first(0)?;
-            let model = c.string()?;
-            let text = model.text()?;
-            let start = text.as_ptr() as usize - body.as_ptr() as usize;
-            found = Some(start..start + text.len());
+            found = ModelName::within(body, c.string()?.text()?);
         } else {
             c.skip()?;
         }
