@@ -66,6 +66,13 @@ impl KeyHash {
         KeyHash(Sha256::digest(key.as_bytes()).into())
     }
 
+    /// The hash of `key`, a key a request presented: as [`of`](Self::of),
+    /// remembered by this thread for the next request with the same key
+    /// (see the module's docs).
+    pub fn of_presented(key: &str) -> Self {
+        memo::digest_of(key)
+    }
+
     /// As 64 lowercase hex digits (how the database stores it).
     pub fn to_hex(&self) -> String {
         hex(&self.0)
@@ -228,7 +235,7 @@ impl KeyTable {
     /// The agent of `key`, if it is accepted.
     pub fn agent_of(&self, key: &str) -> Option<AgentId> {
         let keys = self.keys.pin();
-        let entry = keys.get(&KeyHash::of(key))?;
+        let entry = keys.get(&KeyHash::of_presented(key))?;
         // Relaxed: a hint for the collector, which publishes nothing
         // through it. Read first, so a key in use is written once per
         // collection, not by every request.
@@ -267,6 +274,59 @@ impl Identify for KeyTable {
         })?;
         self.agent_of(key)
             .ok_or_else(|| Rejection::unauthenticated("Incorrect API key provided."))
+    }
+}
+
+/// The digests of the keys this thread hashed last.
+mod memo {
+    use std::cell::RefCell;
+
+    use siphasher::sip128::{Hasher128, SipHasher24};
+
+    use super::KeyHash;
+
+    /// Keys remembered per thread: a gateway's clients with one key each,
+    /// on a worker, rarely number more.
+    const SLOTS: usize = 64;
+
+    struct Memo {
+        /// `None` where the OS gave no randomness: every key is hashed.
+        fingerprint: Option<SipHasher24>,
+        /// A key's fingerprint and its digest, in the slot its fingerprint's
+        /// low bits choose.
+        slots: [Option<(u128, KeyHash)>; SLOTS],
+    }
+
+    thread_local! {
+        static MEMO: RefCell<Memo> = RefCell::new(Memo {
+            fingerprint: getrandom::u64()
+                .and_then(|k0| Ok((k0, getrandom::u64()?)))
+                .ok()
+                .map(|(k0, k1)| SipHasher24::new_with_keys(k0, k1)),
+            slots: [None; SLOTS],
+        });
+    }
+
+    pub(super) fn digest_of(key: &str) -> KeyHash {
+        MEMO.try_with(|memo| {
+            let mut memo = memo.borrow_mut();
+            let Some(fingerprint) = memo.fingerprint.as_ref() else {
+                return KeyHash::of(key);
+            };
+            let fingerprint = fingerprint.hash(key.as_bytes()).as_u128();
+            let slot = &mut memo.slots[fingerprint as usize % SLOTS];
+            match slot {
+                // A fingerprint says nothing of the key; compared plainly.
+                Some((known, digest)) if *known == fingerprint => *digest,
+                _ => {
+                    let digest = KeyHash::of(key);
+                    *slot = Some((fingerprint, digest));
+                    digest
+                }
+            }
+        })
+        // A thread being torn down: no memo, the digest as it is.
+        .unwrap_or_else(|_| KeyHash::of(key))
     }
 }
 
@@ -316,6 +376,30 @@ mod tests {
         assert_ne!(KeyHash::from_hex(&first).unwrap(), h);
         assert_eq!(KeyHash::from_hex("zz"), None);
         assert_eq!(KeyHash::from_hex(&"g".repeat(64)), None);
+    }
+
+    #[test]
+    fn a_presented_key_gets_its_own_digest_however_many_share_the_memo() {
+        // More keys than the memo has slots, so slots are shared and
+        // overwritten; keys one character apart; each presented three
+        // times, in rounds, so that some are found and some were replaced.
+        let keys: Vec<String> = (0..500)
+            .flat_map(|i| [format!("sk-ab-{i:040}"), format!("sk-ab-{i:039}x")])
+            .collect();
+        for round in 0..3 {
+            for key in keys.iter().skip(round) {
+                assert_eq!(KeyHash::of_presented(key), KeyHash::of(key), "{key}");
+                assert_eq!(KeyHash::of_presented(key), KeyHash::of(key), "{key}");
+            }
+        }
+        // Another thread has its own memo, and the same answers.
+        std::thread::spawn(move || {
+            for key in &keys {
+                assert_eq!(KeyHash::of_presented(key), KeyHash::of(key), "{key}");
+            }
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
