@@ -57,14 +57,14 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 25,700 instructions per request (66,800 before the changes
+//! adds about 23,000 instructions per request (66,800 before the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
 //! before the body were added, which took it to 30,245). What they are,
 //! roughly:
 //!
 //! | part | instructions |
 //! |---|---|
-//! | the bearer key: its SHA-256 in software (valgrind hides the CPU's SHA extensions, which `sha2` uses natively: 63 ns a digest, against 215 ns in software), and the lookup | 3,500 + 650 |
+//! | the bearer key: its keyed SipHash, which finds the digest this thread made of it last (SHA-256 in software was 3,500: valgrind hides the CPU's SHA extensions, and many servers have none), and the lookup | 150 + 620 |
 //! | reading the response's `usage` (290 bytes, validated to the end) | 3,800 |
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
 //! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,800 |
@@ -92,6 +92,10 @@
 //! - Smaller: the path check in one pass and then eight bytes at a time,
 //!   the bearer key read from its bytes and hashed with ahash, Go
 //!   durations in `u64`.
+//! - **The key's SHA-256** on every request (3,479; 215 ns where the CPU
+//!   has no SHA extensions, 63 ns where it has): each thread now keeps the
+//!   digests of the last 64 keys it hashed, found by a keyed 128-bit
+//!   SipHash of the key (the gateway's `keys` module docs).
 //! - **The model, read in a second pass** over the body (2,400), and a
 //!   check before the body that took the least a request costs and gave
 //!   it back (1,400, and a concurrent request could find less room
@@ -103,12 +107,18 @@
 //! the usage), or without the body's UTF-8 check up front (keys and text
 //! checked one by one: the request's estimate 2,830 -> 3,071). Earlier, a
 //! runtime per core (no cross-worker wake-ups at all) moved the median
-//! latency by -2 ± 9 µs at one connection: not kept.
+//! latency by -2 ± 9 µs at one connection: not kept. Tried again against
+//! the self-wake (each connection served by a one-worker runtime of its
+//! own thread, the accepting runtime handing it over): the `futex` calls
+//! went from two a request to none (`strace -c -f`, 3 s of `wrk -c1`),
+//! and the throughput at one connection went down, 3,689 requests/s
+//! against 4,352 (medians of 9 rotated rounds of 3 s): not kept either.
 //!
 //! Left, and where they would go: the post-admission `chain_info` (830),
 //! which an `acquire` returning its levels' state would make unnecessary
-//! (an addition to the core); the self-wake, which is hyper's; the key's
-//! digest, which costs what the table says only under valgrind.
+//! (an addition to the core); the self-wake, which is hyper's (its body
+//! channel wakes the sender's task when the receiver takes a chunk, and
+//! the sender is the connection's own task).
 //!
 //! # Embedding it in axum
 //!

@@ -9,9 +9,10 @@
 //! - `identify`: the request path's one change, in process on one thread:
 //!   telling the agent from its bearer key with the tower layer's
 //!   `BearerKeys` (a `HashMap` of plaintext keys, what the gateway used
-//!   before) and with the [`KeyTable`] (SHA-256, then a lock-free map of
-//!   hashes), 10,000 keys each, in alternating rounds; the median of the
-//!   rounds' nanoseconds per lookup.
+//!   before) and with the [`KeyTable`] (a lock-free map of SHA-256
+//!   digests), the digest made every time or remembered by the thread, for
+//!   10,000 keys in turn and for one key again and again, in rotated
+//!   rounds; the median of the rounds' nanoseconds per lookup.
 //! - `create`: the release binary with a SQLite database in a temporary
 //!   folder (or, with `--postgres`, a database of its own on the machine's
 //!   PostgreSQL), and `--agents` agents created through the API with a key
@@ -118,39 +119,48 @@ fn identify() {
     for (secret, agent) in secrets.iter().zip(&agents) {
         table.insert(KeyHash::of(secret), *agent, None);
     }
-    // The same sequence of keys for both, in no cache-friendly order.
-    let order: Vec<usize> = (0..LOOKUPS).map(|i| (i * 7_919) % KEYS).collect();
-    let (mut plain_ns, mut table_ns) = (Vec::new(), Vec::new());
-    for round in 0..10 {
-        let run = |hashed: bool| {
-            let start = Instant::now();
-            for &i in &order {
-                let found = if hashed {
-                    table.agent_of(black_box(&secrets[i]))
-                } else {
-                    plain.agent_of(black_box(&secrets[i]))
-                };
-                assert_eq!(found, Some(agents[i]));
+    // Every key in turn, in no cache-friendly order (more keys than a
+    // thread remembers: every lookup hashes), and one client's key again
+    // and again (what a thread remembers).
+    let rotating: Vec<usize> = (0..LOOKUPS).map(|i| (i * 7_919) % KEYS).collect();
+    let repeated: Vec<usize> = vec![KEYS / 2; LOOKUPS];
+    #[derive(Clone, Copy)]
+    enum How {
+        Plaintext,
+        Sha256EveryTime,
+        Remembered,
+    }
+    let contenders = [
+        ("BearerKeys (plaintext HashMap)", How::Plaintext),
+        ("KeyTable, SHA-256 every time", How::Sha256EveryTime),
+        ("KeyTable, digests remembered", How::Remembered),
+    ];
+    for (name, order) in [("10,000 keys in turn", &rotating), ("one key", &repeated)] {
+        let mut ns: Vec<Vec<f64>> = vec![Vec::new(); contenders.len()];
+        for round in 0..9 {
+            for k in 0..contenders.len() {
+                let which = (round + k) % contenders.len();
+                let how = contenders[which].1;
+                let start = Instant::now();
+                for &i in order {
+                    let key = black_box(secrets[i].as_str());
+                    let found = match how {
+                        How::Plaintext => plain.agent_of(key),
+                        How::Sha256EveryTime => table.agent_of_hash(&KeyHash::of(key)),
+                        How::Remembered => table.agent_of(key),
+                    };
+                    assert_eq!(found, Some(agents[i]));
+                }
+                ns[which].push(start.elapsed().as_nanos() as f64 / LOOKUPS as f64);
             }
-            start.elapsed().as_nanos() as f64 / LOOKUPS as f64
-        };
-        if round % 2 == 0 {
-            plain_ns.push(run(false));
-            table_ns.push(run(true));
-        } else {
-            table_ns.push(run(true));
-            plain_ns.push(run(false));
+        }
+        println!(
+            "identify, {name} of {KEYS}, one thread, median of 9 rotated rounds of {LOOKUPS} lookups:"
+        );
+        for ((label, _), ns) in contenders.iter().zip(ns) {
+            println!("  {label:32} {:6.1} ns/lookup", median(ns));
         }
     }
-    let (plain, table) = (median(plain_ns), median(table_ns));
-    println!(
-        "identify, {KEYS} keys, one thread, median of 10 alternating rounds of {LOOKUPS} lookups:"
-    );
-    println!("  BearerKeys (plaintext HashMap): {plain:6.1} ns/lookup");
-    println!(
-        "  KeyTable (SHA-256 + papaya):    {table:6.1} ns/lookup ({:+.1} ns)",
-        table - plain
-    );
 }
 
 /// A child process, killed when dropped.
