@@ -57,14 +57,14 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 23,000 instructions per request (66,800 before the changes
+//! adds about 22,800 instructions per request (66,800 before the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
 //! before the body were added, which took it to 30,245). What they are,
 //! roughly:
 //!
 //! | part | instructions |
 //! |---|---|
-//! | the bearer key: its keyed SipHash, which finds the digest this thread made of it last (SHA-256 in software was 3,500: valgrind hides the CPU's SHA extensions, and many servers have none), and the lookup | 150 + 620 |
+//! | the bearer key: its keyed SipHash, which finds the digest this thread made of it last (SHA-256 in software was 3,500: valgrind hides the CPU's SHA extensions, and many servers have none), and the lookup | 110 + 650 |
 //! | reading the response's `usage` (290 bytes, validated to the end) | 3,800 |
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
 //! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,800 |
