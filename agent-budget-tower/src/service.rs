@@ -354,23 +354,42 @@ where
             }
         };
         let request = Request::from_parts(parts, body);
-        if let Some((tokens, calls)) = self.estimator.floor(&request) {
-            if let Err(denial) = self.manager.precheck(&agent, tokens, calls) {
-                // Refused before the body is read, unless waiting up to
-                // `max_wait` may let it in.
-                let may_wait = self
-                    .max_wait
-                    .zip(denial.retry_after())
-                    .is_some_and(|(max, after)| after <= max);
-                if !may_wait {
-                    // Nothing is known of the request but its kind: its
-                    // headers describe the budget alone.
-                    let nothing_read = Estimate::default();
-                    return Ok(reject::<_, _, M>(self.rejection(denial, &nothing_read)));
+        let floor = self.estimator.floor(&request);
+        let mut estimating = std::pin::pin!(self.estimator.estimate(request));
+        // The estimate is tried once first: a body that has arrived whole
+        // (hyper reads a small one with its head) is estimated at once,
+        // and its admission is the check. Only a body still on its way is
+        // waited for, and then only after the least the request can cost
+        // is checked, so that a spent budget is refused without reading
+        // it.
+        let estimated = match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
+            Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
+            Poll::Pending => Poll::Ready(None),
+        })
+        .await
+        {
+            Some(estimated) => estimated,
+            None => {
+                if let Some((tokens, calls)) = floor {
+                    if let Err(denial) = self.manager.precheck(&agent, tokens, calls) {
+                        // Refused before the body is read, unless waiting
+                        // up to `max_wait` may let it in.
+                        let may_wait = self
+                            .max_wait
+                            .zip(denial.retry_after())
+                            .is_some_and(|(max, after)| after <= max);
+                        if !may_wait {
+                            // Nothing is known of the request but its kind:
+                            // its headers describe the budget alone.
+                            let nothing_read = Estimate::default();
+                            return Ok(reject::<_, _, M>(self.rejection(denial, &nothing_read)));
+                        }
+                    }
                 }
+                estimating.await
             }
-        }
-        let (request, mut estimate) = match self.estimator.estimate(request).await {
+        };
+        let (request, mut estimate) = match estimated {
             Ok(estimated) => estimated,
             Err(rejection) => {
                 self.telemetry
