@@ -210,9 +210,10 @@ pub trait Admission: Send + Sync + 'static {
         let _ = (agent_id, estimate, headers);
     }
 
-    /// Whether `tokens` and `calls` would be admitted now, asked before a
-    /// request's body is read (with the least any request of its kind can
-    /// cost): the denial if they would not, taking nothing either way.
+    /// Whether `tokens` and `calls` would be admitted now, asked before
+    /// waiting for a request's body that has not arrived (with the least
+    /// any request of its kind can cost): the denial if they would not,
+    /// taking nothing either way.
     /// The default knows nothing without asking, and answers `Ok`: a
     /// budget kept elsewhere is asked when the request is admitted.
     fn precheck(

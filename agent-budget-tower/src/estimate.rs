@@ -160,10 +160,13 @@ pub trait Estimator<B>: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<(Request<B>, Estimate), Rejection>> + Send;
 
     /// The least `(tokens, calls)` any estimate of a request like this one
-    /// can come to, when the estimate has to read its body: the layer
-    /// checks that the budget has that much room before the body is read,
-    /// and refuses at once when it has not (an exhausted budget then costs
-    /// no body's memory or parsing). `None` (the default): no such check.
+    /// can come to, when the estimate has to read its body: when the body
+    /// has not arrived by the estimate's first poll, the layer checks that
+    /// the budget has that much room before waiting for it, and refuses at
+    /// once when it has not (an exhausted budget then costs no body's
+    /// memory, parsing or wait). A body that is already there is estimated
+    /// at once and the admission itself is the check. `None` (the
+    /// default): no such check.
     fn floor(&self, request: &Request<B>) -> Option<(u64, u64)> {
         let _ = request;
         None
