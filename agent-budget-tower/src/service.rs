@@ -397,7 +397,7 @@ where
                 return Ok(reject::<_, _, M>(rejection));
             }
         };
-        let (reservation, snapshot) = match self.admit(&agent, &mut estimate).await {
+        let (reservation, snapshot) = match self.admit(&agent, &mut estimate, floor).await {
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
@@ -442,18 +442,28 @@ where
     /// An estimate whose prompt is a bound with its count deferred is
     /// tried as it is first; refused for its tokens, the prompt is counted
     /// and the count tried (and waited for, and refused, if need be). The
-    /// estimate is left as it was admitted.
+    /// estimate is left as it was admitted. The count is skipped where
+    /// `floor`, the least any such request costs, is refused too: no count
+    /// could change the answer then, and an exhausted key's requests,
+    /// whose bodies came with their heads and were not checked for before
+    /// (see `serve`), would each cost a count.
     async fn admit(
         &self,
         agent: &AgentId,
         estimate: &mut Estimate,
+        floor: Option<(u64, u64)>,
     ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
         let started = Instant::now();
         let mut admitted = self.manager.admit(agent, estimate).await;
         if let Err(Denial::Refused(refused) | Denial::Worded { refused, .. }) = &admitted {
             let for_tokens = refused.kind == BudgetKind::Token
                 && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
-            if for_tokens && count_prompt(estimate).await {
+            let may_fit = || {
+                floor.is_none_or(|(tokens, calls)| {
+                    self.manager.precheck(agent, tokens, calls).is_ok()
+                })
+            };
+            if for_tokens && may_fit() && count_prompt(estimate).await {
                 admitted = self.manager.admit(agent, estimate).await;
             }
         }

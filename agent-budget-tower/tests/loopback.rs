@@ -432,6 +432,26 @@ async fn where_the_bound_does_not_fit_the_prompt_is_counted() {
 }
 
 #[tokio::test]
+async fn an_exhausted_budget_refuses_without_counting_the_prompt() {
+    let s = serve_counted_when_tight(40).await;
+    let client = reqwest::Client::new();
+    let mut body = four_words();
+    body["mock_usage"] = json!(40);
+    let r = s.chat(&client, body).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    s.settled_to(40).await;
+    // Not one token left: no count could let it in, so the refusal names
+    // the bound (44), not the count (30) a tight budget would have made.
+    let r = s.chat(&client, four_words()).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = r.json().await.unwrap();
+    let message = error["error"]["message"].as_str().unwrap();
+    assert!(message.contains("requested 44 tokens"), "{message}");
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_before_the_answer_pays_the_counted_prompt_not_the_bound() {
     let s = serve_counted_when_tight(1_000).await;
     let mut held = four_words();
