@@ -165,8 +165,9 @@ pub trait Estimator<B>: Clone + Send + Sync + 'static {
     /// the budget has that much room before waiting for it, and refuses at
     /// once when it has not (an exhausted budget then costs no body's
     /// memory, parsing or wait). A body that is already there is estimated
-    /// at once and the admission itself is the check. `None` (the
-    /// default): no such check.
+    /// at once and admitted without the check; the check is made only
+    /// where that fails, and its refusal is then the answer, the same
+    /// either way. `None` (the default): no such check.
     fn floor(&self, request: &Request<B>) -> Option<(u64, u64)> {
         let _ = request;
         None

@@ -356,48 +356,41 @@ where
         let request = Request::from_parts(parts, body);
         let floor = self.estimator.floor(&request);
         let mut estimating = std::pin::pin!(self.estimator.estimate(request));
-        // The estimate is tried once first: a body that has arrived whole
-        // (hyper reads a small one with its head) is estimated at once,
-        // and its admission is the check. Only a body still on its way is
-        // waited for, and then only after the least the request can cost
-        // is checked, so that a spent budget is refused without reading
-        // it.
-        let estimated = match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
-            Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
-            Poll::Pending => Poll::Ready(None),
-        })
-        .await
-        {
-            Some(estimated) => estimated,
-            None => {
-                if let Some((tokens, calls)) = floor {
-                    if let Err(denial) = self.manager.precheck(&agent, tokens, calls) {
-                        // Refused before the body is read, unless waiting
-                        // up to `max_wait` may let it in.
-                        let may_wait = self
-                            .max_wait
-                            .zip(denial.retry_after())
-                            .is_some_and(|(max, after)| after <= max);
-                        if !may_wait {
-                            // Nothing is known of the request but its kind:
-                            // its headers describe the budget alone.
-                            let nothing_read = Estimate::default();
-                            return Ok(reject::<_, _, M>(self.rejection(denial, &nothing_read)));
-                        }
+        // The estimate is tried once first. A body still on its way is
+        // waited for only after the least the request can cost (`floor`)
+        // is checked, so that a spent budget is refused without waiting
+        // for it. A body that has arrived whole (hyper reads a small one
+        // with its head) is estimated at once and goes to its admission:
+        // the check is made only if that fails, and its refusal, where it
+        // refuses, is the answer, as it would have been before the body.
+        let (estimated, unchecked) =
+            match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
+                Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await
+            {
+                Some(estimated) => (estimated, floor),
+                None => {
+                    if let Some(rejection) = self.refused_at_floor(&agent, floor) {
+                        return Ok(reject::<_, _, M>(rejection));
                     }
+                    (estimating.await, None)
                 }
-                estimating.await
-            }
-        };
+            };
         let (request, mut estimate) = match estimated {
             Ok(estimated) => estimated,
             Err(rejection) => {
+                if let Some(refusal) = self.refused_at_floor(&agent, unchecked) {
+                    return Ok(reject::<_, _, M>(refusal));
+                }
                 self.telemetry
                     .refused(Some(&agent), RefusalReason::BadRequest);
                 return Ok(reject::<_, _, M>(rejection));
             }
         };
-        let (reservation, snapshot) = match self.admit(&agent, &mut estimate, floor).await {
+        let admitted = self.admit(&agent, &mut estimate, floor, unchecked).await;
+        let (reservation, snapshot) = match admitted {
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
@@ -444,17 +437,23 @@ where
     /// and the count tried (and waited for, and refused, if need be). The
     /// estimate is left as it was admitted. The count is skipped where
     /// `floor`, the least any such request costs, is refused too: no count
-    /// could change the answer then, and an exhausted key's requests,
-    /// whose bodies came with their heads and were not checked for before
-    /// (see `serve`), would each cost a count.
+    /// could change the answer then. `unchecked`: the floor of a request
+    /// whose body was not waited for, so not checked before it (see
+    /// `serve`); refused, its refusal is the answer.
     async fn admit(
         &self,
         agent: &AgentId,
         estimate: &mut Estimate,
         floor: Option<(u64, u64)>,
+        unchecked: Option<(u64, u64)>,
     ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
         let started = Instant::now();
         let mut admitted = self.manager.admit(agent, estimate).await;
+        if admitted.is_err() {
+            if let Some(refusal) = self.refused_at_floor(agent, unchecked) {
+                return Err(refusal);
+            }
+        }
         if let Err(Denial::Refused(refused) | Denial::Worded { refused, .. }) = &admitted {
             let for_tokens = refused.kind == BudgetKind::Token
                 && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
@@ -484,6 +483,21 @@ where
         self.telemetry
             .admitted(agent, estimate.tokens(), started.elapsed());
         Ok((reservation, snapshot))
+    }
+
+    /// The refusal of the check made before a request's body: `Some` where
+    /// `floor`, the least a request of its kind costs, is refused and
+    /// waiting up to `max_wait` cannot let it in.
+    fn refused_at_floor(&self, agent: &AgentId, floor: Option<(u64, u64)>) -> Option<Rejection> {
+        let (tokens, calls) = floor?;
+        let denial = self.manager.precheck(agent, tokens, calls).err()?;
+        let may_wait = self
+            .max_wait
+            .zip(denial.retry_after())
+            .is_some_and(|(max, after)| after <= max);
+        // Nothing is known of the request but its kind: its headers
+        // describe the budget alone.
+        (!may_wait).then(|| self.rejection(denial, &Estimate::default()))
     }
 
     /// Waits up to `max_wait` for `estimate` to fit.

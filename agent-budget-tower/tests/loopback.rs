@@ -441,13 +441,15 @@ async fn an_exhausted_budget_refuses_without_counting_the_prompt() {
     assert_eq!(r.status(), StatusCode::OK);
     r.bytes().await.unwrap();
     s.settled_to(40).await;
-    // Not one token left: no count could let it in, so the refusal names
-    // the bound (44), not the count (30) a tight budget would have made.
+    // Not one token left: the refusal is the one the check before the
+    // body gives, for the least a request costs (one token), whether the
+    // body came with the head or not; no count (30, what a tight budget
+    // would have made) is made.
     let r = s.chat(&client, four_words()).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let error: Value = r.json().await.unwrap();
     let message = error["error"]["message"].as_str().unwrap();
-    assert!(message.contains("requested 44 tokens"), "{message}");
+    assert!(message.contains("requested 1 tokens"), "{message}");
     assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
 }
 
