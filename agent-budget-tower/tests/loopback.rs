@@ -454,6 +454,40 @@ async fn an_exhausted_budget_refuses_without_counting_the_prompt() {
 }
 
 #[tokio::test]
+async fn a_spent_budget_answers_429_before_it_judges_the_body() {
+    // One call: spent by the first request.
+    let s = serve((1_000, 1)).await;
+    let client = reqwest::Client::new();
+    let r = s.chat(&client, hi(1)).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    // A body that is not a request at all, sent with its head: the answer
+    // is the spent budget's, as when the body has not arrived, not the
+    // body's 400.
+    let r = client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{\"messages\": 7}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    // With room, the same body is the client's error.
+    s.budgets.reset_window(&s.agent);
+    let r = client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .bearer_auth(KEY)
+        .header("content-type", "application/json")
+        .body("{\"messages\": 7}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn a_client_that_leaves_before_the_answer_pays_the_counted_prompt_not_the_bound() {
     let s = serve_counted_when_tight(1_000).await;
     let mut held = four_words();
