@@ -366,6 +366,13 @@ async fn a_client_that_hangs_up_mid_stream_pays_the_prompt_and_what_streamed() {
     s.settled_to(PROMPT + 3).await;
 }
 
+/// A `429`'s error message.
+async fn refusal_message(r: reqwest::Response) -> String {
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let error: Value = r.json().await.unwrap();
+    error["error"]["message"].as_str().unwrap().to_owned()
+}
+
 /// One token per word: fewer than the bytes the bound reserves.
 #[derive(Clone, Copy)]
 struct Words;
@@ -423,10 +430,7 @@ async fn where_the_bound_does_not_fit_the_prompt_is_counted() {
     r.bytes().await.unwrap();
     s.settled_to(12).await;
     // 28 left: the count does not fit either, and the refusal says so.
-    let r = s.chat(&client, four_words()).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let error: Value = r.json().await.unwrap();
-    let message = error["error"]["message"].as_str().unwrap();
+    let message = refusal_message(s.chat(&client, four_words()).await).await;
     assert!(message.contains("requested 30 tokens"), "{message}");
     assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
 }
@@ -445,10 +449,7 @@ async fn an_exhausted_budget_refuses_without_counting_the_prompt() {
     // body gives, for the least a request costs (one token), whether the
     // body came with the head or not; no count (30, what a tight budget
     // would have made) is made.
-    let r = s.chat(&client, four_words()).await;
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
-    let error: Value = r.json().await.unwrap();
-    let message = error["error"]["message"].as_str().unwrap();
+    let message = refusal_message(s.chat(&client, four_words()).await).await;
     assert!(message.contains("requested 1 tokens"), "{message}");
     assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
 }
@@ -464,26 +465,19 @@ async fn a_spent_budget_answers_429_before_it_judges_the_body() {
     // A body that is not a request at all, sent with its head: the answer
     // is the spent budget's, as when the body has not arrived, not the
     // body's 400.
-    let r = client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .bearer_auth(KEY)
-        .header("content-type", "application/json")
-        .body("{\"messages\": 7}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let not_a_request = || async {
+        let url = format!("{}/v1/chat/completions", s.url);
+        let request = client.post(url).bearer_auth(KEY);
+        let request = request.header("content-type", "application/json");
+        request.body(r#"{"messages": 7}"#).send().await.unwrap()
+    };
+    assert_eq!(
+        not_a_request().await.status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     // With room, the same body is the client's error.
     s.budgets.reset_window(&s.agent);
-    let r = client
-        .post(format!("{}/v1/chat/completions", s.url))
-        .bearer_auth(KEY)
-        .header("content-type", "application/json")
-        .body("{\"messages\": 7}")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(not_a_request().await.status(), StatusCode::BAD_REQUEST);
     assert_eq!(s.upstream.calls.load(Ordering::SeqCst), 1);
 }
 
