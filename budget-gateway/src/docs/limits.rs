@@ -151,10 +151,11 @@
 //!
 //! (An earlier session, on a 2-core Intel Xeon: 85,959 and 98,098,
 //! +14.1%.) Cutting what both pay, such as the key's SHA-256, leaves the
-//! difference as it was and the ratio a little higher. Issue 17's target (within 10%) is not met yet. Where the
-//! difference goes (inclusive, `--compare budget,limits`): the core's set
-//! admission and settle (`acquire_set_owned` 2,430 where `acquire_owned`
-//! is about 480; the set's settle 1,600 where one budget's is 550: four
+//! difference as it was and the ratio a little higher. Issue 17's target
+//! (within 10%) is not met yet. Where the difference goes (inclusive,
+//! `--compare budget,limits`): the core's set admission and settle
+//! (`acquire_set_owned` 2,430 where `acquire_owned` is about 480; the
+//! set's settle 1,600 where one budget's is 550: four
 //! compare-and-swaps and four lookups where there is one of each), the
 //! spend headers (a `full_info` of the spend cell and three header
 //! inserts, 3,800), `rate_limits`' extra `full_info`s (870) and the
