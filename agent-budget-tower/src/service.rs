@@ -363,25 +363,26 @@ where
         // with its head) is estimated at once and goes to its admission:
         // the check is made only if that fails, and its refusal, where it
         // refuses, is the answer, as it would have been before the body.
-        let (estimated, unchecked) =
+        let (estimated, checked) =
             match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
                 Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
                 Poll::Pending => Poll::Ready(None),
             })
             .await
             {
-                Some(estimated) => (estimated, floor),
+                Some(estimated) => (estimated, false),
                 None => {
                     if let Some(rejection) = self.refused_at_floor(&agent, floor) {
                         return Ok(reject::<_, _, M>(rejection));
                     }
-                    (estimating.await, None)
+                    (estimating.await, true)
                 }
             };
         let (request, mut estimate) = match estimated {
             Ok(estimated) => estimated,
             Err(rejection) => {
-                if let Some(refusal) = self.refused_at_floor(&agent, unchecked) {
+                let refusal = (!checked).then(|| self.refused_at_floor(&agent, floor));
+                if let Some(refusal) = refusal.flatten() {
                     return Ok(reject::<_, _, M>(refusal));
                 }
                 self.telemetry
@@ -389,7 +390,7 @@ where
                 return Ok(reject::<_, _, M>(rejection));
             }
         };
-        let admitted = self.admit(&agent, &mut estimate, floor, unchecked).await;
+        let admitted = self.admit(&agent, &mut estimate, floor, checked).await;
         let (reservation, snapshot) = match admitted {
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
@@ -435,34 +436,40 @@ where
     /// An estimate whose prompt is a bound with its count deferred is
     /// tried as it is first; refused for its tokens, the prompt is counted
     /// and the count tried (and waited for, and refused, if need be). The
-    /// estimate is left as it was admitted. The count is skipped where
-    /// `floor`, the least any such request costs, is refused too: no count
-    /// could change the answer then. `unchecked`: the floor of a request
-    /// whose body was not waited for, so not checked before it (see
-    /// `serve`); refused, its refusal is the answer.
+    /// estimate is left as it was admitted. On a refusal, the check of
+    /// `floor` (the least any such request costs) is made, once: where it
+    /// was not made before the body (`checked`, see `serve`), its refusal
+    /// is the answer; and where it refuses, no count is made, as none
+    /// could change the answer.
     async fn admit(
         &self,
         agent: &AgentId,
         estimate: &mut Estimate,
         floor: Option<(u64, u64)>,
-        unchecked: Option<(u64, u64)>,
+        checked: bool,
     ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
         let started = Instant::now();
         let mut admitted = self.manager.admit(agent, estimate).await;
-        if admitted.is_err() {
-            if let Some(refusal) = self.refused_at_floor(agent, unchecked) {
-                return Err(refusal);
-            }
-        }
-        if let Err(Denial::Refused(refused) | Denial::Worded { refused, .. }) = &admitted {
-            let for_tokens = refused.kind == BudgetKind::Token
-                && matches!(refused.reason, BudgetRefusal::Exceeded { .. });
-            let may_fit = || {
-                floor.is_none_or(|(tokens, calls)| {
-                    self.manager.precheck(agent, tokens, calls).is_ok()
-                })
+        if let Err(denial) = &admitted {
+            let for_tokens = match denial {
+                Denial::Refused(refused) | Denial::Worded { refused, .. } => {
+                    refused.kind == BudgetKind::Token
+                        && matches!(refused.reason, BudgetRefusal::Exceeded { .. })
+                }
+                _ => false,
             };
-            if for_tokens && may_fit() && count_prompt(estimate).await {
+            let at_floor = if for_tokens || !checked {
+                self.floor_denial(agent, floor)
+            } else {
+                None
+            };
+            let may_fit = at_floor.is_none();
+            if !checked {
+                if let Some(refusal) = at_floor.and_then(|d| self.floor_refusal(d)) {
+                    return Err(refusal);
+                }
+            }
+            if for_tokens && may_fit && count_prompt(estimate).await {
                 admitted = self.manager.admit(agent, estimate).await;
             }
         }
@@ -489,8 +496,20 @@ where
     /// `floor`, the least a request of its kind costs, is refused and
     /// waiting up to `max_wait` cannot let it in.
     fn refused_at_floor(&self, agent: &AgentId, floor: Option<(u64, u64)>) -> Option<Rejection> {
+        self.floor_denial(agent, floor)
+            .and_then(|denial| self.floor_refusal(denial))
+    }
+
+    /// The check made before a request's body: the denial where `floor`,
+    /// the least a request of its kind costs, would be refused now.
+    fn floor_denial(&self, agent: &AgentId, floor: Option<(u64, u64)>) -> Option<Denial> {
         let (tokens, calls) = floor?;
-        let denial = self.manager.precheck(agent, tokens, calls).err()?;
+        self.manager.precheck(agent, tokens, calls).err()
+    }
+
+    /// `denial`, the check's, as the answer: `None` where waiting up to
+    /// `max_wait` may let the request in.
+    fn floor_refusal(&self, denial: Denial) -> Option<Rejection> {
         let may_wait = self
             .max_wait
             .zip(denial.retry_after())
