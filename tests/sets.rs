@@ -359,3 +359,55 @@ for_both_managers! {
         assert!(matches!(err.reason, RefusalReason::TooManyLimits { .. }), "{err:?}");
     }
 }
+
+/// `acquire_set_owned_reporting` reports each limit taken, once, with the
+/// first claim that reaches it and its `full_info` right after the take;
+/// nothing on a refusal.
+#[test]
+fn a_set_admission_reports_each_limit_once_with_the_first_claim_that_reaches_it() {
+    let (m, _time) = mocked::<agent_budget::BudgetManager>();
+    let m = Arc::new(m);
+    let (key, team, day, spend) = (agent(), agent(), agent(), agent());
+    m.set_budget(limit(key, 1_000, 10, 60));
+    m.set_budget(limit(team, 5_000, 100, 3_600));
+    m.set_budget(limit(day, 20_000, 1_000, 86_400));
+    m.set_budget(limit(spend, 900, u64::MAX, 30 * 86_400));
+    m.set_parent(&key, Some(&team)).unwrap();
+    m.set_parent(&day, Some(&team)).unwrap();
+    let claims = [claim(key, 400, 1), claim(day, 400, 1), claim(spend, 600, 0)];
+
+    let mut reported = Vec::new();
+    let taken = m
+        .acquire_set_owned_reporting(&claims, |n, info| reported.push((n, info)))
+        .expect("fits everywhere");
+    // The team is reached by the key's claim and the day's: reported once,
+    // as the key's (the first claim), after the claims' own agents.
+    let seen: Vec<_> = reported
+        .iter()
+        .map(|(n, info)| (*n, info.agent_id))
+        .collect();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[3], (0, team));
+    let mut own = seen[..3].to_vec();
+    own.sort_unstable();
+    assert_eq!(own, [(0, key), (1, day), (2, spend)]);
+    for (_, info) in &reported {
+        assert_eq!(
+            Some(info.clone()),
+            m.full_info(&info.agent_id),
+            "as read right after"
+        );
+    }
+    let team_info = &reported[3].1;
+    assert_eq!((team_info.tokens_used, team_info.calls_used), (400, 1));
+
+    // The spend limit has 300 left: refused, nothing reported.
+    let mut after_refusal = Vec::new();
+    let err = m
+        .acquire_set_owned_reporting(&claims, |n, info| after_refusal.push((n, info)))
+        .unwrap_err();
+    assert_eq!(err.refused_by, spend);
+    assert!(after_refusal.is_empty(), "{after_refusal:?}");
+    taken.settle(100);
+    assert_eq!(used(&*m, &team), (100, 1));
+}

@@ -37,6 +37,7 @@ use std::time::{Duration, SystemTime};
 use agent_budget::{AgentId, BudgetLimiter, FullBudgetInfo, OwnedReservation, Refused, Settlement};
 use http::HeaderMap;
 
+use crate::headers::RateLimitSnapshot;
 use crate::{Estimate, UsageLog, UsedTokens};
 
 /// The longest the default [`Admission::admit_wait`] sleeps between two
@@ -147,6 +148,22 @@ pub trait Admission: Send + Sync + 'static {
         estimate: &Estimate,
     ) -> impl Future<Output = Result<Self::Reservation, Denial>> + Send;
 
+    /// [`admit`](Self::admit), and the `x-ratelimit-*` snapshot of where
+    /// the budgets stand right after, when the admission read it in the
+    /// same step (as the gateway's does with the core's
+    /// `acquire_owned_reporting`): the layer then does not ask
+    /// [`rate_limits`](Self::rate_limits). By default `admit`, and `None`:
+    /// the layer asks `rate_limits`.
+    fn admit_reporting(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<(Self::Reservation, Option<RateLimitSnapshot>), Denial>> + Send
+    {
+        let admitted = self.admit(agent_id, estimate);
+        async move { admitted.await.map(|reservation| (reservation, None)) }
+    }
+
     /// Like [`admit`](Self::admit), but waits while the denial has a
     /// `retry_after`; resolves when admitted, or with a denial that waiting
     /// cannot help. The layer drops it at its `max_wait`.
@@ -208,6 +225,20 @@ pub trait Admission: Send + Sync + 'static {
     /// say). None by default.
     fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
         let _ = (agent_id, estimate, headers);
+    }
+
+    /// Writes headers of the admission's own on the response to a request
+    /// it admitted as `reservation`. By default
+    /// [`write_headers`](Self::write_headers) for the reservation's agent;
+    /// an admission whose reservation knows where its budgets stood when it
+    /// was taken writes from that, without reading them again.
+    fn write_admitted_headers(
+        &self,
+        reservation: &Self::Reservation,
+        estimate: &Estimate,
+        headers: &mut HeaderMap,
+    ) {
+        self.write_headers(&reservation.agent_id(), estimate, headers);
     }
 
     /// Whether `tokens` and `calls` would be admitted now, asked before

@@ -93,6 +93,11 @@ impl<R: Reservation, S: MeterSession> Settle<R, S> {
         &self.estimate
     }
 
+    /// The reservation, until it is settled or cancelled.
+    pub(crate) fn reservation(&self) -> Option<&R> {
+        self.reservation.as_ref()
+    }
+
     pub(crate) fn attach(&mut self, session: S) {
         self.session = Some(session);
     }

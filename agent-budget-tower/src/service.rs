@@ -420,8 +420,16 @@ where
         if let Some(snapshot) = snapshot {
             self.headers.write(&snapshot, &mut parts.headers);
         }
-        self.manager
-            .write_headers(&agent, settle.estimate(), &mut parts.headers);
+        match settle.reservation() {
+            Some(reservation) => self.manager.write_admitted_headers(
+                reservation,
+                settle.estimate(),
+                &mut parts.headers,
+            ),
+            None => self
+                .manager
+                .write_headers(&agent, settle.estimate(), &mut parts.headers),
+        }
         let session = self.meter.start(settle.estimate(), &mut parts);
         settle.attach(session);
         Ok(Response::from_parts(
@@ -449,7 +457,7 @@ where
         checked: bool,
     ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
         let started = Instant::now();
-        let mut admitted = self.manager.admit(agent, estimate).await;
+        let mut admitted = self.manager.admit_reporting(agent, estimate).await;
         if let Err(denial) = &admitted {
             let for_tokens = match denial {
                 Denial::Refused(refused) | Denial::Worded { refused, .. } => {
@@ -470,23 +478,24 @@ where
                 }
             }
             if for_tokens && may_fit && count_prompt(estimate).await {
-                admitted = self.manager.admit(agent, estimate).await;
+                admitted = self.manager.admit_reporting(agent, estimate).await;
             }
         }
-        let reservation = match (admitted, self.max_wait) {
-            (Ok(reservation), _) => reservation,
+        let (reservation, snapshot) = match (admitted, self.max_wait) {
+            (Ok(admitted), _) => admitted,
             (Err(denial), Some(max_wait)) if denial.retry_after().is_some() => {
                 self.telemetry.checked(agent, started.elapsed());
                 // Boxed: the waiting future is large, and the common path
                 // should not carry its room in every request's future.
-                Box::pin(self.wait(agent, estimate, max_wait)).await?
+                (Box::pin(self.wait(agent, estimate, max_wait)).await?, None)
             }
             (Err(denial), _) => {
                 self.telemetry.checked(agent, started.elapsed());
                 return Err(self.rejection(denial, estimate));
             }
         };
-        let snapshot = RateLimitSnapshot::from_chain(&self.manager.rate_limits(agent, estimate));
+        let snapshot = snapshot
+            .or_else(|| RateLimitSnapshot::from_chain(&self.manager.rate_limits(agent, estimate)));
         self.telemetry
             .admitted(agent, estimate.tokens(), started.elapsed());
         Ok((reservation, snapshot))

@@ -45,7 +45,7 @@ use agent_budget::{
     AgentId, BudgetManager, Claim, FullBudgetInfo, OwnedReservation, OwnedSetReservation, Refused,
     Settlement,
 };
-use agent_budget_tower::headers::ValueText;
+use agent_budget_tower::headers::{RateLimitSnapshot, ValueText};
 use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
 use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsageLog, UsedTokens};
 use arc_swap::ArcSwap;
@@ -261,24 +261,42 @@ impl LimitAdmission {
         self.plans.load()
     }
 
-    /// Takes everything `estimate` claims of the agent's limits, or nothing.
-    fn take(&self, agent: &AgentId, estimate: &Estimate) -> Result<Held, Denial> {
+    /// Takes everything `estimate` claims of the agent's limits, or nothing;
+    /// with the `x-ratelimit-*` snapshot of where they stand right after,
+    /// read in the same step (the core's `acquire_owned_reporting` and
+    /// `acquire_set_owned_reporting`: no second read of the registry).
+    fn take(
+        &self,
+        agent: &AgentId,
+        estimate: &Estimate,
+    ) -> Result<(Held, Option<RateLimitSnapshot>), Denial> {
         let plans = self.plans();
         let plan = match plans.get(agent) {
             Some(plan) => plan,
             // One budget per level (or an agent the plans do not know
             // yet, which the core refuses if it has no budget).
             None => {
+                let mut chain: SmallVec<[FullBudgetInfo; 2]> = SmallVec::new();
                 return self
                     .budgets
-                    .acquire_owned(agent, estimate.tokens(), estimate.calls)
-                    .map(Held::One)
-                    .map_err(Denial::Refused)
+                    .acquire_owned_reporting(agent, estimate.tokens(), estimate.calls, |info| {
+                        chain.push(info)
+                    })
+                    .map(|taken| (Held::One(taken), RateLimitSnapshot::from_chain(&chain)))
+                    .map_err(Denial::Refused);
             }
         };
         let claims = self.claims(agent, plan, estimate)?;
-        match self.budgets.acquire_set_owned(&claims.claims) {
-            Ok(set) => Ok(claims.held(set, self.spent.clone())),
+        let mut standing = Standing::default();
+        let taken = self
+            .budgets
+            .acquire_set_owned_reporting(&claims.claims, |n, info| standing.add(&claims, n, info));
+        match taken {
+            Ok(set) => {
+                let snapshot = standing.snapshot();
+                let spend = Some(standing.spend());
+                Ok((claims.held(set, self.spent.clone(), spend), snapshot))
+            }
             Err(refused) => Err(self.denial(agent, plan, refused, claims.micros)),
         }
     }
@@ -311,7 +329,7 @@ impl LimitAdmission {
             .budgets
             .acquire_set_owned_shadowed(&claims.claims, past)
         {
-            Ok(set) => Ok(claims.held(set, self.spent.clone())),
+            Ok(set) => Ok(claims.held(set, self.spent.clone(), None)),
             Err(refused) => Err(match plan {
                 Some(plan) => self.denial(agent, plan, refused, claims.micros),
                 None => Denial::Refused(refused),
@@ -436,6 +454,12 @@ struct Claims {
 }
 
 impl Claims {
+    /// Whether claim `n` counts micro-dollars.
+    fn spends(&self, n: usize) -> bool {
+        1u64.checked_shl(n as u32)
+            .is_some_and(|bit| self.spend_claims & bit != 0)
+    }
+
     /// The one claim of an agent whose levels each have one limit.
     fn one(agent: AgentId, tokens: u64, calls: u64) -> Self {
         Claims {
@@ -453,8 +477,16 @@ impl Claims {
         }
     }
 
-    fn held(self, set: OwnedSetReservation, spent: metrics::Counter) -> Held {
+    /// The reservation of `set`, taken for these claims; `spend` is where
+    /// their spend limits stood right after, when it was read then.
+    fn held(
+        self,
+        set: OwnedSetReservation,
+        spent: metrics::Counter,
+        spend: Option<Option<SpendStanding>>,
+    ) -> Held {
         Held::Set(Box::new(SetHeld {
+            spend,
             agent: self.agent,
             tokens: self.tokens,
             calls: self.calls,
@@ -474,6 +506,14 @@ impl Admission for LimitAdmission {
         agent_id: &AgentId,
         estimate: &Estimate,
     ) -> impl Future<Output = Result<Held, Denial>> + Send {
+        std::future::ready(self.take(agent_id, estimate).map(|(held, _)| held))
+    }
+
+    fn admit_reporting(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<(Held, Option<RateLimitSnapshot>), Denial>> + Send {
         std::future::ready(self.take(agent_id, estimate))
     }
 
@@ -516,7 +556,7 @@ impl Admission for LimitAdmission {
             match waiting {
                 Waiting::One(one) => one.await.map(Held::One).map_err(Denial::Refused),
                 Waiting::Set(set, plan, claims) => match set.await {
-                    Ok(set) => Ok(claims.held(set, this.spent.clone())),
+                    Ok(set) => Ok(claims.held(set, this.spent.clone(), None)),
                     Err(refused) => Err(this.denial(&agent, &plan, refused, claims.micros)),
                 },
                 Waiting::Invalid(denial) => Err(denial),
@@ -592,15 +632,110 @@ impl Admission for LimitAdmission {
             .filter(|c| c.spend && c.counts(model))
             .filter_map(|c| self.budgets.full_info(&c.id))
             .min_by_key(|info| info.tokens_remaining);
-        let Some(info) = binding else { return };
+        if let Some(info) = binding {
+            SpendStanding::of(&info).write(headers);
+        }
+    }
+
+    /// From where the spend limits stood right after the admission, when
+    /// it read them; otherwise as [`write_headers`](Self::write_headers).
+    fn write_admitted_headers(&self, held: &Held, estimate: &Estimate, headers: &mut HeaderMap) {
+        match held {
+            Held::Set(set) if set.spend.is_some() => {
+                if let Some(Some(spend)) = &set.spend {
+                    spend.write(headers);
+                }
+            }
+            _ => self.write_headers(&held.agent_id(), estimate, headers),
+        }
+    }
+}
+
+/// Where the limits a set's admission took stand right after it, sorted
+/// out as it reports them ([`BudgetManager::acquire_set_owned_reporting`]),
+/// the way [`LimitAdmission::rate_limits`] and
+/// [`LimitAdmission::write_headers`] read them: the agent's chain (reached
+/// by the first claim), then the other cells each claim is for, in claim
+/// order, for the `x-ratelimit-*` headers; the spend cells for the spend
+/// headers. A cell's ancestors, reached only through it, are neither.
+#[derive(Default)]
+struct Standing {
+    /// `(claim, info)` of the limits the rate-limit headers report from.
+    rate: SmallVec<[(usize, FullBudgetInfo); 4]>,
+    /// The spend cell with the least left, and its claim (the first such
+    /// cell, in claim order, on a tie).
+    spend: Option<(usize, FullBudgetInfo)>,
+}
+
+impl Standing {
+    fn add(&mut self, claims: &Claims, n: usize, info: FullBudgetInfo) {
+        if n == 0 {
+            self.rate.push((n, info));
+            return;
+        }
+        if claims
+            .claims
+            .get(n)
+            .is_none_or(|c| c.agent_id != info.agent_id)
+        {
+            return;
+        }
+        if !claims.spends(n) {
+            self.rate.push((n, info));
+            return;
+        }
+        let binds = self
+            .spend
+            .as_ref()
+            .is_none_or(|(m, least)| (info.tokens_remaining, n) < (least.tokens_remaining, *m));
+        if binds {
+            self.spend = Some((n, info));
+        }
+    }
+
+    /// The `x-ratelimit-*` snapshot, as `rate_limits` would read it.
+    fn snapshot(&mut self) -> Option<RateLimitSnapshot> {
+        // Stable: the chain keeps its order (the agent, then up).
+        self.rate.sort_by_key(|&(n, _)| n);
+        let levels: SmallVec<[FullBudgetInfo; 4]> =
+            self.rate.drain(..).map(|(_, info)| info).collect();
+        RateLimitSnapshot::from_chain(&levels)
+    }
+
+    /// What the spend headers report, if the request reached a spend cell.
+    fn spend(&self) -> Option<SpendStanding> {
+        self.spend.as_ref().map(|(_, info)| SpendStanding::of(info))
+    }
+}
+
+/// What the spend headers report: the binding spend limit's dollars (in
+/// micro-dollars), what is left of them, and when its window ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SpendStanding {
+    limit_micros: u64,
+    remaining_micros: u64,
+    reset: Duration,
+}
+
+impl SpendStanding {
+    fn of(info: &FullBudgetInfo) -> Self {
+        SpendStanding {
+            limit_micros: info.token_limit,
+            remaining_micros: info.tokens_remaining,
+            reset: Duration::from_secs(info.window_remaining_secs),
+        }
+    }
+
+    /// Writes the three `x-budget-spend-*` headers.
+    fn write(&self, headers: &mut HeaderMap) {
         // The three values in one buffer, each header a slice of it (one
         // allocation, not three), the dollars as integer digits (formatting
         // them as a float, {:.6}, cost four times as much: callgrind).
         let mut text = ValueText::default();
         let mut digits = [0u8; 28];
-        let limit = text.push(usd_digits(info.token_limit, &mut digits));
-        let remaining = text.push(usd_digits(info.tokens_remaining, &mut digits));
-        let reset = text.push_go_duration(Duration::from_secs(info.window_remaining_secs));
+        let limit = text.push(usd_digits(self.limit_micros, &mut digits));
+        let remaining = text.push(usd_digits(self.remaining_micros, &mut digits));
+        let reset = text.push_go_duration(self.reset);
         let value = text.into_values();
         headers.reserve(3);
         headers.insert(X_BUDGET_SPEND_LIMIT_USD, value(limit));
@@ -644,6 +779,9 @@ pub enum Held {
 /// The reservation of a request admitted against several cells.
 #[derive(Debug)]
 pub struct SetHeld {
+    /// Where the spend limits stood right after the admission, when it
+    /// read them (`None`: not read; `Some(None)`: no spend limit reached).
+    spend: Option<Option<SpendStanding>>,
     agent: AgentId,
     tokens: u64,
     calls: u64,

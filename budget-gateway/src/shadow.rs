@@ -50,6 +50,7 @@
 use std::sync::Arc;
 
 use agent_budget::{AgentId, BudgetKind, FullBudgetInfo, RefusalReason, Refused};
+use agent_budget_tower::headers::RateLimitSnapshot;
 use agent_budget_tower::{admit_polling, Admission, Denial, Estimate, RefusalReason as Reason};
 use http::HeaderMap;
 
@@ -165,6 +166,23 @@ impl<M: Admission> Admission for Shadow<M> {
         }
     }
 
+    async fn admit_reporting(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Denial> {
+        match self.inner.admit_reporting(agent_id, estimate).await {
+            Err(denial) => match self.shadowable(agent_id, &denial) {
+                Some(refused) => self
+                    .pass(agent_id, estimate, refused)
+                    .await
+                    .map(|reservation| (reservation, None)),
+                None => Err(denial),
+            },
+            admitted => admitted,
+        }
+    }
+
     async fn admit_wait(
         self: &Arc<Self>,
         agent_id: &AgentId,
@@ -198,6 +216,16 @@ impl<M: Admission> Admission for Shadow<M> {
 
     fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
         self.inner.write_headers(agent_id, estimate, headers);
+    }
+
+    fn write_admitted_headers(
+        &self,
+        reservation: &M::Reservation,
+        estimate: &Estimate,
+        headers: &mut HeaderMap,
+    ) {
+        self.inner
+            .write_admitted_headers(reservation, estimate, headers);
     }
 
     /// A budget in shadow mode refuses nothing before the body either: the

@@ -76,6 +76,13 @@ async fn two_windows_on_one_key_each_bind_in_turn() {
     for i in 0..2 {
         let r = g.chat(KEY_A, &small("m")).await;
         assert_eq!(r.status(), StatusCode::OK, "request {i} of minute 2");
+        // The hour, the key's second limit, binds now: it has 1, then 0
+        // left, where the minute has 2, then 1.
+        assert_eq!(header(&r, "x-ratelimit-limit-requests"), "5");
+        assert_eq!(
+            header(&r, "x-ratelimit-remaining-requests"),
+            (1 - i).to_string()
+        );
     }
     let r = g.chat(KEY_A, &small("m")).await;
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -121,7 +128,7 @@ async fn a_spend_limit_refuses_at_the_request_that_would_pass_it() {
     // and a little. Six are spent ($0.009); the seventh's estimate does
     // not fit the $0.001 left.
     let body = chat("gpt-4o", 100, 200, 100);
-    let mut admitted = 0;
+    let mut admitted: u32 = 0;
     for i in 0..10 {
         let r = g.chat(KEY_A, &body).await;
         if r.status() != StatusCode::OK {
@@ -139,10 +146,19 @@ async fn a_spend_limit_refuses_at_the_request_that_would_pass_it() {
             );
             break;
         }
-        assert!(r.headers().contains_key("x-budget-spend-remaining-usd"));
+        // Where the spend limit stands with this request's estimate (a
+        // little over $0.001) taken: what the earlier ones spent, $0.0015
+        // each, and the estimate, are gone.
+        let remaining: f64 = header(&r, "x-budget-spend-remaining-usd").parse().unwrap();
+        let before = 0.010 - 0.0015 * f64::from(admitted);
+        assert!(
+            (before - 0.0012..=before - 0.001).contains(&remaining),
+            "request {i}: ${remaining} left of ${before}"
+        );
+        assert_eq!(header(&r, "x-budget-spend-limit-usd"), "0.010000");
         r.bytes().await.unwrap();
         admitted += 1;
-        let spent = 1_500 * admitted;
+        let spent = 1_500 * u64::from(admitted);
         eventually("the settle", || {
             let view = g.budgets.all_full_info();
             view.iter()
