@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use support::{
     chat_completion, connect, free_addr, gateway_args, start_listening, start_mock, variant_name,
-    write_config, LOAD_KEY, VARIANTS,
+    write_config, write_limits_config, LOAD_KEY, VARIANTS,
 };
 
 struct Options {
@@ -105,44 +105,6 @@ fn options() -> Options {
         "--compare takes two of the variants counted"
     );
     o
-}
-
-/// The `limits` variant's configuration: the budget layer with the load
-/// key under two windows and a spend limit (issue 17's target: within 10%
-/// of one window without spend, the `budget` variant), none of which the
-/// bench can spend; the spend limit's window is `spend_window` (`limits`:
-/// a calendar month, `limits30d`: 30 days from first use).
-fn write_limits_config(dir: &Path, spend_window: &str) -> PathBuf {
-    let path = dir.join(format!("gateway-limits-{spend_window}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            r#"admin_key = "admin"
-
-[[models]]
-name = "gpt-4o*"
-input_usd_per_mtok = 2.50
-output_usd_per_mtok = 10.00
-
-[[agents]]
-api_key = "{LOAD_KEY}"
-agent_id = "7f9c24e8-3b1a-4c5d-9e2f-1a2b3c4d5e6f"
-[[agents.limits]]
-window = "1d"
-tokens = 1000000000000000
-requests = 4000000000
-[[agents.limits]]
-window = "1h"
-tokens = 1000000000000000
-requests = 4000000000
-[[agents.limits]]
-window = "{spend_window}"
-spend_usd = 1000000.0
-"#
-        ),
-    )
-    .unwrap();
-    path
 }
 
 /// Runs a callgrind tool, which must succeed.

@@ -6,7 +6,16 @@
 //! ```text
 //! cargo bench -p budget-gateway --bench load                  # 5 rounds of 2 s per variant and concurrency
 //! cargo bench -p budget-gateway --bench load -- --seconds 1 --rounds 2
+//! cargo bench -p budget-gateway --bench load -- --variants budget,limits
 //! ```
+//!
+//! `--variants` picks some of `none`, `budget`, `governor` (the default
+//! three) and `limits` (the load key under two windows and a spend limit
+//! in a calendar month, as `benches/instructions.rs` counts it: issue 17's
+//! comparison with `budget`). Besides throughput and latency, each
+//! variant's gateway process is charged its CPU time (user and system,
+//! from `/proc/PID/stat`, the kernel's share included, which instruction
+//! counts leave out) per request served.
 //!
 //! It starts the mock upstream and the three gateways as processes of the
 //! release binary, and drives them with a load generator written with
@@ -28,8 +37,8 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use support::{
-    chat_completion, connect, free_addr, gateway_args, start, start_mock, write_config, LOAD_KEY,
-    VARIANTS,
+    chat_completion, connect, free_addr, gateway_args, start, start_mock, variant_name,
+    write_config, write_limits_config, LOAD_KEY, VARIANTS,
 };
 
 const EXACT_KEY: &str = "sk-exact";
@@ -40,6 +49,7 @@ struct Options {
     seconds: u64,
     rounds: usize,
     concurrency: Vec<usize>,
+    variants: Vec<String>,
 }
 
 fn options() -> Options {
@@ -47,6 +57,7 @@ fn options() -> Options {
         seconds: 2,
         rounds: 5,
         concurrency: vec![1, 32],
+        variants: VARIANTS.map(str::to_owned).to_vec(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,12 +71,35 @@ fn options() -> Options {
                     .map(|c| c.parse().expect("--concurrency 1,32"))
                     .collect()
             }
+            "--variants" => o.variants = value().split(',').map(str::to_owned).collect(),
             "--bench" => {}
             other => panic!("unknown argument {other}"),
         }
     }
+    assert!(
+        !o.variants.is_empty()
+            && o.variants
+                .iter()
+                .all(|v| VARIANTS.contains(&v.as_str()) || v == "limits"),
+        "--variants takes some of none,budget,governor,limits"
+    );
     o
 }
+
+/// CPU time (user and system, all threads) the process `pid` has used, in
+/// clock ticks of `/proc` (`CLK_TCK`, 100 a second on Linux).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // The fields after the command's closing parenthesis: state is field
+    // 3, utime and stime fields 14 and 15.
+    let after = &stat[stat.rfind(')').expect("a command in parentheses") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let field = |n: usize| fields[n - 3].parse::<u64>().expect("a tick count");
+    field(14) + field(15)
+}
+
+/// Microseconds a clock tick of `/proc` lasts.
+const MICROS_PER_TICK: f64 = 10_000.0;
 
 /// One connection's closed loop until `until`: latencies in nanoseconds,
 /// and the count of each status.
@@ -151,12 +185,17 @@ window_secs = 86400
 "#
         ),
     );
+    let limits_config = write_limits_config(dir.path(), "1mo");
     let (_mock, mock_addr) = start_mock();
-    let gateways: Vec<(SocketAddr, support::Process)> = VARIANTS
+    let variants = &o.variants;
+    let gateways: Vec<(SocketAddr, support::Process)> = variants
         .iter()
-        .map(|limiter| {
+        .map(|variant| {
             let addr = free_addr();
-            let args = gateway_args(&config, addr, mock_addr, limiter);
+            let args = match variant.as_str() {
+                "limits" => gateway_args(&limits_config, addr, mock_addr, "budget"),
+                limiter => gateway_args(&config, addr, mock_addr, limiter),
+            };
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             (addr, start(&args, addr))
         })
@@ -173,18 +212,24 @@ window_secs = 86400
             load(*addr, 4, 1).await; // warm up: pools, caches, the tokenizer
         }
         for &connections in &o.concurrency {
-            let mut hists: Vec<Histogram<u64>> = (0..VARIANTS.len())
+            let mut hists: Vec<Histogram<u64>> = (0..variants.len())
                 .map(|_| Histogram::new_with_bounds(1_000, 60_000_000_000, 3).unwrap())
                 .collect();
-            let mut counts = vec![0u64; VARIANTS.len()];
+            let mut counts = vec![0u64; variants.len()];
             // Each round's p50 and p99, per variant: a shared machine's
             // slow patches move whole rounds, and the median of the rounds
             // shrugs them off where one merged histogram would not.
-            let mut per_round = vec![Vec::new(); VARIANTS.len()];
+            let mut per_round = vec![Vec::new(); variants.len()];
+            // Each round's CPU time of the gateway, per request, in ns.
+            let mut cpu = vec![Vec::new(); variants.len()];
             for round in 0..o.rounds {
-                for k in 0..VARIANTS.len() {
-                    let v = (round + k) % VARIANTS.len();
+                for k in 0..variants.len() {
+                    let v = (round + k) % variants.len();
+                    let pid = gateways[v].1 .0.id();
+                    let ticks = cpu_ticks(pid);
                     let (h, ok) = load(gateways[v].0, connections, o.seconds).await;
+                    let used = (cpu_ticks(pid) - ticks) as f64 * MICROS_PER_TICK;
+                    cpu[v].push((used * 1_000.0 / ok.max(1) as f64) as u64);
                     per_round[v].push((h.value_at_quantile(0.5), h.value_at_quantile(0.99), ok));
                     hists[v].add(h).unwrap();
                     counts[v] += ok;
@@ -195,20 +240,30 @@ window_secs = 86400
                 xs.sort_unstable();
                 xs[xs.len() / 2]
             };
-            println!("\n{connections} connection(s); p50, p99 and requests/s are medians of the rounds, p99.9 over all:\n");
-            println!("| variant | requests/s | p50 | p99 | p99.9 | p50 vs none | p99 vs none |");
-            println!("|---|---|---|---|---|---|---|");
+            let median_cpu = |v: usize| {
+                let mut xs = cpu[v].clone();
+                xs.sort_unstable();
+                xs[xs.len() / 2]
+            };
+            let first = variant_name(&variants[0]);
+            println!("\n{connections} connection(s); p50, p99, requests/s and CPU per request are medians of the rounds, p99.9 over all; compared with {first}:\n");
+            println!("| variant | requests/s | p50 | p99 | p99.9 | gateway CPU per request | p50 vs first | p99 vs first | CPU vs first |");
+            println!("|---|---|---|---|---|---|---|---|---|");
             let (base50, base99) = (median(0, |r| r.0), median(0, |r| r.1));
-            for (v, name) in VARIANTS.iter().enumerate() {
+            let base_cpu = median_cpu(0);
+            for (v, variant) in variants.iter().enumerate() {
                 let rate = median(v, |r| r.2) as f64 / o.seconds as f64;
                 let (p50, p99) = (median(v, |r| r.0), median(v, |r| r.1));
                 println!(
-                    "| {name} | {rate:.0} | {} | {} | {} | {:+.1} µs | {:+.1}% |",
+                    "| {} | {rate:.0} | {} | {} | {} | {} | {:+.1} µs | {:+.1}% | {:+.1}% |",
+                    variant_name(variant),
                     micros(p50),
                     micros(p99),
                     micros(hists[v].value_at_quantile(0.999)),
+                    micros(median_cpu(v)),
                     (p50 as f64 - base50 as f64) / 1_000.0,
-                    (p99 as f64 / base99 as f64 - 1.0) * 100.0
+                    (p99 as f64 / base99 as f64 - 1.0) * 100.0,
+                    (median_cpu(v) as f64 / base_cpu as f64 - 1.0) * 100.0
                 );
             }
             let total: u64 = counts.iter().sum();
@@ -216,7 +271,10 @@ window_secs = 86400
         }
 
         // 64 clients on one key, against the budget layer.
-        let budget_addr = gateways[1].0;
+        let Some(budget) = variants.iter().position(|v| v == "budget") else {
+            return;
+        };
+        let budget_addr = gateways[budget].0;
         let before = get_json(mock_addr, "/mock/stats", None).await;
         let until = Instant::now() + Duration::from_secs(60);
         // Each client stops after a bounded number of requests: together
