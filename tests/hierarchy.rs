@@ -985,40 +985,41 @@ mod sequential {
     }
 }
 
-/// `acquire_owned_reporting` reports each level as `chain_info` reads it
-/// right after the take, agent first, and reports nothing on a refusal.
-#[test]
-fn an_admission_reports_where_each_level_stands_after_it() {
-    let (manager, _time) = mocked::<agent_budget::BudgetManager>();
-    let manager = Arc::new(manager);
-    let (key, team, org) = (agent(), agent(), agent());
-    manager.set_budget(limit(key, 1_000, 10, 60));
-    manager.set_budget(limit(team, 500, 100, 3_600));
-    manager.set_budget(limit(org, 10_000, 3, 86_400));
-    link(&*manager, key, team);
-    link(&*manager, team, org);
+for_both_managers! {
+    // `acquire_owned_reporting` reports each level as `chain_info` reads it
+    // right after the take, agent first, and reports nothing on a refusal.
+    fn an_admission_reports_where_each_level_stands_after_it<M>() {
+        let (manager, _time) = mocked::<M>();
+        let manager = Arc::new(manager);
+        let (key, team, org) = (agent(), agent(), agent());
+        manager.set_budget(limit(key, 1_000, 10, 60));
+        manager.set_budget(limit(team, 500, 100, 3_600));
+        manager.set_budget(limit(org, 10_000, 3, 86_400));
+        link(&*manager, key, team);
+        link(&*manager, team, org);
 
-    let mut reported = Vec::new();
-    let taken = manager
-        .acquire_owned_reporting(&key, 300, 1, |info| reported.push(info))
-        .expect("every level has room");
-    assert_eq!(reported, manager.chain_info(&key));
-    let ids: Vec<_> = reported.iter().map(|info| info.agent_id).collect();
-    assert_eq!(ids, [key, team, org]);
-    let left: Vec<_> = reported
-        .iter()
-        .map(|i| (i.tokens_remaining, i.calls_remaining))
-        .collect();
-    assert_eq!(left, [(700, 9), (200, 99), (9_700, 2)]);
+        let mut reported = Vec::new();
+        let taken = manager
+            .acquire_owned_reporting(&key, 300, 1, |info| reported.push(info))
+            .expect("every level has room");
+        assert_eq!(reported, manager.chain_info(&key));
+        let ids: Vec<_> = reported.iter().map(|info| info.agent_id).collect();
+        assert_eq!(ids, [key, team, org]);
+        let left: Vec<_> = reported
+            .iter()
+            .map(|i| (i.tokens_remaining, i.calls_remaining))
+            .collect();
+        assert_eq!(left, [(700, 9), (200, 99), (9_700, 2)]);
 
-    // The team has 200 tokens left: refused there, nothing reported.
-    let mut after_refusal = Vec::new();
-    let refused = manager
-        .acquire_owned_reporting(&key, 300, 1, |info| after_refusal.push(info))
-        .expect_err("the team is short");
-    assert_eq!(refused.refused_by, team);
-    assert!(after_refusal.is_empty(), "{after_refusal:?}");
-    assert_eq!(chain_used(&*manager, &key), [(300, 1), (300, 1), (300, 1)]);
-    taken.settle(100);
-    assert_eq!(chain_used(&*manager, &key), [(100, 1), (100, 1), (100, 1)]);
+        // The team has 200 tokens left: refused there, nothing reported.
+        let mut after_refusal = Vec::new();
+        let refused = manager
+            .acquire_owned_reporting(&key, 300, 1, |info| after_refusal.push(info))
+            .expect_err("the team is short");
+        assert_eq!(refused.refused_by, team);
+        assert!(after_refusal.is_empty(), "{after_refusal:?}");
+        assert_eq!(chain_used(&*manager, &key), [(300, 1), (300, 1), (300, 1)]);
+        taken.settle(100);
+        assert_eq!(chain_used(&*manager, &key), [(100, 1), (100, 1), (100, 1)]);
+    }
 }

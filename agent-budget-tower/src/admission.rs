@@ -367,6 +367,26 @@ impl<M: BudgetLimiter + 'static> Admission for M {
         )
     }
 
+    /// `acquire_owned_reporting`: the chain is read in the admission, not
+    /// looked up again for the headers.
+    fn admit_reporting(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        estimate: &Estimate,
+    ) -> impl Future<Output = Result<(OwnedReservation, Option<RateLimitSnapshot>), Denial>> + Send
+    {
+        let mut chain: smallvec::SmallVec<[FullBudgetInfo; 2]> = smallvec::SmallVec::new();
+        let taken =
+            self.acquire_owned_reporting(agent_id, estimate.tokens(), estimate.calls, |info| {
+                chain.push(info)
+            });
+        std::future::ready(
+            taken
+                .map(|reservation| (reservation, RateLimitSnapshot::from_chain(&chain)))
+                .map_err(Denial::Refused),
+        )
+    }
+
     fn admit_wait(
         self: &Arc<Self>,
         agent_id: &AgentId,

@@ -242,6 +242,23 @@ impl LockedBudgetManager {
         Ok(OwnedReservation::new(self.clone(), ticket))
     }
 
+    /// [`acquire_owned`](Self::acquire_owned), then where each level of
+    /// the agent's chain stands; see
+    /// [`BudgetManager::acquire_owned_reporting`](crate::BudgetManager::acquire_owned_reporting).
+    /// The reference reads the chain after the admission, under a lock of
+    /// its own: another request may come between the two.
+    pub fn acquire_owned_reporting(
+        self: &Arc<Self>,
+        agent_id: &AgentId,
+        tokens: u64,
+        calls: u64,
+        report: impl FnMut(FullBudgetInfo),
+    ) -> Result<OwnedReservation, Refused> {
+        let taken = self.acquire_owned(agent_id, tokens, calls)?;
+        self.chain_info(agent_id).into_iter().for_each(report);
+        Ok(taken)
+    }
+
     /// Waits until the request fits; see
     /// [`BudgetManager::acquire_wait`](crate::BudgetManager::acquire_wait).
     #[cfg(feature = "async")]

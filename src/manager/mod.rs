@@ -163,6 +163,15 @@ macro_rules! forward_budget_limiter {
             ) -> Result<$crate::OwnedReservation, $crate::Refused> {
                 <$manager>::acquire_owned(self, agent_id, tokens, calls)
             }
+            fn acquire_owned_reporting(
+                self: &std::sync::Arc<Self>,
+                agent_id: &$crate::AgentId,
+                tokens: u64,
+                calls: u64,
+                report: impl FnMut($crate::FullBudgetInfo),
+            ) -> Result<$crate::OwnedReservation, $crate::Refused> {
+                <$manager>::acquire_owned_reporting(self, agent_id, tokens, calls, report)
+            }
             #[cfg(feature = "async")]
             fn acquire_wait(
                 &self,
