@@ -232,3 +232,34 @@ for_both_managers! {
         assert!(err.to_string().contains("larger than the limit of 2"), "{err}");
     }
 }
+
+for_both_managers! {
+    // An agent alone: `acquire_owned_reporting` reports its level as
+    // `full_info` reads it right after the take (the window's end
+    // included); nothing for a refusal or an agent without a budget.
+    fn an_admission_reports_the_agents_own_level_as_it_stands_after<M>() {
+        let (m, time) = mocked::<M>();
+        let m = std::sync::Arc::new(m);
+        let a = agent();
+        m.set_budget(limit(a, 100, 3, 60));
+        time.advance_secs(20);
+        let mut reported = Vec::new();
+        let taken = m
+            .acquire_owned_reporting(&a, 70, 1, |info| reported.push(info))
+            .expect("room");
+        assert_eq!(reported, [m.full_info(&a).expect("a budget")]);
+        let info = &reported[0];
+        assert_eq!((info.tokens_remaining, info.calls_remaining), (30, 2));
+        assert_eq!(info.window_remaining_secs, 40);
+
+        let mut more = Vec::new();
+        let err = m
+            .acquire_owned_reporting(&a, 31, 1, |info| more.push(info))
+            .expect_err("30 left");
+        assert_eq!(err.kind, BudgetKind::Token);
+        let unknown = agent();
+        assert!(m.acquire_owned_reporting(&unknown, 1, 1, |info| more.push(info)).is_err());
+        assert!(more.is_empty(), "{more:?}");
+        assert_eq!(taken.settle(50), Settlement::Applied { refunded_tokens: 20, charged_tokens: 0, refunded_calls: 0 });
+    }
+}

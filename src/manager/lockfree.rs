@@ -356,10 +356,29 @@ impl BudgetManager {
         calls: u64,
         mut report: impl FnMut(FullBudgetInfo),
     ) -> Result<OwnedReservation, Refused> {
+        let refused = |r: Refusal| r.refused(*agent_id, Operation::Acquire);
         let pinned = self.pin();
+        let own = pinned
+            .get(agent_id)
+            .ok_or_else(|| refused(Refusal::NoBudget))?;
+        let enforced = own.enforced();
+        if !enforced.has_parent {
+            // One level (the common case): reported from the state the
+            // take left, not looked up and loaded again.
+            let now = self.clock.now();
+            let generation = own.generation();
+            let request = (tokens, calls);
+            let taken = take_reporting(*agent_id, own, enforced.policy, now, request, generation);
+            let (level, after) = taken
+                .map_err(refused)?
+                .ok_or_else(|| refused(Refusal::NoBudget))?;
+            report(full_budget_info(&own.limit(*agent_id), after, now));
+            let ticket = Ticket::new(request, Levels::Own(level));
+            return Ok(OwnedReservation::new(self.clone(), ticket));
+        }
         let levels = self
-            .admit_under(&pinned, agent_id, (tokens, calls), None)
-            .map_err(|r| r.refused(*agent_id, Operation::Acquire))?;
+            .admit_from(&pinned, agent_id, own, (tokens, calls))
+            .map_err(refused)?;
         let now = self.clock.now();
         for level in levels.iter() {
             let info = pinned
@@ -1185,9 +1204,24 @@ fn take(
     cell: CellRef<'_>,
     policy: crate::rules::Policy,
     now: Now,
-    (tokens, calls): (u64, u64),
+    request: (u64, u64),
     own_generation: u64,
 ) -> Result<Option<Level>, Refusal> {
+    take_reporting(id, cell, policy, now, request, own_generation)
+        .map(|taken| taken.map(|(level, _)| level))
+}
+
+/// [`take`], and the state the take left: what a report of the level
+/// reads, without loading the word again.
+#[inline(always)]
+fn take_reporting(
+    id: AgentId,
+    cell: CellRef<'_>,
+    policy: crate::rules::Policy,
+    now: Now,
+    (tokens, calls): (u64, u64),
+    own_generation: u64,
+) -> Result<Option<(Level, State)>, Refusal> {
     // Relaxed: taking budget publishes nothing and wakes no one.
     let Some((_, after, verdict)) = cell.update(Ordering::Relaxed, now, |s| {
         s.admit(&policy, now, tokens, calls)
@@ -1200,7 +1234,7 @@ fn take(
         taken_in: after.mark,
     };
     verdict
-        .map(|()| Some(level))
+        .map(|()| Some((level, after)))
         .map_err(|shortfall| Refusal::Short {
             shortfall,
             asked: (tokens, calls),
