@@ -57,10 +57,11 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 21,700 instructions per request (66,800 before the changes
+//! adds about 21,800 instructions per request (66,800 before the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
-//! before the body were added, which took it to 30,245). What they are,
-//! roughly:
+//! before the body were added, which took it to 30,245; 22,489 on the same
+//! machine before the admission reported where its budgets stand). What
+//! they are, roughly:
 //!
 //! | part | instructions |
 //! |---|---|
@@ -68,7 +69,7 @@
 //! | reading the response's `usage` (290 bytes, validated to the end) | 3,800 |
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
 //! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,800 |
-//! | the core: `acquire_owned_reporting` (the admission, and where the chain stands right after it, for the headers: read under the admission's guard, where a `chain_info` of its own cost 830), `settle` | 1,650 |
+//! | the core: `acquire_owned_reporting` (the admission, and where the chain stands right after it, for the headers: read under the admission's guard, where a `chain_info` of its own cost 830), `settle` | 1,550 |
 //! | hyper and tokio: the body read in the server's own task wakes that task (hyper's body channel wakes its sender whenever the receiver takes a chunk), so tokio yields it and rouses a parked sibling worker; the six headers written out | 2,300 |
 //! | the boxed service future and its moves, axum's boxed bodies | 2,000 |
 //! | reading the body, and the path checked again (the gateway checked it before routing) | 1,500 |
@@ -116,14 +117,13 @@
 //! and the throughput at one connection went down, 3,689 requests/s
 //! against 4,352 (medians of 9 rotated rounds of 3 s): not kept either.
 //!
-//! Left, and where they would go: the reported levels read from the
-//! state the take itself computed, not looked up and loaded again (about
-//! 150 of `full_info`'s 440 a level); the serve future, 4,488 bytes that
+//! Left, and where they would go: the serve future, 4,488 bytes that
 //! `Box::pin` copies (about 480 instructions of `memcpy`; the admission's
-//! share, 1,168 bytes, is mostly the gateway's shadow-mode wrapper and the
-//! room for a second admission); the self-wake, which is hyper's (its body
-//! channel wakes the sender's task when the receiver takes a chunk, and
-//! the sender is the connection's own task).
+//! share, 1,168 bytes, is mostly the gateway's shadow-mode wrapper, whose
+//! rare path boxed took it to 816 bytes but no instruction count measured
+//! the difference, and the room for a second admission); the self-wake,
+//! which is hyper's (its body channel wakes the sender's task when the
+//! receiver takes a chunk, and the sender is the connection's own task).
 //!
 //! # Embedding it in axum
 //!

@@ -139,31 +139,58 @@
 //!
 //! ## Cost
 //!
-//! `budget-gateway/benches/instructions.sh --variants
-//! none,budget,governor,limits` (callgrind, the median of three processes
-//! per variant, 2-vCPU AMD EPYC VM), instructions per proxied chat
-//! completion; `--compare budget,limits` breaks the difference down:
+//! Two measures, both side by side with the `budget` variant (the load key
+//! under one window on tokens and requests) in one run on a 2-vCPU AMD
+//! EPYC VM.
+//!
+//! **CPU time per request**, on the load bench the issue names
+//! (`cargo bench -p budget-gateway --bench load -- --variants
+//! budget,limits`: each gateway process's user and system time from
+//! `/proc/PID/stat` over each round, divided by the requests it served;
+//! the median of the rounds, 2 s each, the order rotated):
+//!
+//! | run | rounds | 1 connection | 32 connections |
+//! |---|---|---|---|
+//! | 1 | 7 | +6.7% (147.6 against 138.3 µs) | −2.8% (44.3 against 45.5 µs) |
+//! | 2 (the order reversed) | 9 | +3.5% (141.9 against 137.1 µs) | +24.4% (52.1 against 41.9 µs) |
+//! | 3 | 15 | | +8.3% (37.1 against 34.2 µs) |
+//! | 4 | 11 | +8.2% (144.2 against 133.3 µs) | +9.4% (53.3 against 48.7 µs) |
+//!
+//! Within 10% in six of the seven, and one round set of 32 connections at
+//! +24%: the one key of the bench is then written by both cores at once,
+//! and the limits put three cells under that contention where one window
+//! puts one. Throughput at 32 connections differs by −7.1% to +3.4%
+//! (−16% in the second run), the median latency by −5% to +10%.
+//!
+//! **Instructions per request** (`budget-gateway/benches/instructions.sh
+//! --variants none,budget,governor,limits`, callgrind, the median of three
+//! processes per variant; user space only, where the CPU time above
+//! includes the kernel's share of each request, which both pay alike):
 //!
 //! | configuration | instructions | vs one window |
 //! |---|---|---|
-//! | one window on tokens and requests (`budget`) | 82,537 | |
-//! | two windows and a spend limit in `1mo` (`limits`) | 92,477 | +12.0% (+12.1% before the key's digest was remembered: 86,183 and 96,648) |
+//! | one window on tokens and requests (`budget`) | 82,409 (83,322 at `ee9a4d8`) | |
+//! | two windows and a spend limit in `1mo` (`limits`) | 92,388 (93,215) | +12.1% (+11.9%) |
 //!
-//! (An earlier session, on a 2-core Intel Xeon: 85,959 and 98,098,
-//! +14.1%.) Cutting what both pay, such as the key's SHA-256, leaves the
-//! difference as it was and the ratio a little higher. Issue 17's target
-//! (within 10%) is not met yet. Where the difference goes (inclusive,
-//! `--compare budget,limits`): the core's set admission and settle
-//! (`acquire_set_owned` 2,430 where `acquire_owned` is about 480; the
-//! set's settle 1,600 where one budget's is 550: four
-//! compare-and-swaps and four lookups where there is one of each), the
-//! spend headers (a `full_info` of the spend cell and three header
-//! inserts, 3,800), `rate_limits`' extra `full_info`s (870) and the
-//! claims (900). Already cut: the dollars formatted from integer digits
-//! rather than `{:.6}` (4,700); the set's reservation boxed (its moves
-//! were 1,900 of copies); the month's dates remembered per thread (they
-//! were computed about ten times a request, 1,800) and `full_info`
-//! reading the state once; the spend headers in one allocation; the plan
-//! table read without cloning an `Arc`. Left to try: the spend cell's
-//! state returned by the admission instead of a second `full_info`, and,
-//! in the core, settling through the slot the take found.
+//! (Earlier sessions, on other machines: 82,537 and 92,477, +12.0%;
+//! 85,959 and 98,098, +14.1%.) Cutting what both pay leaves the
+//! difference as it was and the ratio a little higher: the admission that
+//! reports where its limits stand (`acquire_set_owned_reporting`), which
+//! replaced the spend header's `full_info` and `rate_limits`' three reads,
+//! took 827 instructions from `limits` and 913 from `budget`. By this
+//! count the difference is still above 10%. Where it goes (inclusive,
+//! `--compare budget,limits`): the core's set admission and settle (2,220
+//! for three claims where `acquire_owned` is about 480; the set's settle
+//! 1,570 where one budget's is 550: three lookups and compare-and-swaps
+//! where there is one of each), the reports of three limits (1,500: each a
+//! lookup, a load and a `full_info`), the spend headers (three inserts
+//! under names of their own, their values, 2,900) and the claims (900).
+//! Already cut: the dollars formatted from integer digits rather than
+//! `{:.6}` (4,700); the set's reservation boxed (its moves were 1,900 of
+//! copies); the month's dates remembered per thread (they were computed
+//! about ten times a request, 1,800) and `full_info` reading the state
+//! once; the spend headers in one allocation; the plan table read without
+//! cloning an `Arc`; the spend cell's and the windows' state read in the
+//! admission. Left to try: the set's reports from the state each take
+//! left (as an agent alone already is: about 150 a limit), and, in the
+//! core, settling through the slot the take found.
