@@ -10,6 +10,7 @@
 use smallvec::SmallVec;
 
 use crate::reservation::{Level, Settlement};
+use crate::rules::State;
 use crate::types::{AgentId, Claim};
 
 /// The most claims one request may name, and the most distinct limits
@@ -67,6 +68,9 @@ pub(crate) struct Planned<P> {
     pub(crate) depth: u8,
     /// Where it was taken, once it is.
     pub(crate) taken: Option<Level>,
+    /// The state the take left (the lock-free manager's, for a report of
+    /// the limit: see `acquire_set_owned_reporting`).
+    pub(crate) left: Option<State>,
 }
 
 impl<P> Planned<P> {
@@ -140,6 +144,7 @@ impl<P: Copy> Plan<P> {
             own,
             depth,
             taken: None,
+            left: None,
         });
         Ok(())
     }

@@ -588,19 +588,20 @@ impl BudgetManager {
         mut report: impl FnMut(usize, FullBudgetInfo),
     ) -> Result<OwnedSetReservation, Refused> {
         let pinned = self.pin();
-        let ticket = self
-            .admit_set(&pinned, claims, None)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
         let now = self.clock.now();
-        for taken in ticket.levels.iter() {
-            let level = &taken.level;
-            let info = pinned
-                .get(&level.agent_id)
-                .and_then(|cell| info_of(&level.agent_id, cell.expecting(level.generation), now));
-            if let Some(info) = info {
-                report(taken.reached_by.trailing_zeros() as usize, info);
+        let mut plan = Plan::new();
+        self.take_claims(&pinned, claims, None, None, now, &mut plan)
+            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+        // Each limit from the state its take left, not looked up and
+        // loaded again.
+        for limit in plan.in_order() {
+            if let (Some(_), Some(left)) = (limit.taken, limit.left) {
+                let (cell, _) = limit.payload;
+                let info = full_budget_info(&cell.limit(limit.id), left, now);
+                report(limit.first_claim(), info);
             }
         }
+        let ticket = SetTicket::new(claims, plan.taken());
         Ok(OwnedSetReservation::new(self.clone(), ticket))
     }
 
@@ -888,11 +889,12 @@ impl BudgetManager {
                 Some(shadowed) if shadowed(&limit.id) => {
                     Ok(take_past(limit.id, cell, policy, now, amounts))
                 }
-                _ => take(limit.id, cell, policy, now, amounts, generation),
+                _ => take_reporting(limit.id, cell, policy, now, amounts, generation),
             };
             let refusal = match taken {
-                Ok(Some(level)) => {
+                Ok(Some((level, left))) => {
                     plan.limits[n].taken = Some(level);
+                    plan.limits[n].left = Some(left);
                     continue;
                 }
                 // An ancestor removed meanwhile is no longer a limit.
@@ -1251,16 +1253,17 @@ fn take_past(
     policy: crate::rules::Policy,
     now: Now,
     (tokens, calls): (u64, u64),
-) -> Option<Level> {
+) -> Option<(Level, State)> {
     // Relaxed: as for `take`, taking budget publishes nothing.
     let (_, after, ()) = cell.update(Ordering::Relaxed, now, |s| {
         (s.admit_past(&policy, now, tokens, calls), ())
     })?;
-    Some(Level {
+    let level = Level {
         agent_id: id,
         generation: cell.generation(),
         taken_in: after.mark,
-    })
+    };
+    Some((level, after))
 }
 
 /// Whether every level of `claim`'s chain has room for its amounts now
