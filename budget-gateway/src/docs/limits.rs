@@ -106,6 +106,10 @@
 //!   six decimals) and `x-budget-spend-reset` (a Go duration, like the
 //!   `x-ratelimit-reset-*` headers) report the spend limit with the least
 //!   left among those the request claimed; absent when none applies.
+//! - On an admitted response, both report the limits as they stood right
+//!   after the request was admitted (its estimate taken), read in the
+//!   admission itself (the core's `acquire_owned_reporting` and
+//!   `acquire_set_owned_reporting`), not looked up again.
 //! - A spend refusal is a `429` whose error `type` is `"spend"`, with the
 //!   estimate and what is left in dollars, and `Retry-After` when the
 //!   window's end (or the bucket) frees room.
