@@ -64,8 +64,7 @@ pub trait BudgetLimiter: Send + Sync {
         Self: Sized;
     /// [`acquire_owned`](Self::acquire_owned), telling `report` where each
     /// level the request was taken at stands right after (the agent's own
-    /// level first, as `chain_info` lists them); nothing on a refusal. By
-    /// default `acquire_owned`, then `chain_info`.
+    /// level first, as `chain_info` lists them); nothing on a refusal.
     fn acquire_owned_reporting(
         self: &Arc<Self>,
         agent_id: &AgentId,
@@ -74,12 +73,7 @@ pub trait BudgetLimiter: Send + Sync {
         report: impl FnMut(FullBudgetInfo),
     ) -> Result<OwnedReservation, Refused>
     where
-        Self: Sized,
-    {
-        let taken = self.acquire_owned(agent_id, tokens, calls)?;
-        self.chain_info(agent_id).into_iter().for_each(report);
-        Ok(taken)
-    }
+        Self: Sized;
     /// Waits until tokens and calls fit, then takes them.
     #[cfg(feature = "async")]
     fn acquire_wait(

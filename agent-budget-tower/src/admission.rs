@@ -280,6 +280,24 @@ pub async fn admit_polling<A: Admission + ?Sized>(
     }
 }
 
+/// Takes what `estimate` asks of the agent's budget (`acquire_owned`), and
+/// the `x-ratelimit-*` snapshot of its chain as the admission left it
+/// (`acquire_owned_reporting`): what [`Admission::admit_reporting`]
+/// answers for every [`BudgetLimiter`], for an admission of its own that
+/// admits an agent's chain the same way.
+pub fn acquire_reporting<M: BudgetLimiter>(
+    budgets: &Arc<M>,
+    agent_id: &AgentId,
+    estimate: &Estimate,
+) -> Result<(OwnedReservation, Option<RateLimitSnapshot>), Refused> {
+    let mut chain: smallvec::SmallVec<[FullBudgetInfo; 2]> = smallvec::SmallVec::new();
+    let taken =
+        budgets.acquire_owned_reporting(agent_id, estimate.tokens(), estimate.calls, |info| {
+            chain.push(info)
+        })?;
+    Ok((taken, RateLimitSnapshot::from_chain(&chain)))
+}
+
 /// What an [`Admission`] took for one request, settled once when its
 /// response is over: the core's [`OwnedReservation`], or a set of them.
 pub trait Reservation: Send + 'static {
@@ -375,16 +393,7 @@ impl<M: BudgetLimiter + 'static> Admission for M {
         estimate: &Estimate,
     ) -> impl Future<Output = Result<(OwnedReservation, Option<RateLimitSnapshot>), Denial>> + Send
     {
-        let mut chain: smallvec::SmallVec<[FullBudgetInfo; 2]> = smallvec::SmallVec::new();
-        let taken =
-            self.acquire_owned_reporting(agent_id, estimate.tokens(), estimate.calls, |info| {
-                chain.push(info)
-            });
-        std::future::ready(
-            taken
-                .map(|reservation| (reservation, RateLimitSnapshot::from_chain(&chain)))
-                .map_err(Denial::Refused),
-        )
+        std::future::ready(acquire_reporting(self, agent_id, estimate).map_err(Denial::Refused))
     }
 
     fn admit_wait(

@@ -148,7 +148,9 @@ mod rejection;
 mod service;
 mod telemetry;
 
-pub use admission::{admit_polling, Admission, Denial, Reservation, POLL_INTERVAL};
+pub use admission::{
+    acquire_reporting, admit_polling, Admission, Denial, Reservation, POLL_INTERVAL,
+};
 pub use body::BudgetBody;
 pub use estimate::{CountTokens, DeferredCount, Estimate, Estimator, FixedCost};
 pub use identify::{bearer_key, AgentIdExtension, AgentIdHeader, BearerKeys, Identify};

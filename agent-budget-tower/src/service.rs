@@ -420,15 +420,10 @@ where
         if let Some(snapshot) = snapshot {
             self.headers.write(&snapshot, &mut parts.headers);
         }
-        match settle.reservation() {
-            Some(reservation) => self.manager.write_admitted_headers(
-                reservation,
-                settle.estimate(),
-                &mut parts.headers,
-            ),
-            None => self
-                .manager
-                .write_headers(&agent, settle.estimate(), &mut parts.headers),
+        // The reservation is there until the body settles it.
+        if let Some(reservation) = settle.reservation() {
+            self.manager
+                .write_admitted_headers(reservation, settle.estimate(), &mut parts.headers);
         }
         let session = self.meter.start(settle.estimate(), &mut parts);
         settle.attach(session);

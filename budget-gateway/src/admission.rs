@@ -47,7 +47,9 @@ use agent_budget::{
 };
 use agent_budget_tower::headers::{RateLimitSnapshot, ValueText};
 use agent_budget_tower::openai::pricing::{ModelPrice, PriceTable, TokenCounts};
-use agent_budget_tower::{Admission, Denial, Estimate, Reservation, UsageLog, UsedTokens};
+use agent_budget_tower::{
+    acquire_reporting, Admission, Denial, Estimate, Reservation, UsageLog, UsedTokens,
+};
 use arc_swap::ArcSwap;
 use http::header::{HeaderMap, HeaderName};
 use smallvec::SmallVec;
@@ -276,13 +278,8 @@ impl LimitAdmission {
             // One budget per level (or an agent the plans do not know
             // yet, which the core refuses if it has no budget).
             None => {
-                let mut chain: SmallVec<[FullBudgetInfo; 2]> = SmallVec::new();
-                return self
-                    .budgets
-                    .acquire_owned_reporting(agent, estimate.tokens(), estimate.calls, |info| {
-                        chain.push(info)
-                    })
-                    .map(|taken| (Held::One(taken), RateLimitSnapshot::from_chain(&chain)))
+                return acquire_reporting(&self.budgets, agent, estimate)
+                    .map(|(taken, snapshot)| (Held::One(taken), snapshot))
                     .map_err(Denial::Refused);
             }
         };
@@ -441,6 +438,13 @@ impl LimitAdmission {
     }
 }
 
+/// Whether claim `n` counts micro-dollars, by `spend_claims` (bit `n`;
+/// claims past the 64th never do).
+fn counts_spend(spend_claims: u64, n: usize) -> bool {
+    1u64.checked_shl(n as u32)
+        .is_some_and(|bit| spend_claims & bit != 0)
+}
+
 /// A set's claims, and what its settle needs to know of them.
 struct Claims {
     agent: AgentId,
@@ -456,8 +460,7 @@ struct Claims {
 impl Claims {
     /// Whether claim `n` counts micro-dollars.
     fn spends(&self, n: usize) -> bool {
-        1u64.checked_shl(n as u32)
-            .is_some_and(|bit| self.spend_claims & bit != 0)
+        counts_spend(self.spend_claims, n)
     }
 
     /// The one claim of an agent whose levels each have one limit.
@@ -642,7 +645,7 @@ impl Admission for LimitAdmission {
     fn write_admitted_headers(&self, held: &Held, estimate: &Estimate, headers: &mut HeaderMap) {
         match held {
             Held::Set(set) if set.spend.is_some() => {
-                if let Some(Some(spend)) = &set.spend {
+                if let Some(spend) = set.spend.flatten() {
                     spend.write(headers);
                 }
             }
@@ -890,10 +893,7 @@ impl SetHeld {
         };
         let spend_claims = self.spend_claims;
         let actual = |i: usize, total: u64| {
-            let spend = 1u64
-                .checked_shl(i as u32)
-                .is_some_and(|bit| spend_claims & bit != 0);
-            if spend {
+            if counts_spend(spend_claims, i) {
                 cost
             } else {
                 total

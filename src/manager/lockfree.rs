@@ -366,14 +366,10 @@ impl BudgetManager {
             // One level (the common case): reported from the state the
             // take left, not looked up and loaded again.
             let now = self.clock.now();
-            let generation = own.generation();
-            let request = (tokens, calls);
-            let taken = take_reporting(*agent_id, own, enforced.policy, now, request, generation);
-            let (level, after) = taken
-                .map_err(refused)?
-                .ok_or_else(|| refused(Refusal::NoBudget))?;
+            let (level, after) =
+                take_own(agent_id, own, &enforced, now, (tokens, calls)).map_err(refused)?;
             report(full_budget_info(&own.limit(*agent_id), after, now));
-            let ticket = Ticket::new(request, Levels::Own(level));
+            let ticket = Ticket::new((tokens, calls), Levels::Own(level));
             return Ok(OwnedReservation::new(self.clone(), ticket));
         }
         let levels = self
@@ -764,35 +760,14 @@ impl BudgetManager {
     ) -> Result<Levels, Refusal> {
         let now = self.clock.now();
         let enforced = own.enforced();
+        let (own_level, _) = take_own(agent_id, own, &enforced, now, (tokens, calls))?;
         if !enforced.has_parent {
-            let generation = own.generation();
-            return match take(
-                *agent_id,
-                own,
-                enforced.policy,
-                now,
-                (tokens, calls),
-                generation,
-            )? {
-                Some(level) => Ok(Levels::Own(level)),
-                None => Err(Refusal::NoBudget),
-            };
+            return Ok(Levels::Own(own_level));
         }
         // A chain is the plan of one claim, whose order is the walk's (one
         // limit per depth, nothing to merge): taken as walked, without
         // building the plan (a third of a chain's admission, measured).
         let generation = own.generation();
-        let Some(own_level) = take(
-            *agent_id,
-            own,
-            enforced.policy,
-            now,
-            (tokens, calls),
-            generation,
-        )?
-        else {
-            return Err(Refusal::NoBudget);
-        };
         let mut levels = Levels::Own(own_level);
         let mut refused = None;
         walk_ancestors(pinned, *agent_id, own, |id, cell, enforced| {
@@ -1243,6 +1218,22 @@ fn take_reporting(
             generation: own_generation,
             level: id,
         })
+}
+
+/// Takes `request` at the agent's own level, whose policy is `enforced`:
+/// the level and the state the take left, or `NoBudget` if the cell was
+/// retired meanwhile.
+#[inline(always)]
+fn take_own(
+    agent_id: &AgentId,
+    own: CellRef<'_>,
+    enforced: &Enforced,
+    now: Now,
+    request: (u64, u64),
+) -> Result<(Level, State), Refusal> {
+    let generation = own.generation();
+    take_reporting(*agent_id, own, enforced.policy, now, request, generation)?
+        .ok_or(Refusal::NoBudget)
 }
 
 /// Takes `(tokens, calls)` at a limit in shadow mode: past its limit if
