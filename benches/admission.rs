@@ -12,7 +12,8 @@
 //! `cargo bench --bench admission` runs everything (about two minutes);
 //! `cargo bench --bench admission -- hot` runs the groups whose name
 //! contains `hot`. `ROUNDS` and `OPS` (operations per thread per round)
-//! override the defaults.
+//! override the defaults; `AGENTS=100000` and `THREADS=2,1` (lists) choose
+//! the agent counts and thread counts of the admission groups, in order.
 
 mod common;
 
@@ -171,6 +172,22 @@ fn run(contender: &dyn Contender, threads: usize, agents: usize, ops: usize, see
     elapsed.as_nanos() as f64 / (threads * ops) as f64
 }
 
+/// A comma-separated list of numbers from the environment, or `default`.
+fn list_var(key: &str, default: &[usize]) -> Vec<usize> {
+    std::env::var(key).map_or_else(
+        |_| default.to_vec(),
+        |list| {
+            list.split(',')
+                .map(|n| {
+                    n.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("{key}: {list:?} is not a list of numbers"))
+                })
+                .collect()
+        },
+    )
+}
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     let n = values.len();
@@ -253,7 +270,9 @@ fn main() {
     println!("| group | agents | threads | contender | ns/op | vs governor | vs locked |");
     println!("|---|---|---|---|---|---|---|");
     let generous = Quota::per_second(NonZeroU32::new(1_000_000_000).expect("non-zero"));
-    for agents in [1_000, 100_000, 1_000_000] {
+    let sizes = list_var("AGENTS", &[1_000, 100_000, 1_000_000]);
+    let thread_counts = list_var("THREADS", &[1, 2]);
+    for agents in sizes {
         let ids = v4_ids(agents);
         let narrow = Width::Narrow { window_secs: 60 };
         let wide_manager = Reserve(admitting::<BudgetManager>(&ids, Width::Wide), &ids);
@@ -270,7 +289,7 @@ fn main() {
                 .map(|id| narrow_manager.0.handle(id).expect("set"))
                 .collect(),
         );
-        for threads in [1, 2] {
+        for &threads in &thread_counts {
             group(
                 &settings,
                 "reserve admitted",
