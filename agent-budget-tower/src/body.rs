@@ -48,6 +48,7 @@ pub(crate) struct Settle<R: Reservation, S: MeterSession> {
     /// The upstream received the request: a cancel charges the prompt.
     prompt_received: bool,
     log: Option<Arc<dyn UsageLog>>,
+    /// When the reservation was taken, for `log`: meaningless without one.
     admitted_at: std::time::SystemTime,
 }
 

@@ -57,7 +57,8 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 21,800 instructions per request (66,800 before the changes
+//! adds about 21,800 instructions per request (22,000 on the machine of
+//! the last count before the clocks below; 66,800 before all the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
 //! before the body were added, which took it to 30,245; 22,489 on the same
 //! machine before the admission reported where its budgets stand). What
@@ -103,10 +104,15 @@
 //!   meanwhile): now one pass, and the core's `check`, which takes nothing,
 //!   made only when the body has not come with its head (the estimate is
 //!   tried first: 1,300 less where it has).
+//! - **The clocks**: the check's duration was two `std::time::Instant`
+//!   reads (`clock_gettime` through the vDSO, and `timespec` arithmetic);
+//!   it is now two reads of the time-stamp counter and one scaling
+//!   (quanta's raw clock: `quanta::Instant::now`, which scales each read,
+//!   had cost more than `std`'s). The wall clock's reading at admission
+//!   is made only for a usage log, its one reader. Together 229 fewer
+//!   (22,025 -> 21,796, three processes each, the same machine).
 //!
-//! Tried and dropped, with their counts: `quanta::Instant` for the check's
-//! duration (136 instructions where `std::time::Instant`, through the
-//! vDSO, takes 117); the strict reader on `u128` words (3,724 -> 4,362 for
+//! Tried and dropped, with their counts: the strict reader on `u128` words (3,724 -> 4,362 for
 //! the usage), or without the body's UTF-8 check up front (keys and text
 //! checked one by one: the request's estimate 2,830 -> 3,071). Earlier, a
 //! runtime per core (no cross-worker wake-ups at all) moved the median

@@ -46,7 +46,7 @@ use tower::{Layer, Service};
 
 use crate::body::{BudgetBody, Settle, BLOCKING_COUNT_BYTES};
 use crate::headers::{write_retry_after, RateLimitSnapshot};
-use crate::telemetry::{Observe, RefusalReason, Telemetry};
+use crate::telemetry::{CheckTimer, Observe, RefusalReason, Telemetry};
 use crate::{
     Admission, AgentIdHeader, Denial, Estimate, Estimator, Identify, Meter, OpenAiEstimator,
     OpenAiUsage, PromptReceived, Rejection, UsageLog,
@@ -395,10 +395,16 @@ where
             Ok(admitted) => admitted,
             Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
-        let admitted_at = std::time::SystemTime::now();
-        if let Some(log) = &self.log {
-            crate::Reservation::log_admitted(&reservation, log.as_ref(), admitted_at);
-        }
+        // The wall clock is read for the log alone, which is all that
+        // reads `admitted_at`.
+        let admitted_at = match &self.log {
+            Some(log) => {
+                let at = std::time::SystemTime::now();
+                crate::Reservation::log_admitted(&reservation, log.as_ref(), at);
+                at
+            }
+            None => std::time::SystemTime::UNIX_EPOCH,
+        };
         let mut settle = Settle::new(
             reservation,
             estimate,
@@ -451,7 +457,7 @@ where
         floor: Option<(u64, u64)>,
         checked: bool,
     ) -> Result<(M::Reservation, Option<RateLimitSnapshot>), Rejection> {
-        let started = Instant::now();
+        let started = CheckTimer::start();
         let mut admitted = self.manager.admit_reporting(agent, estimate).await;
         if let Err(denial) = &admitted {
             let for_tokens = match denial {
