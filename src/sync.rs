@@ -10,8 +10,9 @@
 //! | `AtomicU64`         | `std`'s                      | loom's: narrow words and index entries, with their orderings checked |
 //! | `Published`         | `std`'s `AtomicU64`          | `std`'s: a cell's id and incarnation, written before the word that publishes them (one step fewer per load) |
 //! | `AtomicU128`        | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
-//! | `Arc`               | `std::sync::Arc`             | loom's: the registry's grace tokens are counted in the model |
-//! | `Shared`            | `arc_swap::ArcSwap` (the registry's header) | a loom `RwLock<Arc<T>>`, cloned out |
+//! | `Arc`               | `std::sync::Arc`             | loom's                                   |
+//! | `Shared`            | `arc_swap::ArcSwap` (the registry's index) | a loom `RwLock<Arc<T>>`, cloned out |
+//! | `announce`, `observe`, `writer_barrier` | a store and a compiler fence; a load; `membarrier` (`SeqCst` fences where it is missing) | read-modify-writes of the reader's slot, no barrier (see `registry::grace`) |
 //! | `Snapshot`          | `arc_swap::ArcSwapOption`    | a loom `RwLock<Option<Arc<T>>>`          |
 //! | [`ClockSource`]     | `quanta::Clock`              | a loom `AtomicU64` of nanoseconds        |
 //! | `AgentMap` (waiters)| `papaya::HashMap` (aHash)    | a loom `RwLock<HashMap>`                 |
@@ -117,6 +118,66 @@ mod imp {
         }
     }
 
+    /// Whether readers may announce with a compiler fence alone, the
+    /// writer's `membarrier` supplying the CPU's (see `registry::grace`).
+    /// Decided once per process, before the first announcement.
+    #[inline]
+    fn asymmetric() -> bool {
+        static ASYMMETRIC: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ASYMMETRIC.get_or_init(register_membarrier)
+    }
+
+    #[cfg(target_os = "linux")]
+    fn register_membarrier() -> bool {
+        use rustix::thread::{membarrier, membarrier_query, MembarrierCommand};
+        membarrier_query().contains_command(MembarrierCommand::PrivateExpedited)
+            && membarrier(MembarrierCommand::RegisterPrivateExpedited).is_ok()
+    }
+
+    #[cfg(not(target_os = "linux"))]
+    fn register_membarrier() -> bool {
+        false
+    }
+
+    /// A reader's announcement: `value` stored in its slot, ordered before
+    /// the loads of the operation it announces.
+    #[inline]
+    pub(crate) fn announce(slot: &AtomicU64, value: u64) {
+        slot.store(value, Ordering::Relaxed);
+        if asymmetric() {
+            std::sync::atomic::compiler_fence(Ordering::SeqCst);
+        } else {
+            std::sync::atomic::fence(Ordering::SeqCst);
+        }
+    }
+
+    /// The writer's read of a reader's slot, after [`writer_barrier`].
+    /// Acquire: pairs with the Release that ends an operation.
+    pub(crate) fn observe(slot: &AtomicU64) -> u64 {
+        slot.load(Ordering::Acquire)
+    }
+
+    /// Orders the writer's stores so far before its reads of the reader
+    /// slots, and every reader's announcement before them or after the
+    /// stores: `membarrier` (a full barrier on every running thread of the
+    /// process), or a `SeqCst` fence where readers fence themselves.
+    /// `false` if the barrier could not be made.
+    pub(crate) fn writer_barrier() -> bool {
+        if !asymmetric() {
+            std::sync::atomic::fence(Ordering::SeqCst);
+            return true;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use rustix::thread::{membarrier, MembarrierCommand};
+            membarrier(MembarrierCommand::PrivateExpedited).is_ok()
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            true
+        }
+    }
+
     pub(crate) fn default_clock() -> ClockSource {
         // Calibrates the TSC (once per process) here, not on a hot path.
         quanta::Clock::new()
@@ -142,32 +203,18 @@ mod imp {
         }
     }
 
-    /// An atomically replaceable `Arc<T>`, read through a short-lived guard
-    /// that keeps the value alive: the registry's header (its index and its
-    /// grace token).
+    /// An atomically replaceable `Arc<T>`: the registry's index, which
+    /// threads load whole into their caches (see `registry::current`).
     pub(crate) struct Shared<T>(arc_swap::ArcSwap<T>);
-
-    /// A [`Shared`] value, held: arc-swap's thread-local debt slot, not a
-    /// reference-count increment, unless the value is replaced meanwhile
-    /// (then the writer pays the debt with a real count).
-    pub(crate) struct Loaded<T>(arc_swap::Guard<Arc<T>>);
-
-    impl<T> std::ops::Deref for Loaded<T> {
-        type Target = T;
-        #[inline]
-        fn deref(&self) -> &T {
-            &self.0
-        }
-    }
 
     impl<T> Shared<T> {
         pub(crate) fn new(value: Arc<T>) -> Self {
             Shared(arc_swap::ArcSwap::new(value))
         }
 
-        #[inline]
-        pub(crate) fn load(&self) -> Loaded<T> {
-            Loaded(self.0.load())
+        /// The value itself, counted.
+        pub(crate) fn load_full(&self) -> Arc<T> {
+            self.0.load_full()
         }
 
         /// Replaces the value. Once this returns, the old value's reference
@@ -333,6 +380,23 @@ mod imp {
         ClockSource::mock()
     }
 
+    /// A read-modify-write: loom models neither `membarrier` nor `SeqCst`
+    /// fences as more than acquire-release, but two read-modify-writes of
+    /// one slot are ordered and the later reads from the earlier (see
+    /// `registry::grace`).
+    pub(crate) fn announce(slot: &AtomicU64, value: u64) {
+        slot.swap(value, Ordering::AcqRel);
+    }
+
+    /// A read-modify-write, for the same reason as [`announce`].
+    pub(crate) fn observe(slot: &AtomicU64) -> u64 {
+        slot.fetch_add(0, Ordering::AcqRel)
+    }
+
+    pub(crate) fn writer_barrier() -> bool {
+        true
+    }
+
     pub(crate) struct Snapshot<T>(RwLock<Option<Arc<T>>>);
 
     impl<T> Snapshot<T> {
@@ -350,27 +414,16 @@ mod imp {
         }
     }
 
-    /// A loom `RwLock` of an `Arc`: a reader clones the `Arc` out (a
-    /// counted reference, as arc-swap's guard is once the value is
-    /// replaced), so the registry's grace tokens see exactly who holds what.
+    /// A loom `RwLock` of an `Arc`, cloned out.
     pub(crate) struct Shared<T>(RwLock<Arc<T>>);
-
-    pub(crate) struct Loaded<T>(Arc<T>);
-
-    impl<T> std::ops::Deref for Loaded<T> {
-        type Target = T;
-        fn deref(&self) -> &T {
-            &self.0
-        }
-    }
 
     impl<T> Shared<T> {
         pub(crate) fn new(value: Arc<T>) -> Self {
             Shared(RwLock::new(value))
         }
 
-        pub(crate) fn load(&self) -> Loaded<T> {
-            Loaded(self.0.read().unwrap().clone())
+        pub(crate) fn load_full(&self) -> Arc<T> {
+            self.0.read().unwrap().clone()
         }
 
         pub(crate) fn store(&self, value: Arc<T>) {

@@ -57,8 +57,9 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 21,800 instructions per request (22,000 on the machine of
-//! the last count before the clocks below; 66,800 before all the changes
+//! adds about 21,500 instructions per request (22,000 on the machine of
+//! the last count before the clocks below, and 21,800 before the
+//! registry's own guard replaced arc-swap's; 66,800 before all the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
 //! before the body were added, which took it to 30,245; 22,489 on the same
 //! machine before the admission reported where its budgets stand). What
@@ -111,6 +112,9 @@
 //!   had cost more than `std`'s). The wall clock's reading at admission
 //!   is made only for a usage log, its one reader. Together 229 fewer
 //!   (22,025 -> 21,796, three processes each, the same machine).
+//! - **The core's guard**: each registry operation announced in its
+//!   thread's slot instead of an arc-swap load (the core's
+//!   `docs::implementation`, "The guard"): 329 fewer (21,796 -> 21,467).
 //!
 //! Tried and dropped, with their counts: the strict reader on `u128` words (3,724 -> 4,362 for
 //! the usage), or without the body's UTF-8 check up front (keys and text

@@ -152,7 +152,7 @@ impl BudgetManager {
         self.clock.now()
     }
 
-    /// Holds the registry's current header for one operation.
+    /// Announces one operation on the registry and holds its index.
     #[inline]
     pub(crate) fn pin(&self) -> Pinned<'_> {
         self.agents.pin(&self.clock)
@@ -332,7 +332,7 @@ impl BudgetManager {
     /// on a refusal.
     ///
     /// It is `acquire_owned` followed by `chain_info`, without a second
-    /// lookup of the registry's header or a `Vec`: what a gateway needs for
+    /// announcement on the registry or a `Vec`: what a gateway needs for
     /// an admitted response's rate-limit headers, about 400 instructions
     /// less a request (callgrind, `budget-gateway/benches/instructions.sh`).
     ///
@@ -724,7 +724,7 @@ impl BudgetManager {
         self.admit_under(&self.pin(), agent_id, request, generation)
     }
 
-    /// [`admit`](Self::admit) under a header the caller holds.
+    /// [`admit`](Self::admit) within an operation the caller announced.
     #[inline(always)]
     fn admit_under(
         &self,

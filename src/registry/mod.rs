@@ -4,21 +4,24 @@
 //!
 //! ```text
 //! Registry
-//!  ├─ header: arc-swap of Header ──┬─ index: open addressing, 8-byte entries
-//!  │                               │    [ id hash's low 32 bits | slot, width ]
-//!  │                               └─ grace: token, alive while any reader holds
-//!  │                                  this header or an older one
+//!  ├─ current: the index (open addressing, 8-byte entries
+//!  │    [ id hash's low 32 bits | slot, width ]), kept by each thread
+//!  │    in a cache checked against a generation (see `current`)
+//!  ├─ readers: the threads' announcements, for grace periods (`grace`)
 //!  ├─ narrow: arena of 40-byte cells  (chunks that never move)
 //!  ├─ wide:   arena of 64-byte cells  (one cache line each)
-//!  └─ writer: Mutex (free slots, slots in grace, counts)
+//!  └─ writer: Mutex (the index, free slots, slots in limbo, counts)
 //! ```
 //!
-//! A lookup loads the header (arc-swap's thread-local debt slot: no shared
-//! write), hashes the id with a keyed folded multiply, probes the index
-//! linearly from the hash's top bits (one cache line of 8 entries, usually
-//! the first entry) and goes to the slot an entry with the right tag names,
-//! where the cell's own id confirms the match. Two cache lines: the entry
-//! and the cell, which holds the usage word, the policy word and the id.
+//! An operation announces itself on its thread (a plain store), takes
+//! its thread's copy of the index (a load of the generation and a
+//! non-atomic increment), hashes the id with a keyed folded multiply,
+//! probes the index linearly from the hash's top bits (one cache line of
+//! 8 entries, usually the first entry) and goes to the slot an entry with
+//! the right tag names, where the cell's own id confirms the match. Two
+//! cache lines: the entry and the cell, which holds the usage word, the
+//! policy word and the id. No locked instruction but the usage word's
+//! compare-and-swap.
 //!
 //! **One writer.** Every change (insert, limit change, width change,
 //! removal, growth) happens under the registry's writer mutex, which only
@@ -29,8 +32,8 @@
 //! stores a tombstone, which probes skip. When live entries and tombstones
 //! would pass three quarters of the index, the writer builds a new index
 //! (twice the live entries, rounded up to a power of two) and publishes
-//! it in a new header; readers still on the old one finish on it, and it
-//! is freed with their last guard.
+//! it; operations still on the old one finish on it, and it is freed with
+//! the last thread's copy.
 //!
 //! **Cells never move in memory**; agents move between cells. A cell
 //! changes width by moving its agent to a vacant cell of the other width
@@ -44,36 +47,39 @@
 //! incarnation) and then compares-and-swaps its usage word. If the slot
 //! could be handed to another agent in between, and that agent's word
 //! happened to hold the same bits, the compare-and-swap would succeed on
-//! the wrong agent. So a freed slot waits in limbo, tied to the grace token
-//! of the header that was current when it was freed, and a new header is
-//! published at once. Each token holds the next one, so a token lives as
-//! long as any reader holds its header *or an older one*; the writer
-//! reuses a slot once only limbo still holds its token. Every operation
-//! holds a header for its whole length (that load is its only cost), so no
-//! operation that could have seen the old occupant is still running.
-//! Handles and reservations, which keep a slot number across operations,
-//! load the usage word (`Acquire`) before they check the incarnation, and
-//! the writer stores a reused slot's incarnation before its usage word
+//! the wrong agent. So a slot, once unlinked (its entry a tombstone or
+//! pointing elsewhere, its word sealed), waits in limbo until every
+//! operation that was running when it was unlinked is over (`grace`: the
+//! writer notes which threads were mid-operation, behind a barrier that
+//! orders their announcements and its unlinking). An operation is
+//! announced for its whole length, so none that could have seen the old
+//! occupant is still running when the slot is reused. Handles and
+//! reservations, which keep a slot number across operations, load the
+//! usage word (`Acquire`) before they check the incarnation, and the
+//! writer stores a reused slot's incarnation before its usage word
 //! (`Release`): a word they load is either the old occupant's, whose slot
 //! they are protected on, or comes with the new incarnation, which they
 //! refuse.
 //!
 //! All of this is safe Rust: the arena's chunks are `OnceLock`s owned by
-//! the registry (freed with it), the index and the grace tokens are `Arc`s
-//! behind arc-swap, and every field of a cell is an atomic.
+//! the registry (freed with it), the index is an `Arc` (behind arc-swap
+//! for the writer, in `Rc`s for each thread's copy), every field of a cell
+//! is an atomic, and the barrier is rustix's `membarrier`.
 
 mod arena;
+mod current;
+mod grace;
 mod index;
-
-use std::sync::OnceLock;
 
 use crate::cell::{Cell, Enforced, Narrow, Wide, Word};
 use crate::clock::Clock;
 use crate::limit::Limit;
 use crate::rules::{Now, State};
-use crate::sync::{Arc, Loaded, Mutex, MutexGuard, Ordering, Shared};
+use crate::sync::{Arc, Mutex, MutexGuard, Ordering};
 use crate::types::AgentId;
 use arena::Arena;
+use current::{Current, Held};
+use grace::{Announced, Grace, Readers};
 use index::{Index, TOMBSTONE};
 
 /// The index's capacity when it is first made, and never less.
@@ -147,30 +153,6 @@ macro_rules! on {
 #[repr(align(64))]
 struct Line<T>(T);
 
-/// Alive while a reader holds the header it came with, or an older one.
-#[derive(Default)]
-struct Grace {
-    /// The next header's token.
-    next: OnceLock<Arc<Grace>>,
-}
-
-impl Drop for Grace {
-    /// Drops the chain of tokens nobody else holds one by one, not by
-    /// recursion, however long it grew while a reader held an old header.
-    fn drop(&mut self) {
-        let mut next = self.next.take();
-        while let Some(token) = next {
-            next = Arc::try_unwrap(token).ok().and_then(|mut t| t.next.take());
-        }
-    }
-}
-
-/// What a reader holds for the length of one operation.
-struct Header {
-    index: Arc<Index>,
-    _grace: Arc<Grace>,
-}
-
 /// The writer's state: where new cells go, and what is waiting to be
 /// reused.
 struct Writer {
@@ -178,10 +160,12 @@ struct Writer {
     /// never used.
     free: [Vec<u32>; 2],
     next: [u32; 2],
-    /// Slots freed while a token was current, waiting for it to die.
-    limbo: Vec<(Arc<Grace>, Vec<SlotRef>)>,
-    /// The current header's token.
-    grace: Arc<Grace>,
+    /// Slots unlinked, waiting for the grace period that began after.
+    limbo: Vec<(Grace, Vec<SlotRef>)>,
+    /// Slots unlinked since the last grace period began.
+    unlinked: Vec<SlotRef>,
+    /// The current index (the one `current` publishes).
+    index: Arc<Index>,
     /// Live entries, and live entries plus tombstones, in the current index.
     live: usize,
     used: usize,
@@ -189,7 +173,8 @@ struct Writer {
 
 /// The lock-free manager's agents: see the module docs.
 pub(crate) struct Registry {
-    header: Shared<Header>,
+    current: Current,
+    readers: Readers,
     narrow: Arena<Cell<Narrow>>,
     wide: Arena<Line<Cell<Wide>>>,
     /// The hash's key: ids may come from clients, who must not be able to
@@ -219,12 +204,10 @@ fn random_keys() -> [u64; 2] {
 
 impl Registry {
     pub(crate) fn new() -> Self {
-        let grace = Arc::new(Grace::default());
+        let index = Arc::new(Index::new(MIN_CAPACITY));
         Registry {
-            header: Shared::new(Arc::new(Header {
-                index: Arc::new(Index::new(MIN_CAPACITY)),
-                _grace: grace.clone(),
-            })),
+            current: Current::new(index.clone()),
+            readers: Readers::new(),
             narrow: Arena::new(),
             wide: Arena::new(),
             keys: random_keys(),
@@ -232,7 +215,8 @@ impl Registry {
                 free: [Vec::new(), Vec::new()],
                 next: [0, 0],
                 limbo: Vec::new(),
-                grace,
+                unlinked: Vec::new(),
+                index,
                 live: 0,
                 used: 0,
             }),
@@ -251,13 +235,17 @@ impl Registry {
         (product as u64) ^ ((product >> 64) as u64)
     }
 
-    /// Holds the current header for one operation's lookups; `clock` is
-    /// read again where a narrow word needs it.
+    /// Announces an operation on this thread and holds the current index
+    /// for its lookups; `clock` is read again where a narrow word needs it.
     #[inline]
     pub(crate) fn pin<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
+        // The announcement first: it must come before every load it
+        // protects, the index's included.
+        let announced = self.readers.announce();
         Pinned {
             registry: self,
-            header: self.header.load(),
+            index: self.current.load(),
+            _announced: announced,
             clock,
             confirm: false,
         }
@@ -320,12 +308,11 @@ impl Registry {
         generation: impl FnOnce() -> u64,
     ) {
         let mut writer = self.writer();
-        let header = self.header.load();
         let narrow = Narrow::fits(agent_id, limit);
-        if let Some((place, at)) = self.find(&header.index, &agent_id) {
+        if let Some((place, at)) = self.find(&writer.index, &agent_id) {
             if at.is_wide() == narrow
                 && self
-                    .relocate(&mut writer, &header, place, at, agent_id, limit, now)
+                    .relocate(&mut writer, place, at, agent_id, limit, now)
                     .is_some()
             {
                 return;
@@ -341,7 +328,7 @@ impl Registry {
         }
         let generation = generation();
         if let Some(at) = self.occupy(&mut writer, agent_id, limit, fresh, generation) {
-            self.insert(&mut writer, header, agent_id, at);
+            self.insert(&mut writer, agent_id, at);
         }
     }
 
@@ -372,8 +359,8 @@ impl Registry {
         let Writer {
             limbo, free, next, ..
         } = writer;
-        limbo.retain_mut(|(token, slots)| {
-            if Arc::strong_count(token) > 1 {
+        limbo.retain_mut(|(grace, slots)| {
+            if !grace.is_over() {
                 return true;
             }
             for at in slots.drain(..) {
@@ -399,17 +386,16 @@ impl Registry {
 
     /// Adds an entry for `agent_id` at `at`, rebuilding the index first if
     /// it would be too full.
-    fn insert(&self, writer: &mut Writer, header: Loaded<Header>, agent_id: AgentId, at: SlotRef) {
+    fn insert(&self, writer: &mut Writer, agent_id: AgentId, at: SlotRef) {
         let hash = self.hash(&agent_id);
-        let mut index = header.index.clone();
+        let index = writer.index.clone();
         if !index::fits(writer.used + 1, index.capacity()) {
-            index = Arc::new(self.rebuild(&index, writer.live + 1));
+            let index = Arc::new(self.rebuild(&index, writer.live + 1));
             writer.used = writer.live;
             let (place, _) = index.free_place(hash);
             index.set(place, at.entry(hash));
             writer.live += 1;
             writer.used += 1;
-            drop(header);
             return self.publish(writer, index);
         }
         let (place, reused) = index.free_place(hash);
@@ -434,28 +420,28 @@ impl Registry {
         index
     }
 
-    /// Makes `index` current in a new header with a new grace token,
-    /// chained after the current one.
+    /// Makes `index` current. An operation still on the old one finishes
+    /// on it; the old one is freed with the last thread's copy.
     fn publish(&self, writer: &mut Writer, index: Arc<Index>) {
-        let grace = Arc::new(Grace::default());
-        let _ = writer.grace.next.set(grace.clone());
-        writer.grace = grace.clone();
-        self.header.store(Arc::new(Header {
-            index,
-            _grace: grace,
-        }));
+        writer.index = index.clone();
+        self.current.publish(index);
     }
 
-    /// Puts `at` in limbo under the current token (which the caller then
-    /// retires by publishing a new header).
+    /// Notes `at` as unlinked: nothing reaches it from the current index
+    /// any more. [`retire`](Self::retire) then puts it in limbo.
     fn release(&self, writer: &mut Writer, at: SlotRef) {
-        match writer.limbo.last_mut() {
-            Some((token, slots)) if Arc::ptr_eq(token, &writer.grace) => slots.push(at),
-            _ => {
-                let token = writer.grace.clone();
-                writer.limbo.push((token, vec![at]));
-            }
+        writer.unlinked.push(at);
+    }
+
+    /// Begins a grace period for the slots unlinked so far (after every
+    /// store that unlinked them, and after the index that no longer names
+    /// them is published).
+    fn retire(&self, writer: &mut Writer) {
+        if writer.unlinked.is_empty() {
+            return;
         }
+        let slots = std::mem::take(&mut writer.unlinked);
+        writer.limbo.push((self.readers.begin_grace(), slots));
     }
 
     /// Moves `agent_id` from `at` (its entry at `place`) to a vacant cell
@@ -465,7 +451,6 @@ impl Registry {
     fn relocate(
         &self,
         writer: &mut Writer,
-        header: &Header,
         place: usize,
         at: SlotRef,
         agent_id: AgentId,
@@ -486,9 +471,9 @@ impl Registry {
             writer.free[usize::from(to.is_wide())].push(to.slot());
             return None;
         }
-        header.index.set(place, to.entry(self.hash(&agent_id)));
+        writer.index.set(place, to.entry(self.hash(&agent_id)));
         self.release(writer, at);
-        self.publish(writer, header.index.clone());
+        self.retire(writer);
         Some(to)
     }
 
@@ -497,7 +482,6 @@ impl Registry {
     /// `None` if it was removed meanwhile.
     fn widen(&self, at: SlotRef, now: Now) -> Option<SlotRef> {
         let mut writer = self.writer();
-        let header = self.header.load();
         let cell = self.narrow.get(at.slot())?;
         match cell.word(now, &|| now) {
             Word::Moved(slot) => return Some(at.moved_to(slot)),
@@ -506,9 +490,9 @@ impl Registry {
         }
         let agent_id = cell.agent_id();
         let limit = cell.limit(agent_id);
-        let (place, found) = self.find(&header.index, &agent_id)?;
+        let (place, found) = self.find(&writer.index, &agent_id)?;
         debug_assert_eq!(found, at);
-        self.relocate(&mut writer, &header, place, at, agent_id, &limit, now)
+        self.relocate(&mut writer, place, at, agent_id, &limit, now)
     }
 
     /// Removes `agent_id`: its cell is retired for good (every operation
@@ -517,17 +501,16 @@ impl Registry {
     /// there.
     pub(crate) fn remove(&self, agent_id: &AgentId, now: Now) -> bool {
         let mut writer = self.writer();
-        let header = self.header.load();
-        let Some((place, at)) = self.find(&header.index, agent_id) else {
+        let Some((place, at)) = self.find(&writer.index, agent_id) else {
             return false;
         };
         if let Some(target) = self.target(at) {
             on!(target, c => c.seal(Word::Retired, now));
         }
-        header.index.set(place, TOMBSTONE);
+        writer.index.set(place, TOMBSTONE);
         writer.live -= 1;
         self.release(&mut writer, at);
-        self.publish(&mut writer, header.index.clone());
+        self.retire(&mut writer);
         true
     }
 
@@ -535,8 +518,8 @@ impl Registry {
     /// the old cells are retired, as by `remove`.
     pub(crate) fn replace_all(&self, now: Now, agents: Vec<(AgentId, Limit, State, u64)>) {
         let mut writer = self.writer();
-        let header = self.header.load();
-        for (_, entry) in header.index.live() {
+        let old = writer.index.clone();
+        for (_, entry) in old.live() {
             let at = SlotRef::of_entry(entry);
             if let Some(target) = self.target(at) {
                 on!(target, c => c.seal(Word::Retired, now));
@@ -555,15 +538,15 @@ impl Registry {
             }
         }
         writer.used = writer.live;
-        drop(header);
         self.publish(&mut writer, Arc::new(index));
+        self.retire(&mut writer);
     }
 
     /// How many agents of each width (narrow, wide) are registered.
     #[cfg(test)]
     pub(crate) fn widths(&self) -> (usize, usize) {
-        let header = self.header.load();
-        header.index.live().fold((0, 0), |(n, w), (_, entry)| {
+        let index = self.writer().index.clone();
+        index.live().fold((0, 0), |(n, w), (_, entry)| {
             if SlotRef::of_entry(entry).is_wide() {
                 (n, w + 1)
             } else {
@@ -573,10 +556,12 @@ impl Registry {
     }
 }
 
-/// A registry's header, held for one operation: see [`Registry::pin`].
+/// An operation on the registry: announced on its thread, with the index
+/// it probes held. See [`Registry::pin`].
 pub(crate) struct Pinned<'r> {
     registry: &'r Registry,
-    header: Loaded<Header>,
+    index: Held,
+    _announced: Announced<'r>,
     clock: &'r Clock,
     /// See [`Registry::pin_confirming`].
     confirm: bool,
@@ -589,7 +574,7 @@ impl<'r> Pinned<'r> {
         let registry = self.registry;
         let hash = registry.hash(agent_id);
         let tag = index::tag(hash);
-        for (_, entry) in self.header.index.probe(hash) {
+        for (_, entry) in self.index.probe(hash) {
             if entry >> 32 != tag {
                 continue;
             }
@@ -629,7 +614,7 @@ impl<'r> Pinned<'r> {
 
     /// Every agent and its cell.
     pub(crate) fn for_each(&self, mut f: impl FnMut(AgentId, CellRef<'_>)) {
-        for (_, entry) in self.header.index.live() {
+        for (_, entry) in self.index.live() {
             let at = SlotRef::of_entry(entry);
             if let Some(target) = self.registry.target(at) {
                 let agent_id = on!(target, c => c.agent_id());
@@ -652,7 +637,7 @@ impl<'r> Pinned<'r> {
     }
 }
 
-/// One agent's cell, found under a [`Pinned`] header. Its operations
+/// One agent's cell, found by a [`Pinned`] operation. Its operations
 /// follow the agent if it moves to a cell of the other width meanwhile.
 #[derive(Clone, Copy)]
 pub(crate) struct CellRef<'p> {
@@ -840,8 +825,9 @@ mod tests {
             assert!(registry.remove(id, now));
             assert!(!registry.remove(id, now));
         }
-        // Slots come back once their grace has passed (nobody holds an old
-        // header here), and the new agents are found with the old ones.
+        // Slots come back once their grace has passed (no operation of this
+        // test is running; other tests' may hold a few back), and the new
+        // agents are found with the old ones.
         let more: Vec<AgentId> = (0..1_000u128).map(|i| AgentId::from_u128(!i)).collect();
         for (i, &id) in more.iter().enumerate() {
             registry.configure(id, &window(id, 5), now, State::fresh(Tick::ORIGIN), || {
@@ -869,7 +855,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_waits_while_a_reader_holds_a_header_from_before_its_removal() {
+    fn a_slot_waits_while_an_operation_from_before_its_removal_runs() {
         let registry = Registry::new();
         let clock = clock();
         let now = clock.now();
@@ -878,7 +864,8 @@ mod tests {
         let reader = registry.pin(&clock);
         let old = reader.get(&a).unwrap().slot();
         assert!(registry.remove(&a, now));
-        // A header published after the removal does not hold it back.
+        // An operation begun after the removal (nested in this thread's)
+        // finds the new agent; the old slot stays out of use.
         let later = registry.pin(&clock);
         registry.configure(b, &window(b, 5), now, State::fresh(Tick::ORIGIN), || 2);
         assert_ne!(later.get(&b).map(|c| c.slot()), None);
@@ -888,13 +875,19 @@ mod tests {
             "reused under a reader"
         );
         drop((reader, later));
-        let c = AgentId::from_u128(3);
-        registry.configure(c, &window(c, 5), now, State::fresh(Tick::ORIGIN), || 3);
-        assert_eq!(
-            registry.pin(&clock).get(&c).unwrap().slot(),
-            old,
-            "reused after"
-        );
+        // Reused once the operation is over. Other tests' threads may have
+        // been mid-operation when the grace period began, and hold it a
+        // little longer: bounded retries.
+        let reused = (3..1_000u128).any(|n| {
+            let c = AgentId::from_u128(n);
+            registry.configure(c, &window(c, 5), now, State::fresh(Tick::ORIGIN), || 3);
+            let slot = registry.pin(&clock).get(&c).unwrap().slot();
+            if slot != old {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            slot == old
+        });
+        assert!(reused, "the slot was never reused");
     }
 
     #[test]
