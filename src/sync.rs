@@ -11,7 +11,7 @@
 //! | `Published`         | `std`'s `AtomicU64`          | `std`'s: a cell's id and incarnation, written before the word that publishes them (one step fewer per load) |
 //! | `AtomicU128`        | `portable_atomic::AtomicU128`| a loom `Mutex<u128>`: one visible step   |
 //! | `Arc`               | `std::sync::Arc`             | loom's                                   |
-//! | `Shared`            | `arc_swap::ArcSwap` (the registry's index) | a loom `RwLock<Arc<T>>`, cloned out |
+//! | `Shared`            | `arc_swap::ArcSwap` (the registry's index) | none: the indexes kept by generation (see `registry::current`) |
 //! | `announce`, `observe`, `writer_barrier` | a store and a compiler fence; a load; `membarrier` (`SeqCst` fences where it is missing) | read-modify-writes of the reader's slot, no barrier (see `registry::grace`) |
 //! | `Snapshot`          | `arc_swap::ArcSwapOption`    | a loom `RwLock<Option<Arc<T>>>`          |
 //! | [`ClockSource`]     | `quanta::Clock`              | a loom `AtomicU64` of nanoseconds        |
@@ -411,23 +411,6 @@ mod imp {
 
         pub(crate) fn store(&self, value: Option<T>) {
             *self.0.write().unwrap() = value.map(Arc::new);
-        }
-    }
-
-    /// A loom `RwLock` of an `Arc`, cloned out.
-    pub(crate) struct Shared<T>(RwLock<Arc<T>>);
-
-    impl<T> Shared<T> {
-        pub(crate) fn new(value: Arc<T>) -> Self {
-            Shared(RwLock::new(value))
-        }
-
-        pub(crate) fn load_full(&self) -> Arc<T> {
-            self.0.read().unwrap().clone()
-        }
-
-        pub(crate) fn store(&self, value: Arc<T>) {
-            *self.0.write().unwrap() = value;
         }
     }
 

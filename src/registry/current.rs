@@ -15,16 +15,25 @@
 //! registries since: at most that many indexes per thread, of registries
 //! that may have been replaced or dropped since.
 //!
-//! Under loom there is no cache (loom's thread-locals would hold loom
-//! objects across its executions): each operation loads the index, after
-//! the generation, as a cache miss does.
+//! Under loom there is no cache (loom's thread-locals must not hold
+//! objects across its executions): each operation loads the index of the
+//! generation it read, as a cache miss does. The indexes are kept by
+//! generation in a `std` list the model does not split, so what makes an
+//! index's entries visible to a reader is the generation's
+//! `Release`/`Acquire` pair, which loom checks (a handover outside the
+//! model that let a reader take a newer index than its generation let
+//! loom show it that index's entries unwritten).
 
 #[cfg(not(agent_budget_loom))]
 use std::cell::RefCell;
 use std::rc::Rc;
 
 use super::index::Index;
-use crate::sync::{Arc, AtomicU64, Ordering, Shared};
+use std::sync::Arc;
+
+#[cfg(not(agent_budget_loom))]
+use crate::sync::Shared;
+use crate::sync::{AtomicU64, Ordering};
 
 /// Registries a thread keeps an index of at once.
 #[cfg(not(agent_budget_loom))]
@@ -39,7 +48,11 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 pub(super) struct Current {
     id: u64,
     generation: AtomicU64,
+    #[cfg(not(agent_budget_loom))]
     index: Shared<Index>,
+    /// Every index published, by generation.
+    #[cfg(agent_budget_loom)]
+    published: std::sync::Mutex<Vec<Arc<Index>>>,
 }
 
 /// One registry's index as a thread last read it.
@@ -80,7 +93,10 @@ impl Current {
         Current {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             generation: AtomicU64::new(0),
+            #[cfg(not(agent_budget_loom))]
             index: Shared::new(index),
+            #[cfg(agent_budget_loom)]
+            published: std::sync::Mutex::new(vec![index]),
         }
     }
 
@@ -88,10 +104,11 @@ impl Current {
     #[cfg(agent_budget_loom)]
     pub(super) fn load(&self) -> Held {
         let generation = self.generation.load(Ordering::Acquire);
+        let index = self.published.lock().unwrap()[generation as usize].clone();
         Held(Rc::new(Cached {
             id: self.id,
             generation,
-            index: self.index.load_full(),
+            index,
         }))
     }
 
@@ -150,7 +167,10 @@ impl Current {
 
     /// Makes `index` current. The writer's alone.
     pub(super) fn publish(&self, index: Arc<Index>) {
+        #[cfg(not(agent_budget_loom))]
         self.index.store(index);
+        #[cfg(agent_budget_loom)]
+        self.published.lock().unwrap().push(index);
         // Release: pairs with the Acquire in `load`: a thread that sees
         // this generation loads this index (or a later one).
         self.generation.fetch_add(1, Ordering::Release);

@@ -75,12 +75,13 @@ use crate::cell::{Cell, Enforced, Narrow, Wide, Word};
 use crate::clock::Clock;
 use crate::limit::Limit;
 use crate::rules::{Now, State};
-use crate::sync::{Arc, Mutex, MutexGuard, Ordering};
+use crate::sync::{Mutex, MutexGuard, Ordering};
 use crate::types::AgentId;
 use arena::Arena;
 use current::{Current, Held};
 use grace::{Announced, Grace, Readers};
 use index::{Index, TOMBSTONE};
+use std::sync::Arc;
 
 /// The index's capacity when it is first made, and never less.
 #[cfg(not(agent_budget_loom))]
