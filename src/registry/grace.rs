@@ -158,10 +158,7 @@ impl Local {
             sequence: Cell::new(0),
         }
     }
-}
 
-#[cfg(not(agent_budget_loom))]
-impl Local {
     fn enter(&self) {
         let depth = self.depth.get();
         self.depth.set(depth + 1);
@@ -311,7 +308,18 @@ impl Drop for Announced<'_> {
     }
 }
 
+/// The operations a freed slot waits for.
+pub(super) struct Grace {
+    /// Each operation running when the grace period began: its thread's
+    /// slot, and the number it held.
+    running: Vec<(Arc<Reader>, u64)>,
+    /// The barrier failed: the slot is never reused (it leaks; nothing
+    /// else goes wrong).
+    never: bool,
+}
+
 impl Grace {
+    /// Notes which of `readers` are mid-operation.
     fn of(readers: &[Arc<Reader>], barrier: bool) -> Self {
         let running = readers
             .iter()
@@ -325,19 +333,7 @@ impl Grace {
             never: !barrier,
         }
     }
-}
 
-/// The operations a freed slot waits for.
-pub(super) struct Grace {
-    /// Each operation running when the grace period began: its thread's
-    /// slot, and the number it held.
-    running: Vec<(Arc<Reader>, u64)>,
-    /// The barrier failed: the slot is never reused (it leaks; nothing
-    /// else goes wrong).
-    never: bool,
-}
-
-impl Grace {
     /// Whether every operation that was running when it began is over.
     pub(super) fn is_over(&self) -> bool {
         !self.never

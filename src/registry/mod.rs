@@ -163,8 +163,6 @@ struct Writer {
     next: [u32; 2],
     /// Slots unlinked, waiting for the grace period that began after.
     limbo: Vec<(Grace, Vec<SlotRef>)>,
-    /// Slots unlinked since the last grace period began.
-    unlinked: Vec<SlotRef>,
     /// The current index (the one `current` publishes).
     index: Arc<Index>,
     /// Live entries, and live entries plus tombstones, in the current index.
@@ -216,7 +214,6 @@ impl Registry {
                 free: [Vec::new(), Vec::new()],
                 next: [0, 0],
                 limbo: Vec::new(),
-                unlinked: Vec::new(),
                 index,
                 live: 0,
                 used: 0,
@@ -428,20 +425,10 @@ impl Registry {
         self.current.publish(index);
     }
 
-    /// Notes `at` as unlinked: nothing reaches it from the current index
-    /// any more. [`retire`](Self::retire) then puts it in limbo.
-    fn release(&self, writer: &mut Writer, at: SlotRef) {
-        writer.unlinked.push(at);
-    }
-
-    /// Begins a grace period for the slots unlinked so far (after every
-    /// store that unlinked them, and after the index that no longer names
-    /// them is published).
-    fn retire(&self, writer: &mut Writer) {
-        if writer.unlinked.is_empty() {
-            return;
-        }
-        let slots = std::mem::take(&mut writer.unlinked);
+    /// Puts `slots` in limbo, under a grace period that begins now: after
+    /// every store that unlinked them, and after the index that no longer
+    /// names them is published.
+    fn retire(&self, writer: &mut Writer, slots: Vec<SlotRef>) {
         writer.limbo.push((self.readers.begin_grace(), slots));
     }
 
@@ -473,8 +460,7 @@ impl Registry {
             return None;
         }
         writer.index.set(place, to.entry(self.hash(&agent_id)));
-        self.release(writer, at);
-        self.retire(writer);
+        self.retire(writer, vec![at]);
         Some(to)
     }
 
@@ -510,8 +496,7 @@ impl Registry {
         }
         writer.index.set(place, TOMBSTONE);
         writer.live -= 1;
-        self.release(&mut writer, at);
-        self.retire(&mut writer);
+        self.retire(&mut writer, vec![at]);
         true
     }
 
@@ -519,13 +504,15 @@ impl Registry {
     /// the old cells are retired, as by `remove`.
     pub(crate) fn replace_all(&self, now: Now, agents: Vec<(AgentId, Limit, State, u64)>) {
         let mut writer = self.writer();
-        let old = writer.index.clone();
-        for (_, entry) in old.live() {
-            let at = SlotRef::of_entry(entry);
+        let unlinked: Vec<SlotRef> = writer
+            .index
+            .live()
+            .map(|(_, entry)| SlotRef::of_entry(entry))
+            .collect();
+        for &at in &unlinked {
             if let Some(target) = self.target(at) {
                 on!(target, c => c.seal(Word::Retired, now));
             }
-            self.release(&mut writer, at);
         }
         let capacity = (agents.len() * 2).next_power_of_two().max(MIN_CAPACITY);
         let index = Index::new(capacity);
@@ -540,7 +527,9 @@ impl Registry {
         }
         writer.used = writer.live;
         self.publish(&mut writer, Arc::new(index));
-        self.retire(&mut writer);
+        if !unlinked.is_empty() {
+            self.retire(&mut writer, unlinked);
+        }
     }
 
     /// How many agents of each width (narrow, wide) are registered.
