@@ -138,7 +138,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A string.
-    #[inline]
+    #[inline(always)]
     pub(super) fn string(&mut self) -> Option<JsonStr<'a>> {
         self.eat(b'"')?;
         let start = self.pos;
@@ -150,10 +150,28 @@ impl<'a> Cursor<'a> {
 
     /// A string's contents after its opening quote, and its closing quote:
     /// whether it had an escape.
+    ///
+    /// Inlined where it is called, with the plain string (no escape: keys
+    /// and most values) handled here: the call, and the saving of the
+    /// registers the word test takes, cost more than the test itself on
+    /// a string of a few bytes.
+    #[inline(always)]
     fn rest_of_string(&mut self) -> Option<bool> {
+        let at = special_at(self.bytes, self.pos)?;
+        if self.bytes[at] == b'"' {
+            self.pos = at + 1;
+            return Some(false);
+        }
+        self.pos = at;
+        self.rest_from_special()
+    }
+
+    /// The rest of a string from a `\` or a control character at the
+    /// cursor: whether it had an escape.
+    #[inline(never)]
+    fn rest_from_special(&mut self) -> Option<bool> {
         let mut escaped = false;
         loop {
-            self.pos = special_at(self.bytes, self.pos)?;
             match self.bytes[self.pos] {
                 b'"' => {
                     self.pos += 1;
@@ -166,6 +184,7 @@ impl<'a> Cursor<'a> {
                 // A control character: serde refuses it.
                 _ => return None,
             }
+            self.pos = special_at(self.bytes, self.pos)?;
         }
     }
 
@@ -403,13 +422,14 @@ impl Fields {
 /// Where the first `"`, `\` or control character at or after `from` is;
 /// `None` if there is none (the string is not closed). Eight bytes at a
 /// time.
-#[inline]
+#[inline(always)]
 fn special_at(bytes: &[u8], from: usize) -> Option<usize> {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGHS: u64 = 0x8080_8080_8080_8080;
     let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGHS;
+    let mut chunks = bytes.get(from..)?.chunks_exact(8);
     let mut at = from;
-    while let Some(chunk) = bytes.get(at..at + 8) {
+    for chunk in &mut chunks {
         let word = u64::from_le_bytes(chunk.try_into().expect("eight bytes"));
         // A byte below 0x20, a quote, a backslash; the lowest flag is
         // always a true one (a borrow only spreads above one), and
@@ -422,7 +442,8 @@ fn special_at(bytes: &[u8], from: usize) -> Option<usize> {
         }
         at += 8;
     }
-    bytes[at..]
+    chunks
+        .remainder()
         .iter()
         .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
         .map(|i| at + i)
