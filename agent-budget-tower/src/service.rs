@@ -355,40 +355,14 @@ where
         };
         let request = Request::from_parts(parts, body);
         let floor = self.estimator.floor(&request);
-        let mut estimating = std::pin::pin!(self.estimator.estimate(request));
-        // The estimate is tried once first. A body still on its way is
-        // waited for only after the least the request can cost (`floor`)
-        // is checked, so that a spent budget is refused without waiting
-        // for it. A body that has arrived whole (hyper reads a small one
-        // with its head) is estimated at once and goes to its admission:
-        // the check is made only if that fails, and its refusal, where it
-        // refuses, is the answer, as it would have been before the body.
-        let (estimated, checked) =
-            match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
-                Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
-                Poll::Pending => Poll::Ready(None),
-            })
-            .await
-            {
-                Some(estimated) => (estimated, false),
-                None => {
-                    if let Some(rejection) = self.refused_at_floor(&agent, floor) {
-                        return Ok(reject::<_, _, M>(rejection));
-                    }
-                    (estimating.await, true)
-                }
-            };
-        let (request, mut estimate) = match estimated {
+        // One await: the estimate's future lives in this future's state
+        // only while it runs, and shares its room with the admission's and
+        // the upstream's (an await on a future pinned here would keep its
+        // room for the whole request, and every request's future is moved
+        // into its box whole).
+        let (request, mut estimate, checked) = match self.estimated(&agent, request, floor).await {
             Ok(estimated) => estimated,
-            Err(rejection) => {
-                let refusal = (!checked).then(|| self.refused_at_floor(&agent, floor));
-                if let Some(refusal) = refusal.flatten() {
-                    return Ok(reject::<_, _, M>(refusal));
-                }
-                self.telemetry
-                    .refused(Some(&agent), RefusalReason::BadRequest);
-                return Ok(reject::<_, _, M>(rejection));
-            }
+            Err(rejection) => return Ok(reject::<_, _, M>(rejection)),
         };
         let admitted = self.admit(&agent, &mut estimate, floor, checked).await;
         let (reservation, snapshot) = match admitted {
@@ -437,6 +411,55 @@ where
             parts,
             BudgetBody::metered(body, settle),
         ))
+    }
+
+    /// The request's estimate, and whether the check of `floor` was made
+    /// before it; or the answer that refuses the request.
+    ///
+    /// The estimate is tried once first. A body still on its way is
+    /// waited for only after the least the request can cost (`floor`) is
+    /// checked, so that a spent budget is refused without waiting for it.
+    /// A body that has arrived whole (hyper reads a small one with its
+    /// head) is estimated at once and goes to its admission: the check is
+    /// made only if that fails, and its refusal, where it refuses, is the
+    /// answer, as it would have been before the body.
+    async fn estimated<ReqB>(
+        &self,
+        agent: &AgentId,
+        request: Request<ReqB>,
+        floor: Option<(u64, u64)>,
+    ) -> Result<(Request<ReqB>, Estimate, bool), Rejection>
+    where
+        E: Estimator<ReqB>,
+    {
+        let mut estimating = std::pin::pin!(self.estimator.estimate(request));
+        let (estimated, checked) =
+            match std::future::poll_fn(|cx| match estimating.as_mut().poll(cx) {
+                Poll::Ready(estimated) => Poll::Ready(Some(estimated)),
+                Poll::Pending => Poll::Ready(None),
+            })
+            .await
+            {
+                Some(estimated) => (estimated, false),
+                None => {
+                    if let Some(rejection) = self.refused_at_floor(agent, floor) {
+                        return Err(rejection);
+                    }
+                    (estimating.await, true)
+                }
+            };
+        match estimated {
+            Ok((request, estimate)) => Ok((request, estimate, checked)),
+            Err(rejection) => {
+                let refusal = (!checked).then(|| self.refused_at_floor(agent, floor));
+                if let Some(refusal) = refusal.flatten() {
+                    return Err(refusal);
+                }
+                self.telemetry
+                    .refused(Some(agent), RefusalReason::BadRequest);
+                Err(rejection)
+            }
+        }
     }
 
     /// Takes the estimate, waiting for it if configured; returns the
