@@ -57,7 +57,7 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 21,500 instructions per request (22,000 on the machine of
+//! adds about 21,400 instructions per request (22,000 on the machine of
 //! the last count before the clocks below, and 21,800 before the
 //! registry's own guard replaced arc-swap's; 66,800 before all the changes
 //! below; 20,541 before spend limits, shadow mode, the model and the check
@@ -68,9 +68,9 @@
 //! | part | instructions |
 //! |---|---|
 //! | the bearer key: its keyed SipHash, which finds the digest this thread made of it last (SHA-256 in software was 3,500: valgrind hides the CPU's SHA extensions, and many servers have none), and the lookup | 110 + 650 |
-//! | reading the response's `usage` (290 bytes, validated to the end) | 3,800 |
+//! | reading the response's `usage` (290 bytes, validated to the end) | 3,500 |
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
-//! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,800 |
+//! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,900 |
 //! | the core: `acquire_owned_reporting` (the admission, and where the chain stands right after it, for the headers: read under the admission's guard, where a `chain_info` of its own cost 830), `settle` | 1,550 |
 //! | hyper and tokio: the body read in the server's own task wakes that task (hyper's body channel wakes its sender whenever the receiver takes a chunk), so tokio yields it and rouses a parked sibling worker; the six headers written out | 2,300 |
 //! | the boxed service future and its moves, axum's boxed bodies | 2,000 |
@@ -115,6 +115,19 @@
 //! - **The core's guard**: each registry operation announced in its
 //!   thread's slot instead of an arc-swap load (the core's
 //!   `docs::implementation`, "The guard"): 329 fewer (21,796 -> 21,467).
+//! - **The strict reader's strings**, inlined where they are read, with
+//!   escapes out of line (a key of a few bytes cost more in the call and
+//!   its saved registers than in its test): the request's estimate and the
+//!   response's usage 7,116 -> 6,570 together (callgrind, 1,000 of each),
+//!   and the estimate awaited once, from a function of its own, so its
+//!   room in the request's future is shared with the admission's and the
+//!   upstream's (4,480 -> 3,104 bytes, the copy into its box 448 -> 325
+//!   instructions). In the gateway the reader's share fell by 546 (the
+//!   usage 3,815 -> 3,515, the estimate 3,187 -> 2,941) and the whole by
+//!   252 (82,409 -> 82,157 with the layer, three processes each; the
+//!   plain proxy measured 60,732, 103 more than before with the same
+//!   code: +21,424). The copies of the request's future's locals went up
+//!   by about 90 (19 `memcpy`s a request where there were 12).
 //!
 //! Tried and dropped, with their counts: the strict reader on `u128` words (3,724 -> 4,362 for
 //! the usage), or without the body's UTF-8 check up front (keys and text
@@ -127,11 +140,18 @@
 //! and the throughput at one connection went down, 3,689 requests/s
 //! against 4,352 (medians of 9 rotated rounds of 3 s): not kept either.
 //!
-//! Left, and where they would go: the serve future, 4,488 bytes that
-//! `Box::pin` copies (about 480 instructions of `memcpy`; the admission's
-//! share, 1,168 bytes, is mostly the gateway's shadow-mode wrapper, whose
-//! rare path boxed took it to 816 bytes but no instruction count measured
-//! the difference, and the room for a second admission); the self-wake,
+//! Also tried: a request future small enough for glibc's per-thread cache
+//! (832 bytes, under its 1,032: the request boxed, as an argument keeps
+//! its room to the end; the estimate's future boxed; an admission at hand
+//! taken without an await, its rare paths boxed; `rustc -Zprint-type-sizes`
+//! showed where the room went). `malloc` got cheaper, but two more blocks
+//! to free and the moves out of the block that let the room be shared
+//! cost as much: 21,400 against 21,424, within the runs' spread. Not kept.
+//!
+//! Left, and where they would go: the serve future, 3,104 bytes that
+//! `Box::pin` copies (about 325 instructions of `memcpy`) and that
+//! `malloc` serves from its slow path, where a request is freed on the
+//! other worker's thread as often as not; the self-wake,
 //! which is hyper's (its body channel wakes the sender's task when the
 //! receiver takes a chunk, and the sender is the connection's own task).
 //!
