@@ -84,6 +84,17 @@ impl Rejection {
         )
     }
 
+    /// `415 Unsupported Media Type`: a body the layer cannot read as it
+    /// is (compressed).
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            message,
+            "invalid_request_error",
+            "unsupported_media_type",
+        )
+    }
+
     /// `404 Not Found`: a path the layer will not forward, as OpenAI
     /// answers a URL it does not know.
     pub fn not_found(message: impl Into<String>) -> Self {

@@ -307,6 +307,34 @@ async fn a_client_asking_for_gzip_cannot_hide_the_usage() {
 }
 
 #[tokio::test]
+async fn a_compressed_request_body_is_415_and_never_forwarded() {
+    let g = start(1_000, 100).await;
+    let body = json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 1});
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(body.to_string().as_bytes()).unwrap();
+    let gzipped = gz.finish().unwrap();
+    for encoding in ["gzip", "br", "deflate, gzip"] {
+        let r = g
+            .client
+            .post(format!("{}/v1/chat/completions", g.url))
+            .bearer_auth(KEY_A)
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_ENCODING, encoding)
+            .body(gzipped.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "{encoding}");
+        let error: Value = r.json().await.unwrap();
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(message.contains(encoding), "{encoding}: {message}");
+    }
+    assert_eq!(forwarded(&g), Vec::<String>::new());
+    assert_eq!(g.used(AGENT_A), (0, 0));
+}
+
+#[tokio::test]
 async fn other_endpoints_are_refused_by_default_and_reads_cost_a_call() {
     let g = start(1_000, 100).await;
     for (method, path) in [

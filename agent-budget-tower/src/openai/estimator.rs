@@ -8,7 +8,7 @@
 //!
 //! | request | estimate |
 //! |---|---|
-//! | `POST` to chat completions, completions, responses or embeddings | the body is read whole (up to a limit: `413` beyond it), estimated by [`estimate_body`](super::estimate_body) (`400` if it is not a valid request), and put back, rewritten if the upstream must be asked for a stream's usage |
+//! | `POST` to chat completions, completions, responses or embeddings | the body is read whole (up to a limit: `413` beyond it; `415` if it is compressed, a `Content-Encoding` other than `identity`), estimated by [`estimate_body`](super::estimate_body) (`400` if it is not a valid request), and put back, rewritten if the upstream must be asked for a stream's usage |
 //! | `GET` or `HEAD` (a read: models, files, a stored response) | the reads' [`FixedCost`]: one call and no tokens by default; a read with a body is `400` (an upstream that routed it like a `POST` would serve tokens nobody estimated) |
 //! | anything else (another `POST`, `PUT`, `DELETE`, …) | [`OtherRequests`]: refused with `404` by default, nothing forwarded; or a fixed cost, settled from the `usage` its response may report |
 //!
@@ -21,7 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_LENGTH};
+use http::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH};
 use http::{Method, Request};
 use http_body::Body;
 
@@ -250,6 +250,18 @@ where
                 return cost.map(|estimate| (request, estimate));
             }
             let (mut parts, body) = request.into_parts();
+            // A compressed body cannot be estimated, and forwarding it
+            // unread would take it past the budget: refused, with why
+            // (not the JSON error its bytes would give).
+            if let Some(encoding) = parts.headers.get(CONTENT_ENCODING) {
+                if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
+                    return Err(Rejection::unsupported_media_type(format!(
+                        "the request body has `Content-Encoding: {}`; the budget is estimated \
+                         from the body, so send it uncompressed",
+                        String::from_utf8_lossy(encoding.as_bytes())
+                    )));
+                }
+            }
             let bytes = read_body(body, this.max_body_bytes).await?;
             let estimated = if bytes.len() > BLOCKING_ESTIMATE_BYTES
                 && tokio::runtime::Handle::try_current().is_ok()
@@ -414,6 +426,29 @@ mod tests {
             .build()
             .unwrap();
         runtime.block_on(estimator.estimate(request))
+    }
+
+    #[test]
+    fn a_compressed_body_is_refused_with_why_and_an_identity_one_is_read() {
+        let e = OpenAiEstimator::default();
+        let body = r#"{"messages":[],"max_tokens":7}"#;
+        let mut gzipped = request("POST", "/v1/chat/completions", body);
+        gzipped
+            .headers_mut()
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let rejection = run(&e, gzipped).unwrap_err();
+        assert_eq!(rejection.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert!(
+            rejection.message.contains("Content-Encoding: gzip"),
+            "{}",
+            rejection.message
+        );
+        let mut identity = request("POST", "/v1/chat/completions", body);
+        identity
+            .headers_mut()
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("Identity"));
+        let (_, estimate) = run(&e, identity).unwrap();
+        assert_eq!(estimate.completion_tokens, 7);
     }
 
     #[test]
