@@ -21,7 +21,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use http::header::{HeaderValue, CONTENT_ENCODING, CONTENT_LENGTH};
+use http::header::{HeaderValue, CONTENT_LENGTH};
 use http::{Method, Request};
 use http_body::Body;
 
@@ -253,14 +253,12 @@ where
             // A compressed body cannot be estimated, and forwarding it
             // unread would take it past the budget: refused, with why
             // (not the JSON error its bytes would give).
-            if let Some(encoding) = parts.headers.get(CONTENT_ENCODING) {
-                if !encoding.as_bytes().eq_ignore_ascii_case(b"identity") {
-                    return Err(Rejection::unsupported_media_type(format!(
-                        "the request body has `Content-Encoding: {}`; the budget is estimated \
-                         from the body, so send it uncompressed",
-                        String::from_utf8_lossy(encoding.as_bytes())
-                    )));
-                }
+            if let Some(encoding) = super::compression(&parts.headers) {
+                return Err(Rejection::unsupported_media_type(format!(
+                    "the request body has `Content-Encoding: {}`; the budget is estimated \
+                     from the body, so send it uncompressed",
+                    String::from_utf8_lossy(encoding.as_bytes())
+                )));
             }
             let bytes = read_body(body, this.max_body_bytes).await?;
             let estimated = if bytes.len() > BLOCKING_ESTIMATE_BYTES
@@ -407,6 +405,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::CONTENT_ENCODING;
     use http::StatusCode;
     use http_body_util::{BodyExt, Full};
 

@@ -37,7 +37,7 @@
 //! (OpenAI sends about one token per chunk; others batch).
 
 use bytes::{Bytes, BytesMut};
-use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::response::Parts;
 
 use super::response::{
@@ -111,11 +111,7 @@ impl Meter for OpenAiUsage {
             .get(CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.trim_start().starts_with("text/event-stream"));
-        let compressed = response
-            .headers
-            .get(CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
-        let reading = if compressed {
+        let reading = if super::compression(&response.headers).is_some() {
             Reading::Opaque
         } else if is_stream {
             if estimate.hide_usage_chunk {
@@ -291,6 +287,7 @@ impl MeterSession for OpenAiSession {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::CONTENT_ENCODING;
     use http::{Response, StatusCode};
 
     fn session(content_type: &str, status: StatusCode, hide: bool) -> OpenAiSession {

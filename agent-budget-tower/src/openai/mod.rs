@@ -24,3 +24,12 @@ pub use response::{
     event_used_tokens, json_usage, json_used_tokens, read_event, EventSplitter, StreamEvent,
     MAX_EVENT_BYTES,
 };
+
+/// The `Content-Encoding` of a message whose body is compressed (anything
+/// but `identity`): a body the layer cannot read, neither a request's to
+/// estimate it nor a response's to meter it. `None` for a plain body.
+fn compression(headers: &http::HeaderMap) -> Option<&http::HeaderValue> {
+    headers
+        .get(http::header::CONTENT_ENCODING)
+        .filter(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+}
