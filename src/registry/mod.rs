@@ -62,9 +62,10 @@
 //! refuse.
 //!
 //! All of this is safe Rust: the arena's chunks are `OnceLock`s owned by
-//! the registry (freed with it), the index is an `Arc` (behind arc-swap
-//! for the writer, in `Rc`s for each thread's copy), every field of a cell
-//! is an atomic, and the barrier is rustix's `membarrier`.
+//! the registry (freed with it), the index is an `Arc` (the writer's own,
+//! published behind arc-swap for threads to refresh their copies from,
+//! each copy in an `Rc`), every field of a cell is an atomic, and the
+//! barrier is rustix's `membarrier`.
 
 mod arena;
 mod current;
