@@ -65,7 +65,8 @@ pub(super) struct Reader {
 }
 
 /// Every thread's reader slot, for the writer to read. A thread's slot
-/// leaves the list once the thread has ended (only the list holds it).
+/// leaves the list after the thread has ended (then only the list holds
+/// it), when the next thread registers or a grace period begins.
 #[cfg(not(agent_budget_loom))]
 static READERS: Mutex<Vec<Arc<Reader>>> = Mutex::new(Vec::new());
 
@@ -151,7 +152,14 @@ impl Local {
         let reader = Arc::new(Reader {
             sequence: AtomicU64::new(0),
         });
-        lock(&READERS).push(reader.clone());
+        let mut readers = lock(&READERS);
+        // The slots of threads that have ended leave here as well as when a
+        // grace period begins: a process whose threads come and go (tokio's
+        // blocking pool) and that never removes an agent would otherwise
+        // keep every slot it ever made.
+        readers.retain(|reader| Arc::strong_count(reader) > 1);
+        readers.push(reader.clone());
+        drop(readers);
         Local {
             reader,
             depth: Cell::new(0),
@@ -406,6 +414,31 @@ mod tests {
             "a new operation is not the old one"
         );
         drop(next);
+    }
+
+    #[test]
+    fn the_slots_of_ended_threads_are_dropped_when_a_thread_starts() {
+        let ended: Vec<std::sync::Weak<Reader>> = (0..8)
+            .map(|_| {
+                std::thread::spawn(|| {
+                    drop(TEST_READERS.announce());
+                    Arc::downgrade(&mine())
+                })
+                .join()
+                .unwrap()
+            })
+            .collect();
+        // A new thread's first operation registers its slot, and nothing
+        // else: no grace period begins.
+        std::thread::spawn(|| drop(TEST_READERS.announce()))
+            .join()
+            .unwrap();
+        for (i, slot) in ended.iter().enumerate() {
+            assert!(
+                slot.upgrade().is_none(),
+                "thread {i}'s slot is still listed"
+            );
+        }
     }
 
     #[test]
