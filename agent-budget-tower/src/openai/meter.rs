@@ -44,7 +44,7 @@ use super::response::{
     event_used_tokens, json_used_tokens, read_event, EventSplitter, StreamEvent,
 };
 use crate::UsedTokens;
-use crate::{Estimate, Meter, MeterSession, Outcome};
+use crate::{DeferredCount, Estimate, Meter, MeterSession, Outcome};
 
 /// Reads OpenAI's `usage` from JSON bodies and event streams.
 #[derive(Clone, Copy, Debug)]
@@ -75,9 +75,6 @@ impl OpenAiUsage {
 pub struct OpenAiSession {
     reading: Reading,
     success: bool,
-    /// The request's estimate, for its prompt: what a stream the client
-    /// left is charged at least.
-    estimate: Estimate,
     usage: Option<UsedTokens>,
 }
 
@@ -97,6 +94,11 @@ enum Reading {
         hide_usage: bool,
         text_chunks: u64,
         text_bytes: u64,
+        /// The request's prompt, what a stream the client left is charged
+        /// at least: its tokens, or the count they bound (only a stream
+        /// keeps it: a JSON body that ends early was generated whole).
+        prompt_tokens: u64,
+        deferred_count: Option<DeferredCount>,
     },
     /// Compressed: nothing can be read as it goes by.
     Opaque,
@@ -123,6 +125,8 @@ impl Meter for OpenAiUsage {
                 hide_usage: estimate.hide_usage_chunk,
                 text_chunks: 0,
                 text_bytes: 0,
+                prompt_tokens: estimate.prompt_tokens,
+                deferred_count: estimate.deferred_count.clone(),
             }
         } else {
             Reading::Json {
@@ -136,7 +140,6 @@ impl Meter for OpenAiUsage {
         OpenAiSession {
             reading,
             success: response.status.is_success(),
-            estimate: estimate.clone(),
             usage: None,
         }
     }
@@ -180,6 +183,7 @@ impl MeterSession for OpenAiSession {
                 hide_usage,
                 text_chunks,
                 text_bytes,
+                ..
             } => {
                 let events = splitter.push(chunk.clone());
                 let mut kept = BytesMut::new();
@@ -271,14 +275,15 @@ impl MeterSession for OpenAiSession {
             Reading::Stream {
                 text_chunks,
                 text_bytes,
+                prompt_tokens,
+                deferred_count,
                 ..
             } => {
                 let streamed = (*text_chunks).max(text_bytes.div_ceil(4));
-                Outcome::Used(
-                    self.estimate
-                        .counted_prompt_tokens()
-                        .saturating_add(streamed),
-                )
+                let prompt = deferred_count
+                    .as_ref()
+                    .map_or(*prompt_tokens, DeferredCount::tokens);
+                Outcome::Used(prompt.saturating_add(streamed))
             }
         }
     }
