@@ -13,6 +13,7 @@ mod request;
 mod response;
 mod responses;
 mod scan;
+mod seek;
 
 pub use estimator::{OpenAiEstimator, OtherRequests, PromptCount};
 pub use meter::{OpenAiSession, OpenAiUsage};

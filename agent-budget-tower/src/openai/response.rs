@@ -6,7 +6,9 @@
 //! A JSON response carries `"usage"`: `{"prompt_tokens",
 //! "completion_tokens", "total_tokens"}` from chat, completions and
 //! embeddings, `{"input_tokens", "output_tokens", "total_tokens"}` from the
-//! Responses API; [`json_usage`] reads either, skipping everything else.
+//! Responses API; [`json_usage`] reads either, skipping everything else:
+//! from its key on where it can be ([`seek`](super::seek)), else by the
+//! strict reader from the start, else by serde.
 //!
 //! A streamed response (`text/event-stream`) is a sequence of events, each
 //! one or more `data:` lines ended by a blank line. An [`EventSplitter`]
@@ -34,6 +36,7 @@ use serde_json::value::RawValue;
 use serde_json::Number;
 
 use super::scan::{Cursor, Fields};
+use super::seek::read_usage;
 use crate::{TokenSplit, UsedTokens};
 
 /// An OpenAI `usage` object, read without allocating: numbers stay
@@ -125,6 +128,9 @@ pub fn json_usage(body: &[u8]) -> Option<u64> {
 /// [`json_usage`], with the prompt's (and its cached part's) and the
 /// completion's tokens when the usage gives them.
 pub fn json_used_tokens(body: &[u8]) -> Option<UsedTokens> {
+    if let Some(usage) = keyed_usage(body) {
+        return usage;
+    }
     match fast_usage(body) {
         Some(usage) => usage,
         None => serde_usage(body),
@@ -147,6 +153,14 @@ pub fn event_used_tokens(event: &[u8]) -> Option<UsedTokens> {
 fn serde_usage(body: &[u8]) -> Option<UsedTokens> {
     let parsed: WithUsage = serde_json::from_slice(body).ok()?;
     parsed.usage?.split()
+}
+
+/// [`json_used_tokens`] read from the `usage` key on (see
+/// [`seek`](super::seek)): `None` where it cannot be, or where the strict
+/// reader leaves the usage to serde.
+fn keyed_usage(body: &[u8]) -> Option<Option<UsedTokens>> {
+    let usage = read_usage(body, |c| c.optional(fast_usage_object))?;
+    Some(usage.and_then(|usage| usage.split()))
 }
 
 /// [`json_usage`] by the [strict reader](super::scan), which skips the
@@ -483,6 +497,76 @@ mod tests {
         ] {
             assert!(fast_usage(body).is_some(), "{}", String::from_utf8_lossy(body));
         }
+    }
+
+    #[test]
+    fn for_any_json_body_the_usage_read_from_its_key_is_serdes() {
+        let usages = [
+            r#"{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}"#,
+            r#"{"prompt_tokens":3,"completion_tokens":4,"prompt_tokens_details":{"cached_tokens":2}}"#,
+            r#"{"input_tokens":5,"output_tokens":7,"total_tokens":12,"output_tokens_details":{"reasoning_tokens":2}}"#,
+            r#"{"total_tokens":18446744073709551616}"#,
+            r#"{"total_tokens":7.0}"#,
+            r#"{"total_tokens":7,"total_tokens":8}"#,
+            r#"{"tot\u0061l_tokens":7}"#,
+            r#"{}"#,
+            r#"null"#,
+        ];
+        let spoof = serde_json::to_string(r#"","usage":{"total_tokens":1}}"#).unwrap();
+        let before = [
+            String::new(),
+            r#""id":"chatcmpl-1","choices":[{"message":{"content":"a \"quoted\" é 🦀\n"}}],"#
+                .to_owned(),
+            format!(r#""choices":[{{"text":{spoof}}}],"#),
+            r#""usage":null,"#.to_owned(),
+            r#""\u0075sage":{"total_tokens":1},"#.to_owned(),
+            r#""object":"usage","#.to_owned(),
+        ];
+        let after = [
+            String::new(),
+            r#","service_tier":"default","system_fingerprint":"fp_1""#.to_owned(),
+            r#","user":null,"metadata":{"k":"v","n":{"usage":1}}"#.to_owned(),
+            r#","usage":null"#.to_owned(),
+            format!(r#","note":{spoof}"#),
+            r#","choices":[]"#.to_owned(),
+        ];
+        let (mut bodies, mut from_the_key) = (0, 0);
+        for usage in usages {
+            for before in &before {
+                for after in &after {
+                    let body = format!("{{{before}\"usage\":{usage}{after}}}\n");
+                    let body = body.as_bytes();
+                    // Every prefix that is JSON too (most are not).
+                    for end in 1..=body.len() {
+                        let body = &body[..end];
+                        if serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+                            continue;
+                        }
+                        bodies += 1;
+                        let lossy = String::from_utf8_lossy(body);
+                        if let Some(tail) = keyed_usage(body) {
+                            from_the_key += 1;
+                            assert_eq!(tail, serde_usage(body), "{lossy}");
+                        }
+                        assert_eq!(json_used_tokens(body), serde_usage(body), "{lossy}");
+                    }
+                }
+            }
+        }
+        // Most of the combinations are built for the walk to give up on.
+        assert!(
+            from_the_key >= 40,
+            "{from_the_key} of {bodies} bodies were read from the key"
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_read_from_its_key_as_only_an_upstream_writes() {
+        // What `seek` trusts (see its docs): the structure before the usage
+        // is not validated.
+        let body = br#"{not json,"usage":{"total_tokens":7}}"#;
+        assert_eq!(serde_usage(body), None);
+        assert_eq!(json_usage(body), Some(7));
     }
 
     #[test]

@@ -346,6 +346,32 @@ impl<'a> Cursor<'a> {
         self.eat(b':')
     }
 
+    /// An object member's key, when it is `key` exactly (no escape), and
+    /// its colon.
+    pub(super) fn key_is(&mut self, key: &str) -> Option<()> {
+        (self.string()?.text()? == key).then_some(())?;
+        self.eat(b':')
+    }
+
+    /// The rest of an object, after a member: the members left (skipped)
+    /// and its closing brace.
+    pub(super) fn rest_of_object(&mut self) -> Option<()> {
+        loop {
+            match self.peek()? {
+                b',' => {
+                    self.pos += 1;
+                    self.member_key()?;
+                    self.skip()?;
+                }
+                b'}' => {
+                    self.pos += 1;
+                    return Some(());
+                }
+                _ => return None,
+            }
+        }
+    }
+
     /// An object: `member` is called with each key (without escapes: an
     /// escaped key is left to serde), and must consume its value.
     pub(super) fn object(
