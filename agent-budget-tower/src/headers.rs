@@ -274,7 +274,8 @@ impl ValueText {
 
     /// Appends `d` as a Go duration (see [`go_duration`]); where it lies.
     pub fn push_go_duration(&mut self, d: Duration) -> std::ops::Range<usize> {
-        self.push(GoDuration::of(d).as_str().as_bytes())
+        // Its bytes as they are: a header value is checked once, whole.
+        self.push(GoDuration::of(d).as_bytes())
     }
 
     /// The header value of each range a push returned, all sharing the
@@ -353,8 +354,12 @@ impl GoDuration {
         self.len += text.len();
     }
 
+    fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+
     fn as_str(&self) -> &str {
-        std::str::from_utf8(&self.bytes[..self.len]).expect("ASCII only")
+        std::str::from_utf8(self.as_bytes()).expect("ASCII only")
     }
 }
 
