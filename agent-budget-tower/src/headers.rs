@@ -241,7 +241,11 @@ fn ceil_secs(d: Duration) -> u64 {
 /// `1.5s`, `6m0s`, `2h30m0s`. This is the format of OpenAI's
 /// `x-ratelimit-reset-*` values.
 pub fn go_duration(d: Duration) -> String {
-    GoDuration::of(d).as_str().to_owned()
+    let mut text = ValueText::default();
+    let range = text.push_go_duration(d);
+    std::str::from_utf8(&text.bytes[range])
+        .expect("digits, '.' and unit letters")
+        .to_owned()
 }
 
 /// Several header values' text in one buffer on the stack, shared by
@@ -265,6 +269,7 @@ impl Default for ValueText {
 
 impl ValueText {
     /// Appends `text`; where it lies.
+    #[inline]
     pub fn push(&mut self, text: &[u8]) -> std::ops::Range<usize> {
         let start = self.len;
         self.bytes[start..start + text.len()].copy_from_slice(text);
@@ -273,36 +278,10 @@ impl ValueText {
     }
 
     /// Appends `d` as a Go duration (see [`go_duration`]); where it lies.
+    /// The longest, `Duration::MAX`'s, is `5124095576030431h0m16s` (22
+    /// bytes).
     pub fn push_go_duration(&mut self, d: Duration) -> std::ops::Range<usize> {
-        // Its bytes as they are: a header value is checked once, whole.
-        self.push(GoDuration::of(d).as_bytes())
-    }
-
-    /// The header value of each range a push returned, all sharing the
-    /// one allocation made here. The pushed text must be a valid header
-    /// value (digits, dots, letters).
-    pub fn into_values(self) -> impl Fn(std::ops::Range<usize>) -> HeaderValue {
-        let shared = Bytes::from_owner(self.bytes);
-        move |range| {
-            HeaderValue::from_maybe_shared(shared.slice(range))
-                .expect("digits, '.' and unit letters make a valid header value")
-        }
-    }
-}
-
-/// A Go duration's text, on the stack. The longest, `Duration::MAX`'s, is
-/// `5124095576030431h0m16s` (22 bytes).
-struct GoDuration {
-    bytes: [u8; 40],
-    len: usize,
-}
-
-impl GoDuration {
-    fn of(d: Duration) -> Self {
-        let mut out = GoDuration {
-            bytes: [0; 40],
-            len: 0,
-        };
+        let start = self.len;
         // Whole seconds and milliseconds, rounded up, in u64 (a u128
         // division is a call into the compiler's runtime); the carry out of
         // `Duration::MAX`'s last second, 2^64 seconds, is the one exception.
@@ -312,12 +291,12 @@ impl GoDuration {
         let mut digits = itoa::Buffer::new();
         if whole == Some(0) {
             if frac == 0 {
-                out.push(b"0s");
+                self.push(b"0s");
             } else {
-                out.push(digits.format(frac).as_bytes());
-                out.push(b"ms");
+                self.push(digits.format(frac).as_bytes());
+                self.push(b"ms");
             }
-            return out;
+            return start..self.len;
         }
         let (hours, minutes, seconds) = match whole {
             Some(secs) => (secs / 3_600, secs / 60 % 60, secs % 60),
@@ -330,36 +309,34 @@ impl GoDuration {
         // Go writes the hours if any, then the minutes if any hours or
         // minutes, then always the seconds: `2h0m5s`, `6m0s`, `5s`.
         if hours > 0 {
-            out.push(digits.format(hours).as_bytes());
-            out.push(b"h");
+            self.push(digits.format(hours).as_bytes());
+            self.push(b"h");
         }
         if hours > 0 || minutes > 0 {
-            out.push(digits.format(minutes).as_bytes());
-            out.push(b"m");
+            self.push(digits.format(minutes).as_bytes());
+            self.push(b"m");
         }
-        out.push(digits.format(seconds).as_bytes());
+        self.push(digits.format(seconds).as_bytes());
         if frac > 0 {
             // Three digits, without the trailing zeros: `.5`, `.02`, `.999`.
             let three = [frac / 100, frac / 10 % 10, frac % 10].map(|d| b'0' + d as u8);
             let kept = 3 - three.iter().rev().take_while(|&&d| d == b'0').count();
-            out.push(b".");
-            out.push(&three[..kept]);
+            self.push(b".");
+            self.push(&three[..kept]);
         }
-        out.push(b"s");
-        out
+        self.push(b"s");
+        start..self.len
     }
 
-    fn push(&mut self, text: &[u8]) {
-        self.bytes[self.len..self.len + text.len()].copy_from_slice(text);
-        self.len += text.len();
-    }
-
-    fn as_bytes(&self) -> &[u8] {
-        &self.bytes[..self.len]
-    }
-
-    fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes()).expect("ASCII only")
+    /// The header value of each range a push returned, all sharing the
+    /// one allocation made here. The pushed text must be a valid header
+    /// value (digits, dots, letters).
+    pub fn into_values(self) -> impl Fn(std::ops::Range<usize>) -> HeaderValue {
+        let shared = Bytes::from_owner(self.bytes);
+        move |range| {
+            HeaderValue::from_maybe_shared(shared.slice(range))
+                .expect("digits, '.' and unit letters make a valid header value")
+        }
     }
 }
 
