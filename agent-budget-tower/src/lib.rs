@@ -57,19 +57,16 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 21,400 instructions per request (22,000 on the machine of
-//! the last count before the clocks below, and 21,800 before the
-//! registry's own guard replaced arc-swap's; 66,800 before all the changes
-//! below; 20,541 before spend limits, shadow mode, the model and the check
-//! before the body were added, which took it to 30,245; 22,489 on the same
-//! machine before the admission reported where its budgets stand). What
-//! they are, roughly:
+//! adds about 19,500 instructions per request (`5b41e62`, three processes
+//! each: 80,387 against a plain proxy's 60,883). It was 66,800 before all
+//! the changes below, 21,400 before the response's usage was read from its
+//! key. What they are, roughly:
 //!
 //! | part | instructions |
 //! |---|---|
 //! | the bearer key: its keyed SipHash, which finds the digest this thread made of it last (SHA-256 in software was 3,500: valgrind hides the CPU's SHA extensions, and many servers have none), and the lookup | 110 + 650 |
-//! | reading the response's `usage` (290 bytes, validated to the end) | 3,500 |
-//! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600), values (1,000), Go durations | 3,500 |
+//! | reading the response's `usage`: its key found by memchr, the strict reader from there to the end (`openai::seek`) | 1,800 |
+//! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600, two thirds of it FNV over the names), values (1,000), Go durations | 3,300 |
 //! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,900 |
 //! | the core: `acquire_owned_reporting` (the admission, and where the chain stands right after it, for the headers: read under the admission's guard, where a `chain_info` of its own cost 830), `settle` | 1,550 |
 //! | hyper and tokio: the body read in the server's own task wakes that task (hyper's body channel wakes its sender whenever the receiver takes a chunk), so tokio yields it and rouses a parked sibling worker; the six headers written out | 2,300 |
@@ -128,6 +125,17 @@
 //!   plain proxy measured 60,732, 103 more than before with the same
 //!   code: +21,424). The copies of the request's future's locals went up
 //!   by about 90 (19 `memcpy`s a request where there were 12).
+//! - **The response's usage, read from its key**: the strict reader
+//!   validated every byte of the generated text on its way to the usage
+//!   at the end (3,515). memchr finds the body's only `"usage"`, and the
+//!   reader reads from there to the body's end, which proves the member is
+//!   the top level's (`openai::seek` says why a model's output cannot
+//!   spell it, and what that trusts the upstream with): 1,821. With the
+//!   meter's session no longer cloning the estimate, dollars and Go
+//!   durations written straight into the header values' text and the
+//!   bearer key's check vectorized, the layer went from +21,690 to +19,503
+//!   (`budget-gateway/benches/instructions.sh --runs 3`, the same machine
+//!   and day).
 //!
 //! Tried and dropped, with their counts: the strict reader on `u128` words (3,724 -> 4,362 for
 //! the usage), or without the body's UTF-8 check up front (keys and text
@@ -139,6 +147,10 @@
 //! went from two a request to none (`strace -c -f`, 3 s of `wrk -c1`),
 //! and the throughput at one connection went down, 3,689 requests/s
 //! against 4,352 (medians of 9 rotated rounds of 3 s): not kept either.
+//! The same gateway with one worker (`TOKIO_WORKER_THREADS=1`) serves
+//! 5,800 to 6,100 requests/s at one connection against 5,000 to 5,400
+//! with two (three rounds of 2 s each); a gateway is not run on one
+//! worker for one connection's sake.
 //!
 //! Also tried: a request future small enough for glibc's per-thread cache
 //! (832 bytes, under its 1,032: the request boxed, as an argument keeps
