@@ -21,6 +21,8 @@ pub use request::{
     estimate_body, prompt_tokens, request_model, ByteCount, Endpoint, EstimateOptions,
     RequestEstimate, TokenCounter, NON_TEXT_PART_TOKENS,
 };
+#[cfg(fuzzing)]
+pub use response::serde_used_tokens;
 pub use response::{
     event_used_tokens, json_usage, json_used_tokens, read_event, EventSplitter, StreamEvent,
     MAX_EVENT_BYTES,

@@ -155,6 +155,13 @@ fn serde_usage(body: &[u8]) -> Option<UsedTokens> {
     parsed.usage?.split()
 }
 
+/// [`json_used_tokens`] by serde alone: what the fuzz target `usage`
+/// holds the layer's reading to, on every body that is JSON.
+#[cfg(fuzzing)]
+pub fn serde_used_tokens(body: &[u8]) -> Option<UsedTokens> {
+    serde_usage(body)
+}
+
 /// [`json_used_tokens`] read from the `usage` key on (see
 /// [`seek`](super::seek)): `None` where it cannot be, or where the strict
 /// reader leaves the usage to serde.
