@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use crate::hierarchy::MAX_LEVELS;
+use crate::registry::SlotRef;
 use crate::rules::{Refund, Tick};
 use crate::set::{SetLevel, SetTicket};
 use crate::types::AgentId;
@@ -17,6 +18,11 @@ pub(crate) struct Level {
     pub(crate) generation: u64,
     /// Which window (starts strictly increase per incarnation).
     pub(crate) taken_in: Tick,
+    /// Where the agent's cell was when the level was taken: the settle
+    /// goes there first, as a handle does, and looks the agent up only if
+    /// it is not there (the incarnation is what is trusted). The locked
+    /// manager has no slots: [`SlotRef::NONE`].
+    pub(crate) slot: SlotRef,
 }
 
 /// The levels a request was admitted at: the agent first, then its
@@ -433,6 +439,7 @@ mod tests {
             agent_id: AgentId::from_u128(n),
             generation: 0,
             taken_in: Tick(0),
+            slot: SlotRef::NONE,
         };
         let mut levels = Levels::Own(level(1));
         assert_eq!(levels.iter().count(), 1);

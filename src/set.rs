@@ -328,6 +328,7 @@ mod tests {
                 agent_id: id(1),
                 generation: 0,
                 taken_in: crate::rules::Tick(0),
+                slot: crate::registry::SlotRef::NONE,
             },
             tokens: 100,
             calls: 1,

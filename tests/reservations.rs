@@ -189,6 +189,23 @@ for_both_managers! {
 }
 
 for_both_managers! {
+    fn a_reservation_settles_where_its_agent_has_moved_and_nowhere_else<M>() {
+        let (m, _) = mocked::<M>();
+        let (a, b) = (agent(), agent());
+        m.set_budget(limit(a, 100, 5, 10));
+        let r = m.acquire(&a, 80, 1).unwrap();
+        // A limit past the 64-bit word's moves the agent to a wide cell
+        // (the lock-free manager's); the cell it left may go to another.
+        m.set_budget(limit(a, 1 << 40, 5, 10));
+        m.set_budget(limit(b, 100, 5, 10));
+        m.reserve(&b, 7).unwrap();
+        assert!(matches!(r.settle(30), Settlement::Applied { refunded_tokens: 50, .. }));
+        assert_eq!(m.full_info(&a).unwrap().tokens_used, 30);
+        assert_eq!(m.full_info(&b).unwrap().tokens_used, 7);
+    }
+}
+
+for_both_managers! {
     fn edge_amounts_are_admitted_exactly_or_refused_cleanly<M>() {
         let (m, _) = mocked::<M>();
         let a = agent();

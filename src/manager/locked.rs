@@ -14,6 +14,7 @@ use crate::error::{BudgetExceeded, HierarchyError, Operation, PersistError, Refu
 use crate::hierarchy::{ChainIds, Hierarchy, MAX_LEVELS};
 use crate::limit::{Configured, Limit};
 use crate::persist::{self, AgentState};
+use crate::registry::SlotRef;
 use crate::reservation::{
     set_level_amounts, Ledger, Level, Levels, OwnedReservation, OwnedSetReservation, Reservation,
     SetReservation, Settlement, Ticket,
@@ -491,6 +492,7 @@ impl LockedBudgetManager {
                             agent_id: limit.id,
                             generation: slot.generation,
                             taken_in: next.mark,
+                            slot: SlotRef::NONE,
                         });
                     }
                     Err(shortfall) => {

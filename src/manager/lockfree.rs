@@ -1209,6 +1209,7 @@ fn take_reporting(
         agent_id: id,
         generation: cell.generation(),
         taken_in: after.mark,
+        slot: cell.slot(),
     };
     verdict
         .map(|()| Some((level, after)))
@@ -1253,6 +1254,7 @@ fn take_past(
         agent_id: id,
         generation: cell.generation(),
         taken_in: after.mark,
+        slot: cell.slot(),
     };
     Some((level, after))
 }
@@ -1349,25 +1351,38 @@ impl BudgetManager {
         reserved: (u64, u64),
         used: (u64, u64),
     ) -> Settlement {
-        let settlement = pinned
-            .get(&level.agent_id)
-            .map_or(Settlement::AgentRemoved, |cell| {
-                let cell = cell.expecting(level.generation);
-                let policy = cell.enforced().policy;
-                // SeqCst: may refund; see `release`.
-                let updated = cell.update(Ordering::SeqCst, now, |s| {
-                    let refund = s.settle(&policy, now, level.taken_in, reserved, used);
-                    match refund {
-                        Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } => {
-                            (next, refund)
-                        }
-                        Refund::WindowEnded => (s, refund),
+        // Where the take found the cell, for this incarnation only (as a
+        // handle goes); looked up by id once if the agent has moved to a
+        // cell of the other width since, or is gone. One call site of
+        // `update`, so that it is inlined here.
+        let mut cell = pinned.at(level.slot, level.generation);
+        let mut looked_up = false;
+        let settlement = loop {
+            let Some(at) = cell else {
+                break Settlement::AgentRemoved;
+            };
+            let policy = at.enforced().policy;
+            // SeqCst: may refund; see `release`.
+            let updated = at.update(Ordering::SeqCst, now, |s| {
+                let refund = s.settle(&policy, now, level.taken_in, reserved, used);
+                match refund {
+                    Refund::Applied { next, .. } | Refund::CarriedOver { next, .. } => {
+                        (next, refund)
                     }
-                });
-                updated.map_or(Settlement::AgentRemoved, |(_, _, refund)| {
-                    Settlement::of(refund)
-                })
+                    Refund::WindowEnded => (s, refund),
+                }
             });
+            match updated {
+                Some((_, _, refund)) => break Settlement::of(refund),
+                None if !looked_up => {
+                    looked_up = true;
+                    cell = pinned
+                        .get(&level.agent_id)
+                        .map(|found| found.expecting(level.generation));
+                }
+                None => break Settlement::AgentRemoved,
+            }
+        };
         if settlement.refunded() {
             let agent_id = &level.agent_id;
             self.events.refunded(agent_id, || self.headroom(agent_id));

@@ -95,6 +95,10 @@ const MIN_CAPACITY: usize = 4;
 pub(crate) struct SlotRef(u32);
 
 impl SlotRef {
+    /// No slot: what a level the locked manager took (it has none) holds.
+    /// Past every arena, so it finds no cell.
+    pub(crate) const NONE: SlotRef = SlotRef(u32::MAX);
+
     /// The reference as a handle stores it (in an atomic, as a hint).
     pub(crate) fn to_bits(self) -> u32 {
         self.0
