@@ -37,7 +37,17 @@ async fn drain(
 async fn a_redis_restart_mid_window_re_establishes_every_take_and_hands_nothing_out_twice() {
     let mut server = RedisServer::start();
     let clock = window_start_clock();
-    let nodes = nodes(&server, Some(&clock), 3).await;
+    // No background refills (a low-water mark of zero: a node leases only
+    // when a request finds its lease short, before it is answered), so
+    // what Redis records once the requests below are answered is what the
+    // nodes hold when it restarts. With them, a refill could land between
+    // the two and be re-established on top of `before`.
+    let mut nodes = Vec::new();
+    for i in 0..3 {
+        let mut config = config(&server, &format!("node-{i}"), Some(&clock));
+        config.lease.low_water = 0.0;
+        nodes.push(Arc::new(node(config).await));
+    }
     let agent = agent();
     let (tokens, per_request) = (3_000u64, 10u64);
     nodes[0]
