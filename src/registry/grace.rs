@@ -70,10 +70,18 @@ pub(super) struct Reader {
 #[cfg(not(agent_budget_loom))]
 static READERS: Mutex<Vec<Arc<Reader>>> = Mutex::new(Vec::new());
 
+/// The list, locked, without the slots of threads that have ended (only
+/// the list held those). Both who lock it prune it: a thread registering,
+/// so that a process whose threads come and go (tokio's blocking pool)
+/// and that never removes an agent does not keep every slot it ever made;
+/// and a grace period, which has no need to read them.
 #[cfg(not(agent_budget_loom))]
-fn lock(list: &Mutex<Vec<Arc<Reader>>>) -> crate::sync::MutexGuard<'_, Vec<Arc<Reader>>> {
-    list.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+fn live_readers() -> crate::sync::MutexGuard<'static, Vec<Arc<Reader>>> {
+    let mut readers = READERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    readers.retain(|reader| Arc::strong_count(reader) > 1);
+    readers
 }
 
 /// The reader slots a registry's writer reads: every thread's (a
@@ -152,14 +160,7 @@ impl Local {
         let reader = Arc::new(Reader {
             sequence: AtomicU64::new(0),
         });
-        let mut readers = lock(&READERS);
-        // The slots of threads that have ended leave here as well as when a
-        // grace period begins: a process whose threads come and go (tokio's
-        // blocking pool) and that never removes an agent would otherwise
-        // keep every slot it ever made.
-        readers.retain(|reader| Arc::strong_count(reader) > 1);
-        readers.push(reader.clone());
-        drop(readers);
+        live_readers().push(reader.clone());
         Local {
             reader,
             depth: Cell::new(0),
@@ -271,9 +272,7 @@ impl Readers {
     #[cfg(not(agent_budget_loom))]
     pub(super) fn begin_grace(&self) -> Grace {
         let barrier = writer_barrier();
-        let mut readers = lock(&READERS);
-        readers.retain(|reader| Arc::strong_count(reader) > 1);
-        Grace::of(&readers, barrier)
+        Grace::of(&live_readers(), barrier)
     }
 
     /// Begins a grace period for what the writer has unlinked so far.
