@@ -44,7 +44,7 @@ use super::response::{
     event_used_tokens, json_used_tokens, read_event, EventSplitter, StreamEvent,
 };
 use crate::UsedTokens;
-use crate::{DeferredCount, Estimate, Meter, MeterSession, Outcome};
+use crate::{Estimate, Meter, MeterSession, Outcome};
 
 /// Reads OpenAI's `usage` from JSON bodies and event streams.
 #[derive(Clone, Copy, Debug)]
@@ -94,11 +94,10 @@ enum Reading {
         hide_usage: bool,
         text_chunks: u64,
         text_bytes: u64,
-        /// The request's prompt, what a stream the client left is charged
-        /// at least: its tokens, or the count they bound (only a stream
-        /// keeps it: a JSON body that ends early was generated whole).
-        prompt_tokens: u64,
-        deferred_count: Option<DeferredCount>,
+        /// The request's estimate, for its prompt: what a stream the
+        /// client left is charged at least (only a stream keeps it: a JSON
+        /// body that ends early was generated whole).
+        estimate: Estimate,
     },
     /// Compressed: nothing can be read as it goes by.
     Opaque,
@@ -125,8 +124,7 @@ impl Meter for OpenAiUsage {
                 hide_usage: estimate.hide_usage_chunk,
                 text_chunks: 0,
                 text_bytes: 0,
-                prompt_tokens: estimate.prompt_tokens,
-                deferred_count: estimate.deferred_count.clone(),
+                estimate: estimate.clone(),
             }
         } else {
             Reading::Json {
@@ -275,15 +273,11 @@ impl MeterSession for OpenAiSession {
             Reading::Stream {
                 text_chunks,
                 text_bytes,
-                prompt_tokens,
-                deferred_count,
+                estimate,
                 ..
             } => {
                 let streamed = (*text_chunks).max(text_bytes.div_ceil(4));
-                let prompt = deferred_count
-                    .as_ref()
-                    .map_or(*prompt_tokens, DeferredCount::tokens);
-                Outcome::Used(prompt.saturating_add(streamed))
+                Outcome::Used(estimate.counted_prompt_tokens().saturating_add(streamed))
             }
         }
     }
