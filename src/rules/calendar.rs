@@ -63,14 +63,21 @@ pub(crate) fn window_around(period: CalendarPeriod, unix_ms: i64) -> (i64, i64) 
 ///
 /// Remembers its last answer on each thread: a calendar limit asks for
 /// the same window several times per request (expiry, time left, the
-/// settle, `full_info`), and the dates cost 1,800 instructions a request
-/// of the gateway's bench with a monthly spend limit (callgrind). The
-/// answer depends on the arguments alone, so a remembered one is the
-/// computed one.
+/// settle, `full_info`), and every limit of one period on one manager
+/// asks for the same few windows, whatever its mark; the dates cost 1,800
+/// instructions a request of the gateway's bench with a monthly spend
+/// limit (callgrind). A remembered window answers any mark inside it,
+/// for the same period and clock origin: the window that contains a mark
+/// is the computed one, and windows of one period do not overlap.
 pub(crate) fn window_of(period: CalendarPeriod, mark: Tick, now: Now) -> (Tick, Tick) {
     let origin = now.unix_millis_at_origin();
-    let key = (period == CalendarPeriod::Month, mark.0, origin);
-    if let Some(window) = LAST_WINDOW.with(|last| last.get().filter(|l| l.0 == key).map(|l| l.1)) {
+    let key = (period == CalendarPeriod::Month, origin);
+    let remembered = LAST_WINDOW.with(|last| {
+        last.get()
+            .filter(|&(k, (start, end))| k == key && start <= mark && mark < end)
+            .map(|(_, window)| window)
+    });
+    if let Some(window) = remembered {
         return window;
     }
     let window = compute_window_of(period, mark, origin);
@@ -78,9 +85,9 @@ pub(crate) fn window_of(period: CalendarPeriod, mark: Tick, now: Now) -> (Tick, 
     window
 }
 
-/// The arguments of a thread's last [`window_of`] (the period as "is a
-/// month"), and its answer.
-type LastWindow = Option<((bool, u64, i64), (Tick, Tick))>;
+/// The period (as "is a month") and clock origin of a thread's last
+/// [`window_of`], and the window it answered.
+type LastWindow = Option<((bool, i64), (Tick, Tick))>;
 
 std::thread_local! {
     static LAST_WINDOW: std::cell::Cell<LastWindow> = const { std::cell::Cell::new(None) };
@@ -109,6 +116,37 @@ mod tests {
         chrono::DateTime::parse_from_rfc3339(date)
             .unwrap()
             .timestamp_millis()
+    }
+
+    #[test]
+    fn a_remembered_window_answers_marks_inside_it_and_no_others() {
+        let origin = unix("2024-02-10T12:34:56Z");
+        let now = Now::on_utc(0, origin);
+        for period in [CalendarPeriod::Day, CalendarPeriod::Month] {
+            let (start, end) = compute_window_of(period, Tick::ORIGIN, origin);
+            assert!(start < Tick::ORIGIN && Tick::ORIGIN < end, "{period:?}");
+            // Remember the window, then ask at its edges and just past them.
+            let _ = window_of(period, Tick::ORIGIN, now);
+            for mark in [
+                start,
+                Tick(start.0 + 1),
+                Tick(end.0 - 1),
+                end,
+                Tick(start.0 - 1),
+            ] {
+                let expected = compute_window_of(period, mark, origin);
+                assert_eq!(
+                    window_of(period, mark, now),
+                    expected,
+                    "{period:?} {mark:?}"
+                );
+                assert!(
+                    expected.0 <= mark && mark < expected.1,
+                    "{period:?} {mark:?}"
+                );
+                let _ = window_of(period, Tick::ORIGIN, now);
+            }
+        }
     }
 
     #[test]
