@@ -173,28 +173,28 @@ impl<P: Copy> Plan<P> {
     /// first limit to refuse is the lowest one short of room.
     #[inline]
     pub(crate) fn sort(&mut self) {
-        let limits = &self.limits;
-        let key = |n: u8| {
-            let l = &limits[usize::from(n)];
-            (l.depth, l.id)
-        };
+        let limits: &[Planned<P>] = &self.limits;
         self.order.clear();
+        self.order.extend(0..limits.len() as u8); // at most MAX_SET_LIMITS
         if limits.iter().all(|l| l.reached_by == 1) {
             // One claim: its chain, walked from the agent up, is already
             // in order (one limit per depth). What `acquire` on a chain
             // runs.
-            self.order.extend(0..limits.len() as u8);
             return;
         }
-        // An insertion sort: a plan holds a few limits, at most 32.
-        for n in 0..limits.len() {
-            let n = n as u8; // at most MAX_SET_LIMITS
-            let at = self
-                .order
-                .iter()
-                .rposition(|&m| key(m) < key(n))
-                .map_or(0, |p| p + 1);
-            self.order.insert(at, n);
+        // An insertion sort of the indices: a plan holds a few limits, at
+        // most 32.
+        let key = |n: u8| {
+            let l = &limits[usize::from(n)];
+            (l.depth, l.id)
+        };
+        let order: &mut [u8] = &mut self.order;
+        for sorted in 1..order.len() {
+            let mut at = sorted;
+            while at > 0 && key(order[at]) < key(order[at - 1]) {
+                order.swap(at, at - 1);
+                at -= 1;
+            }
         }
     }
 }
