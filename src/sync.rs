@@ -77,6 +77,7 @@ mod imp {
         /// Both readings saturate: `delta_as_nanos` and
         /// `saturating_duration_since` give zero for a reading below the
         /// origin, which quanta's TSC source can produce across cores.
+        #[inline]
         pub(crate) fn nanos(&self) -> u64 {
             match self {
                 Stopwatch::Precise { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),

@@ -240,7 +240,7 @@ impl Registry {
 
     /// Announces an operation on this thread and holds the current index
     /// for its lookups; `clock` is read again where a narrow word needs it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn pin<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
         // The announcement first: it must come before every load it
         // protects, the index's included.
