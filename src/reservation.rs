@@ -336,6 +336,7 @@ impl std::fmt::Debug for OwnedSetReservation {
 }
 
 impl OwnedSetReservation {
+    #[inline]
     pub(crate) fn new(ledger: Arc<dyn Ledger>, ticket: SetTicket) -> Self {
         OwnedSetReservation { ledger, ticket }
     }

@@ -235,10 +235,14 @@ impl SetTicket {
     /// The ticket of `claims`, taken at `levels`.
     #[inline]
     pub(crate) fn new(claims: &[Claim], levels: impl Iterator<Item = SetLevel>) -> Self {
-        SetTicket {
+        // The levels pushed in place: collected, they were built aside and
+        // then copied in.
+        let mut ticket = SetTicket {
             claims: SmallVec::from_slice(claims),
-            levels: levels.collect(),
-        }
+            levels: SmallVec::new(),
+        };
+        ticket.levels.extend(levels);
+        ticket
     }
 }
 
