@@ -88,7 +88,7 @@ impl Grip {
             .or_else(|| op(&pinned, self.moved(&pinned)?))
     }
 
-    #[inline]
+    #[inline(always)]
     fn admit(
         &self,
         manager: &BudgetManager,

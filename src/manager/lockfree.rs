@@ -715,6 +715,7 @@ impl BudgetManager {
     /// Takes `request` (tokens, calls) at every level of the agent's chain,
     /// or at none, if the agent is incarnation `generation` (when one is
     /// given). Returns the levels it was taken at.
+    #[inline(always)]
     fn admit(
         &self,
         agent_id: &AgentId,
