@@ -16,8 +16,8 @@
 //! An operation announces itself on its thread (a plain store), takes
 //! its thread's copy of the index (a load of the generation and a
 //! non-atomic increment), hashes the id with a keyed folded multiply,
-//! probes the index linearly from the hash's top bits (one cache line of
-//! 8 entries, usually the first entry) and goes to the slot an entry with
+//! probes the index linearly from the hash's home (its high bits scaled to
+//! the capacity; one cache line of 8 entries, usually the first entry) and goes to the slot an entry with
 //! the right tag names, where the cell's own id confirms the match. Two
 //! cache lines: the entry and the cell, which holds the usage word, the
 //! policy word and the id. No locked instruction but the usage word's
@@ -31,9 +31,9 @@
 //! that loads an entry (`Acquire`) finds the cell complete; a removal
 //! stores a tombstone, which probes skip. When live entries and tombstones
 //! would pass three quarters of the index, the writer builds a new index
-//! (twice the live entries, rounded up to a power of two) and publishes
-//! it; operations still on the old one finish on it, and it is freed with
-//! the last thread's copy.
+//! (three fifths full, so a quarter more agents fit before the next) and
+//! publishes it; operations still on the old one finish on it, and it is
+//! freed with the last thread's copy.
 //!
 //! **Cells never move in memory**; agents move between cells. A cell
 //! changes width by moving its agent to a vacant cell of the other width
@@ -228,7 +228,7 @@ impl Registry {
 
     /// The id's hash: the two halves of the id, each keyed, multiplied, and
     /// the product's halves folded together. Every bit of the id reaches
-    /// the top bits (the home) and the low bits (the tag); v4 and v7 ids
+    /// the high bits (the home) and the low bits (the tag); v4 and v7 ids
     /// need no more mixing than that, and the key keeps chosen ids from
     /// colliding on purpose.
     #[inline]
@@ -408,9 +408,9 @@ impl Registry {
     }
 
     /// A new index with the live entries of `old`, room for `live` of them
-    /// at under half full.
+    /// at three fifths full.
     fn rebuild(&self, old: &Index, live: usize) -> Index {
-        let capacity = (live * 2).next_power_of_two().max(MIN_CAPACITY);
+        let capacity = index::capacity_for(live, MIN_CAPACITY);
         let index = Index::new(capacity);
         for (_, entry) in old.live() {
             let at = SlotRef::of_entry(entry);
@@ -519,7 +519,7 @@ impl Registry {
                 on!(target, c => c.seal(Word::Retired, now));
             }
         }
-        let capacity = (agents.len() * 2).next_power_of_two().max(MIN_CAPACITY);
+        let capacity = index::capacity_for(agents.len(), MIN_CAPACITY);
         let index = Index::new(capacity);
         writer.live = 0;
         for (agent_id, limit, state, generation) in agents {
