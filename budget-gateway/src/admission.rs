@@ -38,6 +38,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -104,8 +105,45 @@ impl PlanCell {
 /// The [`Plan`] of every agent whose chain has more than one limit at
 /// some level, or a limit on one model: the others are not in it, and
 /// take the core's one-budget path. Swapped whole when a limit or a
-/// parent changes.
-pub type Plans = Arc<ArcSwap<PlanTable>>;
+/// parent changes; clones share it.
+#[derive(Clone, Debug, Default)]
+pub struct Plans(Arc<PlansCell>);
+
+#[derive(Debug, Default)]
+struct PlansCell {
+    table: ArcSwap<PlanTable>,
+    /// Whether `table` holds any plan: read first, so that where no agent
+    /// has one (a gateway without lists of limits) a request asks nothing
+    /// more. An arc-swap load is two locked instructions; a request asked
+    /// twice (141 instructions, callgrind).
+    any: AtomicBool,
+}
+
+impl Plans {
+    /// The current table.
+    pub fn load(&self) -> arc_swap::Guard<Arc<PlanTable>> {
+        self.0.table.load()
+    }
+
+    /// Replaces the table.
+    pub fn store(&self, table: Arc<PlanTable>) {
+        let any = !table.by_agent.is_empty();
+        self.0.table.store(table);
+        // Release: pairs with the Acquire in `plan_table`, so a request
+        // that sees some plan loads this table or a later one.
+        self.0.any.store(any, Ordering::Release);
+    }
+
+    /// The table, unless no agent has a plan. A request that reads `false`
+    /// while a first plan is being stored is judged under the table before
+    /// it, as one that loaded that table would be.
+    fn plan_table(&self) -> Option<arc_swap::Guard<Arc<PlanTable>>> {
+        self.0
+            .any
+            .load(Ordering::Acquire)
+            .then(|| self.0.table.load())
+    }
+}
 
 /// The plans [`Plans`] swaps.
 #[derive(Debug, Default)]
@@ -272,8 +310,8 @@ impl LimitAdmission {
         agent: &AgentId,
         estimate: &Estimate,
     ) -> Result<(Held, Option<RateLimitSnapshot>), Denial> {
-        let plans = self.plans();
-        let plan = match plans.get(agent) {
+        let plans = self.plans.plan_table();
+        let plan = match plans.as_ref().and_then(|plans| plans.get(agent)) {
             Some(plan) => plan,
             // One budget per level (or an agent the plans do not know
             // yet, which the core refuses if it has no budget).
@@ -624,8 +662,8 @@ impl Admission for LimitAdmission {
     }
 
     fn write_headers(&self, agent_id: &AgentId, estimate: &Estimate, headers: &mut HeaderMap) {
-        let plans = self.plans();
-        let Some(plan) = plans.get(agent_id) else {
+        let plans = self.plans.plan_table();
+        let Some(plan) = plans.as_ref().and_then(|plans| plans.get(agent_id)) else {
             return;
         };
         let model = estimate.model();

@@ -213,6 +213,35 @@ async fn lifecycle(db: &str) {
 
 on_both_databases!(lifecycle: the_whole_lifecycle_on_sqlite, the_whole_lifecycle_on_postgres);
 
+/// A gateway whose agents have one limit each admits without reading the
+/// plans (no agent has one); an agent made at runtime with two limits is
+/// held to both from its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_limit_made_at_runtime_binds_from_the_first_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let (upstream, stats) = start_mock().await;
+    let g = on_sqlite(&dir, &upstream).await;
+    let limits = json!([
+        {"window": "1m", "requests": 5, "tokens": 1_000_000},
+        {"window": "1h", "requests": 2},
+    ]);
+    let id = g.create_agent(json!({ "limits": limits })).await["agent_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let (_, key) = g.create_key(&id).await;
+    for _ in 0..2 {
+        assert_eq!(g.chat(&key).await, StatusCode::OK);
+    }
+    assert_eq!(
+        g.chat(&key).await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "the hour's two requests are spent, with three left in the minute"
+    );
+    assert_eq!(calls(&stats), 2);
+    g.stop().await;
+}
+
 /// Agents, keys and usage (with `--state`) survive a restart on the same
 /// database; so does the keys' last use.
 async fn restart(db: &str) {
