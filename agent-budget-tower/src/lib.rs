@@ -57,12 +57,14 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 20,000 instructions per request (`1f5cdcb`, three processes
-//! each: 80,565 against a plain proxy's 60,579, +19,985; two more runs of
-//! the same code gave +19,948 and +20,024; `5b41e62` measured +19,503 on
-//! the day before: runs on different days differ by a few hundred). It
-//! was 66,800 before all the changes below, 21,400 before the response's
-//! usage was read from its key. What they are, roughly:
+//! adds about 19,700 instructions per request (`114fbd2`, three processes
+//! each: 80,356 against a plain proxy's 60,710, +19,645; +19,775 in a
+//! second run). The code before it measured +19,948 to +20,024 in three
+//! runs the same day, and +19,503 the day before: runs differ by a few
+//! hundred. `114fbd2` took the plan table's two arc-swap loads out of
+//! the requests of agents without lists of limits (141). It was 66,800
+//! before all the changes below, 21,400 before the response's usage was
+//! read from its key. What they are, roughly:
 //!
 //! | part | instructions |
 //! |---|---|
