@@ -188,16 +188,6 @@ fn list_var(key: &str, default: &[usize]) -> Vec<usize> {
     )
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let n = values.len();
-    if n % 2 == 1 {
-        values[n / 2]
-    } else {
-        (values[n / 2 - 1] + values[n / 2]) / 2.0
-    }
-}
-
 struct Settings {
     rounds: usize,
     ops: usize,
@@ -235,13 +225,13 @@ fn group(
             let per_round = (0..settings.rounds)
                 .map(|r| times[b][r] / times[k][r])
                 .collect();
-            format!("{:.2}x", median(per_round))
+            format!("{:.2}x", common::median(per_round))
         })
     };
     for (k, (contender, _)) in contenders.iter().enumerate() {
         println!(
             "| {name} | {agents} | {threads} | {contender} | {:.1} | {} | {} |",
-            median(times[k].clone()),
+            common::median(times[k].clone()),
             ratio(governor, k),
             ratio(locked, k),
         );

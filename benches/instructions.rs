@@ -289,16 +289,18 @@ fn total(path: &str, event: &str) -> u64 {
         .expect("a count")
 }
 
-/// `event` per operation of `row` under `tool`: the difference between
-/// `2 * ops` and `ops` operations, divided by `ops`.
-fn per_operation(tool: &[&str], event: &str, row: &Row, ops: usize) -> f64 {
+/// `event` per operation of `row` under valgrind's `tool` with `options`:
+/// the difference between `2 * ops` and `ops` operations, divided by
+/// `ops`.
+fn per_operation(tool: &str, options: &[&str], event: &str, row: &Row, ops: usize) -> f64 {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let count = |n: usize| {
         let out = dir.path().join(format!("out.{n}"));
         let out = out.to_str().expect("a UTF-8 path").to_owned();
         let status = Command::new("valgrind")
-            .args(tool)
-            .arg(format!("--{}-out-file={out}", tool_name(tool)))
+            .arg(format!("--tool={tool}"))
+            .args(options)
+            .arg(format!("--{tool}-out-file={out}"))
             .arg(std::env::current_exe().expect("this binary"))
             .args(["--child", row.name, &row.agents.to_string(), &n.to_string()])
             .stdout(std::process::Stdio::null())
@@ -312,19 +314,6 @@ fn per_operation(tool: &[&str], event: &str, row: &Row, ops: usize) -> f64 {
     twice.saturating_sub(once) as f64 / ops as f64
 }
 
-fn tool_name(tool: &[&str]) -> &'static str {
-    if tool.iter().any(|t| t.contains("cachegrind")) {
-        "cachegrind"
-    } else {
-        "callgrind"
-    }
-}
-
-fn median(mut xs: Vec<f64>) -> f64 {
-    xs.sort_by(f64::total_cmp);
-    xs[xs.len() / 2]
-}
-
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--child") {
@@ -336,11 +325,9 @@ fn main() {
         eprintln!("valgrind is not installed: run benches/instructions.sh, which installs it");
         return;
     }
-    let callgrind = [
-        "--tool=callgrind",
-        "--toggle-collect=*instructions::measured*",
-    ];
-    let cachegrind = ["--tool=cachegrind", "--cache-sim=yes", "--LL=4194304,16,64"];
+    // Only the measured loop is counted.
+    let callgrind = ["--toggle-collect=*instructions::measured*"];
+    let cachegrind = ["--cache-sim=yes", "--LL=4194304,16,64"];
     println!(
         "Instructions per operation (callgrind, the measured loop only, less the loop and its \
          random draw; median of {} processes, {} and {} operations each):\n",
@@ -355,9 +342,9 @@ fn main() {
     };
     println!("{header}");
     let count = |row: &Row| {
-        median(
+        common::median(
             (0..o.runs)
-                .map(|_| per_operation(&callgrind, "Ir", row, o.ops))
+                .map(|_| per_operation("callgrind", &callgrind, "Ir", row, o.ops))
                 .collect(),
         )
     };
@@ -373,7 +360,10 @@ fn main() {
         let mut line = format!("| {} | {} | {:.0} |", row.name, row.agents, instructions);
         if o.cache {
             let misses = if row.agents >= 100_000 {
-                format!("{:.2}", per_operation(&cachegrind, "DLmr", row, o.ops))
+                format!(
+                    "{:.2}",
+                    per_operation("cachegrind", &cachegrind, "DLmr", row, o.ops)
+                )
             } else {
                 String::new()
             };

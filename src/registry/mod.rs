@@ -17,11 +17,11 @@
 //! its thread's copy of the index (a load of the generation and a
 //! non-atomic increment), hashes the id with a keyed folded multiply,
 //! probes the index linearly from the hash's home (its high bits scaled to
-//! the capacity; one cache line of 8 entries, usually the first entry) and goes to the slot an entry with
-//! the right tag names, where the cell's own id confirms the match. Two
-//! cache lines: the entry and the cell, which holds the usage word, the
-//! policy word and the id. No locked instruction but the usage word's
-//! compare-and-swap.
+//! the capacity; one cache line of 8 entries, usually the first entry) and
+//! goes to the slot an entry with the right tag names, where the cell's own
+//! id confirms the match. Two cache lines: the entry and the cell, which
+//! holds the usage word, the policy word and the id. No locked instruction
+//! but the usage word's compare-and-swap.
 //!
 //! **One writer.** Every change (insert, limit change, width change,
 //! removal, growth) happens under the registry's writer mutex, which only
