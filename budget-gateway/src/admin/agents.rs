@@ -249,7 +249,9 @@ pub fn read_agent_body(
 /// gives the key, as the handler does: no body, or `null`, is `{}`.
 #[doc(hidden)]
 pub fn read_key_body(body: &[u8]) -> Result<Option<String>, ApiError> {
-    let request: KeyRequest = if body.iter().all(u8::is_ascii_whitespace) {
+    // No body at all asks for no name; anything else must be JSON (a body
+    // of whitespace is not, and the OpenAPI document says so).
+    let request: KeyRequest = if body.is_empty() {
         KeyRequest::default()
     } else {
         json_body::<Option<KeyRequest>>(body)?.unwrap_or_default()
@@ -539,6 +541,19 @@ pub async fn revoke_key(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_body_is_nothing_or_json() {
+        assert_eq!(read_key_body(b"").unwrap(), None);
+        assert_eq!(read_key_body(b" {} ").unwrap(), None);
+        for body in [&b"\r"[..], b" ", b"\n\t"] {
+            assert_eq!(
+                read_key_body(body).unwrap_err().status().as_u16(),
+                400,
+                "{body:?}"
+            );
+        }
+    }
 
     #[test]
     fn a_limit_as_shown_is_read_back_exactly() {
