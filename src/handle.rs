@@ -82,7 +82,7 @@ impl Grip {
         manager: &BudgetManager,
         op: impl Fn(&Pinned<'_>, CellRef<'_>) -> Option<R>,
     ) -> Option<R> {
-        let pinned = manager.pin();
+        let pinned = manager.pin_unindexed();
         self.hinted(&pinned)
             .and_then(|cell| op(&pinned, cell))
             .or_else(|| op(&pinned, self.moved(&pinned)?))
@@ -95,7 +95,7 @@ impl Grip {
         request: (u64, u64),
         operation: Operation,
     ) -> Result<Ticket, Refused> {
-        let pinned = manager.pin();
+        let pinned = manager.pin_unindexed();
         let mut admitted = match self.hinted(&pinned) {
             Some(cell) => manager.admit_from(&pinned, &self.agent_id, cell, request),
             None => Err(Refusal::NoBudget),

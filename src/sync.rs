@@ -83,7 +83,12 @@ mod imp {
                 Stopwatch::Precise { clock, origin } => clock.delta_as_nanos(*origin, clock.raw()),
                 Stopwatch::Recent { clock, origin } => {
                     let elapsed = clock.recent().saturating_duration_since(*origin);
-                    u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX)
+                    // Exact without `as_nanos`'s 128 bits: the duration is
+                    // the difference of two u64 nanosecond counts.
+                    elapsed
+                        .as_secs()
+                        .wrapping_mul(1_000_000_000)
+                        .wrapping_add(u64::from(elapsed.subsec_nanos()))
                 }
             }
         }
@@ -494,5 +499,17 @@ mod tests {
         assert_eq!((precise.nanos(), recent.nanos()), (500, 500));
         mock.decrement(900u64);
         assert_eq!((precise.nanos(), recent.nanos()), (0, 0));
+    }
+
+    #[test]
+    fn both_stopwatches_count_every_nanosecond_past_whole_seconds() {
+        let (clock, mock) = quanta::Clock::mock();
+        let precise = Stopwatch::start(clock.clone());
+        let recent = Stopwatch::start_recent(clock, std::time::Duration::from_millis(1)).unwrap();
+        for step in [999_999_999u64, 1, 3_600_000_000_007, 7] {
+            mock.increment(step);
+            assert_eq!(precise.nanos(), recent.nanos(), "after a step of {step} ns");
+        }
+        assert_eq!(recent.nanos(), 3_601_000_000_014);
     }
 }

@@ -158,6 +158,13 @@ impl BudgetManager {
         self.agents.pin(&self.clock)
     }
 
+    /// [`pin`](Self::pin) for a handle, which reaches its cell by slot: the
+    /// index is taken only if the agent has to be looked up.
+    #[inline]
+    pub(crate) fn pin_unindexed(&self) -> Pinned<'_> {
+        self.agents.pin_unindexed(&self.clock)
+    }
+
     fn config(&self) -> MutexGuard<'_, Hierarchy> {
         // A poisoned lock is taken over: every change it guards is made
         // whole before anything that could panic.
