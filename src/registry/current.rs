@@ -64,7 +64,6 @@ struct Cached {
 }
 
 #[cfg(not(agent_budget_loom))]
-#[derive(Default)]
 struct Cache {
     entries: [Option<Rc<Cached>>; CACHED],
     /// The entry a registry not in the cache replaces next.
@@ -73,7 +72,13 @@ struct Cache {
 
 #[cfg(not(agent_budget_loom))]
 std::thread_local! {
-    static CACHE: RefCell<Cache> = RefCell::new(Cache::default());
+    // A constant initializer: no lazy-initialization check per access.
+    static CACHE: RefCell<Cache> = const {
+        RefCell::new(Cache {
+            entries: [const { None }; CACHED],
+            next: 0,
+        })
+    };
 }
 
 /// An index held for one operation (not `Send`: it is its thread's copy).
