@@ -36,6 +36,11 @@ impl Tick {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Now {
     nanos: u64,
+    /// `nanos` in whole ticks, rounded down: divided once, when the clock
+    /// is read, where an operation's rules ask for it several times
+    /// (expiry, the time left, a 64-bit word's start read back against
+    /// it).
+    tick: Tick,
     /// Unix time, in milliseconds, of the manager's creation
     /// ([`Tick::ORIGIN`]).
     utc_origin_ms: i64,
@@ -52,6 +57,7 @@ impl Now {
     pub(crate) fn on_utc(nanos: u64, utc_origin_ms: i64) -> Self {
         Now {
             nanos,
+            tick: Tick::ORIGIN.plus(nanos / NANOS_PER_TICK),
             utc_origin_ms,
         }
     }
@@ -63,8 +69,9 @@ impl Now {
 
     /// The current tick, rounded down: used to judge expiry and refill, so
     /// neither ever comes early.
+    #[inline]
     pub(crate) fn tick(self) -> Tick {
-        Tick::ORIGIN.plus(self.nanos / NANOS_PER_TICK)
+        self.tick
     }
 
     /// The tick a window (or a bucket's refill) started now begins at,
