@@ -296,7 +296,7 @@ fn main() {
             );
         }
         if agents == 1_000 {
-            let refusing_wide = AcquireRefused(refusing::<BudgetManager>(&ids), &ids);
+            let refusing_narrow = AcquireRefused(refusing::<BudgetManager>(&ids), &ids);
             let locked_refusing = AcquireRefused(refusing::<LockedBudgetManager>(&ids), &ids);
             let governor_refusing = keyed(&ids, Quota::per_hour(NonZeroU32::MIN));
             group(
@@ -305,7 +305,7 @@ fn main() {
                 1,
                 agents,
                 &[
-                    ("lock-free (64-bit)", &refusing_wide),
+                    ("lock-free (64-bit)", &refusing_narrow),
                     ("lock-free reserve admitted (64-bit)", &narrow_manager),
                     ("locked", &locked_refusing),
                     ("governor", &governor_refusing),
