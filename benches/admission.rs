@@ -99,18 +99,7 @@ fn admitting<M: BudgetLimiter>(ids: &[AgentId], width: Width) -> M {
 /// A manager where every agent in `ids` has spent a one-token, one-call
 /// budget in a window that outlasts the run (23 days: narrow cells fit).
 fn refusing<M: BudgetLimiter>(ids: &[AgentId]) -> M {
-    let manager = M::with_coarse_clock(quanta::Clock::new(), std::time::Duration::from_millis(1))
-        .expect("the upkeep thread starts");
-    for &id in ids {
-        manager.set_budget(BudgetLimit {
-            agent_id: id,
-            token_budget: 1,
-            calls_budget: 1,
-            window_secs: 2_000_000,
-        });
-        let _ = manager.acquire(&id, 1, 1).expect("fresh").settle(1);
-    }
-    manager
+    common::refusing(ids, common::Clocking::Coarse, 2_000_000)
 }
 
 struct Reserve<'a, M>(M, &'a [AgentId]);

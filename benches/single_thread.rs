@@ -50,7 +50,7 @@ fn manager_ops<M: BudgetLimiter>(
     clocking: Clocking,
 ) {
     let admitting: M = common::admitting(ids, clocking);
-    let refusing: M = common::refusing(ids, clocking);
+    let refusing: M = common::refusing(ids, clocking, u64::MAX);
     let mut keys = Keys::new(ids, 1);
 
     group.bench_function(format!("reserve_admitted/{name}"), |b| {
@@ -80,7 +80,7 @@ fn manager_ops<M: BudgetLimiter>(
 /// The lock-free manager's operations through handles held for every agent.
 fn handle_ops(group: &mut Group<'_>, ids: &[AgentId]) {
     let admitting: BudgetManager = common::admitting(ids, Clocking::Coarse);
-    let refusing: BudgetManager = common::refusing(ids, Clocking::Coarse);
+    let refusing: BudgetManager = common::refusing(ids, Clocking::Coarse, u64::MAX);
     let (admitting, refusing) = (handles(&admitting, ids), handles(&refusing, ids));
     let mut keys = Keys::new(ids, 1);
 

@@ -74,17 +74,20 @@ pub fn admitting<M: BudgetLimiter>(ids: &[AgentId], clocking: Clocking) -> M {
 }
 
 /// A manager where every agent in `ids` has used up a one-token, one-call
-/// budget in a window that never ends, so every request takes the refusal
-/// path an agent that ran out takes (with a retry time, not the "can never
-/// fit" path of a request larger than the budget).
-pub fn refusing<M: BudgetLimiter>(ids: &[AgentId], clocking: Clocking) -> M {
+/// budget in windows of `window_secs`, so every request takes the refusal
+/// path an agent that ran out takes (not the "can never fit" path of a
+/// request larger than the budget). A window that never ends
+/// (`u64::MAX`) needs a 128-bit cell and has no retry time; one that
+/// outlasts the run but ends (under 24.8 days) fits a 64-bit cell and
+/// reports when it frees.
+pub fn refusing<M: BudgetLimiter>(ids: &[AgentId], clocking: Clocking, window_secs: u64) -> M {
     let manager: M = manager(clocking);
     for &id in ids {
         manager.set_budget(BudgetLimit {
             agent_id: id,
             token_budget: 1,
             calls_budget: 1,
-            window_secs: u64::MAX,
+            window_secs,
         });
         let reservation = manager
             .acquire(&id, 1, 1)
