@@ -245,7 +245,9 @@ impl Registry {
     #[inline(always)]
     pub(crate) fn pin<'r>(&'r self, clock: &'r Clock) -> Pinned<'r> {
         // The announcement first: it must come before every load it
-        // protects, the index's included.
+        // protects, the index's included. Built here rather than as
+        // `pin_unindexed` with the index set after: that form measured 8
+        // to 30 instructions more on every lookup by id.
         let announced = self.readers.announce();
         Pinned {
             registry: self,
