@@ -164,12 +164,32 @@
 //! to free and the moves out of the block that let the room be shared
 //! cost as much: 21,400 against 21,424, within the runs' spread. Not kept.
 //!
-//! Left, and where they would go: the serve future, 3,104 bytes that
+//! Left, and where it would go: the serve future, 3,104 bytes that
 //! `Box::pin` copies (about 325 instructions of `memcpy`) and that
 //! `malloc` serves from its slow path, where a request is freed on the
-//! other worker's thread as often as not; the self-wake,
-//! which is hyper's (its body channel wakes the sender's task when the
-//! receiver takes a chunk, and the sender is the connection's own task).
+//! other worker's thread as often as not.
+//!
+//! # The self-wake, and what a server can do about it
+//!
+//! The layer reads the request's body inside the connection's task, and
+//! hyper's body channel wakes its sender, the connection's dispatcher,
+//! whenever the receiver takes a chunk: the task wakes itself while it
+//! runs. tokio takes that for a yield and wakes a parked sibling worker
+//! (`notify_parked_local`), which finds nothing to do and parks again:
+//! two `futex` calls and a thread's round trip per request whenever a
+//! worker is idle, which at one connection is always (`perf record -e
+//! syscalls:sys_enter_futex --call-graph dwarf` put every one of them
+//! under `Harness::poll` → `yield_now`, and a breakpoint on tokio's waker
+//! put the wake in `hyper::body::chan::Receiver::poll_next` under the
+//! estimator). `budget-gateway`'s server polls each connection with a
+//! waker of its own that turns a wake during the poll into one more poll
+//! in place (its `repoll` module, about 60 lines): no `futex` call at all
+//! under `wrk -c1` with the layer (10 in 2 s, against 8,544 before), and
+//! its throughput at one connection went from 76% of the plain proxy's to
+//! 87% (`budget-gateway/benches/wrk.sh`, the README's Load section). A
+//! server of your own that reads bodies in the connection's task (any
+//! hyper server with this layer in front) can do the same around
+//! `serve_connection`; with `axum::serve` the cost stays.
 //!
 //! # Embedding it in axum
 //!

@@ -87,6 +87,7 @@ pub mod mock;
 pub mod paths;
 pub mod proxy;
 pub mod reload;
+mod repoll;
 pub mod server;
 pub mod shadow;
 pub mod tokenizer;

@@ -58,6 +58,7 @@ use tokio::task::JoinSet;
 use tower::ServiceExt;
 
 use crate::deadline::{Deadline, DeadlineBody};
+use crate::repoll::Repoller;
 
 /// What one client may hold, and how long a stop may take.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,6 +386,9 @@ async fn serve_connection<S>(
         .keep_alive(true);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
+    // A request whose body the layer reads wakes its own task: see
+    // `repoll`.
+    let repoller = Repoller::new();
     let mut draining = false;
     loop {
         if !draining && *phase.borrow() == Phase::Draining {
@@ -395,7 +399,7 @@ async fn serve_connection<S>(
             return;
         }
         tokio::select! {
-            _ = connection.as_mut() => return,
+            _ = repoller.poll(connection.as_mut()) => return,
             () = conn.shed.notified() => return,
             changed = phase.changed() => {
                 if changed.is_err() {
