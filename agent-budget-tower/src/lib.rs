@@ -57,10 +57,13 @@
 //! Counted with callgrind in `budget-gateway` (its
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
-//! adds about 19,700 instructions per request (`114fbd2`, three processes
-//! each: 80,356 against a plain proxy's 60,710, +19,645; +19,775 in a
-//! second run). The code before it measured +19,948 to +20,024 in three
-//! runs the same day, and +19,503 the day before: runs differ by a few
+//! adds about 16,800 instructions per request (`1b981e6`, three processes
+//! each: 77,748 against a plain proxy's 60,918, +16,830), since the
+//! gateway's server stopped sending a connection that wakes itself
+//! through tokio's yield ("The self-wake", below); 19,700 before
+//! (`114fbd2`: 80,356 against 60,710, +19,645; +19,775 in a second
+//! run). The code before that measured +19,948 to +20,024 in three runs
+//! the same day, and +19,503 the day before: runs differ by a few
 //! hundred. `114fbd2` took the plan table's two arc-swap loads out of
 //! the requests of agents without lists of limits (141). It was 66,800
 //! before all the changes below, 21,400 before the response's usage was
@@ -73,7 +76,7 @@
 //! | the six `x-ratelimit-*` headers: `HeaderMap` inserts under names that are not standard (1,600, two thirds of it FNV over the names), values (1,000), Go durations | 3,300 |
 //! | the request's estimate (the body's JSON, read and validated, its model with it) | 2,900 |
 //! | the core: `acquire_owned_reporting` (the admission, and where the chain stands right after it, for the headers: read under the admission's guard, where a `chain_info` of its own cost 830), `settle` | 1,550 |
-//! | hyper and tokio: the body read in the server's own task wakes that task (hyper's body channel wakes its sender whenever the receiver takes a chunk), so tokio yields it and rouses a parked sibling worker; the six headers written out | 2,300 |
+//! | hyper and tokio: the six headers written out (until `1b981e6` also tokio's yield of a task that woke itself, about 2,900: "The self-wake", below) | 100 (2,300 before) |
 //! | the boxed service future and its moves, axum's boxed bodies | 2,000 |
 //! | reading the body, and the path checked again (the gateway checked it before routing) | 1,500 |
 //! | the meter's start, the settle's bookkeeping, metrics | 2,000 |
