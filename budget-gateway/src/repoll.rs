@@ -56,11 +56,12 @@ impl Wake for Shim {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        // AcqRel, and the poller's compare-and-swap too: two
-        // read-modify-writes of one word, so either this one sees the poll
-        // still running (the poller's exchange then fails and it polls
-        // again, after what this waker's thread wrote before the wake), or
-        // the poller has finished, and the task is woken.
+        // AcqRel, and the poller's swap and compare-and-swap too: all
+        // read-modify-writes of one word, so either this one sees a poll
+        // running (the poller's exchange, or its next swap, then reads the
+        // mark, and its next poll sees what this waker's thread wrote
+        // before the wake), or the poller has finished, and the task is
+        // woken.
         let before = self.state.fetch_or(WOKEN, Ordering::AcqRel);
         if before & POLLING == 0 {
             self.task.wake();
@@ -110,7 +111,11 @@ impl<F: Future + Unpin> Future for Repolled<'_, F> {
         shim.task.register(cx.waker());
         let mut own = Context::from_waker(&repoller.waker);
         for _ in 0..REPOLLS {
-            shim.state.store(POLLING, Ordering::Relaxed);
+            // A swap, not a store: a wake that came since the last
+            // exchange is read here, so this poll sees what its thread
+            // wrote before it (a store would erase its mark unread, and
+            // the exchange below could then succeed with the wake lost).
+            shim.state.swap(POLLING, Ordering::AcqRel);
             if let Poll::Ready(output) = Pin::new(&mut *future).poll(&mut own) {
                 shim.state.store(0, Ordering::Relaxed);
                 return Poll::Ready(output);
@@ -217,6 +222,45 @@ mod tests {
             "woken from the other thread"
         );
         assert_eq!(future.as_mut().poll(&mut cx), Poll::Ready(7));
+    }
+
+    #[test]
+    fn no_wake_from_another_thread_is_lost_under_a_stream_of_them() {
+        // Wakes racing the polls: each message a thread sends wakes the
+        // receiver, sometimes while it is being polled, sometimes between
+        // polls. A lost wake leaves the receiver waiting for a message
+        // that came: the timeout fails the test instead of hanging it.
+        const MESSAGES: usize = 50_000;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<usize>();
+        let sending = std::thread::spawn(move || {
+            for n in 0..MESSAGES {
+                sender.send(n).unwrap();
+                if n % 64 == 0 {
+                    std::thread::yield_now();
+                }
+            }
+        });
+        let repoller = Repoller::new();
+        let received = runtime.block_on(async {
+            let all = Box::pin(async {
+                let mut count = 0;
+                while receiver.recv().await.is_some() {
+                    count += 1;
+                }
+                count
+            });
+            tokio::time::timeout(std::time::Duration::from_secs(30), repoller.poll(all)).await
+        });
+        sending.join().unwrap();
+        assert_eq!(
+            received,
+            Ok(MESSAGES),
+            "every message received, none waited for in vain"
+        );
     }
 
     /// A one-value channel: the receiver keeps the waker it was polled
