@@ -208,20 +208,20 @@ mod tests {
     fn a_wake_between_polls_wakes_the_task() {
         let (counter, waker) = task();
         let repoller = Repoller::new();
-        let (sender, receiver) = futures_channel_like();
+        let (sender, receiver) = tokio::sync::oneshot::channel::<usize>();
         let mut future = std::pin::pin!(repoller.poll(receiver));
         let mut cx = Context::from_waker(&waker);
         assert_eq!(future.as_mut().poll(&mut cx), Poll::Pending);
         assert_eq!(counter.0.load(Ordering::SeqCst), 0);
         std::thread::scope(|s| {
-            s.spawn(|| sender.send(7));
+            s.spawn(move || sender.send(7));
         });
         assert_eq!(
             counter.0.load(Ordering::SeqCst),
             1,
             "woken from the other thread"
         );
-        assert_eq!(future.as_mut().poll(&mut cx), Poll::Ready(7));
+        assert_eq!(future.as_mut().poll(&mut cx), Poll::Ready(Ok(7)));
     }
 
     #[test]
@@ -261,48 +261,5 @@ mod tests {
             Ok(MESSAGES),
             "every message received, none waited for in vain"
         );
-    }
-
-    /// A one-value channel: the receiver keeps the waker it was polled
-    /// with, the sender wakes it.
-    #[derive(Default)]
-    struct Slot {
-        value: std::sync::Mutex<(Option<usize>, Option<Waker>)>,
-    }
-
-    struct Sender(Arc<Slot>);
-    struct Receiver(Arc<Slot>);
-
-    impl Sender {
-        fn send(&self, value: usize) {
-            let waker = {
-                let mut slot = self.0.value.lock().unwrap();
-                slot.0 = Some(value);
-                slot.1.take()
-            };
-            if let Some(waker) = waker {
-                waker.wake();
-            }
-        }
-    }
-
-    impl Future for Receiver {
-        type Output = usize;
-
-        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<usize> {
-            let mut slot = self.0.value.lock().unwrap();
-            match slot.0.take() {
-                Some(value) => Poll::Ready(value),
-                None => {
-                    slot.1 = Some(cx.waker().clone());
-                    Poll::Pending
-                }
-            }
-        }
-    }
-
-    fn futures_channel_like() -> (Sender, Receiver) {
-        let slot = Arc::new(Slot::default());
-        (Sender(slot.clone()), Receiver(slot))
     }
 }
