@@ -189,7 +189,8 @@
 //! in place (its `repoll` module, about 80 lines): no `futex` call at all
 //! under `wrk -c1` with the layer (10 in 2 s, against 8,544 before), and
 //! its throughput at one connection went from 76% of the plain proxy's to
-//! 87% (`budget-gateway/benches/wrk.sh`, the README's Load section). A
+//! a median of 89.5% over five runs (81–97%;
+//! `budget-gateway/benches/wrk.sh`, the README's Load section). A
 //! server of your own that reads bodies in the connection's task (any
 //! hyper server with this layer in front) can do the same around
 //! `serve_connection`; with `axum::serve` the cost stays.
