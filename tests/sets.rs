@@ -137,6 +137,44 @@ for_both_managers! {
 }
 
 for_both_managers! {
+    fn limits_without_parents_are_taken_in_ascending_order_of_agent_id<M>() {
+        // Each claim on its own agent, none with a parent: the set a key's
+        // minute, day and spend limits make (the lock-free manager takes
+        // it without building a plan; the locked one with it).
+        let (m, _time) = mocked::<M>();
+        let mut ids = [agent(), agent(), agent(), agent()];
+        ids.sort_unstable();
+        let [a, b, c, d] = ids;
+        for id in ids {
+            m.set_budget(limit(id, 100, 10, 60));
+        }
+        // Given in another order; `b` and `d` are both short: the refusal
+        // names the one taken first, the lower id, and gives back what the
+        // claims before it took.
+        let taken = m.acquire_set(&[claim(d, 95, 0), claim(b, 95, 0)]).unwrap();
+        let err = m
+            .acquire_set(&[claim(d, 10, 1), claim(c, 10, 1), claim(b, 10, 1), claim(a, 10, 1)])
+            .unwrap_err();
+        assert_eq!((err.agent_id, err.refused_by), (b, b));
+        assert_eq!(used(&m, &a), (0, 0), "given back");
+        assert_eq!(used(&m, &c), (0, 0), "never taken");
+        taken.cancel();
+        // The same agent twice is one limit, with the largest amounts.
+        let r = m.acquire_set(&[claim(c, 30, 1), claim(a, 5, 1), claim(c, 20, 2)]).unwrap();
+        assert_eq!(used(&m, &c), (30, 2));
+        assert_eq!(used(&m, &a), (5, 1));
+        assert_eq!(r.settle_with(|n, _| [25, 5, 40][n]), applied(0, 10, 0));
+        assert_eq!(used(&m, &c), (40, 2));
+        // Five claims: more than the shortcut takes, the same answers.
+        let five = [claim(d, 1, 1), claim(c, 1, 1), claim(b, 1, 1), claim(a, 1, 1), claim(d, 2, 0)];
+        let r = m.acquire_set(&five).unwrap();
+        assert_eq!(used(&m, &d), (2, 1));
+        r.cancel();
+        assert_eq!(used(&m, &d), (0, 0));
+    }
+}
+
+for_both_managers! {
     fn each_limit_settles_in_its_own_window<M>() {
         let (m, time) = mocked::<M>();
         let (short, long) = (agent(), agent());
@@ -410,4 +448,41 @@ fn a_set_admission_reports_each_limit_once_with_the_first_claim_that_reaches_it(
     assert!(after_refusal.is_empty(), "{after_refusal:?}");
     taken.settle(100);
     assert_eq!(used(&*m, &team), (100, 1));
+}
+
+/// On limits without parents the report comes in the order they were
+/// taken, ascending agent id, each with its claim's index.
+#[test]
+fn a_set_of_limits_without_parents_reports_them_in_the_order_taken() {
+    let (m, _time) = mocked::<agent_budget::BudgetManager>();
+    let m = Arc::new(m);
+    let mut ids = [agent(), agent(), agent()];
+    ids.sort_unstable();
+    for id in ids {
+        m.set_budget(limit(id, 1_000, 10, 60));
+    }
+    let claims = [
+        claim(ids[2], 30, 1),
+        claim(ids[0], 10, 1),
+        claim(ids[1], 20, 0),
+    ];
+    let mut reported = Vec::new();
+    let taken = m
+        .acquire_set_owned_reporting(&claims, |n, info| {
+            reported.push((n, info.agent_id, info.tokens_used))
+        })
+        .unwrap();
+    assert_eq!(
+        reported,
+        [(1, ids[0], 10), (2, ids[1], 20), (0, ids[2], 30)]
+    );
+    taken.cancel();
+    let mut after_refusal = Vec::new();
+    m.set_budget(limit(ids[1], 10, 10, 60));
+    let err = m
+        .acquire_set_owned_reporting(&claims, |n, _| after_refusal.push(n))
+        .unwrap_err();
+    assert_eq!(err.refused_by, ids[1]);
+    assert!(after_refusal.is_empty(), "{after_refusal:?}");
+    assert_eq!(used(&*m, &ids[0]), (0, 0), "given back");
 }

@@ -592,9 +592,21 @@ impl BudgetManager {
     ) -> Result<OwnedSetReservation, Refused> {
         let pinned = self.pin();
         let now = self.clock.now();
+        let refused = |(r, agent_id): (Refusal, AgentId)| r.refused(agent_id, Operation::Acquire);
+        let mut flat = Flat::new();
+        if let Some(taken) = self.take_flat(&pinned, claims, now, &mut flat) {
+            taken.map_err(refused)?;
+            for taken in flat.iter() {
+                let id = claims[usize::from(taken.claim)].agent_id;
+                let info = full_budget_info(&taken.cell.limit(id), taken.left, now);
+                report(usize::from(taken.claim), info);
+            }
+            let ticket = SetTicket::new(claims, flat.levels(claims));
+            return Ok(OwnedSetReservation::new(self.clone(), ticket));
+        }
         let mut plan = Plan::new();
         self.take_claims(&pinned, claims, None, None, now, &mut plan)
-            .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))?;
+            .map_err(refused)?;
         // Each limit from the state its take left, not looked up and
         // loaded again.
         for limit in plan.in_order() {
@@ -892,6 +904,76 @@ impl BudgetManager {
         Ok(())
     }
 
+    /// [`take_claims`](Self::take_claims) for the common set: at most
+    /// [`FLAT_CLAIMS`] claims, each on its own agent, none with a parent
+    /// (a key's minute, day and spend limits, say). Its plan would be the
+    /// claims themselves in ascending order of agent id, so none is built:
+    /// the same limits, taken in the same order, with the same refusal
+    /// and give-back, without the plan's kilobyte of bookkeeping (see
+    /// `docs::implementation`, "Sets of limits").
+    ///
+    /// `None` when the set is of another shape, or a claim's agent has no
+    /// budget: nothing was taken, and the general plan takes it (or
+    /// refuses it) from the start. `flat` is an empty [`Flat`], filled in
+    /// place (returned, it would be copied).
+    #[inline]
+    fn take_flat<'p>(
+        &self,
+        pinned: &'p Pinned<'_>,
+        claims: &[Claim],
+        now: Now,
+        flat: &mut Flat<'p>,
+    ) -> Option<Result<(), (Refusal, AgentId)>> {
+        if claims.is_empty() || claims.len() > FLAT_CLAIMS {
+            return None;
+        }
+        let mut cells = [None; FLAT_CLAIMS];
+        for (slot, claim) in cells.iter_mut().zip(claims) {
+            let cell = pinned.get(&claim.agent_id)?;
+            // The policy read once here is the one the take enforces.
+            let enforced = cell.enforced();
+            if enforced.has_parent {
+                return None;
+            }
+            *slot = Some((cell, enforced.policy));
+        }
+        let order = flat_order(claims)?;
+        let generation = cells[0].map_or(0, |(cell, _)| cell.generation());
+        for &n in &order[..claims.len()] {
+            let claim = &claims[usize::from(n)];
+            let amounts = (claim.tokens, claim.calls);
+            let taken = match cells[usize::from(n)] {
+                Some((cell, policy)) => {
+                    take_reporting(claim.agent_id, cell, policy, now, amounts, generation)
+                        .map(|taken| taken.map(|(level, left)| (cell, level, left)))
+                }
+                // Not so: every claim's cell was found above.
+                None => Ok(None),
+            };
+            let refusal = match taken {
+                Ok(Some((cell, level, left))) => {
+                    flat.taken[flat.len] = Some(FlatTaken {
+                        claim: n,
+                        cell,
+                        level,
+                        left,
+                    });
+                    flat.len += 1;
+                    continue;
+                }
+                // Its agent removed meanwhile: a claim's own agent gone.
+                Ok(None) => Refusal::NoBudget,
+                Err(refusal) => refusal,
+            };
+            for taken in flat.iter().rev() {
+                let claim = &claims[usize::from(taken.claim)];
+                self.give_back_level(pinned, &taken.level, (claim.tokens, claim.calls), now);
+            }
+            return Some(Err((refusal, claim.agent_id)));
+        }
+        Some(Ok(()))
+    }
+
     /// Undoes a partial admission: each limit of `plan` taken so far gets
     /// what it took back, in the window it was taken from.
     fn give_back<P: Copy>(&self, pinned: &Pinned<'_>, plan: &Plan<P>, now: Now) {
@@ -986,6 +1068,12 @@ impl BudgetManager {
                     Ok(None) => Err((Refusal::NoBudget, claim.agent_id)),
                     Err(refusal) => Err((refusal, claim.agent_id)),
                 };
+            }
+        }
+        if shadowed.is_none() {
+            let mut flat = Flat::new();
+            if let Some(taken) = self.take_flat(pinned, claims, now, &mut flat) {
+                return taken.map(|()| SetTicket::new(claims, flat.levels(claims)));
             }
         }
         let mut plan = Plan::new();
@@ -1178,6 +1266,75 @@ impl BudgetManager {
         self.events.everything_changed();
         Ok(())
     }
+}
+
+/// The most claims a set may have to be taken as a flat set (see
+/// [`BudgetManager::take_flat`]): a key's limits (a minute, a day and a
+/// month's spend, say) fit.
+const FLAT_CLAIMS: usize = 4;
+
+/// What a flat set took, in the order it was taken.
+struct Flat<'p> {
+    taken: [Option<FlatTaken<'p>>; FLAT_CLAIMS],
+    len: usize,
+}
+
+/// One limit a flat set took.
+#[derive(Clone, Copy)]
+struct FlatTaken<'p> {
+    /// The claim's index in the set, as given.
+    claim: u8,
+    cell: CellRef<'p>,
+    level: Level,
+    /// The state the take left: what a report of the limit reads.
+    left: State,
+}
+
+impl<'p> Flat<'p> {
+    fn new() -> Self {
+        Flat {
+            taken: [None; FLAT_CLAIMS],
+            len: 0,
+        }
+    }
+
+    /// The limits taken, in the order they were taken.
+    fn iter(&self) -> impl DoubleEndedIterator<Item = &FlatTaken<'p>> + '_ {
+        self.taken[..self.len].iter().flatten()
+    }
+
+    /// The set's levels, each with its claim's amounts, as a ticket keeps
+    /// them.
+    fn levels<'a>(&'a self, claims: &'a [Claim]) -> impl Iterator<Item = SetLevel> + 'a {
+        self.iter().map(|taken| {
+            let claim = &claims[usize::from(taken.claim)];
+            SetLevel {
+                level: taken.level,
+                tokens: claim.tokens,
+                calls: claim.calls,
+                reached_by: 1 << taken.claim,
+            }
+        })
+    }
+}
+
+/// The indices of `claims` (at most [`FLAT_CLAIMS`]) in ascending order
+/// of agent id, the order the general plan takes limits of one depth in;
+/// `None` if two claims are on one agent, which the general plan merges.
+#[inline]
+fn flat_order(claims: &[Claim]) -> Option<[u8; FLAT_CLAIMS]> {
+    let mut order: [u8; FLAT_CLAIMS] = std::array::from_fn(|n| n as u8);
+    let sorted = &mut order[..claims.len()];
+    let id = |n: u8| &claims[usize::from(n)].agent_id;
+    for next in 1..sorted.len() {
+        let mut at = next;
+        while at > 0 && id(sorted[at]) < id(sorted[at - 1]) {
+            sorted.swap(at, at - 1);
+            at -= 1;
+        }
+    }
+    let distinct = sorted.windows(2).all(|pair| id(pair[0]) != id(pair[1]));
+    distinct.then_some(order)
 }
 
 /// Takes `request` at one level of a chain, `id`'s `cell` under `policy`;
