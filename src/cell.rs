@@ -676,9 +676,18 @@ impl<L: Layout> Cell<L> {
     /// snapshot (the policy word is read after the extra, and `set_limit`
     /// stores them in the other order).
     pub(crate) fn limit(&self, agent_id: AgentId) -> Limit {
-        let (configured, parent) = L::read_side(&self.side);
-        let policy = self.enforced().policy;
-        let configured = configured.unwrap_or_else(|| Configured::derived(agent_id, &policy));
+        let enforced = self.enforced();
+        // The side is behind an arc-swap load (about 150 instructions, per
+        // limit a gateway reports on): read only where it can hold
+        // something, a parent or a configured limit the policy does not
+        // give back.
+        let (configured, parent) = if enforced.has_parent || !enforced.policy.derives_exactly() {
+            L::read_side(&self.side)
+        } else {
+            (None, None)
+        };
+        let configured =
+            configured.unwrap_or_else(|| Configured::derived(agent_id, &enforced.policy));
         Limit::new(configured, parent)
     }
 
@@ -819,7 +828,7 @@ fn vacant_limit() -> Limit {
 #[cfg(all(test, not(agent_budget_loom)))]
 mod tests {
     use super::*;
-    use crate::types::{BudgetLimit, RefillLimit};
+    use crate::types::{BudgetLimit, CalendarLimit, RefillLimit};
     use proptest::prelude::*;
 
     fn now_at(tick: Tick) -> Now {
@@ -838,6 +847,38 @@ mod tests {
             let refill = if bucket { Refill::Bucket } else { Refill::Window };
             let enforced = Enforced { policy: Policy { tokens, calls, period, refill }, has_parent };
             prop_assert_eq!(Wide::decode_policy(Wide::encode_policy(enforced).unwrap()), enforced);
+        }
+
+        /// Where the policy says it derives exactly, the configuration is
+        /// not kept beside it, and `limit` reads it back from the policy:
+        /// it must be the one configured.
+        #[test]
+        fn a_policy_that_derives_exactly_gives_back_its_configuration(
+            tokens in prop_oneof![0..=MAX_TOKENS + 2, Just(u64::MAX)],
+            calls in prop_oneof![0..=MAX_CALLS + 2, Just(u64::MAX)],
+            secs in prop_oneof![0..=Policy::MAX_PERIOD / 1_000 + 2, Just(u64::MAX)],
+            micros in 0..=u64::MAX / 2,
+            kind in 0..4u8,
+        ) {
+            let agent_id = AgentId::from_u128(7);
+            let configured = match kind {
+                0 => Configured::Window(BudgetLimit { agent_id, token_budget: tokens, calls_budget: calls, window_secs: secs }),
+                1 => Configured::Refill(RefillLimit {
+                    agent_id,
+                    token_budget: tokens,
+                    calls_budget: calls,
+                    refill_period: std::time::Duration::from_micros(micros),
+                }),
+                2 => Configured::Calendar(CalendarLimit { agent_id, token_budget: tokens, calls_budget: calls, period: CalendarPeriod::Day }),
+                _ => Configured::Calendar(CalendarLimit { agent_id, token_budget: tokens, calls_budget: calls, period: CalendarPeriod::Month }),
+            };
+            let limit = Limit::new(configured.clone(), None);
+            if limit.policy.derives_exactly() {
+                prop_assert_eq!(&Configured::derived(agent_id, &limit.policy), &configured);
+                let cell = Cell::<Wide>::vacant();
+                prop_assert!(cell.occupy(agent_id, &limit, State::fresh(Tick::ORIGIN), 0));
+                prop_assert_eq!(cell.limit(agent_id).configured, configured);
+            }
         }
 
         #[test]

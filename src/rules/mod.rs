@@ -134,6 +134,22 @@ impl Policy {
         }
     }
 
+    /// Whether every configuration this policy can be made from is the one
+    /// it gives back ([`Configured::derived`](crate::limit::Configured::derived)),
+    /// so that the configuration need not be kept beside it: a window or a
+    /// calendar window whose budgets and period are below their maximums.
+    /// A budget or period at its maximum may have been clamped from a
+    /// larger one, and a bucket's period rounded up from a fraction of a
+    /// millisecond.
+    pub(crate) fn derives_exactly(&self) -> bool {
+        let budgets = self.tokens < MAX_TOKENS && self.calls < MAX_CALLS;
+        match self.refill {
+            Refill::Window => budgets && self.period < Self::MAX_PERIOD,
+            Refill::Calendar(_) => budgets,
+            Refill::Bucket => false,
+        }
+    }
+
     /// A calendar-window policy.
     pub(crate) fn from_calendar(limit: &CalendarLimit) -> Self {
         Policy {
