@@ -261,7 +261,7 @@ pin_project! {
         Metered {
             #[pin]
             inner: B,
-            settle: Settle<R, S>,
+            settle: Box<Settle<R, S>>,
             // A frame to send after the one just sent.
             pending: Option<Frame<Bytes>>,
             ended: bool,
@@ -273,7 +273,7 @@ pin_project! {
 }
 
 impl<B: Body<Data = Bytes>, S: MeterSession, R: Reservation> BudgetBody<B, S, R> {
-    pub(crate) fn metered(inner: B, mut settle: Settle<R, S>) -> Self {
+    pub(crate) fn metered(inner: B, mut settle: Box<Settle<R, S>>) -> Self {
         let ended = inner.is_end_stream();
         if ended {
             // hyper will not poll a body that is already at its end.

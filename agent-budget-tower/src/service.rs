@@ -379,13 +379,15 @@ where
             }
             None => std::time::SystemTime::UNIX_EPOCH,
         };
-        let mut settle = Settle::new(
+        // Boxed: the response carries it to the end of its body, and the
+        // response is moved through every layer on its way out.
+        let mut settle = Box::new(Settle::new(
             reservation,
             estimate,
             self.telemetry.clone(),
             self.log.clone(),
             admitted_at,
-        );
+        ));
         let response = match inner.call(request).await {
             Ok(response) => response,
             Err(e) => {
