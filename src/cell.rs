@@ -677,7 +677,7 @@ impl<L: Layout> Cell<L> {
     /// stores them in the other order).
     pub(crate) fn limit(&self, agent_id: AgentId) -> Limit {
         let enforced = self.enforced();
-        // The side is behind an arc-swap load (about 150 instructions, per
+        // The side is behind an arc-swap load (about 50 instructions, per
         // limit a gateway reports on): read only where it can hold
         // something, a parent or a configured limit the policy does not
         // give back.

@@ -182,19 +182,22 @@ impl<P: Copy> Plan<P> {
             // runs.
             return;
         }
-        // An insertion sort of the indices: a plan holds a few limits, at
-        // most 32.
-        let key = |n: u8| {
+        sort_indices(&mut self.order, |n| {
             let l = &limits[usize::from(n)];
             (l.depth, l.id)
-        };
-        let order: &mut [u8] = &mut self.order;
-        for sorted in 1..order.len() {
-            let mut at = sorted;
-            while at > 0 && key(order[at]) < key(order[at - 1]) {
-                order.swap(at, at - 1);
-                at -= 1;
-            }
+        });
+    }
+}
+
+/// Sorts `order`, indices into a set's limits or claims, by `key`: an
+/// insertion sort, as a set holds a few, at most [`MAX_SET_LIMITS`].
+#[inline]
+pub(crate) fn sort_indices<K: Ord>(order: &mut [u8], key: impl Fn(u8) -> K) {
+    for sorted in 1..order.len() {
+        let mut at = sorted;
+        while at > 0 && key(order[at]) < key(order[at - 1]) {
+            order.swap(at, at - 1);
+            at -= 1;
         }
     }
 }

@@ -939,7 +939,7 @@ impl BudgetManager {
         }
         let order = flat_order(claims)?;
         let generation = cells[0].map_or(0, |(cell, _)| cell.generation());
-        for &n in &order[..claims.len()] {
+        for (k, &n) in order[..claims.len()].iter().enumerate() {
             let claim = &claims[usize::from(n)];
             let amounts = (claim.tokens, claim.calls);
             let taken = match cells[usize::from(n)] {
@@ -952,20 +952,19 @@ impl BudgetManager {
             };
             let refusal = match taken {
                 Ok(Some((cell, level, left))) => {
-                    flat.taken[flat.len] = Some(FlatTaken {
+                    flat.taken[k] = Some(FlatTaken {
                         claim: n,
                         cell,
                         level,
                         left,
                     });
-                    flat.len += 1;
                     continue;
                 }
                 // Its agent removed meanwhile: a claim's own agent gone.
                 Ok(None) => Refusal::NoBudget,
                 Err(refusal) => refusal,
             };
-            for taken in flat.iter().rev() {
+            for taken in flat.taken[..k].iter().rev().flatten() {
                 let claim = &claims[usize::from(taken.claim)];
                 self.give_back_level(pinned, &taken.level, (claim.tokens, claim.calls), now);
             }
@@ -1273,10 +1272,10 @@ impl BudgetManager {
 /// month's spend, say) fit.
 const FLAT_CLAIMS: usize = 4;
 
-/// What a flat set took, in the order it was taken.
+/// What a flat set took, in the order it was taken: filled from the
+/// front, the first `None` ends it.
 struct Flat<'p> {
     taken: [Option<FlatTaken<'p>>; FLAT_CLAIMS],
-    len: usize,
 }
 
 /// One limit a flat set took.
@@ -1294,13 +1293,12 @@ impl<'p> Flat<'p> {
     fn new() -> Self {
         Flat {
             taken: [None; FLAT_CLAIMS],
-            len: 0,
         }
     }
 
     /// The limits taken, in the order they were taken.
-    fn iter(&self) -> impl DoubleEndedIterator<Item = &FlatTaken<'p>> + '_ {
-        self.taken[..self.len].iter().flatten()
+    fn iter(&self) -> impl Iterator<Item = &FlatTaken<'p>> + '_ {
+        self.taken.iter().map_while(Option::as_ref)
     }
 
     /// The set's levels, each with its claim's amounts, as a ticket keeps
@@ -1326,13 +1324,7 @@ fn flat_order(claims: &[Claim]) -> Option<[u8; FLAT_CLAIMS]> {
     let mut order: [u8; FLAT_CLAIMS] = std::array::from_fn(|n| n as u8);
     let sorted = &mut order[..claims.len()];
     let id = |n: u8| &claims[usize::from(n)].agent_id;
-    for next in 1..sorted.len() {
-        let mut at = next;
-        while at > 0 && id(sorted[at]) < id(sorted[at - 1]) {
-            sorted.swap(at, at - 1);
-            at -= 1;
-        }
-    }
+    set::sort_indices(sorted, id);
     let distinct = sorted.windows(2).all(|pair| id(pair[0]) != id(pair[1]));
     distinct.then_some(order)
 }
