@@ -58,11 +58,11 @@
 //! `benches/instructions.sh`: the gateway with the layer, and with nothing
 //! in its place, serving the same 230-byte chat completion), the layer
 //! adds about 16,600 instructions per request (`db939ca`, three processes
-//! each: 77,533 against a plain proxy's 60,953, +16,580, since the
-//! response carries its settle boxed; `1b981e6`: 77,748 against 60,918,
-//! +16,830), since the
-//! gateway's server stopped sending a connection that wakes itself
-//! through tokio's yield ("The self-wake", below); 19,700 before
+//! each: 77,533 against a plain proxy's 60,953, +16,580; the response
+//! has carried its settle boxed since). It was 16,830 at `1b981e6`
+//! (77,748 against 60,918), once the gateway's server stopped sending a
+//! connection that wakes itself through tokio's yield ("The self-wake",
+//! below); 19,700 before
 //! (`114fbd2`: 80,356 against 60,710, +19,645; +19,775 in a second
 //! run). The code before that measured +19,948 to +20,024 in three runs
 //! the same day, and +19,503 the day before: runs differ by a few
