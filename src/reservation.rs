@@ -298,7 +298,7 @@ macro_rules! set_reservation_methods {
 #[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
 pub struct SetReservation<'m> {
     ledger: &'m dyn Ledger,
-    ticket: SetTicket,
+    ticket: Box<SetTicket>,
 }
 
 impl std::fmt::Debug for SetReservation<'_> {
@@ -311,7 +311,7 @@ impl std::fmt::Debug for SetReservation<'_> {
 
 impl<'m> SetReservation<'m> {
     #[inline]
-    pub(crate) fn new(ledger: &'m dyn Ledger, ticket: SetTicket) -> Self {
+    pub(crate) fn new(ledger: &'m dyn Ledger, ticket: Box<SetTicket>) -> Self {
         SetReservation { ledger, ticket }
     }
 
@@ -324,7 +324,7 @@ impl<'m> SetReservation<'m> {
 #[must_use = "dropping a reservation keeps it fully charged; settle or cancel it"]
 pub struct OwnedSetReservation {
     ledger: Arc<dyn Ledger>,
-    ticket: SetTicket,
+    ticket: Box<SetTicket>,
 }
 
 impl std::fmt::Debug for OwnedSetReservation {
@@ -337,7 +337,7 @@ impl std::fmt::Debug for OwnedSetReservation {
 
 impl OwnedSetReservation {
     #[inline]
-    pub(crate) fn new(ledger: Arc<dyn Ledger>, ticket: SetTicket) -> Self {
+    pub(crate) fn new(ledger: Arc<dyn Ledger>, ticket: Box<SetTicket>) -> Self {
         OwnedSetReservation { ledger, ticket }
     }
 

@@ -803,10 +803,10 @@ fn push_usd(text: &mut ValueText, micros: u64) -> std::ops::Range<usize> {
 pub enum Held {
     /// The agent's own budget (and its chain's).
     One(OwnedReservation),
-    /// Every cell the request claimed. Boxed: the set's reservation keeps
-    /// its limits inline, and the request's future moves it several
-    /// times, which cost 1,900 instructions of copies where the box costs
-    /// an allocation (callgrind).
+    /// Every cell the request claimed. Boxed: the request's future moves
+    /// it several times, which, when the set's reservation kept its limits
+    /// inline, cost 1,900 instructions of copies where the box costs an
+    /// allocation (callgrind).
     Set(Box<SetHeld>),
 }
 

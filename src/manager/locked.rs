@@ -412,7 +412,7 @@ impl LockedBudgetManager {
         &self,
         claims: &[Claim],
         shadowed: Shadowed<'_>,
-    ) -> Result<SetTicket, Refused> {
+    ) -> Result<Box<SetTicket>, Refused> {
         self.admit_set(claims, shadowed)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))
     }
@@ -423,7 +423,7 @@ impl LockedBudgetManager {
         &self,
         claims: &[Claim],
         shadowed: Shadowed<'_>,
-    ) -> Result<SetTicket, (Refusal, AgentId)> {
+    ) -> Result<Box<SetTicket>, (Refusal, AgentId)> {
         let plan = self.take_claims(claims, None, shadowed)?;
         Ok(SetTicket::new(claims, plan.taken()))
     }
@@ -837,7 +837,7 @@ impl crate::wait::Waitable for LockedBudgetManager {
         self.admit(agent_id, request, generation)
     }
 
-    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<Box<SetTicket>, (Refusal, AgentId)> {
         self.admit_set(claims, None)
     }
 

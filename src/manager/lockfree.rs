@@ -1022,7 +1022,7 @@ impl BudgetManager {
         &self,
         claims: &[Claim],
         shadowed: Shadowed<'_>,
-    ) -> Result<SetTicket, Refused> {
+    ) -> Result<Box<SetTicket>, Refused> {
         self.admit_set(&self.pin(), claims, shadowed)
             .map_err(|(r, agent_id)| r.refused(agent_id, Operation::Acquire))
     }
@@ -1035,7 +1035,7 @@ impl BudgetManager {
         pinned: &Pinned<'_>,
         claims: &[Claim],
         shadowed: Shadowed<'_>,
-    ) -> Result<SetTicket, (Refusal, AgentId)> {
+    ) -> Result<Box<SetTicket>, (Refusal, AgentId)> {
         let now = self.clock.now();
         // One claim on an agent without a parent is a plan of one limit:
         // taken directly, as `acquire` takes it.
@@ -1591,7 +1591,7 @@ impl crate::wait::Waitable for BudgetManager {
         self.admit_under(&pinned, agent_id, request, generation)
     }
 
-    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)> {
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<Box<SetTicket>, (Refusal, AgentId)> {
         let pinned = self.agents.pin_confirming(&self.clock);
         self.admit_set(&pinned, claims, None)
     }

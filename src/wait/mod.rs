@@ -46,7 +46,7 @@ pub(crate) trait Waitable: Send + Sync {
 
     /// One admission attempt of a set, exactly as `acquire_set` makes it;
     /// a refusal comes with the agent of the claim it concerns.
-    fn try_admit_set(&self, claims: &[Claim]) -> Result<SetTicket, (Refusal, AgentId)>;
+    fn try_admit_set(&self, claims: &[Claim]) -> Result<Box<SetTicket>, (Refusal, AgentId)>;
 
     /// What one agent's own level can admit right now.
     fn headroom(&self, agent_id: &AgentId) -> Headroom;
@@ -109,7 +109,7 @@ impl Ask for One {
 pub(crate) struct Set(Vec<Claim>);
 
 impl Ask for Set {
-    type Taken = SetTicket;
+    type Taken = Box<SetTicket>;
     // A set's incarnations are not pinned: a claim's agent removed ends
     // the wait at the next try (it has no budget then).
     const PINS_GENERATION: bool = false;
@@ -117,7 +117,7 @@ impl Ask for Set {
         &self,
         source: &M,
         _generation: Option<u64>,
-    ) -> Result<SetTicket, (Refusal, AgentId)> {
+    ) -> Result<Box<SetTicket>, (Refusal, AgentId)> {
         source.try_admit_set(&self.0)
     }
 }
