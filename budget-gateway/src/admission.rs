@@ -701,8 +701,12 @@ impl Admission for LimitAdmission {
 /// headers. A cell's ancestors, reached only through it, are neither.
 #[derive(Default)]
 struct Standing {
-    /// `(claim, info)` of the limits the rate-limit headers report from.
-    rate: SmallVec<[(usize, FullBudgetInfo); 4]>,
+    /// The limits the rate-limit headers report from, in claim order (the
+    /// chain first, in its own order), placed as they are reported: sorted
+    /// after the fact and copied out, they cost two more copies each.
+    rate: SmallVec<[FullBudgetInfo; 4]>,
+    /// Each one's claim.
+    rate_claims: SmallVec<[usize; 4]>,
     /// The spend cell with the least left, and its claim (the first such
     /// cell, in claim order, on a tie).
     spend: Option<(usize, FullBudgetInfo)>,
@@ -711,7 +715,7 @@ struct Standing {
 impl Standing {
     fn add(&mut self, claims: &Claims, n: usize, info: FullBudgetInfo) {
         if n == 0 {
-            self.rate.push((n, info));
+            self.add_rate(n, info);
             return;
         }
         if claims
@@ -722,7 +726,7 @@ impl Standing {
             return;
         }
         if !claims.spends(n) {
-            self.rate.push((n, info));
+            self.add_rate(n, info);
             return;
         }
         let binds = self
@@ -734,13 +738,18 @@ impl Standing {
         }
     }
 
+    /// Places `info`, claim `n`'s, after every limit of a claim up to
+    /// `n`: the chain (claim 0) keeps the order it is reported in (the
+    /// agent, then up).
+    fn add_rate(&mut self, n: usize, info: FullBudgetInfo) {
+        let at = self.rate_claims.partition_point(|&m| m <= n);
+        self.rate_claims.insert(at, n);
+        self.rate.insert(at, info);
+    }
+
     /// The `x-ratelimit-*` snapshot, as `rate_limits` would read it.
-    fn snapshot(&mut self) -> Option<RateLimitSnapshot> {
-        // Stable: the chain keeps its order (the agent, then up).
-        self.rate.sort_by_key(|&(n, _)| n);
-        let levels: SmallVec<[FullBudgetInfo; 4]> =
-            self.rate.drain(..).map(|(_, info)| info).collect();
-        RateLimitSnapshot::from_chain(&levels)
+    fn snapshot(&self) -> Option<RateLimitSnapshot> {
+        RateLimitSnapshot::from_chain(&self.rate)
     }
 
     /// What the spend headers report, if the request reached a spend cell.
@@ -986,5 +995,56 @@ mod tests {
             let value = out.into_values()(range);
             assert_eq!(value.as_bytes(), text.as_bytes(), "{micros}");
         }
+    }
+
+    /// A limit's standing as the core reports it: `limit` tokens and calls
+    /// a window of `window_secs`, `left` of each remaining.
+    fn standing_of(agent_id: AgentId, limit: u64, left: u64, window_secs: u64) -> FullBudgetInfo {
+        FullBudgetInfo {
+            agent_id,
+            token_limit: limit,
+            tokens_used: limit - left,
+            tokens_remaining: left,
+            calls_limit: limit,
+            calls_used: limit - left,
+            calls_remaining: left,
+            window_secs,
+            window_remaining_secs: window_secs,
+            is_exhausted: left == 0,
+        }
+    }
+
+    #[test]
+    fn the_headers_report_the_limit_of_the_first_claim_among_those_tied() {
+        // The core reports a set's limits in ascending agent id; the
+        // headers break ties in claim order (the key's own chain, then its
+        // cells as listed), whatever the ids.
+        let key = AgentId::from_u128(5);
+        let (minute, day) = (AgentId::from_u128(9), AgentId::from_u128(7));
+        let claim = |agent_id| Claim {
+            agent_id,
+            tokens: 1,
+            calls: 1,
+        };
+        let claims = Claims {
+            agent: key,
+            tokens: 1,
+            calls: 1,
+            claims: smallvec::smallvec![claim(key), claim(minute), claim(day)],
+            spend_claims: 0,
+            micros: 0,
+            price: None,
+        };
+        let mut standing = Standing::default();
+        standing.add(&claims, 0, standing_of(key, 1_000, 500, 3_600));
+        standing.add(&claims, 2, standing_of(day, 100, 40, 86_400));
+        standing.add(&claims, 1, standing_of(minute, 50, 40, 60));
+        let snapshot = standing.snapshot().expect("three limits");
+        assert_eq!((snapshot.token_limit, snapshot.tokens_remaining), (50, 40));
+        assert_eq!(snapshot.tokens_window, Duration::from_secs(60));
+        assert_eq!(
+            (snapshot.calls_limit, snapshot.calls_window.as_secs()),
+            (50, 60)
+        );
     }
 }
