@@ -238,8 +238,9 @@ impl SetTicket {
     /// The ticket of `claims`, taken at `levels`, boxed: a ticket of
     /// four claims is some 400 bytes, which the reservation, the `Result`
     /// around it and the caller's future would each copy (two copies were
-    /// a quarter of a set's admit-and-settle time, their loads waiting on
-    /// the stores just made); a box is moved as a pointer.
+    /// a quarter of a set of one's admit-and-settle time, their loads
+    /// waiting on the stores just made); a box is moved as a pointer. The
+    /// one copy left is the box's own, from the stack.
     #[inline]
     pub(crate) fn new(claims: &[Claim], levels: impl Iterator<Item = SetLevel>) -> Box<Self> {
         // The levels pushed in place: collected, they were built aside and
